@@ -1,0 +1,5 @@
+//! Device models. Nothing here depends on KVM or on the `vmm` crate: each
+//! model is driven through [`bus::BusDevice`] and guest memory, so it can be
+//! tested the way a guest driver drives it.
+
+pub mod bus;

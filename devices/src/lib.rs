@@ -2,4 +2,6 @@
 //! model is driven through [`bus::BusDevice`] and guest memory, so it can be
 //! tested the way a guest driver drives it.
 
+pub mod block;
 pub mod bus;
+pub mod interrupt;

@@ -1,0 +1,282 @@
+//! A raw disk image file, with every access routed through its volume.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use super::{Volume, SECTOR_SIZE};
+
+#[derive(Debug, Error)]
+pub enum RawImageError {
+    #[error("cannot open disk image {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}-byte sectors")]
+    Unaligned { path: PathBuf, size: u64 },
+    #[error("access at {offset:#x}+{len:#x} lies beyond the end of the disk ({size:#x} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("disk is read-only")]
+    ReadOnly,
+    #[error("I/O error on disk image")]
+    Io(#[from] io::Error),
+}
+
+/// A raw image file opened for a storage device.
+#[derive(Debug)]
+pub struct RawImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    readonly: bool,
+    volume: Arc<Volume>,
+}
+
+impl RawImage {
+    /// Opens `path`; the image gets its own volume named after `id`.
+    pub fn open(path: &Path, readonly: bool, id: &str) -> Result<Self, RawImageError> {
+        Self::open_on(path, readonly, Volume::new(id))
+    }
+
+    /// Opens `path` with its I/O on an existing `volume`.
+    pub fn open_on(
+        path: &Path,
+        readonly: bool,
+        volume: Arc<Volume>,
+    ) -> Result<Self, RawImageError> {
+        let open_err = |source| RawImageError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .open(path)
+            .map_err(open_err)?;
+        let size = file.metadata().map_err(open_err)?.len();
+        if size % SECTOR_SIZE != 0 {
+            return Err(RawImageError::Unaligned {
+                path: path.to_owned(),
+                size,
+            });
+        }
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            size,
+            readonly,
+            volume,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<(), RawImageError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(RawImageError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    fn check_writable(&self, offset: u64, len: u64) -> Result<(), RawImageError> {
+        if self.readonly {
+            return Err(RawImageError::ReadOnly);
+        }
+        self.check(offset, len)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), RawImageError> {
+        self.check(offset, buf.len() as u64)?;
+        let _io = self.volume.begin_io();
+        self.file.read_exact_at(buf, offset)?;
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), RawImageError> {
+        self.check_writable(offset, buf.len() as u64)?;
+        let _io = self.volume.begin_io();
+        self.file.write_all_at(buf, offset)?;
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<(), RawImageError> {
+        if self.readonly {
+            return Ok(());
+        }
+        let _io = self.volume.begin_io();
+        self.file.sync_data()?;
+        Ok(())
+    }
+
+    /// Deallocates a range; it reads back as zeroes.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), RawImageError> {
+        self.check_writable(offset, len)?;
+        let _io = self.volume.begin_io();
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Writes zeroes over a range, preferring a metadata-only operation.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), RawImageError> {
+        self.check_writable(offset, len)?;
+        let _io = self.volume.begin_io();
+        if self
+            .fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let zeroes = vec![0u8; 64 * 1024];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64);
+            self.file
+                .write_all_at(&zeroes[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<(), RawImageError> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: fallocate only reads its scalar arguments and acts on a file
+        // descriptor this struct owns; no memory is passed to the kernel.
+        let ret =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
+        if ret != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn image(len: usize, fill: u8) -> (tempdir::Dir, PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("disk.img");
+        File::create(&path)
+            .unwrap()
+            .write_all(&vec![fill; len])
+            .unwrap();
+        (dir, path)
+    }
+
+    /// A throwaway directory removed on drop (std only, no extra crate).
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "devices-raw-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::SeqCst)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn reads_writes_and_bounds() {
+        let (_d, path) = image(4096, 0xaa);
+        let img = RawImage::open(&path, false, "d0").unwrap();
+        assert_eq!(img.sectors(), 8);
+        img.write_at(&[1, 2, 3], 510).unwrap();
+        let mut b = [0u8; 5];
+        img.read_at(&mut b, 509).unwrap();
+        assert_eq!(b, [0xaa, 1, 2, 3, 0xaa]);
+        assert!(matches!(
+            img.read_at(&mut b, 4092),
+            Err(RawImageError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            img.write_at(&b, u64::MAX),
+            Err(RawImageError::OutOfRange { .. })
+        ));
+        img.flush().unwrap();
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_read_back_zero() {
+        let (_d, path) = image(64 * 1024, 0x5a);
+        let img = RawImage::open(&path, false, "d0").unwrap();
+        img.discard(4096, 8192).unwrap();
+        img.write_zeroes(32 * 1024, 1000).unwrap();
+        let mut all = vec![0u8; 64 * 1024];
+        img.read_at(&mut all, 0).unwrap();
+        assert!(all[4096..12288].iter().all(|&b| b == 0));
+        assert!(all[32 * 1024..32 * 1024 + 1000].iter().all(|&b| b == 0));
+        assert_eq!(all[4095], 0x5a);
+        assert_eq!(all[12288], 0x5a);
+        assert_eq!(all[32 * 1024 + 1000], 0x5a);
+    }
+
+    #[test]
+    fn readonly_refuses_writes_and_unaligned_images_are_rejected() {
+        let (_d, path) = image(1024, 0);
+        let img = RawImage::open(&path, true, "ro").unwrap();
+        assert!(matches!(
+            img.write_at(&[0], 0),
+            Err(RawImageError::ReadOnly)
+        ));
+        assert!(matches!(img.discard(0, 512), Err(RawImageError::ReadOnly)));
+        let (_d2, odd) = image(1000, 0);
+        assert!(matches!(
+            RawImage::open(&odd, false, "odd"),
+            Err(RawImageError::Unaligned { .. })
+        ));
+    }
+}

@@ -1,0 +1,16 @@
+//! Legacy PC devices: the 16550 serial port, the i8042 keyboard controller
+//! (only as the guest's reset line) and a debug-exit port for test verdicts.
+
+mod debug_exit;
+mod i8042;
+mod serial;
+
+pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+pub use i8042::{I8042, I8042_DATA_PORT, I8042_LEN};
+pub use serial::{EventFdTrigger, SerialPort, COM1_BASE, COM1_IRQ, SERIAL_LEN};
+
+/// How a legacy device tells the VMM that the guest asked it to stop.
+pub trait StopRequest: Send + Sync {
+    /// The guest wants the VM to end with process exit status `code`.
+    fn request_stop(&self, code: i32);
+}

@@ -1,1 +1,84 @@
-fn main() {}
+//! `vmm`: boots a Linux guest on KVM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::config::{MemoryConfig, SerialConfig};
+use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE};
+
+/// Boots a Linux bzImage on KVM with a serial console.
+///
+/// The exit status is the byte the guest wrote to the debug-exit port (0xf4),
+/// 0 when the guest rebooted or powered off (use `reboot=k`), and 1 on any
+/// error, which is printed as one line on stderr.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Linux kernel image (bzImage with a 64-bit entry point).
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initramfs image (cpio, optionally gzip-compressed; checked before boot).
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+
+    /// Guest memory: size=SIZE[,limit=SIZE,swap=PATH,reserve=PAGES,swap_volume=ID].
+    /// SIZE takes K/M/G/T suffixes. limit= caps resident guest RAM and pages the
+    /// rest out to the swap file; reserve= holds pages back for no-I/O faults;
+    /// swap_volume= puts swap I/O on a disk's I/O queue.
+    #[arg(long, value_name = "OPTIONS", default_value = "size=512M", value_parser = MemoryConfig::parse)]
+    memory: MemoryConfig,
+
+    /// Guest serial console (COM1): stdout, off, or file=PATH.
+    #[arg(long, value_name = "TARGET", default_value = "stdout", value_parser = SerialConfig::parse)]
+    serial: SerialConfig,
+
+    /// Log level for the VMM's own messages on stderr (error, warn, info,
+    /// debug, trace); RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    log_level: log::LevelFilter,
+
+    /// Run even on a PVM /dev/kvm (stock kernels hang there; for experiments).
+    #[arg(long, hide = true)]
+    allow_pvm: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        .parse_default_env()
+        .format_timestamp_millis()
+        .init();
+    let cfg = VmConfig {
+        kernel: cli.kernel,
+        initramfs: cli.initramfs,
+        cmdline: cli.cmdline,
+        cpus: cli.cpus,
+        memory: cli.memory,
+        serial: cli.serial,
+        allow_pvm: cli.allow_pvm,
+    };
+    match vm::run(&cfg) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            let mut msg = format!("error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::from(1)
+        }
+    }
+}

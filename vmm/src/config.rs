@@ -1,0 +1,320 @@
+//! Command-line configuration: `--memory size=512M,limit=...` style options,
+//! parsed into typed structs and validated before anything is created.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--{option}: '{item}' is not key=value")]
+    NotKeyValue { option: &'static str, item: String },
+    #[error("--{option}: unknown key '{key}' (known keys: {known})")]
+    UnknownKey {
+        option: &'static str,
+        key: String,
+        known: String,
+    },
+    #[error("--{option}: key '{key}' given twice")]
+    DuplicateKey { option: &'static str, key: String },
+    #[error("--{option}: missing required key '{key}'")]
+    MissingKey {
+        option: &'static str,
+        key: &'static str,
+    },
+    #[error("--{option}: {key}={value} is not a size (use e.g. 512M, 2G, 65536K or bytes)")]
+    BadSize {
+        option: &'static str,
+        key: &'static str,
+        value: String,
+    },
+    #[error("--{option}: {key}={value} is not a number")]
+    BadNumber {
+        option: &'static str,
+        key: &'static str,
+        value: String,
+    },
+    #[error("--{option}: {msg}")]
+    Invalid { option: &'static str, msg: String },
+}
+
+fn invalid(option: &'static str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        option,
+        msg: msg.into(),
+    }
+}
+
+/// The key=value pairs of one option, taken out one key at a time so that
+/// whatever is left over at the end is reported as unknown.
+pub struct KeyValues {
+    option: &'static str,
+    known: &'static [&'static str],
+    pairs: BTreeMap<String, String>,
+}
+
+impl KeyValues {
+    /// Parses `a=1,b=2`. A bare first item is taken as `default_key=item`.
+    pub fn parse(
+        option: &'static str,
+        known: &'static [&'static str],
+        default_key: Option<&'static str>,
+        text: &str,
+    ) -> Result<Self, ConfigError> {
+        let mut pairs = BTreeMap::new();
+        for (i, item) in text.split(',').enumerate() {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k.trim().to_string(), v.trim().to_string()),
+                None => match default_key {
+                    Some(k) if i == 0 && !item.is_empty() => (k.to_string(), item.to_string()),
+                    _ => {
+                        return Err(ConfigError::NotKeyValue {
+                            option,
+                            item: item.to_string(),
+                        })
+                    }
+                },
+            };
+            if !known.contains(&key.as_str()) {
+                return Err(ConfigError::UnknownKey {
+                    option,
+                    key,
+                    known: known.join(", "),
+                });
+            }
+            if pairs.insert(key.clone(), value).is_some() {
+                return Err(ConfigError::DuplicateKey { option, key });
+            }
+        }
+        Ok(Self {
+            option,
+            known,
+            pairs,
+        })
+    }
+
+    pub fn take(&mut self, key: &'static str) -> Option<String> {
+        debug_assert!(self.known.contains(&key));
+        self.pairs.remove(key)
+    }
+
+    pub fn required(&mut self, key: &'static str) -> Result<String, ConfigError> {
+        self.take(key).ok_or(ConfigError::MissingKey {
+            option: self.option,
+            key,
+        })
+    }
+
+    pub fn size(&mut self, key: &'static str) -> Result<Option<u64>, ConfigError> {
+        let option = self.option;
+        self.take(key)
+            .map(|v| {
+                parse_size(&v).ok_or(ConfigError::BadSize {
+                    option,
+                    key,
+                    value: v,
+                })
+            })
+            .transpose()
+    }
+
+    pub fn number(&mut self, key: &'static str) -> Result<Option<u64>, ConfigError> {
+        let option = self.option;
+        self.take(key)
+            .map(|v| {
+                v.parse().map_err(|_| ConfigError::BadNumber {
+                    option,
+                    key,
+                    value: v,
+                })
+            })
+            .transpose()
+    }
+
+    pub fn flag(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
+        let option = self.option;
+        self.take(key)
+            .map(|v| match v.as_str() {
+                "on" | "true" | "yes" | "1" => Ok(true),
+                "off" | "false" | "no" | "0" => Ok(false),
+                _ => Err(invalid(option, format!("{key}={v}: expected on or off"))),
+            })
+            .transpose()
+    }
+}
+
+/// Parses `512M`, `2G`, `4096K`, `1T` or plain bytes (binary multiples).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last()? {
+        (i, 'k' | 'K') => (&text[..i], 10),
+        (i, 'm' | 'M') => (&text[..i], 20),
+        (i, 'g' | 'G') => (&text[..i], 30),
+        (i, 't' | 'T') => (&text[..i], 40),
+        _ => (text, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+/// `--memory size=512M[,limit=256M,swap=PATH,reserve=PAGES,swap_volume=ID]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Guest RAM in bytes.
+    pub size: u64,
+    /// Resident limit for guest RAM; `None` means no paging.
+    pub limit: Option<u64>,
+    /// Swap store file (required with `limit`).
+    pub swap: Option<PathBuf>,
+    /// Pages held back for NOIO faults.
+    pub reserve_pages: Option<u64>,
+    /// Id of a disk whose volume carries swap I/O.
+    pub swap_volume: Option<String>,
+}
+
+/// Smallest guest this VMM accepts; a stock kernel needs far more anyway.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest guest: keeps address arithmetic far from overflow.
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+impl MemoryConfig {
+    pub const KEYS: &'static [&'static str] = &["size", "limit", "swap", "reserve", "swap_volume"];
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        const OPT: &str = "memory";
+        let mut kv = KeyValues::parse(OPT, Self::KEYS, Some("size"), text)?;
+        let size = kv.size("size")?.ok_or(ConfigError::MissingKey {
+            option: OPT,
+            key: "size",
+        })?;
+        let cfg = Self {
+            size,
+            limit: kv.size("limit")?,
+            swap: kv.take("swap").map(PathBuf::from),
+            reserve_pages: kv.number("reserve")?,
+            swap_volume: kv.take("swap_volume"),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        const OPT: &str = "memory";
+        if self.size < MIN_MEMORY || self.size > MAX_MEMORY {
+            return Err(invalid(
+                OPT,
+                format!(
+                    "size={} is outside {} MiB ..= {} GiB",
+                    self.size,
+                    MIN_MEMORY >> 20,
+                    MAX_MEMORY >> 30
+                ),
+            ));
+        }
+        if self.size % 4096 != 0 {
+            return Err(invalid(OPT, "size must be a multiple of 4 KiB"));
+        }
+        match (self.limit, &self.swap) {
+            (Some(limit), Some(_)) => {
+                if limit == 0 || limit > self.size {
+                    return Err(invalid(OPT, "limit must be > 0 and <= size"));
+                }
+            }
+            (Some(_), None) => return Err(invalid(OPT, "limit= needs swap=PATH")),
+            (None, Some(_)) => return Err(invalid(OPT, "swap= needs limit=SIZE")),
+            (None, None) => {
+                if self.reserve_pages.is_some() || self.swap_volume.is_some() {
+                    return Err(invalid(
+                        OPT,
+                        "reserve= and swap_volume= need limit= and swap=",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// stdout, and stdin becomes the guest's keyboard when it is a terminal.
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Off,
+}
+
+impl SerialConfig {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "stdout" | "tty" => Ok(Self::Stdout),
+            "off" | "null" => Ok(Self::Off),
+            _ => {
+                let mut kv = KeyValues::parse("serial", &["file"], None, text)?;
+                Ok(Self::File(PathBuf::from(kv.required("file")?)))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1K"), Some(1024));
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("-1M"), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn memory_option() {
+        let m = MemoryConfig::parse("size=1G,limit=256M,swap=/tmp/s").unwrap();
+        assert_eq!(m.size, 1 << 30);
+        assert_eq!(m.limit, Some(256 << 20));
+        assert_eq!(m.swap, Some(PathBuf::from("/tmp/s")));
+        assert_eq!(MemoryConfig::parse("512M").unwrap().size, 512 << 20);
+        assert!(matches!(
+            MemoryConfig::parse("size=1G,colour=red"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            MemoryConfig::parse("size=1G,size=2G"),
+            Err(ConfigError::DuplicateKey { .. })
+        ));
+        assert!(matches!(
+            MemoryConfig::parse("size=lots"),
+            Err(ConfigError::BadSize { .. })
+        ));
+        assert!(MemoryConfig::parse("size=1M").is_err(), "too small");
+        assert!(
+            MemoryConfig::parse("size=1G,limit=256M").is_err(),
+            "limit without swap"
+        );
+        assert!(
+            MemoryConfig::parse("size=1G,limit=2G,swap=/s").is_err(),
+            "limit > size"
+        );
+        assert!(MemoryConfig::parse("limit=1G").is_err(), "size missing");
+    }
+
+    #[test]
+    fn serial_option() {
+        assert_eq!(SerialConfig::parse("stdout").unwrap(), SerialConfig::Stdout);
+        assert_eq!(SerialConfig::parse("off").unwrap(), SerialConfig::Off);
+        assert_eq!(
+            SerialConfig::parse("file=/tmp/x").unwrap(),
+            SerialConfig::File("/tmp/x".into())
+        );
+        assert!(SerialConfig::parse("pipe").is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! vCPU threads: configuration for the 64-bit boot and the `KVM_RUN` loop
+//! that dispatches port and MMIO exits to the buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::bus::Bus;
+use devices::legacy::StopRequest;
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch;
+
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("vCPU {id}: {what} failed")]
+    Kvm {
+        id: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: KVM set {set} of {want} boot MSRs")]
+    Msrs { id: u8, set: usize, want: usize },
+    #[error("cannot start vCPU thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+/// How the VM ended, decided by whoever asked first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest chose an exit status (debug-exit port, reboot = 0).
+    Guest(i32),
+    /// Something failed; the VMM exits non-zero.
+    Error,
+}
+
+/// The VM-wide stop request: first writer wins, everyone else sees it.
+pub struct VmStop {
+    stopping: AtomicBool,
+    reason: Mutex<Option<StopReason>>,
+    event: EventFd,
+}
+
+impl VmStop {
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            stopping: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+        }))
+    }
+
+    pub fn stop(&self, reason: StopReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        // An EventFd write fails only when its counter would overflow, and
+        // then the event is already pending.
+        let _ = self.event.write(1);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Readable once a stop has been requested.
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+impl StopRequest for VmStop {
+    fn request_stop(&self, code: i32) {
+        self.stop(StopReason::Guest(code));
+    }
+}
+
+/// Everything a vCPU thread dispatches to.
+#[derive(Clone)]
+pub struct ExitHandlers {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub stop: Arc<VmStop>,
+}
+
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+}
+
+fn kvm_err(id: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm { id, what, source }
+}
+
+impl Vcpu {
+    /// Configures CPUID, MSRs, FPU and LAPIC; the boot vCPU also gets the
+    /// registers for the kernel entry. The others wait for INIT/SIPI.
+    pub fn new(
+        fd: VcpuFd,
+        id: u8,
+        cpus: u8,
+        base_cpuid: &CpuId,
+        entry: Option<u64>,
+    ) -> Result<Self, VcpuError> {
+        let mut cpuid = base_cpuid.clone();
+        arch::cpuid::fixup(cpuid.as_mut_slice(), id, cpus);
+        fd.set_cpuid2(&cpuid)
+            .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
+        let msrs = arch::regs::boot_msrs();
+        let set = fd.set_msrs(&msrs).map_err(kvm_err(id, "KVM_SET_MSRS"))?;
+        if set != msrs.as_slice().len() {
+            return Err(VcpuError::Msrs {
+                id,
+                set,
+                want: msrs.as_slice().len(),
+            });
+        }
+        fd.set_fpu(&arch::regs::fpu())
+            .map_err(kvm_err(id, "KVM_SET_FPU"))?;
+        let mut lapic = fd.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
+        arch::regs::set_lint(&mut lapic.regs);
+        fd.set_lapic(&lapic).map_err(kvm_err(id, "KVM_SET_LAPIC"))?;
+        if let Some(entry) = entry {
+            let sregs = fd.get_sregs().map_err(kvm_err(id, "KVM_GET_SREGS"))?;
+            fd.set_sregs(&arch::regs::sregs(sregs))
+                .map_err(kvm_err(id, "KVM_SET_SREGS"))?;
+            fd.set_regs(&arch::regs::regs(entry))
+                .map_err(kvm_err(id, "KVM_SET_REGS"))?;
+        }
+        Ok(Self { id, fd })
+    }
+
+    /// Runs the vCPU on its own thread until the VM stops.
+    pub fn start(self, handlers: ExitHandlers) -> Result<JoinHandle<()>, VcpuError> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run(handlers))
+            .map_err(VcpuError::Spawn)
+    }
+
+    fn run(mut self, h: ExitHandlers) {
+        let id = self.id;
+        while !h.stop.is_stopping() {
+            match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) => {
+                        if !h.pio.write(u64::from(port), data) {
+                            log::trace!("vCPU {id}: unclaimed out {port:#x} <- {data:x?}");
+                        }
+                    }
+                    VcpuExit::IoIn(port, data) => {
+                        h.pio.read(u64::from(port), data);
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        if !h.mmio.write(addr, data) {
+                            log::debug!("vCPU {id}: unclaimed MMIO write {addr:#x}");
+                        }
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        if !h.mmio.read(addr, data) {
+                            log::debug!("vCPU {id}: unclaimed MMIO read {addr:#x}");
+                        }
+                    }
+                    VcpuExit::Hlt => {
+                        log::info!("vCPU {id}: halted with interrupts off; stopping the VM");
+                        h.stop.stop(StopReason::Guest(0));
+                    }
+                    VcpuExit::Shutdown => {
+                        log::info!("vCPU {id}: triple fault (guest reset); stopping the VM");
+                        h.stop.stop(StopReason::Guest(0));
+                    }
+                    VcpuExit::SystemEvent(kind, _) => {
+                        log::info!("vCPU {id}: system event {kind}; stopping the VM");
+                        let crash = kind == kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
+                        h.stop.stop(if crash {
+                            StopReason::Error
+                        } else {
+                            StopReason::Guest(0)
+                        });
+                    }
+                    VcpuExit::Intr => {}
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        log::error!(
+                            "vCPU {id}: KVM_RUN failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+                        );
+                        h.stop.stop(StopReason::Error);
+                    }
+                    VcpuExit::InternalError => {
+                        log::error!(
+                            "vCPU {id}: KVM internal error (emulation failure?); regs: {:x?}",
+                            self.fd.get_regs().ok()
+                        );
+                        h.stop.stop(StopReason::Error);
+                    }
+                    other => {
+                        log::error!("vCPU {id}: unexpected exit {other:?}");
+                        h.stop.stop(StopReason::Error);
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    log::error!("vCPU {id}: KVM_RUN: {e}");
+                    h.stop.stop(StopReason::Error);
+                }
+            }
+        }
+        log::debug!("vCPU {id}: thread done");
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for the signal that kicks vCPUs out of KVM_RUN.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::Signal)
+}
+
+/// Kicks every vCPU thread until it has seen the stop and exited, then joins.
+/// The signal is repeated because one sent just before a thread re-enters
+/// KVM_RUN would otherwise be lost.
+pub fn stop_and_join(threads: Vec<JoinHandle<()>>) {
+    for t in threads {
+        while !t.is_finished() {
+            if let Err(e) = t.kill(SIGRTMIN()) {
+                log::warn!("cannot signal a vCPU thread: {e}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if t.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The VM: guest memory, in-kernel irqchip and PIT, legacy devices, vCPU
+//! threads, and the wait for the guest (or an error) to end it.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::Bus;
+use devices::legacy::{
+    DebugExit, SerialPort, COM1_BASE, COM1_IRQ, DEBUG_EXIT_PORT, I8042, I8042_DATA_PORT, I8042_LEN,
+    SERIAL_LEN,
+};
+use kvm_bindings::KVM_PIT_SPEAKER_DUMMY;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{layout, mptable};
+use crate::boot::{BootError, BootPlan};
+use crate::config::{MemoryConfig, SerialConfig};
+use crate::host::{self, HostError};
+use crate::vcpu::{self, ExitHandlers, StopReason, Vcpu, VcpuError, VmStop};
+
+/// KVM wants a three-page TSS and a one-page identity map below 4 GiB, out of
+/// RAM and out of the MMIO devices' way (the usual place, below the BIOS ROM).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// Most vCPUs this VMM configures: APIC ids and the MP table use one byte, and
+/// the IOAPIC takes the id after the last CPU.
+pub const MAX_CPUS: u8 = 254;
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("--cpus {want}: this host's KVM allows at most {max} vCPUs (and this VMM {MAX_CPUS})")]
+    TooManyCpus { want: u8, max: usize },
+    #[error("--cpus must be at least 1")]
+    NoCpus,
+    #[error("{what} failed")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {size_mib} MiB of guest memory")]
+    GuestMemory {
+        size_mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot write the MP table")]
+    MpTable(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot open the serial output file {path}")]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot register {what} on the bus")]
+    Bus {
+        what: &'static str,
+        #[source]
+        source: devices::bus::BusError,
+    },
+}
+
+/// Everything needed to start a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory: MemoryConfig,
+    pub serial: SerialConfig,
+    /// Try to run on a PVM /dev/kvm anyway (stock kernels hang there).
+    pub allow_pvm: bool,
+}
+
+/// The default guest command line: serial console, reboot through the
+/// keyboard controller (which ends the VM), no waiting for absent PS/2 devices.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Builds and runs the VM until the guest stops it; returns the exit status
+/// the VMM should end with.
+pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
+    if cfg.cpus == 0 {
+        return Err(VmError::NoCpus);
+    }
+    // Everything that can be checked without KVM comes first.
+    let plan = BootPlan::new(
+        &cfg.kernel,
+        cfg.initramfs.as_deref(),
+        &cfg.cmdline,
+        cfg.memory.size,
+    )?;
+    let serial_out = serial_writer(&cfg.serial)?;
+
+    let kvm = host::open_kvm(cfg.allow_pvm)?;
+    let max = kvm.get_max_vcpus().min(usize::from(MAX_CPUS));
+    if usize::from(cfg.cpus) > max {
+        return Err(VmError::TooManyCpus {
+            want: cfg.cpus,
+            max,
+        });
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let mem = create_guest_memory(&vm, cfg.memory.size)?;
+    setup_irqchip(&vm)?;
+
+    let entry = plan.load(&mem)?;
+    mptable::write(&mem, cfg.cpus, layout::MPTABLE_START).map_err(VmError::MpTable)?;
+
+    let stop = VmStop::new().map_err(VmError::EventFd)?;
+    let pio = Arc::new(Bus::new());
+    let mmio = Arc::new(Bus::new());
+    add_legacy_devices(&vm, &pio, &stop, serial_out)?;
+
+    let vcpus = create_vcpus(&kvm, &vm, cfg.cpus, entry)?;
+    vcpu::install_kick_handler()?;
+    let handlers = ExitHandlers {
+        pio,
+        mmio,
+        stop: stop.clone(),
+    };
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        match v.start(handlers.clone()) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop.stop(StopReason::Error);
+                vcpu::stop_and_join(threads);
+                return Err(e.into());
+            }
+        }
+    }
+    log::info!(
+        "VM running: {} vCPU(s), {} MiB",
+        cfg.cpus,
+        cfg.memory.size >> 20
+    );
+
+    // Wait for the guest, a device or a vCPU to ask for the end.
+    while !stop.is_stopping() {
+        if let Err(e) = stop.event().read() {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                log::error!("waiting for the VM to stop: {e}");
+                stop.stop(StopReason::Error);
+            }
+        }
+    }
+    vcpu::stop_and_join(threads);
+    // Keep guest memory alive until every vCPU has stopped using it.
+    drop(mem);
+    Ok(match stop.reason() {
+        Some(StopReason::Guest(code)) => code,
+        Some(StopReason::Error) | None => 1,
+    })
+}
+
+fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let mem = GuestMemoryMmap::from_ranges(&layout::ram_ranges(size)).map_err(|source| {
+        VmError::GuestMemory {
+            size_mib: size >> 20,
+            source,
+        }
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping described by `region_desc` is owned by `mem`,
+        // which outlives every vCPU (they are joined before `mem` drops in
+        // `run`), and it is not unmapped or remapped while the VM exists.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+fn setup_irqchip(vm: &VmFd) -> Result<(), VmError> {
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(())
+}
+
+/// Writes each chunk straight through, so partial lines (prompts) show.
+struct Unbuffered<W: Write>(W);
+
+impl<W: Write> Write for Unbuffered<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.0.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+fn serial_writer(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match cfg {
+        SerialConfig::Stdout => Box::new(Unbuffered(std::io::stdout())),
+        SerialConfig::Off => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+fn add_legacy_devices(
+    vm: &VmFd,
+    pio: &Bus,
+    stop: &Arc<VmStop>,
+    serial_out: Box<dyn Write + Send>,
+) -> Result<(), VmError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&irq, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let serial = Arc::new(Mutex::new(SerialPort::new(irq, serial_out)));
+    let bus = |what| move |source| VmError::Bus { what, source };
+    pio.insert(serial, COM1_BASE, SERIAL_LEN)
+        .map_err(bus("serial port"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone())));
+    pio.insert(i8042, I8042_DATA_PORT, I8042_LEN)
+        .map_err(bus("i8042"))?;
+    let debug_exit = Arc::new(Mutex::new(DebugExit::new(stop.clone())));
+    pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)
+        .map_err(bus("debug-exit port"))?;
+    Ok(())
+}
+
+fn create_vcpus(kvm: &Kvm, vm: &VmFd, cpus: u8, entry: u64) -> Result<Vec<Vcpu>, VmError> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    (0..cpus)
+        .map(|id| {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let boot_entry = (id == 0).then_some(entry);
+            Ok(Vcpu::new(fd, id, cpus, &cpuid, boot_entry)?)
+        })
+        .collect()
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}

@@ -54,7 +54,7 @@ impl VmStop {
         Ok(Arc::new(Self {
             stopping: AtomicBool::new(false),
             reason: Mutex::new(None),
-            event: EventFd::new(libc::EFD_NONBLOCK)?,
+            event: EventFd::new(0)?,
         }))
     }
 
@@ -154,8 +154,11 @@ impl Vcpu {
 
     fn run(mut self, h: ExitHandlers) {
         let id = self.id;
+        let mut exits = ExitCounts::default();
         while !h.stop.is_stopping() {
-            match self.fd.run() {
+            let result = self.fd.run();
+            exits.count(&result);
+            match result {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {
                         if !h.pio.write(u64::from(port), data) {
@@ -218,7 +221,45 @@ impl Vcpu {
                 }
             }
         }
-        log::debug!("vCPU {id}: thread done");
+        log::debug!("vCPU {id}: thread done; exits: {exits}");
+    }
+}
+
+/// Userspace exits of one vCPU by kind and address, for `--log-level debug`:
+/// every exit here is a round trip through the VMM, the first thing to look
+/// at when a guest is slow.
+#[derive(Default)]
+struct ExitCounts {
+    by_key: std::collections::BTreeMap<(&'static str, u64), u64>,
+}
+
+impl ExitCounts {
+    fn count(&mut self, exit: &Result<VcpuExit<'_>, kvm_ioctls::Error>) {
+        if !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        let key = match exit {
+            Ok(VcpuExit::IoIn(port, _)) => ("pio-in", u64::from(*port)),
+            Ok(VcpuExit::IoOut(port, _)) => ("pio-out", u64::from(*port)),
+            Ok(VcpuExit::MmioRead(addr, _)) => ("mmio-read", *addr),
+            Ok(VcpuExit::MmioWrite(addr, _)) => ("mmio-write", *addr),
+            Ok(_) => ("other", 0),
+            Err(_) => ("error", 0),
+        };
+        *self.by_key.entry(key).or_default() += 1;
+    }
+}
+
+impl std::fmt::Display for ExitCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut top: Vec<_> = self.by_key.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1));
+        let total: u64 = self.by_key.values().sum();
+        write!(f, "{total} total")?;
+        for ((kind, addr), n) in top.into_iter().take(12) {
+            write!(f, ", {kind} {addr:#x}: {n}")?;
+        }
+        Ok(())
     }
 }
 

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
 use devices::legacy::{
-    DebugExit, SerialPort, COM1_BASE, COM1_IRQ, DEBUG_EXIT_PORT, I8042, I8042_DATA_PORT, I8042_LEN,
-    SERIAL_LEN,
+    Cmos, DebugExit, SerialPort, CMOS_LEN, CMOS_PORT, COM1_BASE, COM1_IRQ, DEBUG_EXIT_PORT, I8042,
+    I8042_DATA_PORT, I8042_LEN, SERIAL_LEN,
 };
 use kvm_bindings::KVM_PIT_SPEAKER_DUMMY;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
@@ -255,6 +255,8 @@ fn add_legacy_devices(
     let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone())));
     pio.insert(i8042, I8042_DATA_PORT, I8042_LEN)
         .map_err(bus("i8042"))?;
+    pio.insert(Arc::new(Mutex::new(Cmos::new())), CMOS_PORT, CMOS_LEN)
+        .map_err(bus("CMOS RTC"))?;
     let debug_exit = Arc::new(Mutex::new(DebugExit::new(stop.clone())));
     pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)
         .map_err(bus("debug-exit port"))?;

@@ -1,10 +1,12 @@
-//! Legacy PC devices: the 16550 serial port, the i8042 keyboard controller
+//! Legacy PC devices: the 16550 serial port, the CMOS real-time clock, the i8042 keyboard controller
 //! (only as the guest's reset line) and a debug-exit port for test verdicts.
 
+mod cmos;
 mod debug_exit;
 mod i8042;
 mod serial;
 
+pub use cmos::{Cmos, CMOS_LEN, CMOS_PORT};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 pub use i8042::{I8042, I8042_DATA_PORT, I8042_LEN};
 pub use serial::{EventFdTrigger, SerialPort, COM1_BASE, COM1_IRQ, SERIAL_LEN};

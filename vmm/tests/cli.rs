@@ -1,0 +1,170 @@
+//! The `vmm` binary on bad input: a clear one-line error and a non-zero exit,
+//! never a hang. These checks run before KVM is touched, so they pass on any
+//! host, including one without a usable /dev/kvm.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+struct Outcome {
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn vmm(args: &[&str]) -> Outcome {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            return Outcome {
+                code: status.code(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            };
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            panic!("vmm {args:?} did not exit within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn scratch(name: &str, data: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().write_all(data).unwrap();
+    p
+}
+
+/// A file with a valid 64-bit bzImage setup header and nothing else.
+fn fake_bzimage(init_size: u32) -> PathBuf {
+    let mut img = vec![0u8; 0x4000];
+    let put = |img: &mut Vec<u8>, off: usize, bytes: &[u8]| {
+        img[off..off + bytes.len()].copy_from_slice(bytes)
+    };
+    put(&mut img, 0x1f1, &[4]); // setup_sects
+    put(&mut img, 0x1fe, &0xaa55u16.to_le_bytes());
+    put(&mut img, 0x202, b"HdrS");
+    put(&mut img, 0x206, &0x020fu16.to_le_bytes());
+    put(&mut img, 0x211, &[1]); // loadflags: LOADED_HIGH
+    put(&mut img, 0x214, &0x10_0000u32.to_le_bytes()); // code32_start
+    put(&mut img, 0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    put(&mut img, 0x236, &1u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    put(&mut img, 0x238, &2047u32.to_le_bytes()); // cmdline_size
+    put(&mut img, 0x258, &0x100_0000u64.to_le_bytes()); // pref_address
+    put(&mut img, 0x260, &init_size.to_le_bytes());
+    scratch(&format!("bz-{init_size}"), &img)
+}
+
+fn assert_clear_error(o: &Outcome, needle: &str) {
+    assert_eq!(o.code, Some(1), "stderr: {}", o.stderr);
+    let lines: Vec<_> = o.stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {}", o.stderr);
+    assert!(lines[0].starts_with("error: "), "{}", o.stderr);
+    assert!(lines[0].contains(needle), "'{needle}' not in: {}", o.stderr);
+}
+
+#[test]
+fn missing_kernel() {
+    let o = vmm(&["--kernel", "/nonexistent/vmlinuz"]);
+    assert_clear_error(&o, "cannot read kernel /nonexistent/vmlinuz");
+}
+
+#[test]
+fn kernel_that_is_not_a_bzimage() {
+    let p = scratch("not-a-kernel", b"#!/bin/sh\necho I am a shell script\n");
+    assert_clear_error(
+        &vmm(&["--kernel", p.to_str().unwrap()]),
+        "is not a Linux bzImage",
+    );
+    let zeros = scratch("zeros", &[0u8; 65536]);
+    assert_clear_error(&vmm(&["--kernel", zeros.to_str().unwrap()]), "HdrS");
+}
+
+#[test]
+fn memory_too_small_for_the_kernel() {
+    let k = fake_bzimage(48 << 20);
+    let o = vmm(&["--kernel", k.to_str().unwrap(), "--memory", "size=64M"]);
+    assert_clear_error(&o, "too small");
+}
+
+#[test]
+fn truncated_initramfs() {
+    let k = fake_bzimage(16 << 20);
+    let mut gz = Vec::new();
+    {
+        let mut enc = flate2::write::GzEncoder::new(&mut gz, flate2::Compression::fast());
+        enc.write_all(&vec![b'x'; 100_000]).unwrap();
+        enc.finish().unwrap();
+    }
+    let cut = scratch("truncated.cpio.gz", &gz[..gz.len() / 2]);
+    let o = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initramfs",
+        cut.to_str().unwrap(),
+    ]);
+    assert_clear_error(&o, "initramfs");
+    assert!(o.stderr.contains("truncated or corrupt"), "{}", o.stderr);
+}
+
+#[test]
+fn bad_options_are_rejected_by_the_parser() {
+    let k = fake_bzimage(16 << 20);
+    let k = k.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--memory", "size=1G,colour=red"],
+            "unknown key 'colour'",
+        ),
+        (
+            vec!["--memory", "size=1G,limit=256M"],
+            "limit= needs swap=PATH",
+        ),
+        (vec!["--serial", "pipe"], "not key=value"),
+        (vec!["--cpus", "0"], "at least 1"),
+    ] {
+        let mut all = vec!["--kernel", k];
+        all.extend(args.iter().copied());
+        let o = vmm(&all);
+        assert_ne!(o.code, Some(0), "{all:?} was accepted");
+        assert!(
+            o.stderr.contains(needle),
+            "{all:?}: '{needle}' not in {}",
+            o.stderr
+        );
+    }
+}
+
+#[test]
+fn help_documents_every_option() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--kernel",
+        "--initramfs",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--serial",
+        "--log-level",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from --help");
+    }
+    assert!(Path::new(env!("CARGO_BIN_EXE_vmm")).exists());
+}

@@ -306,6 +306,16 @@ impl PciConfig {
         }
     }
 
+    /// Host-side write of raw bytes, ignoring the guest masks (a device
+    /// filling a data window, say). Bytes past the end are dropped.
+    pub fn set_bytes(&mut self, offset: usize, data: &[u8]) {
+        for (i, &v) in data.iter().enumerate() {
+            if let Some(r) = offset.checked_add(i).and_then(|o| self.regs.get_mut(o)) {
+                *r = v;
+            }
+        }
+    }
+
     /// The command register.
     pub fn command(&self) -> u16 {
         self.read_u16(COMMAND)

@@ -47,3 +47,6 @@ pub const DISCARD_SEGMENT_LEN: u64 = 16;
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// Sectors per discard or write-zeroes segment we advertise (4 GiB - 512).
 pub const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
+
+#[cfg(test)]
+mod tests;

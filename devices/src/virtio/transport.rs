@@ -464,3 +464,451 @@ impl Drop for VirtioPciDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::block::RawImage;
+    use crate::pci::msix::test_router::RecordingRouter;
+    use crate::pci::msix::MSIX_CTRL_ENABLE;
+    use crate::pci::{
+        CAPABILITIES_POINTER, CAP_ID_MSIX, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY_SPACE,
+    };
+    use crate::virtio::block::{
+        Block, BlockOptions, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
+    use crate::virtio::common_cfg::*;
+    use crate::virtio::test_utils::{guest_memory, TempImage, TestRing};
+    use crate::virtio::{EventLoop, *};
+
+    const MEM: usize = 16 << 20;
+
+    struct Driver {
+        dev: VirtioPciDevice,
+        router: Arc<RecordingRouter>,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        _image: TempImage,
+        _el: Arc<EventLoop>,
+    }
+
+    fn driver(num_queues: u16) -> Driver {
+        let image = TempImage::new(64 * 1024);
+        let disk = RawImage::open(&image.0, false, "t").unwrap();
+        let block = Block::new(
+            disk,
+            BlockOptions {
+                id: "vda".into(),
+                num_queues,
+                queue_size: 64,
+            },
+        )
+        .unwrap();
+        let el = EventLoop::spawn("test-virtio").unwrap();
+        let router = Arc::new(RecordingRouter::default());
+        let mem = guest_memory(MEM);
+        let dev = VirtioPciDevice::new(
+            Box::new(block),
+            VirtioPciOptions {
+                mem: mem.clone(),
+                msi_router: router.clone(),
+                workers: el.clone(),
+            },
+        )
+        .unwrap();
+        Driver {
+            dev,
+            router,
+            mem,
+            _image: image,
+            _el: el,
+        }
+    }
+
+    impl Driver {
+        fn w(&mut self, off: u64, v: u64, len: usize) {
+            self.dev.bar_write(VIRTIO_BAR, off, &v.to_le_bytes()[..len]);
+        }
+        fn r(&mut self, off: u64, len: usize) -> u64 {
+            let mut b = [0u8; 8];
+            self.dev.bar_read(VIRTIO_BAR, off, &mut b[..len]);
+            u64::from_le_bytes(b)
+        }
+        fn status(&mut self) -> u8 {
+            self.r(DEVICE_STATUS, 1) as u8
+        }
+        fn set_status(&mut self, s: u8) {
+            self.w(DEVICE_STATUS, u64::from(s), 1);
+        }
+        fn features(&mut self) -> u64 {
+            self.w(DEVICE_FEATURE_SELECT, 0, 4);
+            let lo = self.r(DEVICE_FEATURE, 4);
+            self.w(DEVICE_FEATURE_SELECT, 1, 4);
+            lo | self.r(DEVICE_FEATURE, 4) << 32
+        }
+        fn ack(&mut self, f: u64) {
+            self.w(DRIVER_FEATURE_SELECT, 0, 4);
+            self.w(DRIVER_FEATURE, f & 0xffff_ffff, 4);
+            self.w(DRIVER_FEATURE_SELECT, 1, 4);
+            self.w(DRIVER_FEATURE, f >> 32, 4);
+        }
+        fn acked(&mut self) -> u64 {
+            self.w(DRIVER_FEATURE_SELECT, 0, 4);
+            let lo = self.r(DRIVER_FEATURE, 4);
+            self.w(DRIVER_FEATURE_SELECT, 1, 4);
+            lo | self.r(DRIVER_FEATURE, 4) << 32
+        }
+        /// PCI command + MSI-X enable with every vector unmasked.
+        fn enable_msix(&mut self) {
+            self.dev.config_write(
+                COMMAND,
+                &(COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER).to_le_bytes(),
+            );
+            let vectors = self.dev.msix().layout().vectors;
+            for v in 0..u64::from(vectors) {
+                let mut e = [0u8; 16];
+                e[0..4].copy_from_slice(&0xfee0_0000u32.to_le_bytes());
+                e[8..12].copy_from_slice(&(0x30 + v as u32).to_le_bytes());
+                for k in 0..4 {
+                    self.dev.bar_write(
+                        MSIX_BAR,
+                        v * 16 + 4 * k,
+                        &e[4 * k as usize..4 * k as usize + 4],
+                    );
+                }
+            }
+            let cap = find_cap(&mut self.dev, CAP_ID_MSIX, None).unwrap();
+            self.dev
+                .config_write(cap + 2, &MSIX_CTRL_ENABLE.to_le_bytes());
+        }
+        /// The Linux driver's sequence up to DRIVER_OK with queue 0 on `ring`.
+        fn bring_up(&mut self, ring: &TestRing) {
+            self.set_status(STATUS_ACKNOWLEDGE);
+            self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+            let f = self.features();
+            self.ack(f);
+            self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+            assert_ne!(self.status() & STATUS_FEATURES_OK, 0);
+            self.w(CONFIG_MSIX_VECTOR, 0, 2);
+            self.w(QUEUE_SELECT, 0, 2);
+            self.w(QUEUE_SIZE, u64::from(ring.size), 2);
+            self.w(QUEUE_MSIX_VECTOR, 1, 2);
+            self.w(QUEUE_DESC, ring.desc, 4);
+            self.w(QUEUE_DESC + 4, ring.desc >> 32, 4);
+            self.w(QUEUE_DRIVER, ring.avail, 8);
+            self.w(QUEUE_DEVICE, ring.used, 8);
+            self.w(QUEUE_ENABLE, 1, 2);
+            self.set_status(
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+            );
+        }
+        fn notify(&mut self, q: u64) {
+            self.w(NOTIFY_OFFSET + q * u64::from(NOTIFY_OFF_MULTIPLIER), q, 2);
+        }
+        fn m(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+            self.mem.memory()
+        }
+    }
+
+    /// Walks the capability list; `cfg_type` selects a virtio capability.
+    fn find_cap(dev: &mut VirtioPciDevice, id: u8, cfg_type: Option<u8>) -> Option<usize> {
+        let mut p = [0u8; 1];
+        dev.config_read(CAPABILITIES_POINTER, &mut p);
+        let mut off = usize::from(p[0]);
+        for _ in 0..48 {
+            if off == 0 {
+                return None;
+            }
+            let mut hdr = [0u8; 4];
+            dev.config_read(off, &mut hdr);
+            if hdr[0] == id && cfg_type.is_none_or(|t| t == hdr[3]) {
+                return Some(off);
+            }
+            off = usize::from(hdr[1]);
+        }
+        None
+    }
+
+    fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+
+    const HDR: u64 = 0x20_0000;
+    const DATA: u64 = 0x30_0000;
+    const STATUS: u64 = 0x40_0000;
+
+    fn read_request(d: &Driver, ring: &mut TestRing, sector: u64, status: u64) {
+        let m = d.m();
+        m.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
+        m.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        m.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        ring.add(
+            &m,
+            &[(HDR, 16, false), (DATA, 512, true), (status, 1, true)],
+        );
+    }
+
+    #[test]
+    fn pci_identity_and_virtio_capabilities() {
+        let mut d = driver(2);
+        let mut id = [0u8; 4];
+        d.dev.config_read(0, &mut id);
+        assert_eq!(
+            u32::from_le_bytes(id),
+            0x1042_1af4,
+            "modern virtio-blk 0x1042"
+        );
+        d.dev.config_read(8, &mut id);
+        assert_eq!(id[0], 1, "revision 1");
+        for t in 1..=5 {
+            assert!(
+                find_cap(&mut d.dev, CAP_ID_VENDOR_SPECIFIC, Some(t)).is_some(),
+                "cfg_type {t}"
+            );
+        }
+        let notify = find_cap(
+            &mut d.dev,
+            CAP_ID_VENDOR_SPECIFIC,
+            Some(VIRTIO_PCI_CAP_NOTIFY_CFG),
+        )
+        .unwrap();
+        let mut b = [0u8; 20];
+        d.dev.config_read(notify, &mut b);
+        assert_eq!(b[2], 20, "cap_len");
+        assert_eq!(b[4], VIRTIO_BAR);
+        assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 0x3000);
+        assert_eq!(
+            u32::from_le_bytes(b[12..16].try_into().unwrap()),
+            8,
+            "2 queues x 4"
+        );
+        assert_eq!(
+            u32::from_le_bytes(b[16..20].try_into().unwrap()),
+            NOTIFY_OFF_MULTIPLIER
+        );
+        let msix = find_cap(&mut d.dev, CAP_ID_MSIX, None).unwrap();
+        let mut ctrl = [0u8; 2];
+        d.dev.config_read(msix + 2, &mut ctrl);
+        assert_eq!(
+            u16::from_le_bytes(ctrl) & 0x7ff,
+            2,
+            "3 vectors: config + 2 queues"
+        );
+        let fds = d.dev.ioeventfds(0xc000_0000).unwrap();
+        let addrs: Vec<u64> = fds.iter().map(|(a, _)| *a).collect();
+        assert_eq!(addrs, vec![0xc000_3000, 0xc000_3004]);
+        // The VIRTIO_PCI_CAP_PCI_CFG window reads num_queues from BAR 0.
+        let win = find_cap(
+            &mut d.dev,
+            CAP_ID_VENDOR_SPECIFIC,
+            Some(VIRTIO_PCI_CAP_PCI_CFG),
+        )
+        .unwrap();
+        d.dev.config_write(win + 4, &[VIRTIO_BAR]);
+        d.dev
+            .config_write(win + 8, &(NUM_QUEUES as u32).to_le_bytes());
+        d.dev.config_write(win + 12, &2u32.to_le_bytes());
+        let mut data = [0u8; 2];
+        d.dev.config_read(win + 16, &mut data);
+        assert_eq!(u16::from_le_bytes(data), 2);
+    }
+
+    #[test]
+    fn feature_negotiation_drops_unoffered_bits_and_requires_version_1() {
+        let mut d = driver(1);
+        let offered = d.features();
+        assert_ne!(offered & VIRTIO_F_VERSION_1, 0);
+        // Features cannot be written before DRIVER.
+        d.ack(offered);
+        assert_eq!(d.acked(), 0);
+        d.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        d.ack(u64::MAX);
+        assert_eq!(d.acked(), offered, "unoffered bits dropped");
+        // Without VERSION_1 the device refuses FEATURES_OK.
+        d.ack(offered & !VIRTIO_F_VERSION_1);
+        d.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        assert_eq!(d.status() & STATUS_FEATURES_OK, 0);
+        // DRIVER_OK without FEATURES_OK is refused too.
+        d.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK);
+        assert_eq!(d.status(), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        d.ack(offered);
+        d.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        assert_ne!(d.status() & STATUS_FEATURES_OK, 0);
+        // Frozen after FEATURES_OK; clearing status bits is ignored.
+        d.ack(VIRTIO_F_VERSION_1);
+        assert_eq!(d.acked(), offered);
+        d.set_status(STATUS_ACKNOWLEDGE);
+        assert_ne!(d.status() & STATUS_FEATURES_OK, 0);
+        // A garbage feature select reads 0.
+        d.w(DEVICE_FEATURE_SELECT, 7, 4);
+        assert_eq!(d.r(DEVICE_FEATURE, 4), 0);
+    }
+
+    #[test]
+    fn queue_registers_validate_what_the_driver_writes() {
+        let mut d = driver(2);
+        assert_eq!(d.r(NUM_QUEUES, 2), 2);
+        d.w(QUEUE_SELECT, 1, 2);
+        assert_eq!(d.r(QUEUE_SIZE, 2), 64);
+        d.w(QUEUE_SIZE, 100, 2);
+        assert_eq!(d.r(QUEUE_SIZE, 2), 64, "not a power of two");
+        d.w(QUEUE_SIZE, 128, 2);
+        assert_eq!(d.r(QUEUE_SIZE, 2), 64, "above the maximum");
+        d.w(QUEUE_SIZE, 16, 2);
+        assert_eq!(d.r(QUEUE_SIZE, 2), 16);
+        assert_eq!(d.r(QUEUE_NOTIFY_OFF, 2), 1);
+        d.w(QUEUE_DESC, 0x1234_5678_9abc_d000, 8);
+        assert_eq!(d.r(QUEUE_DESC + 4, 4), 0x1234_5678);
+        assert_eq!(d.r(QUEUE_DESC, 4), 0x9abc_d000);
+        // MSI-X vectors: in range sticks, out of range reads NO_VECTOR.
+        d.w(QUEUE_MSIX_VECTOR, 2, 2);
+        assert_eq!(d.r(QUEUE_MSIX_VECTOR, 2), 2);
+        d.w(QUEUE_MSIX_VECTOR, 3, 2);
+        assert_eq!(d.r(QUEUE_MSIX_VECTOR, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+        d.w(CONFIG_MSIX_VECTOR, 500, 2);
+        assert_eq!(d.r(CONFIG_MSIX_VECTOR, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+        // Enabled queues are frozen.
+        d.w(QUEUE_ENABLE, 1, 2);
+        d.w(QUEUE_SIZE, 32, 2);
+        assert_eq!(d.r(QUEUE_SIZE, 2), 16);
+        d.w(QUEUE_ENABLE, 0, 2);
+        assert_eq!(d.r(QUEUE_ENABLE, 2), 1, "writing 0 is ignored");
+        // A nonexistent queue reads size 0 and ignores writes.
+        d.w(QUEUE_SELECT, 9, 2);
+        assert_eq!(d.r(QUEUE_SIZE, 2), 0);
+        d.w(QUEUE_ENABLE, 1, 2);
+        assert_eq!(d.r(QUEUE_ENABLE, 2), 0);
+        // Odd-sized accesses read 0 and do nothing.
+        assert_eq!(d.r(NUM_QUEUES, 4), 0);
+        d.w(DEVICE_STATUS, 0xff, 4);
+        assert_eq!(d.status(), 0);
+        // Device config through BAR 0: capacity = 128 sectors.
+        assert_eq!(d.r(DEVICE_CFG_OFFSET, 8), 128);
+    }
+
+    #[test]
+    fn guest_driver_reads_the_disk_with_msix_interrupts() {
+        let mut d = driver(1);
+        d.enable_msix();
+        let mut ring = TestRing::new(0x1000, 16);
+        d.bring_up(&ring);
+        assert!(d.dev.is_active(), "status {:#x}", d.status());
+        read_request(&d, &mut ring, 3, STATUS);
+        d.notify(0);
+        let m = d.mem.clone();
+        assert!(
+            wait_for(|| ring.used_idx(&m.memory()) == 1),
+            "request not completed"
+        );
+        let mm = d.m();
+        assert_eq!(
+            mm.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(mm.read_obj::<u8>(GuestAddress(DATA)).unwrap(), 3);
+        drop(mm);
+        assert!(
+            wait_for(|| d.router.fired().contains(&1)),
+            "queue vector 1 not fired"
+        );
+        assert_eq!(d.router.fired(), vec![1]);
+        // ISR shows the queue bit and clears on read.
+        assert_eq!(d.r(ISR_OFFSET, 1), u64::from(ISR_QUEUE));
+        assert_eq!(d.r(ISR_OFFSET, 1), 0);
+    }
+
+    #[test]
+    fn reset_with_queued_requests_stops_the_worker_and_allows_a_new_setup() {
+        let mut d = driver(1);
+        d.enable_msix();
+        let mut ring = TestRing::new(0x1000, 16);
+        d.bring_up(&ring);
+        let fds = d.dev.ioeventfds(0).unwrap();
+        // A burst of requests, kicked, then an immediate reset.
+        for i in 0..8 {
+            read_request(&d, &mut ring, i, STATUS + 0x10 * i);
+        }
+        fds[0].1.write(1).unwrap();
+        d.set_status(0);
+        assert!(!d.dev.is_active());
+        assert_eq!(d.status(), 0);
+        let after_reset = ring.used_idx(&d.m());
+        // More work and kicks after the reset: nothing may touch the ring.
+        read_request(&d, &mut ring, 9, STATUS + 0x100);
+        fds[0].1.write(1).unwrap();
+        d.notify(0);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            ring.used_idx(&d.m()),
+            after_reset,
+            "used ring written after reset"
+        );
+        // Everything is back to reset values.
+        assert_eq!(d.acked(), 0);
+        d.w(QUEUE_SELECT, 0, 2);
+        assert_eq!(d.r(QUEUE_ENABLE, 2), 0);
+        assert_eq!(d.r(QUEUE_SIZE, 2), 64);
+        assert_eq!(d.r(QUEUE_DESC, 8), 0);
+        assert_eq!(d.r(QUEUE_MSIX_VECTOR, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+        assert_eq!(d.r(CONFIG_MSIX_VECTOR, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+        // A fresh setup on a new ring works, through the ioeventfd path.
+        let mut ring2 = TestRing::new(0x8000, 16);
+        d.bring_up(&ring2);
+        assert!(d.dev.is_active());
+        read_request(&d, &mut ring2, 5, STATUS);
+        fds[0].1.write(1).unwrap();
+        let m = d.mem.clone();
+        assert!(wait_for(|| ring2.used_idx(&m.memory()) == 1));
+        assert_eq!(d.m().read_obj::<u8>(GuestAddress(DATA)).unwrap(), 5);
+        assert_eq!(ring.used_idx(&d.m()), after_reset, "old ring untouched");
+    }
+
+    #[test]
+    fn activation_with_rings_outside_memory_sets_needs_reset() {
+        let mut d = driver(1);
+        d.enable_msix();
+        let ring = TestRing::new(MEM as u64 - 0x100, 16);
+        d.bring_up(&ring);
+        assert!(!d.dev.is_active());
+        assert_ne!(d.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_eq!(d.router.fired(), vec![0], "config change interrupt");
+        assert_eq!(d.r(ISR_OFFSET, 1), u64::from(ISR_CONFIG));
+        // Reset recovers.
+        d.set_status(0);
+        assert_eq!(d.status(), 0);
+        let ring = TestRing::new(0x1000, 16);
+        d.bring_up(&ring);
+        assert!(d.dev.is_active());
+    }
+
+    #[test]
+    fn write_then_read_through_the_transport() {
+        let mut d = driver(1);
+        d.enable_msix();
+        let mut ring = TestRing::new(0x1000, 16);
+        d.bring_up(&ring);
+        let m = d.m();
+        m.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(HDR)).unwrap();
+        m.write_obj(7u64, GuestAddress(HDR + 8)).unwrap();
+        m.write_slice(&[0x77; 512], GuestAddress(DATA)).unwrap();
+        ring.add(
+            &m,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+        );
+        drop(m);
+        d.notify(0);
+        let mem = d.mem.clone();
+        assert!(wait_for(|| ring.used_idx(&mem.memory()) == 1));
+        assert_eq!(d._image.bytes()[7 * 512..8 * 512], [0x77; 512]);
+    }
+}

@@ -349,8 +349,8 @@ impl Msix {
             }
         };
         match data.len() {
-            4 if offset % 4 == 0 => data.copy_from_slice(&dword(offset).to_le_bytes()),
-            8 if offset % 8 == 0 => {
+            4 if offset.is_multiple_of(4) => data.copy_from_slice(&dword(offset).to_le_bytes()),
+            8 if offset.is_multiple_of(8) => {
                 let v = u64::from(dword(offset)) | u64::from(dword(offset + 4)) << 32;
                 data.copy_from_slice(&v.to_le_bytes());
             }
@@ -361,11 +361,11 @@ impl Msix {
     /// Writes the table at `offset` (DWORD or aligned QWORD; others ignored).
     pub fn write_table(&self, offset: u64, data: &[u8]) {
         match data.len() {
-            4 if offset % 4 == 0 => {
+            4 if offset.is_multiple_of(4) => {
                 let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                 self.write_table_dword(offset, v);
             }
-            8 if offset % 8 == 0 => {
+            8 if offset.is_multiple_of(8) => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(data);
                 let v = u64::from_le_bytes(b);
@@ -406,8 +406,8 @@ impl Msix {
             return;
         };
         match data.len() {
-            8 if offset % 8 == 0 => data.copy_from_slice(&word.to_le_bytes()),
-            4 if offset % 4 == 0 => {
+            8 if offset.is_multiple_of(8) => data.copy_from_slice(&word.to_le_bytes()),
+            4 if offset.is_multiple_of(4) => {
                 let half = (word >> ((offset % 8) * 8)) as u32;
                 data.copy_from_slice(&half.to_le_bytes());
             }

@@ -267,7 +267,7 @@ impl Request {
                     return Err(RequestError::WrongDirection);
                 }
                 let len = total(data);
-                if len % SECTOR_SIZE != 0 {
+                if !len.is_multiple_of(SECTOR_SIZE) {
                     return Err(RequestError::UnalignedLength(len));
                 }
                 if req_type == VIRTIO_BLK_T_OUT && info.readonly {
@@ -327,7 +327,7 @@ impl Request {
     ) -> Result<Vec<RangeSegment>, RequestError> {
         let len = total(out);
         if len == 0
-            || len % DISCARD_SEGMENT_LEN != 0
+            || !len.is_multiple_of(DISCARD_SEGMENT_LEN)
             || len > u64::from(MAX_DISCARD_SEG) * DISCARD_SEGMENT_LEN
         {
             return Err(RequestError::BadSegments);

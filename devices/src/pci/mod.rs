@@ -7,6 +7,16 @@
 //! `KVM_SET_GSI_ROUTING` + irqfd) and [`bus::BarListener`] (move a BAR's MMIO
 //! registration when the guest reprograms it).
 //!
+//! Wiring in the VMM (see also `virtio::VirtioPciDevice`):
+//! 1. `let pci = Arc::new(PciBus::new(hole_base, hole_size)?)` (host bridge at 00:00.0);
+//!    `pio_bus.insert(Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+//!    PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN)`.
+//! 2. Build a device (`VirtioPciDevice::new(...)`), wrap it in `Arc<Mutex<_>>`,
+//!    `let (devnum, bars) = pci.attach(dev.clone())?`, and for each
+//!    `BarAllocation` do `mmio_bus.insert(Arc::new(Mutex::new(b.region)), b.address, b.size)`.
+//! 3. Implement [`MsiRouter`] per device (GSI per vector + irqfd) and
+//!    [`BarListener`] (move MMIO ranges and ioeventfds when the guest moves a BAR).
+//!
 //! References: PCI Local Bus Specification 3.0 (§ numbers below), PCI Bus
 //! Power Management Interface Specification 1.2 ("PM §").
 

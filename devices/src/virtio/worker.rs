@@ -1,0 +1,106 @@
+//! Where device workers run: an event-manager event loop on its own thread.
+//!
+//! The transport starts a device's worker on DRIVER_OK and stops it on reset
+//! through [`WorkerHost`]. Stopping is synchronous: it returns only after the
+//! event loop has removed the worker (any `process` call in progress has
+//! finished) and dropped it, so no used-ring write can follow a reset.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use event_manager::{EventManager, RemoteEndpoint, SubscriberId, SubscriberOps};
+use thiserror::Error;
+
+use super::Worker;
+
+/// Identifies a started worker.
+pub type WorkerId = SubscriberId;
+
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error("event manager")]
+    EventManager(#[from] event_manager::Error),
+    #[error("cannot spawn the event loop thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Runs device workers off the vCPU threads.
+pub trait WorkerHost: Send + Sync {
+    /// Starts `worker` (its `init` registers its eventfds).
+    fn start(&self, worker: Worker) -> Result<WorkerId, WorkerError>;
+    /// Removes and drops the worker; returns once it can no longer run.
+    /// Must not be called from the event loop thread itself.
+    fn stop(&self, id: WorkerId) -> Result<(), WorkerError>;
+}
+
+/// An event-manager loop on a dedicated thread.
+pub struct EventLoop {
+    endpoint: RemoteEndpoint<Worker>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EventLoop {
+    /// Spawns the loop thread named `name`.
+    pub fn spawn(name: &str) -> Result<Arc<Self>, WorkerError> {
+        let mut manager = EventManager::<Worker>::new()?;
+        let endpoint = manager.remote_endpoint();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                while !stop_flag.load(Ordering::Acquire) {
+                    if let Err(e) = manager.run() {
+                        log::error!("event loop: {e}");
+                    }
+                }
+            })
+            .map_err(WorkerError::Spawn)?;
+        Ok(Arc::new(Self {
+            endpoint,
+            stop,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// The endpoint, for the VMM to add its own subscribers.
+    pub fn endpoint(&self) -> &RemoteEndpoint<Worker> {
+        &self.endpoint
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.endpoint.kick();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl WorkerHost for EventLoop {
+    fn start(&self, worker: Worker) -> Result<WorkerId, WorkerError> {
+        self.endpoint
+            .call_blocking(move |ops: &mut dyn SubscriberOps<Subscriber = Worker>| {
+                Ok::<_, WorkerError>(ops.add_subscriber(worker))
+            })
+    }
+
+    fn stop(&self, id: WorkerId) -> Result<(), WorkerError> {
+        self.endpoint
+            .call_blocking(move |ops: &mut dyn SubscriberOps<Subscriber = Worker>| {
+                ops.remove_subscriber(id)
+                    .map(drop)
+                    .map_err(WorkerError::from)
+            })
+    }
+}

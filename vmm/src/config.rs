@@ -236,6 +236,64 @@ impl MemoryConfig {
     }
 }
 
+/// `--disk path=PATH[,readonly=on,id=ID,queues=N]`: a virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// Serial reported to the guest (GET_ID) and the name of its volume.
+    pub id: String,
+    /// Request queues; `None` means one per vCPU.
+    pub queues: Option<u16>,
+}
+
+/// Longest id GET_ID can return (virtio spec: 20 bytes).
+pub const MAX_DISK_ID: usize = 20;
+
+impl DiskConfig {
+    pub const KEYS: &'static [&'static str] = &["path", "readonly", "id", "queues"];
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        const OPT: &str = "disk";
+        let mut kv = KeyValues::parse(OPT, Self::KEYS, Some("path"), text)?;
+        let path = PathBuf::from(kv.required("path")?);
+        let id = kv.take("id").unwrap_or_else(|| {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let mut id = name.unwrap_or_else(|| "disk".into());
+            id.truncate(MAX_DISK_ID);
+            id
+        });
+        if id.is_empty() || id.len() > MAX_DISK_ID || !id.is_ascii() {
+            return Err(invalid(
+                OPT,
+                format!("id={id}: 1..={MAX_DISK_ID} ASCII characters"),
+            ));
+        }
+        let queues = match kv.number("queues")? {
+            None => None,
+            Some(q @ 1..=64) => Some(q as u16),
+            Some(q) => return Err(invalid(OPT, format!("queues={q}: must be 1..=64"))),
+        };
+        Ok(Self {
+            path,
+            readonly: kv.flag("readonly")?.unwrap_or(false),
+            id,
+            queues,
+        })
+    }
+}
+
+/// Checks that disk ids are unique (they name volumes and API objects).
+pub fn check_disk_ids(disks: &[DiskConfig]) -> Result<(), ConfigError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for d in disks {
+        if !seen.insert(d.id.as_str()) {
+            return Err(invalid("disk", format!("id={} is used twice", d.id)));
+        }
+    }
+    Ok(())
+}
+
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialConfig {
@@ -305,6 +363,26 @@ mod tests {
             "limit > size"
         );
         assert!(MemoryConfig::parse("limit=1G").is_err(), "size missing");
+    }
+
+    #[test]
+    fn disk_option() {
+        let d = DiskConfig::parse("path=/img/a.raw,readonly=on,id=data,queues=2").unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/a.raw"));
+        assert!(d.readonly);
+        assert_eq!((d.id.as_str(), d.queues), ("data", Some(2)));
+        let d = DiskConfig::parse("/img/a-very-long-file-name-indeed.raw").unwrap();
+        assert_eq!(d.id, "a-very-long-file-nam");
+        assert!(!d.readonly);
+        assert!(DiskConfig::parse("readonly=on").is_err(), "path missing");
+        assert!(DiskConfig::parse("path=/a,readonly=maybe").is_err());
+        assert!(DiskConfig::parse("path=/a,queues=0").is_err());
+        assert!(DiskConfig::parse("path=/a,id=123456789012345678901").is_err());
+        let two = [
+            DiskConfig::parse("/a,id=x").unwrap(),
+            DiskConfig::parse("/b,id=x").unwrap(),
+        ];
+        assert!(check_disk_ids(&two).is_err());
     }
 
     #[test]

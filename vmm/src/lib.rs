@@ -4,6 +4,8 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod device_manager;
 pub mod host;
+pub mod irq;
 pub mod vcpu;
 pub mod vm;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::config::{MemoryConfig, SerialConfig};
+use vmm::config::{DiskConfig, MemoryConfig, SerialConfig};
 use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE};
 
 /// Boots a Linux bzImage on KVM with a serial console.
@@ -38,6 +38,13 @@ struct Cli {
     #[arg(long, value_name = "OPTIONS", default_value = "size=512M", value_parser = MemoryConfig::parse)]
     memory: MemoryConfig,
 
+    /// A virtio-blk disk on a raw image: path=PATH[,readonly=on,id=ID,queues=N].
+    /// Repeat for more disks. id (default: the file name, at most 20
+    /// characters) is the serial the guest reads and names the disk's I/O
+    /// volume; queues defaults to one per vCPU.
+    #[arg(long = "disk", value_name = "OPTIONS", value_parser = DiskConfig::parse)]
+    disks: Vec<DiskConfig>,
+
     /// Guest serial console (COM1): stdout, off, or file=PATH.
     #[arg(long, value_name = "TARGET", default_value = "stdout", value_parser = SerialConfig::parse)]
     serial: SerialConfig,
@@ -66,6 +73,7 @@ fn main() -> ExitCode {
         cpus: cli.cpus,
         memory: cli.memory,
         serial: cli.serial,
+        disks: cli.disks,
         allow_pvm: cli.allow_pvm,
     };
     match vm::run(&cfg) {

@@ -15,12 +15,13 @@ use kvm_bindings::KVM_PIT_SPEAKER_DUMMY;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{layout, mptable};
 use crate::boot::{BootError, BootPlan};
-use crate::config::{MemoryConfig, SerialConfig};
+use crate::config::{check_disk_ids, ConfigError, DiskConfig, MemoryConfig, SerialConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::{self, HostError};
 use crate::vcpu::{self, ExitHandlers, StopReason, Vcpu, VcpuError, VmStop};
 
@@ -40,6 +41,10 @@ pub enum VmError {
     Host(#[from] HostError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("--cpus {want}: this host's KVM allows at most {max} vCPUs (and this VMM {MAX_CPUS})")]
     TooManyCpus { want: u8, max: usize },
     #[error("--cpus must be at least 1")]
@@ -83,6 +88,7 @@ pub struct VmConfig {
     pub cpus: u8,
     pub memory: MemoryConfig,
     pub serial: SerialConfig,
+    pub disks: Vec<DiskConfig>,
     /// Try to run on a PVM /dev/kvm anyway (stock kernels hang there).
     pub allow_pvm: bool,
 }
@@ -106,6 +112,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         cfg.memory.size,
     )?;
     let serial_out = serial_writer(&cfg.serial)?;
+    check_disk_ids(&cfg.disks)?;
 
     let kvm = host::open_kvm(cfg.allow_pvm)?;
     let max = kvm.get_max_vcpus().min(usize::from(MAX_CPUS));
@@ -115,7 +122,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             max,
         });
     }
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     let mem = create_guest_memory(&vm, cfg.memory.size)?;
     setup_irqchip(&vm)?;
 
@@ -126,6 +133,15 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
     add_legacy_devices(&vm, &pio, &stop, serial_out)?;
+    let devices = DeviceManager::new(
+        vm.clone(),
+        GuestMemoryAtomic::new(mem.clone()),
+        &pio,
+        mmio.clone(),
+    )?;
+    for disk in &cfg.disks {
+        devices.add_disk(disk, &mmio, cfg.cpus)?;
+    }
 
     let vcpus = create_vcpus(&kvm, &vm, cfg.cpus, entry)?;
     vcpu::install_kick_handler()?;
@@ -161,6 +177,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         }
     }
     vcpu::stop_and_join(threads);
+    devices.shutdown();
     // Keep guest memory alive until every vCPU has stopped using it.
     drop(mem);
     Ok(match stop.reason() {

@@ -1,0 +1,230 @@
+//! PCI devices of the VM: the PCI bus behind ports 0xCF8-0xCFF, virtio-blk
+//! disks with their MSI-X routes and ioeventfds, the event loop that runs
+//! their queues, and following the guest when it moves a BAR.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use devices::block::RawImage;
+use devices::bus::Bus;
+use devices::pci::{
+    BarListener, BarMove, PciBarRegion, PciBus, PciConfigIo, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
+};
+use devices::virtio::block::{Block, BlockOptions};
+use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::{IOAPIC_START, MMIO_HOLE_START};
+use crate::config::DiskConfig;
+use crate::irq::{GsiRouting, KvmMsiRouter};
+
+/// Virtqueue size offered for disks.
+const DISK_QUEUE_SIZE: u16 = 256;
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("PCI")]
+    Pci(#[from] devices::pci::PciError),
+    #[error("cannot start the device event loop")]
+    EventLoop(#[from] devices::virtio::WorkerError),
+    #[error("disk {id}")]
+    Disk {
+        id: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("bus registration")]
+    Bus(#[from] devices::bus::BusError),
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The ioeventfds of one device, kept so they can follow a BAR move.
+type Ioeventfds = Vec<(u64, EventFd)>;
+
+pub struct DeviceManager {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    routing: Arc<GsiRouting>,
+    pci: Arc<PciBus>,
+    event_loop: Arc<EventLoop>,
+    /// virtio devices by PCI device number, with their BAR 0 ioeventfds.
+    virtio: Arc<Mutex<BTreeMap<u8, (Arc<Mutex<VirtioPciDevice>>, Ioeventfds)>>>,
+}
+
+impl DeviceManager {
+    /// Puts the PCI bus on `pio` and BAR moves on `mmio`.
+    pub fn new(
+        vm: Arc<VmFd>,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        pio: &Bus,
+        mmio: Arc<Bus>,
+    ) -> Result<Self, DeviceError> {
+        // BARs go between the start of the hole and the IOAPIC.
+        let pci = Arc::new(PciBus::new(
+            MMIO_HOLE_START,
+            IOAPIC_START - MMIO_HOLE_START,
+        )?);
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            PCI_CONFIG_IO_BASE,
+            PCI_CONFIG_IO_LEN,
+        )?;
+        let virtio = Arc::new(Mutex::new(BTreeMap::new()));
+        pci.set_bar_listener(Arc::new(BarMover {
+            vm: vm.clone(),
+            mmio: mmio.clone(),
+            virtio: virtio.clone(),
+        }));
+        Ok(Self {
+            routing: Arc::new(GsiRouting::new(vm.clone())),
+            vm,
+            mem,
+            pci,
+            event_loop: EventLoop::spawn("virtio")?,
+            virtio,
+        })
+    }
+
+    /// Adds a virtio-blk disk; its queues default to one per vCPU.
+    pub fn add_disk(&self, cfg: &DiskConfig, mmio: &Bus, cpus: u8) -> Result<(), DeviceError> {
+        let disk_err = |source: Box<dyn std::error::Error + Send + Sync>| DeviceError::Disk {
+            id: cfg.id.clone(),
+            source,
+        };
+        let image =
+            RawImage::open(&cfg.path, cfg.readonly, &cfg.id).map_err(|e| disk_err(e.into()))?;
+        let num_queues = cfg.queues.unwrap_or(u16::from(cpus.max(1)));
+        let block = Block::new(
+            image,
+            BlockOptions {
+                id: cfg.id.clone(),
+                num_queues,
+                queue_size: DISK_QUEUE_SIZE,
+            },
+        )
+        .map_err(|e| disk_err(e.into()))?;
+        // One vector for configuration changes, one per queue.
+        let router = KvmMsiRouter::new(&self.vm, self.routing.clone(), num_queues + 1).map_err(
+            |source| DeviceError::Io {
+                what: "MSI-X routes",
+                source,
+            },
+        )?;
+        let dev = VirtioPciDevice::new(
+            Box::new(block),
+            VirtioPciOptions {
+                mem: self.mem.clone(),
+                msi_router: Arc::new(router),
+                workers: self.event_loop.clone(),
+            },
+        )
+        .map_err(|e| disk_err(e.into()))?;
+        let dev = Arc::new(Mutex::new(dev));
+        let (devnum, bars) = self.pci.attach(dev.clone())?;
+        let mut bar0 = None;
+        for b in bars {
+            if b.index == 0 {
+                bar0 = Some(b.address);
+            }
+            mmio.insert(Arc::new(Mutex::new(b.region)), b.address, b.size)?;
+        }
+        let fds = match bar0 {
+            Some(addr) => {
+                let fds = lock(&dev)
+                    .ioeventfds(addr)
+                    .map_err(|source| DeviceError::Io {
+                        what: "ioeventfds",
+                        source,
+                    })?;
+                for (addr, fd) in &fds {
+                    self.vm
+                        .register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
+                        .map_err(|e| DeviceError::Io {
+                            what: "KVM_IOEVENTFD",
+                            source: std::io::Error::from_raw_os_error(e.errno()),
+                        })?;
+                }
+                fds
+            }
+            None => Vec::new(),
+        };
+        lock(&self.virtio).insert(devnum, (dev, fds));
+        log::info!(
+            "disk {}: {} ({}) on PCI 00:{devnum:02x}.0, {num_queues} queue(s)",
+            cfg.id,
+            cfg.path.display(),
+            if cfg.readonly {
+                "read-only"
+            } else {
+                "read-write"
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops the device event loop (after the vCPUs have stopped).
+    pub fn shutdown(&self) {
+        self.event_loop.shutdown();
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Follows the guest when it reprograms a BAR: moves the MMIO range and, for
+/// a virtio BAR 0, its queue-notify ioeventfds.
+struct BarMover {
+    vm: Arc<VmFd>,
+    mmio: Arc<Bus>,
+    virtio: Arc<Mutex<BTreeMap<u8, (Arc<Mutex<VirtioPciDevice>>, Ioeventfds)>>>,
+}
+
+impl BarListener for BarMover {
+    fn bar_moved(&self, devnum: u8, mv: BarMove, region: PciBarRegion) {
+        log::info!(
+            "PCI 00:{devnum:02x}.0 BAR{} moved {:#x} -> {:#x}",
+            mv.index,
+            mv.old,
+            mv.new
+        );
+        if self.mmio.remove(mv.old).is_err() {
+            log::debug!("BAR{} had no MMIO range at {:#x}", mv.index, mv.old);
+        }
+        if let Err(e) = self
+            .mmio
+            .insert(Arc::new(Mutex::new(region)), mv.new, mv.size)
+        {
+            log::error!("cannot map moved BAR{} at {:#x}: {e}", mv.index, mv.new);
+            return;
+        }
+        if mv.index != 0 {
+            return;
+        }
+        let mut virtio = lock(&self.virtio);
+        let Some((_, fds)) = virtio.get_mut(&devnum) else {
+            return;
+        };
+        for (addr, fd) in fds.iter_mut() {
+            let _ = self
+                .vm
+                .unregister_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch);
+            *addr = *addr - mv.old + mv.new;
+            if let Err(e) = self
+                .vm
+                .register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
+            {
+                // Notifies still work through the BAR's MMIO path, just slower.
+                log::warn!("cannot move ioeventfd to {:#x}: {e}", *addr);
+            }
+        }
+    }
+}

@@ -6,3 +6,4 @@ pub mod block;
 pub mod bus;
 pub mod interrupt;
 pub mod usb;
+pub mod xhci;

@@ -142,7 +142,7 @@ impl SetupPacket {
 }
 
 /// A transfer buffer could not be accessed (guest memory gone or out of range).
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error, PartialEq, Eq, Clone, Copy)]
 #[error("transfer buffer access at {offset:#x}+{len:#x} failed")]
 pub struct BufferError {
     pub offset: usize,

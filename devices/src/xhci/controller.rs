@@ -237,13 +237,11 @@ impl Xhci {
         if self.cmd_running {
             // Only CS/CA act while the ring runs (section 5.4.5).
             if value & (op::CRCR_CA | op::CRCR_CS) != 0 {
+                // Commands run to completion inside the doorbell write, so
+                // nothing is mid-execution: both CA and CS just stop the ring
+                // (section 4.6.1.2) and report where it stopped.
                 self.cmd_running = false;
-                let code = if value & op::CRCR_CA != 0 {
-                    // Nothing is ever mid-execution: the abort just stops the ring.
-                    CompletionCode::CommandRingStopped
-                } else {
-                    CompletionCode::CommandRingStopped
-                };
+                let code = CompletionCode::CommandRingStopped;
                 self.complete_command(self.cmd_ring.dequeue, code, 0);
             }
             return;
@@ -350,7 +348,7 @@ impl Xhci {
                         // 125 us microframes, 14 bits.
                         ((self.started.elapsed().as_micros() / 125) & 0x3fff) as u32
                     }
-                    _ if r >= rt::IR0 && r < rt::IR0 + 0x20 => match r - rt::IR0 {
+                    _ if (rt::IR0..rt::IR0 + 0x20).contains(&r) => match r - rt::IR0 {
                         rt::IMAN => ir.iman,
                         rt::IMOD => ir.imod,
                         rt::ERSTSZ => ir.erstsz,

@@ -385,4 +385,4 @@ impl UsbDevice for MassStorage {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

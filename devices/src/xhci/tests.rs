@@ -578,7 +578,7 @@ fn usb2_port_needs_reset_and_runs_high_speed() {
         "USB 2 port enabled only by reset"
     );
     assert_eq!((sc & ps::SPEED_MASK) >> ps::SPEED_SHIFT, ps::SPEED_HIGH);
-    // Address Device before the port reset fails like a dead device.
+    // A slot enabled earlier does not disturb the enumeration that follows.
     let ev = d.command(Driver::cmd(trb_type::ENABLE_SLOT, 0, 0, 0));
     let s0 = ev.slot_id();
     let slot = d.enumerate(1);

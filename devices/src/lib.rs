@@ -8,3 +8,5 @@ pub mod interrupt;
 pub mod legacy;
 pub mod pci;
 pub mod virtio;
+pub mod usb;
+pub mod xhci;

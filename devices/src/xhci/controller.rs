@@ -1,0 +1,516 @@
+//! The controller: register file, interrupter 0, ports and slots, and the
+//! MMIO entry points a PCI function forwards its BAR accesses to.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::event::{Interrupter, Posted};
+use super::port::{Port, PortProtocol};
+use super::regs::{self, cap, op, rt, DB_BASE, MAX_SLOTS, OP_BASE, PORT_BASE, RT_BASE, XECP_BASE};
+use super::ring::RingCursor;
+use super::slot::{EpState, Slot};
+use super::trb::{CompletionCode, Trb};
+use super::{XhciConfig, XhciError};
+use crate::bus::BusDevice;
+use crate::interrupt::Interrupt;
+use crate::usb::UsbDevice;
+
+/// The MSI-X vector / interrupter index used for every event.
+pub const INTERRUPTER_VECTOR: u16 = 0;
+
+/// An xHCI host controller.
+pub struct Xhci {
+    pub(super) config: XhciConfig,
+    pub(super) mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    irq: Arc<dyn Interrupt>,
+    pub(super) usbcmd: u32,
+    pub(super) usbsts: u32,
+    dnctrl: u32,
+    /// CRCR as written (pointer kept for the next ring start) and the live cursor.
+    crcr: u64,
+    pub(super) cmd_ring: RingCursor,
+    pub(super) cmd_running: bool,
+    pub(super) dcbaap: u64,
+    config_reg: u32,
+    pub(super) interrupter: Interrupter,
+    pub(super) ports: Vec<Port>,
+    /// Index = slot ID - 1.
+    pub(super) slots: Vec<Slot>,
+    started: Instant,
+}
+
+impl Xhci {
+    /// Creates a halted controller with `config.usb2_ports` USB 2 ports
+    /// (numbered first) and `config.usb3_ports` USB 3 ports.
+    pub fn new(
+        config: XhciConfig,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        irq: Arc<dyn Interrupt>,
+    ) -> Result<Self, XhciError> {
+        let total = usize::from(config.usb2_ports) + usize::from(config.usb3_ports);
+        if total == 0 || total > regs::MAX_PORTS.min(255) {
+            return Err(XhciError::InvalidConfig(format!("{total} ports")));
+        }
+        let ports = (0..config.usb2_ports)
+            .map(|_| Port::new(PortProtocol::Usb2))
+            .chain((0..config.usb3_ports).map(|_| Port::new(PortProtocol::Usb3)))
+            .collect();
+        Ok(Self {
+            config,
+            mem,
+            irq,
+            usbcmd: 0,
+            usbsts: op::STS_HCH,
+            dnctrl: 0,
+            crcr: 0,
+            cmd_ring: RingCursor::default(),
+            cmd_running: false,
+            dcbaap: 0,
+            config_reg: 0,
+            interrupter: Interrupter::new(),
+            ports,
+            slots: vec![Slot::default(); MAX_SLOTS],
+            started: Instant::now(),
+        })
+    }
+
+    /// Size of the MMIO BAR.
+    pub const fn mmio_size() -> u64 {
+        regs::MMIO_SIZE
+    }
+
+    pub fn num_ports(&self) -> u8 {
+        self.ports.len() as u8
+    }
+
+    /// The protocol of 1-based `port`.
+    pub fn port_protocol(&self, port: u8) -> Option<PortProtocol> {
+        self.port_ref(port).map(|p| p.protocol)
+    }
+
+    fn port_ref(&self, port: u8) -> Option<&Port> {
+        self.ports.get(usize::from(port).checked_sub(1)?)
+    }
+
+    /// PORTSC of 1-based `port` (for tests and the control API).
+    pub fn portsc(&self, port: u8) -> Option<u32> {
+        self.port_ref(port).map(Port::portsc)
+    }
+
+    pub fn running(&self) -> bool {
+        self.usbcmd & op::CMD_RUN != 0 && self.usbsts & op::STS_HCH == 0
+    }
+
+    /// Whether the interrupt line is asserted (for INTx: IMAN.IP && IE && INTE).
+    pub fn interrupt_asserted(&self) -> bool {
+        self.interrupter.asserted() && self.usbcmd & op::CMD_INTE != 0
+    }
+
+    /// Plugs `device` into 1-based `port` while the guest runs.
+    pub fn attach(&mut self, port: u8, device: Box<dyn UsbDevice>) -> Result<(), XhciError> {
+        let p = self
+            .ports
+            .get_mut(usize::from(port).wrapping_sub(1))
+            .ok_or(XhciError::InvalidPort(port))?;
+        if p.device.is_some() {
+            return Err(XhciError::PortOccupied(port));
+        }
+        let event = p.connect(device);
+        if event {
+            self.port_event(port);
+        }
+        Ok(())
+    }
+
+    /// Unplugs the device on 1-based `port`. TDs the device still held
+    /// complete with USB Transaction Error; the slot stays until the guest
+    /// disables it.
+    pub fn detach(&mut self, port: u8) -> Result<Box<dyn UsbDevice>, XhciError> {
+        let p = self
+            .ports
+            .get_mut(usize::from(port).wrapping_sub(1))
+            .ok_or(XhciError::InvalidPort(port))?;
+        let generation = p.generation;
+        let (dev, event) = p.disconnect();
+        let mut dev = dev.ok_or(XhciError::PortEmpty(port))?;
+        dev.detach();
+        self.fail_pending_transfers(port, generation);
+        if event {
+            self.port_event(port);
+        }
+        Ok(dev)
+    }
+
+    /// Posts a Port Status Change Event (when running) and sets USBSTS.PCD.
+    pub(super) fn port_event(&mut self, port: u8) {
+        self.usbsts |= op::STS_PCD;
+        if self.running() {
+            self.post_event(Trb::port_status_change(port), true);
+        }
+    }
+
+    /// Posts an event on interrupter 0 and raises the interrupt if due.
+    pub(super) fn post_event(&mut self, trb: Trb, raise: bool) {
+        let mem = self.mem.memory();
+        match self.interrupter.post(&mem, trb, raise) {
+            Posted::Written(irq) => {
+                self.usbsts |= op::STS_EINT;
+                if irq {
+                    self.signal();
+                }
+            }
+            Posted::Queued => {}
+            Posted::NoRing => {
+                log::warn!("xhci: no usable event ring; host system error");
+                self.host_system_error();
+            }
+        }
+    }
+
+    fn signal(&self) {
+        if self.usbcmd & op::CMD_INTE != 0 && self.interrupter.asserted() {
+            self.irq.trigger(INTERRUPTER_VECTOR);
+        }
+    }
+
+    /// A fatal guest-caused error (section 4.10.2.6): HSE, controller halts.
+    pub(super) fn host_system_error(&mut self) {
+        self.usbsts |= op::STS_HSE | op::STS_HCH;
+        self.usbcmd &= !op::CMD_RUN;
+        self.cmd_running = false;
+        if self.usbcmd & op::CMD_HSEE != 0 {
+            self.irq.trigger(INTERRUPTER_VECTOR);
+        }
+    }
+
+    pub(super) fn complete_command(&mut self, addr: u64, code: CompletionCode, slot: u8) {
+        self.post_event(Trb::command_completion(addr, code, slot), true);
+    }
+
+    /// HCRST (section 4.2): everything back to power-on state; attached
+    /// devices stay plugged in and are reset.
+    fn hc_reset(&mut self) {
+        self.usbcmd = 0;
+        self.usbsts = op::STS_HCH;
+        self.dnctrl = 0;
+        self.crcr = 0;
+        self.cmd_ring = RingCursor::default();
+        self.cmd_running = false;
+        self.dcbaap = 0;
+        self.config_reg = 0;
+        self.interrupter = Interrupter::new();
+        self.slots = vec![Slot::default(); MAX_SLOTS];
+        for p in &mut self.ports {
+            p.hc_reset();
+        }
+    }
+
+    fn write_usbcmd(&mut self, value: u32) {
+        if value & op::CMD_HCRST != 0 {
+            self.hc_reset();
+            return;
+        }
+        let was_running = self.usbcmd & op::CMD_RUN != 0;
+        self.usbcmd = value & op::CMD_RW_MASK;
+        let run = value & op::CMD_RUN != 0;
+        if run && !was_running && self.usbsts & op::STS_HSE == 0 {
+            self.usbsts &= !op::STS_HCH;
+            // Report connections that happened while halted.
+            for i in 0..self.ports.len() {
+                if self.ports[i].has_change() {
+                    self.post_event(Trb::port_status_change(i as u8 + 1), true);
+                }
+            }
+        } else if !run {
+            self.usbsts |= op::STS_HCH;
+            self.cmd_running = false;
+        }
+        // Save/restore (CSS/CRS, section 4.23.2): our state lives in this
+        // struct, so both finish at once and never report SRE.
+        self.usbsts &= !(op::STS_SSS | op::STS_RSS);
+        self.signal();
+    }
+
+    fn write_crcr(&mut self, value: u64) {
+        if self.cmd_running {
+            // Only CS/CA act while the ring runs (section 5.4.5).
+            if value & (op::CRCR_CA | op::CRCR_CS) != 0 {
+                // Commands run to completion inside the doorbell write, so
+                // nothing is mid-execution: both CA and CS just stop the ring
+                // (section 4.6.1.2) and report where it stopped.
+                self.cmd_running = false;
+                let code = CompletionCode::CommandRingStopped;
+                self.complete_command(self.cmd_ring.dequeue, code, 0);
+            }
+            return;
+        }
+        self.crcr = value;
+        self.cmd_ring = RingCursor::new(value & op::CRCR_PTR_MASK, value & op::CRCR_RCS != 0);
+    }
+
+    fn read_crcr(&self) -> u64 {
+        if self.cmd_running {
+            op::CRCR_CRR
+        } else {
+            0
+        }
+    }
+
+    fn write_doorbell(&mut self, slot: usize, value: u32) {
+        if !self.running() {
+            return;
+        }
+        let target = (value & 0xff) as u8;
+        if slot == 0 {
+            if target == 0 {
+                self.cmd_running = true;
+                self.process_commands();
+            }
+            return;
+        }
+        self.ring_endpoint(slot as u8, target);
+    }
+
+    fn cap_read(&self, offset: u64) -> u32 {
+        let ports = self.ports.len() as u32;
+        match offset {
+            cap::CAPLENGTH_HCIVERSION => (cap::HCIVERSION << 16) | regs::CAP_LENGTH as u32,
+            // MaxSlots, MaxIntrs = 1, MaxPorts.
+            cap::HCSPARAMS1 => MAX_SLOTS as u32 | (1 << 8) | (ports << 24),
+            // IST = 0, ERST Max, no scratchpad buffers.
+            cap::HCSPARAMS2 => cap::ERST_MAX_EXP << 4,
+            cap::HCSPARAMS3 => 0,
+            cap::HCCPARAMS1 => cap::HCCPARAMS1_AC64 | (((XECP_BASE / 4) as u32) << 16),
+            cap::DBOFF => DB_BASE as u32,
+            cap::RTSOFF => RT_BASE as u32,
+            cap::HCCPARAMS2 => 0,
+            _ => 0,
+        }
+    }
+
+    /// Supported Protocol capabilities: USB 2 range, then USB 3 range (section 7.2).
+    fn xcap_read(&self, offset: u64) -> u32 {
+        let dw = (offset / 4) as u32;
+        let per = regs::xcap::SUPPORTED_PROTOCOL_DWORDS;
+        let (index, word) = (dw / per, dw % per);
+        let n2 = u32::from(self.config.usb2_ports);
+        let n3 = u32::from(self.config.usb3_ports);
+        let ranges: Vec<(u32, u32, u32)> = [(2u32, 1u32, n2), (3, n2 + 1, n3)]
+            .into_iter()
+            .filter(|r| r.2 > 0)
+            .collect();
+        let Some(&(major, first, count)) = ranges.get(index as usize) else {
+            return 0;
+        };
+        let next = if (index as usize) + 1 < ranges.len() {
+            per
+        } else {
+            0
+        };
+        match word {
+            0 => regs::xcap::ID_SUPPORTED_PROTOCOL | (next << 8) | (major << 24),
+            1 => regs::xcap::NAME_USB,
+            2 => first | (count << 8),
+            _ => 0, // Protocol Slot Type 0
+        }
+    }
+
+    fn read_dword(&mut self, offset: u64) -> u32 {
+        match offset {
+            o if o < OP_BASE => self.cap_read(o),
+            o if (OP_BASE..PORT_BASE).contains(&o) => match o - OP_BASE {
+                op::USBCMD => self.usbcmd,
+                op::USBSTS => self.usbsts,
+                op::PAGESIZE => op::PAGESIZE_4K,
+                op::DNCTRL => self.dnctrl,
+                op::CRCR_LO => self.read_crcr() as u32,
+                op::CRCR_HI => (self.read_crcr() >> 32) as u32,
+                op::DCBAAP_LO => self.dcbaap as u32,
+                op::DCBAAP_HI => (self.dcbaap >> 32) as u32,
+                op::CONFIG => self.config_reg,
+                _ => 0,
+            },
+            o if (PORT_BASE..XECP_BASE).contains(&o) => {
+                let i = ((o - PORT_BASE) / regs::PORT_STRIDE) as usize;
+                match (self.ports.get(i), (o - PORT_BASE) % regs::PORT_STRIDE) {
+                    (Some(p), regs::port::PORTSC) => p.portsc(),
+                    _ => 0,
+                }
+            }
+            o if (XECP_BASE..RT_BASE).contains(&o) => self.xcap_read(o - XECP_BASE),
+            o if (RT_BASE..DB_BASE).contains(&o) => {
+                let r = o - RT_BASE;
+                let ir = &self.interrupter;
+                match r {
+                    rt::MFINDEX => {
+                        // 125 us microframes, 14 bits.
+                        ((self.started.elapsed().as_micros() / 125) & 0x3fff) as u32
+                    }
+                    _ if (rt::IR0..rt::IR0 + 0x20).contains(&r) => match r - rt::IR0 {
+                        rt::IMAN => ir.iman,
+                        rt::IMOD => ir.imod,
+                        rt::ERSTSZ => ir.erstsz,
+                        rt::ERSTBA_LO => ir.erstba as u32,
+                        rt::ERSTBA_HI => (ir.erstba >> 32) as u32,
+                        rt::ERDP_LO => ir.erdp as u32,
+                        rt::ERDP_HI => (ir.erdp >> 32) as u32,
+                        _ => 0,
+                    },
+                    _ => 0,
+                }
+            }
+            // Doorbells read as 0.
+            _ => 0,
+        }
+    }
+
+    fn write_dword(&mut self, offset: u64, value: u32) {
+        let lo = |old: u64| (old & !0xffff_ffff) | u64::from(value);
+        let hi = |old: u64| (old & 0xffff_ffff) | (u64::from(value) << 32);
+        match offset {
+            o if o < OP_BASE => {} // capability registers are read-only
+            o if (OP_BASE..PORT_BASE).contains(&o) => match o - OP_BASE {
+                op::USBCMD => self.write_usbcmd(value),
+                op::USBSTS => self.usbsts &= !(value & op::STS_RW1C_MASK),
+                op::DNCTRL => self.dnctrl = value & op::DNCTRL_RW_MASK,
+                op::CRCR_LO => self.write_crcr(lo(self.crcr)),
+                op::CRCR_HI => self.write_crcr(hi(self.crcr)),
+                op::DCBAAP_LO => self.dcbaap = lo(self.dcbaap) & op::DCBAAP_MASK,
+                op::DCBAAP_HI => self.dcbaap = hi(self.dcbaap) & op::DCBAAP_MASK,
+                op::CONFIG => self.config_reg = value & op::CONFIG_RW_MASK,
+                _ => {}
+            },
+            o if (PORT_BASE..XECP_BASE).contains(&o) => {
+                let i = ((o - PORT_BASE) / regs::PORT_STRIDE) as usize;
+                if (o - PORT_BASE) % regs::PORT_STRIDE == regs::port::PORTSC {
+                    if let Some(p) = self.ports.get_mut(i) {
+                        if p.write_portsc(value) {
+                            self.port_event(i as u8 + 1);
+                        }
+                    }
+                }
+            }
+            o if (RT_BASE..DB_BASE).contains(&o) => {
+                let r = o - RT_BASE;
+                if !(rt::IR0..rt::IR0 + 0x20).contains(&r) {
+                    return;
+                }
+                let mem = self.mem.memory();
+                let ir = &mut self.interrupter;
+                let raise = match r - rt::IR0 {
+                    rt::IMAN => ir.write_iman(value),
+                    rt::IMOD => {
+                        ir.imod = value;
+                        false
+                    }
+                    rt::ERSTSZ => {
+                        ir.erstsz = value & rt::ERSTSZ_MASK;
+                        false
+                    }
+                    rt::ERSTBA_LO => {
+                        ir.erstba = lo(ir.erstba) & rt::ERSTBA_MASK;
+                        ir.load_erst(&mem);
+                        false
+                    }
+                    rt::ERSTBA_HI => {
+                        ir.erstba = hi(ir.erstba) & rt::ERSTBA_MASK;
+                        ir.load_erst(&mem);
+                        false
+                    }
+                    rt::ERDP_LO => {
+                        let v = lo(ir.erdp & !rt::ERDP_EHB) | (u64::from(value) & rt::ERDP_EHB);
+                        ir.write_erdp(&mem, v)
+                    }
+                    rt::ERDP_HI => {
+                        let v = hi(ir.erdp) & !rt::ERDP_EHB;
+                        ir.write_erdp(&mem, v)
+                    }
+                    _ => false,
+                };
+                drop(mem);
+                if raise {
+                    self.signal();
+                }
+            }
+            o if (DB_BASE..regs::MMIO_SIZE).contains(&o) => {
+                self.write_doorbell(((o - DB_BASE) / 4) as usize, value);
+            }
+            _ => {}
+        }
+    }
+
+    /// A read of `data.len()` bytes at `offset` within the BAR.
+    pub fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
+        let aligned = offset & !3;
+        let shift = (offset & 3) as usize;
+        match data.len() {
+            8 if shift == 0 => {
+                let lo = u64::from(self.read_dword(aligned));
+                let hi = u64::from(self.read_dword(aligned + 4));
+                data.copy_from_slice(&(lo | (hi << 32)).to_le_bytes());
+            }
+            1 | 2 | 4 if shift + data.len() <= 4 => {
+                let v = self.read_dword(aligned).to_le_bytes();
+                data.copy_from_slice(&v[shift..shift + data.len()]);
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    /// A write of `data` at `offset` within the BAR (4- or 8-byte accesses;
+    /// 8-byte ones act as low dword then high dword).
+    pub fn mmio_write(&mut self, offset: u64, data: &[u8]) {
+        if offset & 3 != 0 {
+            return;
+        }
+        match *data {
+            [a, b, c, d] => self.write_dword(offset, u32::from_le_bytes([a, b, c, d])),
+            [a, b, c, d, e, f, g, h] => {
+                self.write_dword(offset, u32::from_le_bytes([a, b, c, d]));
+                self.write_dword(offset + 4, u32::from_le_bytes([e, f, g, h]));
+            }
+            _ => log::debug!("xhci: ignored {}-byte write at {offset:#x}", data.len()),
+        }
+    }
+
+    /// Slot `id` (1-based) if it exists.
+    pub(super) fn slot_mut(&mut self, id: u8) -> Option<&mut Slot> {
+        let max = self.max_slots_enabled();
+        if id == 0 || usize::from(id) > max {
+            return None;
+        }
+        self.slots.get_mut(usize::from(id) - 1)
+    }
+
+    /// CONFIG.MaxSlotsEn bounded by what we implement.
+    pub(super) fn max_slots_enabled(&self) -> usize {
+        ((self.config_reg & 0xff) as usize).min(MAX_SLOTS)
+    }
+
+    /// Slot state of `id` (for tests and diagnostics).
+    pub fn slot_state(&self, id: u8) -> Option<super::slot::SlotState> {
+        self.slots
+            .get(usize::from(id).checked_sub(1)?)
+            .map(|s| s.state)
+    }
+
+    /// Endpoint state of (`slot`, `dci`).
+    pub fn endpoint_state(&self, slot: u8, dci: u8) -> Option<EpState> {
+        let s = self.slots.get(usize::from(slot).checked_sub(1)?)?;
+        s.endpoints
+            .get(usize::from(dci).checked_sub(1)?)
+            .map(|e| e.state)
+    }
+}
+
+impl BusDevice for Xhci {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        self.mmio_read(offset, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        self.mmio_write(offset, data);
+    }
+}

@@ -1,0 +1,1160 @@
+//! Tests that drive the controller the way Linux's xhci-hcd, usbcore and
+//! usb-storage do: registers, rings and contexts in a GuestMemoryMmap.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::regs::{cap, op, port as ps, rt, DB_BASE, OP_BASE, PORT_BASE, RT_BASE, XECP_BASE};
+use super::slot::{EpState, SlotState};
+use super::trb::*;
+use super::*;
+use crate::interrupt::Interrupt;
+use crate::usb::mass_storage::tests::{cbw, TempImage};
+use crate::usb::mass_storage::{MassStorage, MassStorageConfig};
+use crate::usb::{request, SetupPacket, UsbSpeed};
+
+const MEM_SIZE: usize = 16 << 20;
+const DCBAA: u64 = 0x1000;
+const CMD_RING: u64 = 0x2000;
+const ERST: u64 = 0x3000;
+const EVENT_RING: u64 = 0x4000;
+const EVENT_TRBS: u32 = 32;
+const INPUT_CTX: u64 = 0x5000;
+const OUTPUT_CTX: u64 = 0x6000;
+const RING_TRBS: u64 = 64;
+const DATA: u64 = 0x10_0000;
+const DCI_IN: u8 = 3; // EP1 IN
+const DCI_OUT: u8 = 4; // EP2 OUT
+
+#[derive(Default)]
+struct CountingIrq(AtomicU32);
+impl Interrupt for CountingIrq {
+    fn trigger(&self, vector: u16) {
+        assert_eq!(vector, 0);
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A producer ring the "driver" writes, with a toggling link at the end.
+struct Producer {
+    base: u64,
+    index: u64,
+    cycle: bool,
+}
+
+impl Producer {
+    fn new(base: u64) -> Self {
+        Self {
+            base,
+            index: 0,
+            cycle: true,
+        }
+    }
+
+    fn push(&mut self, mem: &GuestMemoryMmap, mut trb: Trb) -> u64 {
+        let addr = self.base + self.index * 16;
+        trb.control = (trb.control & !CYCLE) | u32::from(self.cycle);
+        mem.write_obj(trb, GuestAddress(addr)).unwrap();
+        self.index += 1;
+        if self.index == RING_TRBS - 1 {
+            let link = Trb {
+                parameter: self.base,
+                status: 0,
+                control: LINK_TC | u32::from(self.cycle),
+            }
+            .with_type(trb_type::LINK);
+            mem.write_obj(link, GuestAddress(self.base + self.index * 16))
+                .unwrap();
+            self.index = 0;
+            self.cycle = !self.cycle;
+        }
+        addr
+    }
+}
+
+fn ring_base(slot: u8, dci: u8) -> u64 {
+    0x20_0000 + (u64::from(slot) * 32 + u64::from(dci)) * 0x1000
+}
+
+struct Driver {
+    xhci: Xhci,
+    mem: GuestMemoryMmap,
+    irq: Arc<CountingIrq>,
+    cmd: Producer,
+    ev_index: u32,
+    ev_cycle: bool,
+    rings: std::collections::HashMap<(u8, u8), Producer>,
+    /// Events read but not yet claimed by a waiter.
+    backlog: Vec<Trb>,
+}
+
+impl Driver {
+    fn new(usb2: u8, usb3: u8) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let irq = Arc::new(CountingIrq::default());
+        let xhci = Xhci::new(
+            XhciConfig {
+                usb2_ports: usb2,
+                usb3_ports: usb3,
+            },
+            GuestMemoryAtomic::new(mem.clone()),
+            irq.clone(),
+        )
+        .unwrap();
+        Self {
+            xhci,
+            mem,
+            irq,
+            cmd: Producer::new(CMD_RING),
+            ev_index: 0,
+            ev_cycle: true,
+            rings: Default::default(),
+            backlog: Vec::new(),
+        }
+    }
+
+    fn r32(&mut self, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.xhci.mmio_read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w32(&mut self, off: u64, v: u32) {
+        self.xhci.mmio_write(off, &v.to_le_bytes());
+    }
+
+    fn w64(&mut self, off: u64, v: u64) {
+        self.xhci.mmio_write(off, &v.to_le_bytes());
+    }
+
+    fn portsc(&mut self, port: u8) -> u32 {
+        self.r32(PORT_BASE + (u64::from(port) - 1) * 0x10)
+    }
+
+    fn write_portsc(&mut self, port: u8, v: u32) {
+        self.w32(PORT_BASE + (u64::from(port) - 1) * 0x10, v);
+    }
+
+    /// xhci_init + xhci_run as Linux does them.
+    fn start(&mut self) {
+        self.w32(OP_BASE + op::USBCMD, op::CMD_HCRST);
+        assert_eq!(self.r32(OP_BASE + op::USBSTS) & op::STS_HCH, op::STS_HCH);
+        self.w32(OP_BASE + op::CONFIG, 8);
+        self.w64(OP_BASE + op::DCBAAP_LO, DCBAA);
+        self.w64(OP_BASE + op::CRCR_LO, CMD_RING | op::CRCR_RCS);
+        let entry = ErstEntry {
+            base: EVENT_RING,
+            size: EVENT_TRBS,
+            reserved: 0,
+        };
+        self.mem.write_obj(entry, GuestAddress(ERST)).unwrap();
+        self.w32(RT_BASE + rt::IR0 + rt::ERSTSZ, 1);
+        self.w64(RT_BASE + rt::IR0 + rt::ERDP_LO, EVENT_RING);
+        self.w64(RT_BASE + rt::IR0 + rt::ERSTBA_LO, ERST);
+        self.w32(RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE);
+        self.w32(OP_BASE + op::USBCMD, op::CMD_RUN | op::CMD_INTE);
+        assert_eq!(self.r32(OP_BASE + op::USBSTS) & op::STS_HCH, 0);
+    }
+
+    /// The interrupt handler: consume events, then ERDP with EHB.
+    fn drain(&mut self) -> Vec<Trb> {
+        let mut out = Vec::new();
+        for _ in 0..EVENT_TRBS {
+            let addr = EVENT_RING + u64::from(self.ev_index) * 16;
+            let trb: Trb = self.mem.read_obj(GuestAddress(addr)).unwrap();
+            if trb.cycle() != self.ev_cycle {
+                break;
+            }
+            out.push(trb);
+            self.ev_index += 1;
+            if self.ev_index == EVENT_TRBS {
+                self.ev_index = 0;
+                self.ev_cycle = !self.ev_cycle;
+            }
+        }
+        self.w32(RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE | rt::IMAN_IP);
+        let erdp = EVENT_RING + u64::from(self.ev_index) * 16;
+        self.w64(RT_BASE + rt::IR0 + rt::ERDP_LO, erdp | rt::ERDP_EHB);
+        out
+    }
+
+    fn events(&mut self) -> Vec<Trb> {
+        let mut all = std::mem::take(&mut self.backlog);
+        all.extend(self.drain());
+        all
+    }
+
+    fn take_event(&mut self, pred: impl Fn(&Trb) -> bool) -> Option<Trb> {
+        let mut evs = self.events();
+        let pos = evs.iter().position(pred);
+        let found = pos.map(|p| evs.remove(p));
+        self.backlog = evs;
+        found
+    }
+
+    fn command(&mut self, trb: Trb) -> Trb {
+        let addr = self.cmd.push(&self.mem, trb);
+        self.w32(DB_BASE, 0);
+        self.take_event(|e| e.trb_type() == trb_type::COMMAND_COMPLETION && e.parameter == addr)
+            .expect("no command completion")
+    }
+
+    fn cmd(t: u32, slot: u8, param: u64, flags: u32) -> Trb {
+        Trb {
+            parameter: param,
+            status: 0,
+            control: flags | (u32::from(slot) << 24),
+        }
+        .with_type(t)
+    }
+
+    fn attach_disk(&mut self, port: u8, img: &TempImage, readonly: bool) {
+        let dev = MassStorage::new(img.open(readonly), MassStorageConfig::default());
+        self.xhci.attach(port, Box::new(dev)).unwrap();
+    }
+
+    /// The producer for (slot, dci); a new ring starts zeroed, as the
+    /// driver allocates it.
+    fn ring(&mut self, slot: u8, dci: u8) -> &mut Producer {
+        let mem = &self.mem;
+        self.rings.entry((slot, dci)).or_insert_with(|| {
+            let base = ring_base(slot, dci);
+            mem.write_slice(&[0u8; 0x1000], GuestAddress(base)).unwrap();
+            Producer::new(base)
+        })
+    }
+
+    fn push(&mut self, slot: u8, dci: u8, trb: Trb) -> u64 {
+        let mem = self.mem.clone();
+        self.ring(slot, dci).push(&mem, trb)
+    }
+
+    fn doorbell(&mut self, slot: u8, dci: u8) {
+        self.w32(DB_BASE + 4 * u64::from(slot), u32::from(dci));
+    }
+
+    /// Enable Slot, port reset (USB 2), Address Device: returns the slot.
+    fn address(&mut self, port: u8) -> u8 {
+        // hub_wq acknowledges the connection change first.
+        self.write_portsc(port, ps::PP | ps::CHANGE_MASK);
+        let ev = self.command(Self::cmd(trb_type::ENABLE_SLOT, 0, 0, 0));
+        assert_eq!(
+            ev.completion_code(),
+            CompletionCode::Success as u8,
+            "{ev:x?}"
+        );
+        let slot = ev.slot_id();
+        if self.xhci.port_protocol(port) == Some(PortProtocol::Usb2) {
+            self.port_reset(port);
+        }
+        self.mem
+            .write_obj(
+                OUTPUT_CTX + u64::from(slot) * 0x1000,
+                GuestAddress(DCBAA + 8 * u64::from(slot)),
+            )
+            .unwrap();
+        let mut ctx = [Context::default(); 3];
+        ctx[0].0[1] = 3; // A0 | A1
+        ctx[1].0[0] = 1 << 27;
+        ctx[1].0[1] = u32::from(port) << 16;
+        ctx[2].0[1] = (ep_type::CONTROL << 3) | (3 << 1) | (512 << 16);
+        self.rings.remove(&(slot, 1));
+        ctx[2].set_dequeue(ring_base(slot, 1), true);
+        for (i, c) in ctx.iter().enumerate() {
+            self.mem
+                .write_obj(*c, GuestAddress(INPUT_CTX + 32 * i as u64))
+                .unwrap();
+        }
+        let ev = self.command(Self::cmd(trb_type::ADDRESS_DEVICE, slot, INPUT_CTX, 0));
+        assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+        slot
+    }
+
+    fn out_ctx(&self, slot: u8, dci: u8) -> Context {
+        let base = OUTPUT_CTX + u64::from(slot) * 0x1000;
+        self.mem
+            .read_obj(GuestAddress(base + 32 * u64::from(dci)))
+            .unwrap()
+    }
+
+    fn port_reset(&mut self, port: u8) {
+        self.write_portsc(port, ps::PP | ps::PR);
+        let sc = self.portsc(port);
+        assert_eq!(sc & (ps::PRC | ps::PED), ps::PRC | ps::PED);
+        self.write_portsc(port, ps::PP | ps::PRC);
+        assert_eq!(self.portsc(port) & ps::PRC, 0);
+    }
+
+    /// A control transfer; returns (data, completion code of the last event).
+    fn control(&mut self, slot: u8, setup: SetupPacket, out: Option<&[u8]>) -> (Vec<u8>, u8) {
+        let len = usize::from(setup.length);
+        let data_in = setup.request_type & 0x80 != 0;
+        let trt = if len == 0 {
+            0
+        } else if data_in {
+            3
+        } else {
+            2
+        };
+        let st = Trb {
+            parameter: u64::from_le_bytes(setup.to_bytes()),
+            status: 8,
+            control: IDT | (trt << TRT_SHIFT),
+        }
+        .with_type(trb_type::SETUP_STAGE);
+        self.push(slot, 1, st);
+        if len > 0 {
+            if let Some(d) = out {
+                self.mem.write_slice(d, GuestAddress(DATA)).unwrap();
+            }
+            let dir = if data_in { DIR_IN } else { 0 };
+            let dt = Trb {
+                parameter: DATA,
+                status: len as u32,
+                control: dir | ISP,
+            }
+            .with_type(trb_type::DATA_STAGE);
+            self.push(slot, 1, dt);
+        }
+        let dir = if data_in && len > 0 { 0 } else { DIR_IN };
+        let status = self.push(
+            slot,
+            1,
+            Trb {
+                parameter: 0,
+                status: 0,
+                control: dir | IOC,
+            }
+            .with_type(trb_type::STATUS_STAGE),
+        );
+        self.doorbell(slot, 1);
+        let evs = self.events();
+        let mut residual = 0;
+        let mut code = 0;
+        for e in evs
+            .iter()
+            .filter(|e| e.trb_type() == trb_type::TRANSFER_EVENT)
+        {
+            if e.completion_code() == CompletionCode::ShortPacket as u8 {
+                residual = e.status & 0xff_ffff;
+            }
+            code = e.completion_code();
+            if e.parameter == status {
+                break;
+            }
+        }
+        let mut buf = vec![0u8; len - residual as usize];
+        self.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        (buf, code)
+    }
+
+    /// Configure Endpoint for the two bulk pipes and SET_CONFIGURATION.
+    fn configure(&mut self, slot: u8, mps: u16) {
+        let mut ctx = [Context::default(); 6];
+        ctx[0].0[1] = 1 | (1 << DCI_IN) | (1 << DCI_OUT);
+        ctx[1].0[0] = u32::from(DCI_OUT) << 27;
+        ctx[1].0[1] = 0;
+        for (dci, t) in [(DCI_IN, 6u32), (DCI_OUT, 2u32)] {
+            let c = &mut ctx[usize::from(dci) + 1];
+            c.0[1] = (t << 3) | (3 << 1) | (u32::from(mps) << 16) | (15 << 8);
+            self.rings.remove(&(slot, dci));
+            c.set_dequeue(ring_base(slot, dci), true);
+        }
+        for (i, c) in ctx.iter().enumerate() {
+            self.mem
+                .write_obj(*c, GuestAddress(INPUT_CTX + 32 * i as u64))
+                .unwrap();
+        }
+        let ev = self.command(Self::cmd(trb_type::CONFIGURE_ENDPOINT, slot, INPUT_CTX, 0));
+        assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+        let set_config = SetupPacket {
+            request_type: 0,
+            request: request::SET_CONFIGURATION,
+            value: 1,
+            index: 0,
+            length: 0,
+        };
+        assert_eq!(
+            self.control(slot, set_config, None).1,
+            CompletionCode::Success as u8
+        );
+    }
+
+    /// The whole Linux enumeration sequence; returns the slot.
+    fn enumerate(&mut self, port: u8) -> u8 {
+        let slot = self.address(port);
+        let (desc, code) = self.control(slot, get_descriptor(1, 18), None);
+        assert_eq!(code, CompletionCode::Success as u8);
+        assert_eq!(desc[1], 1);
+        let mps = if self.xhci.port_protocol(port) == Some(PortProtocol::Usb3) {
+            1024
+        } else {
+            512
+        };
+        self.configure(slot, mps);
+        slot
+    }
+
+    /// Queues a bulk TD of `len` bytes at `addr`, split into TRBs of at most
+    /// `piece` bytes; returns the address of its last TRB.
+    fn queue_bulk(&mut self, slot: u8, dci: u8, addr: u64, len: usize, piece: usize) -> u64 {
+        let mut off = 0;
+        loop {
+            let n = (len - off).min(piece);
+            let end = off + n == len;
+            let ctl = ISP | if end { IOC } else { CHAIN };
+            let last = self.push(
+                slot,
+                dci,
+                Trb {
+                    parameter: addr + off as u64,
+                    status: n as u32,
+                    control: ctl,
+                }
+                .with_type(trb_type::NORMAL),
+            );
+            off += n;
+            if end {
+                return last;
+            }
+        }
+    }
+
+    /// Runs a bulk TD; returns (completion code, residual) of its event.
+    fn bulk(&mut self, slot: u8, dci: u8, addr: u64, len: usize, piece: usize) -> (u8, u32) {
+        self.queue_bulk(slot, dci, addr, len, piece);
+        self.doorbell(slot, dci);
+        let ev = self
+            .take_event(|e| e.trb_type() == trb_type::TRANSFER_EVENT && e.endpoint_id() == dci)
+            .expect("no transfer event");
+        (ev.completion_code(), ev.status & 0xff_ffff)
+    }
+
+    /// One BOT command; returns (data-phase code, CSW bytes).
+    fn bot(&mut self, slot: u8, cdb: &[u8], len: usize, data_in: bool) -> (u8, Vec<u8>) {
+        self.mem
+            .write_slice(&cbw(0x55, len as u32, data_in, cdb), GuestAddress(DATA))
+            .unwrap();
+        assert_eq!(
+            self.bulk(slot, DCI_OUT, DATA, 31, 64).0,
+            CompletionCode::Success as u8
+        );
+        let mut code = CompletionCode::Success as u8;
+        if len > 0 {
+            let dci = if data_in { DCI_IN } else { DCI_OUT };
+            code = self.bulk(slot, dci, 0x40_0000, len, 64 * 1024).0;
+        }
+        let (c, _) = self.bulk(slot, DCI_IN, DATA + 0x100, 13, 13);
+        assert_eq!(c, CompletionCode::Success as u8);
+        let mut csw = vec![0u8; 13];
+        self.mem
+            .read_slice(&mut csw, GuestAddress(DATA + 0x100))
+            .unwrap();
+        (code, csw)
+    }
+}
+
+fn get_descriptor(kind: u8, len: u16) -> SetupPacket {
+    SetupPacket {
+        request_type: 0x80,
+        request: request::GET_DESCRIPTOR,
+        value: u16::from(kind) << 8,
+        index: 0,
+        length: len,
+    }
+}
+
+#[test]
+fn capabilities_advertise_ports_protocols_and_one_erst_segment() {
+    let mut d = Driver::new(2, 3);
+    assert_eq!(d.r32(cap::CAPLENGTH_HCIVERSION), 0x0120_0040);
+    let hcs1 = d.r32(cap::HCSPARAMS1);
+    assert_eq!((hcs1 >> 24, (hcs1 >> 8) & 0x7ff), (5, 1));
+    assert_eq!((d.r32(cap::HCSPARAMS2) >> 4) & 0xf, 0);
+    let hcc1 = d.r32(cap::HCCPARAMS1);
+    assert_eq!(hcc1 & 4, 0, "32-byte contexts");
+    let xecp = u64::from(hcc1 >> 16) * 4;
+    assert_eq!(xecp, XECP_BASE);
+    // First Supported Protocol: USB 2.0, ports 1-2; next: USB 3.0, ports 3-5.
+    let c0 = d.r32(xecp);
+    assert_eq!((c0 & 0xff, c0 >> 24), (2, 2));
+    assert_eq!(d.r32(xecp + 4), 0x2042_5355);
+    assert_eq!(d.r32(xecp + 8) & 0xffff, 1 | (2 << 8));
+    let next = xecp + u64::from((c0 >> 8) & 0xff) * 4;
+    let c1 = d.r32(next);
+    assert_eq!((c1 & 0xff, (c1 >> 8) & 0xff, c1 >> 24), (2, 0, 3));
+    assert_eq!(d.r32(next + 8) & 0xffff, 3 | (3 << 8));
+    assert_eq!(Xhci::mmio_size(), 0x4000);
+}
+
+#[test]
+fn enumerates_and_runs_bot_on_usb3_port() {
+    let img = TempImage::new(8192);
+    let mut d = Driver::new(2, 2);
+    d.attach_disk(3, &img, false);
+    d.start();
+    // The connection made while halted is reported on run.
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .unwrap();
+    assert_eq!(ev.parameter >> 24, 3);
+    let sc = d.portsc(3);
+    assert_eq!(
+        sc & (ps::CCS | ps::PED | ps::CSC),
+        ps::CCS | ps::PED | ps::CSC
+    );
+    assert_eq!((sc & ps::SPEED_MASK) >> ps::SPEED_SHIFT, ps::SPEED_SUPER);
+    d.write_portsc(3, ps::PP | ps::CSC);
+    assert_eq!(d.portsc(3) & ps::CSC, 0);
+    let slot = d.enumerate(3);
+    assert_eq!(d.xhci.slot_state(slot), Some(SlotState::Configured));
+    assert_eq!(d.out_ctx(slot, 0).slot_state(), slot_ctx_state::CONFIGURED);
+    assert_eq!(d.out_ctx(slot, 0).device_address(), slot);
+    assert_eq!(d.out_ctx(slot, DCI_IN).ep_state(), EpState::Running as u32);
+    let (desc, _) = d.control(slot, get_descriptor(1, 18), None);
+    assert_eq!(u16::from_le_bytes([desc[2], desc[3]]), 0x0300);
+    let (bos, code) = d.control(slot, get_descriptor(15, 64), None);
+    assert_eq!((bos.len(), code), (22, CompletionCode::Success as u8));
+
+    // INQUIRY.
+    let (code, csw) = d.bot(slot, &[0x12, 0, 0, 0, 36, 0], 36, true);
+    assert_eq!((code, csw[12]), (CompletionCode::Success as u8, 0));
+    let mut inq = [0u8; 36];
+    d.mem.read_slice(&mut inq, GuestAddress(0x40_0000)).unwrap();
+    assert_eq!(&inq[8..12], b"RVMM");
+    // READ CAPACITY(10).
+    let (_, csw) = d.bot(slot, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8, true);
+    assert_eq!(csw[12], 0);
+    let mut cap10 = [0u8; 8];
+    d.mem
+        .read_slice(&mut cap10, GuestAddress(0x40_0000))
+        .unwrap();
+    assert_eq!(u32::from_be_bytes(cap10[..4].try_into().unwrap()), 8191);
+    // WRITE(10) 1 MiB in 64 KiB TRBs, READ(10) it back into another buffer.
+    let payload: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    d.mem
+        .write_slice(&payload, GuestAddress(0x40_0000))
+        .unwrap();
+    let (code, csw) = d.bot(
+        slot,
+        &[0x2a, 0, 0, 0, 0, 100, 0, 0x08, 0, 0],
+        1 << 20,
+        false,
+    );
+    assert_eq!((code, csw[12]), (CompletionCode::Success as u8, 0));
+    d.mem
+        .write_slice(&vec![0u8; 1 << 20], GuestAddress(0x40_0000))
+        .unwrap();
+    let (code, csw) = d.bot(slot, &[0x28, 0, 0, 0, 0, 100, 0, 0x08, 0, 0], 1 << 20, true);
+    assert_eq!((code, csw[12]), (CompletionCode::Success as u8, 0));
+    let mut back = vec![0u8; 1 << 20];
+    d.mem
+        .read_slice(&mut back, GuestAddress(0x40_0000))
+        .unwrap();
+    assert!(back == payload, "read-back differs");
+    let raw = std::fs::read(&img.0).unwrap();
+    assert!(raw[100 * 512..100 * 512 + (1 << 20)] == payload[..]);
+    assert!(d.irq.0.load(Ordering::SeqCst) > 0);
+}
+
+#[test]
+fn usb2_port_needs_reset_and_runs_high_speed() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(2, 2);
+    d.start();
+    d.attach_disk(1, &img, false);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .unwrap();
+    assert_eq!(ev.parameter >> 24, 1);
+    let sc = d.portsc(1);
+    assert_eq!(
+        sc & (ps::CCS | ps::PED),
+        ps::CCS,
+        "USB 2 port enabled only by reset"
+    );
+    assert_eq!((sc & ps::SPEED_MASK) >> ps::SPEED_SHIFT, ps::SPEED_HIGH);
+    // A slot enabled earlier does not disturb the enumeration that follows.
+    let ev = d.command(Driver::cmd(trb_type::ENABLE_SLOT, 0, 0, 0));
+    let s0 = ev.slot_id();
+    let slot = d.enumerate(1);
+    assert_ne!(slot, s0);
+    let (desc, _) = d.control(slot, get_descriptor(1, 18), None);
+    assert_eq!(
+        (u16::from_le_bytes([desc[2], desc[3]]), desc[7]),
+        (0x0200, 64)
+    );
+    let (_, csw) = d.bot(slot, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8, true);
+    assert_eq!(csw[12], 0);
+}
+
+#[test]
+fn short_read_reports_residual_and_stall_recovers() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(0, 1);
+    d.attach_disk(1, &img, false);
+    d.start();
+    let slot = d.enumerate(1);
+    // INQUIRY into a 512-byte buffer: Short Packet with residual 476.
+    d.mem
+        .write_slice(
+            &cbw(1, 512, true, &[0x12, 0, 0, 0, 36, 0]),
+            GuestAddress(DATA),
+        )
+        .unwrap();
+    d.bulk(slot, DCI_OUT, DATA, 31, 64);
+    let (code, residual) = d.bulk(slot, DCI_IN, 0x40_0000, 512, 512);
+    assert_eq!((code, residual), (CompletionCode::ShortPacket as u8, 476));
+    d.bulk(slot, DCI_IN, DATA + 0x100, 13, 13);
+    // Unknown opcode with a data-in phase: the IN pipe STALLs.
+    d.mem
+        .write_slice(
+            &cbw(2, 64, true, &[0xc7, 0, 0, 0, 0, 0]),
+            GuestAddress(DATA),
+        )
+        .unwrap();
+    d.bulk(slot, DCI_OUT, DATA, 31, 64);
+    let (code, _) = d.bulk(slot, DCI_IN, 0x40_0000, 64, 64);
+    assert_eq!(code, CompletionCode::StallError as u8);
+    assert_eq!(d.xhci.endpoint_state(slot, DCI_IN), Some(EpState::Halted));
+    assert_eq!(d.out_ctx(slot, DCI_IN).ep_state(), EpState::Halted as u32);
+    // Doorbells on a halted endpoint do nothing.
+    d.doorbell(slot, DCI_IN);
+    // Linux: Reset Endpoint, Set TR Dequeue past the TD, CLEAR_FEATURE(HALT).
+    let ev = d.command(Driver::cmd(
+        trb_type::RESET_ENDPOINT,
+        slot,
+        0,
+        u32::from(DCI_IN) << 16,
+    ));
+    assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+    let p = d.ring(slot, DCI_IN);
+    let deq = p.base + p.index * 16;
+    let cyc = u64::from(p.cycle);
+    let ev = d.command(Driver::cmd(
+        trb_type::SET_TR_DEQUEUE,
+        slot,
+        deq | cyc,
+        u32::from(DCI_IN) << 16,
+    ));
+    assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+    let clear = SetupPacket {
+        request_type: 2,
+        request: request::CLEAR_FEATURE,
+        value: 0,
+        index: 0x81,
+        length: 0,
+    };
+    assert_eq!(
+        d.control(slot, clear, None).1,
+        CompletionCode::Success as u8
+    );
+    let (code, _) = d.bulk(slot, DCI_IN, DATA + 0x100, 13, 13);
+    assert_eq!(code, CompletionCode::Success as u8);
+    let mut csw = [0u8; 13];
+    d.mem
+        .read_slice(&mut csw, GuestAddress(DATA + 0x100))
+        .unwrap();
+    assert_eq!((csw[4], csw[12]), (2, 1));
+    // REQUEST SENSE says INVALID COMMAND OPCODE.
+    let (_, csw) = d.bot(slot, &[0x03, 0, 0, 0, 18, 0], 18, true);
+    assert_eq!(csw[12], 0);
+    let mut sense = [0u8; 18];
+    d.mem
+        .read_slice(&mut sense, GuestAddress(0x40_0000))
+        .unwrap();
+    assert_eq!((sense[2], sense[12]), (5, 0x20));
+}
+
+#[test]
+fn port_reset_and_reset_device_then_reenumerate() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(0, 1);
+    d.attach_disk(1, &img, false);
+    d.start();
+    let slot = d.enumerate(1);
+    d.events();
+    // usb_reset_device: port reset, Reset Device, Address Device, configure.
+    d.write_portsc(1, ps::PP | ps::PR);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .unwrap();
+    assert_eq!(ev.parameter >> 24, 1);
+    assert_ne!(d.portsc(1) & ps::PRC, 0);
+    d.write_portsc(1, ps::PP | ps::PRC);
+    // Warm reset sets WRC as well.
+    d.write_portsc(1, ps::PP | ps::WPR);
+    assert_eq!(d.portsc(1) & (ps::WRC | ps::PRC), ps::WRC | ps::PRC);
+    d.write_portsc(1, ps::PP | ps::WRC | ps::PRC);
+    let ev = d.command(Driver::cmd(trb_type::RESET_DEVICE, slot, 0, 0));
+    assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+    assert_eq!(d.xhci.slot_state(slot), Some(SlotState::Default));
+    assert_eq!(d.xhci.endpoint_state(slot, DCI_IN), Some(EpState::Disabled));
+    // The device lost its configuration; BOT on it is refused until configured.
+    let mut ctx = [Context::default(); 3];
+    ctx[0].0[1] = 3;
+    ctx[1].0[1] = 1 << 16;
+    ctx[2].0[1] = (ep_type::CONTROL << 3) | (512 << 16);
+    d.rings.remove(&(slot, 1));
+    ctx[2].set_dequeue(ring_base(slot, 1), true);
+    for (i, c) in ctx.iter().enumerate() {
+        d.mem
+            .write_obj(*c, GuestAddress(INPUT_CTX + 32 * i as u64))
+            .unwrap();
+    }
+    let ev = d.command(Driver::cmd(trb_type::ADDRESS_DEVICE, slot, INPUT_CTX, 0));
+    assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+    d.configure(slot, 1024);
+    let (_, csw) = d.bot(slot, &[0, 0, 0, 0, 0, 0], 0, false);
+    assert_eq!(csw[12], 0);
+}
+
+#[test]
+fn detach_mid_transfer_fails_it_and_commands_still_complete() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(0, 2);
+    d.attach_disk(2, &img, false);
+    d.start();
+    let slot = d.enumerate(2);
+    d.events();
+    // A CSW read with no command: the device NAKs and the TD stays in flight.
+    let td = d.queue_bulk(slot, DCI_IN, DATA, 13, 13);
+    d.doorbell(slot, DCI_IN);
+    assert!(d.events().is_empty());
+    let dev = d.xhci.detach(2).unwrap();
+    drop(dev);
+    let evs = d.events();
+    let xfer = evs
+        .iter()
+        .find(|e| e.trb_type() == trb_type::TRANSFER_EVENT)
+        .unwrap();
+    assert_eq!(
+        (xfer.parameter, xfer.completion_code()),
+        (td, CompletionCode::UsbTransactionError as u8)
+    );
+    assert!(evs
+        .iter()
+        .any(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE && e.parameter >> 24 == 2));
+    let sc = d.portsc(2);
+    assert_eq!(sc & (ps::CCS | ps::PED | ps::CSC), ps::CSC);
+    assert_eq!((sc & ps::PLS_MASK) >> ps::PLS_SHIFT, ps::PLS_RX_DETECT);
+    // Transfers to the vanished device fail, commands still complete.
+    let (code, _) = d.bulk(slot, DCI_OUT, DATA, 31, 64);
+    assert_eq!(code, CompletionCode::UsbTransactionError as u8);
+    let ev = d.command(Driver::cmd(trb_type::STOP_ENDPOINT, slot, 0, 1 << 16));
+    assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+    let ev = d.command(Driver::cmd(trb_type::DISABLE_SLOT, slot, 0, 0));
+    assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+    assert_eq!(d.xhci.slot_state(slot), Some(SlotState::Disabled));
+    assert!(matches!(d.xhci.detach(2), Err(XhciError::PortEmpty(2))));
+    // Re-attach: a new connection, enumerates again.
+    d.attach_disk(2, &img, false);
+    let slot = d.enumerate(2);
+    let (_, csw) = d.bot(slot, &[0, 0, 0, 0, 0, 0], 0, false);
+    assert_eq!(csw[12], 0);
+}
+
+#[test]
+fn erdp_write_with_pending_events_reraises_the_interrupt() {
+    let mut d = Driver::new(0, 1);
+    d.start();
+    let base = d.irq.0.load(Ordering::SeqCst);
+    let a = d
+        .cmd
+        .push(&d.mem.clone(), Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+    let b = d
+        .cmd
+        .push(&d.mem.clone(), Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+    d.w32(DB_BASE, 0);
+    // Two events, one interrupt: EHB blocks the second.
+    assert_eq!(d.irq.0.load(Ordering::SeqCst), base + 1);
+    let erdp = d.r32(RT_BASE + rt::IR0 + rt::ERDP_LO);
+    assert_ne!(u64::from(erdp) & rt::ERDP_EHB, 0);
+    // Consume only the first event, clear EHB: the interrupt fires again.
+    let e0: Trb = d.mem.read_obj(GuestAddress(EVENT_RING)).unwrap();
+    assert_eq!(e0.parameter, a);
+    d.w32(RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE | rt::IMAN_IP);
+    d.w64(
+        RT_BASE + rt::IR0 + rt::ERDP_LO,
+        (EVENT_RING + 16) | rt::ERDP_EHB,
+    );
+    assert_eq!(d.irq.0.load(Ordering::SeqCst), base + 2);
+    d.ev_index = 1;
+    let evs = d.drain();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].parameter, b);
+    // Everything consumed: no further interrupt.
+    assert_eq!(d.irq.0.load(Ordering::SeqCst), base + 2);
+    // IE clear: events post but no interrupt.
+    d.w32(RT_BASE + rt::IR0 + rt::IMAN, 0);
+    d.command(Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+    assert_eq!(d.irq.0.load(Ordering::SeqCst), base + 2);
+}
+
+#[test]
+fn event_ring_full_queues_events_until_erdp_moves() {
+    let mut d = Driver::new(0, 1);
+    d.start();
+    let mut addrs = Vec::new();
+    for _ in 0..40 {
+        addrs.push(
+            d.cmd
+                .push(&d.mem.clone(), Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0)),
+        );
+    }
+    d.w32(DB_BASE, 0);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.extend(d.drain().into_iter().map(|e| e.parameter));
+    }
+    assert_eq!(got, addrs, "every completion arrives, in order");
+}
+
+#[test]
+fn command_errors_and_abort() {
+    let mut d = Driver::new(0, 1);
+    d.start();
+    let code = |e: Trb| e.completion_code();
+    assert_eq!(
+        code(d.command(Driver::cmd(trb_type::DISABLE_SLOT, 5, 0, 0))),
+        CompletionCode::SlotNotEnabled as u8
+    );
+    assert_eq!(
+        code(d.command(Driver::cmd(trb_type::DISABLE_SLOT, 200, 0, 0))),
+        CompletionCode::SlotNotEnabled as u8
+    );
+    assert_eq!(
+        code(d.command(Driver::cmd(22, 0, 0, 0))),
+        CompletionCode::TrbError as u8
+    );
+    assert_eq!(
+        code(d.command(Driver::cmd(trb_type::NORMAL, 0, 0, 0))),
+        CompletionCode::TrbError as u8
+    );
+    let slot = d
+        .command(Driver::cmd(trb_type::ENABLE_SLOT, 0, 0, 0))
+        .slot_id();
+    // Input context outside guest memory.
+    assert_eq!(
+        code(d.command(Driver::cmd(trb_type::ADDRESS_DEVICE, slot, 0xffff_ff00, 0))),
+        CompletionCode::TrbError as u8
+    );
+    // Port with no device, BSR = 0: the device does not answer.
+    let mut ctx = [Context::default(); 3];
+    ctx[0].0[1] = 3;
+    ctx[1].0[1] = 1 << 16;
+    ctx[2].0[1] = ep_type::CONTROL << 3 | (512 << 16);
+    ctx[2].set_dequeue(0x9000, true);
+    for (i, c) in ctx.iter().enumerate() {
+        d.mem
+            .write_obj(*c, GuestAddress(INPUT_CTX + 32 * i as u64))
+            .unwrap();
+    }
+    assert_eq!(
+        code(d.command(Driver::cmd(trb_type::ADDRESS_DEVICE, slot, INPUT_CTX, 0))),
+        CompletionCode::UsbTransactionError as u8
+    );
+    // Configure Endpoint before Address Device: wrong state.
+    assert_eq!(
+        code(d.command(Driver::cmd(
+            trb_type::CONFIGURE_ENDPOINT,
+            slot,
+            INPUT_CTX,
+            0
+        ))),
+        CompletionCode::ContextStateError as u8
+    );
+    assert_eq!(
+        code(d.command(Driver::cmd(trb_type::RESET_ENDPOINT, slot, 0, 3 << 16))),
+        CompletionCode::EndpointNotEnabled as u8
+    );
+    // Slots run out.
+    for _ in 1..8 {
+        assert_eq!(
+            code(d.command(Driver::cmd(trb_type::ENABLE_SLOT, 0, 0, 0))),
+            1
+        );
+    }
+    assert_eq!(
+        code(d.command(Driver::cmd(trb_type::ENABLE_SLOT, 0, 0, 0))),
+        CompletionCode::NoSlotsAvailable as u8
+    );
+    // CRCR.CA stops the running ring with a Command Ring Stopped event.
+    assert_ne!(d.r32(OP_BASE + op::CRCR_LO) & op::CRCR_CRR as u32, 0);
+    d.w64(OP_BASE + op::CRCR_LO, op::CRCR_CA);
+    assert_eq!(d.r32(OP_BASE + op::CRCR_LO) & op::CRCR_CRR as u32, 0);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::COMMAND_COMPLETION)
+        .unwrap();
+    assert_eq!(
+        ev.completion_code(),
+        CompletionCode::CommandRingStopped as u8
+    );
+    // The ring restarts where it stopped on the next doorbell.
+    assert_eq!(
+        code(d.command(Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0))),
+        1
+    );
+}
+
+#[test]
+fn malformed_transfer_rings_halt_the_endpoint() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(0, 1);
+    d.attach_disk(1, &img, false);
+    d.start();
+    let slot = d.enumerate(1);
+    d.events();
+    let reset = |d: &mut Driver, dci: u8| {
+        let ev = d.command(Driver::cmd(
+            trb_type::RESET_ENDPOINT,
+            slot,
+            0,
+            u32::from(dci) << 16,
+        ));
+        assert_eq!(ev.completion_code(), 1);
+        d.rings.remove(&(slot, dci));
+        let base = ring_base(slot, dci);
+        d.mem.write_slice(&[0u8; 4096], GuestAddress(base)).unwrap();
+        let ev = d.command(Driver::cmd(
+            trb_type::SET_TR_DEQUEUE,
+            slot,
+            base | 1,
+            u32::from(dci) << 16,
+        ));
+        assert_eq!(ev.completion_code(), 1);
+    };
+    // 1. A buffer beyond guest memory.
+    let (code, _) = d.bulk(slot, DCI_OUT, (MEM_SIZE - 8) as u64, 31, 64);
+    assert_eq!(code, CompletionCode::TrbError as u8);
+    assert_eq!(d.xhci.endpoint_state(slot, DCI_OUT), Some(EpState::Halted));
+    reset(&mut d, DCI_OUT);
+    // 2. A chained TD whose link points at itself (never ends).
+    let base = ring_base(slot, DCI_OUT);
+    let normal = Trb {
+        parameter: DATA,
+        status: 31,
+        control: CYCLE | CHAIN,
+    }
+    .with_type(trb_type::NORMAL);
+    let link = Trb {
+        parameter: base + 16,
+        status: 0,
+        control: CYCLE | CHAIN,
+    }
+    .with_type(trb_type::LINK);
+    d.mem.write_obj(normal, GuestAddress(base)).unwrap();
+    d.mem.write_obj(link, GuestAddress(base + 16)).unwrap();
+    d.doorbell(slot, DCI_OUT);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::TRANSFER_EVENT)
+        .unwrap();
+    assert_eq!(ev.completion_code(), CompletionCode::TrbError as u8);
+    reset(&mut d, DCI_OUT);
+    // 3. A link to nowhere.
+    let link = Trb {
+        parameter: 0xdead_beef_0000,
+        status: 0,
+        control: CYCLE,
+    }
+    .with_type(trb_type::LINK);
+    d.mem.write_obj(link, GuestAddress(base)).unwrap();
+    d.doorbell(slot, DCI_OUT);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::TRANSFER_EVENT)
+        .unwrap();
+    assert_eq!(
+        (ev.completion_code(), ev.parameter),
+        (CompletionCode::TrbError as u8, 0xdead_beef_0000)
+    );
+    reset(&mut d, DCI_OUT);
+    // 4. A Setup Stage TRB on a bulk ring, an oversize immediate TRB.
+    let bad = Trb {
+        parameter: 0,
+        status: 8,
+        control: CYCLE | IDT | IOC,
+    }
+    .with_type(trb_type::SETUP_STAGE);
+    d.mem.write_obj(bad, GuestAddress(base)).unwrap();
+    d.doorbell(slot, DCI_OUT);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::TRANSFER_EVENT)
+        .unwrap();
+    assert_eq!(ev.completion_code(), CompletionCode::TrbError as u8);
+    // 5. A control TD without a proper Setup Stage.
+    d.push(
+        slot,
+        1,
+        Trb {
+            parameter: 0,
+            status: 4,
+            control: IOC,
+        }
+        .with_type(trb_type::SETUP_STAGE),
+    );
+    d.push(
+        slot,
+        1,
+        Trb {
+            parameter: 0,
+            status: 0,
+            control: IOC,
+        }
+        .with_type(trb_type::STATUS_STAGE),
+    );
+    d.doorbell(slot, 1);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::TRANSFER_EVENT)
+        .unwrap();
+    assert_eq!(ev.completion_code(), CompletionCode::TrbError as u8);
+    assert_eq!(d.xhci.endpoint_state(slot, 1), Some(EpState::Halted));
+    // 6. Valid TDs on a ring that links back to itself without toggling:
+    // bounded work per doorbell, then the controller keeps answering.
+    let ev = d.command(Driver::cmd(
+        trb_type::STOP_ENDPOINT,
+        slot,
+        0,
+        u32::from(DCI_IN) << 16,
+    ));
+    assert_eq!(ev.completion_code(), 1);
+    let base_in = ring_base(slot, DCI_IN);
+    let ev = d.command(Driver::cmd(
+        trb_type::SET_TR_DEQUEUE,
+        slot,
+        base_in | 1,
+        u32::from(DCI_IN) << 16,
+    ));
+    assert_eq!(ev.completion_code(), 1);
+    let noop = Trb {
+        parameter: 0,
+        status: 0,
+        control: CYCLE,
+    }
+    .with_type(trb_type::NOOP);
+    let link = Trb {
+        parameter: base_in,
+        status: 0,
+        control: CYCLE,
+    }
+    .with_type(trb_type::LINK);
+    d.mem.write_obj(noop, GuestAddress(base_in)).unwrap();
+    d.mem.write_obj(link, GuestAddress(base_in + 16)).unwrap();
+    d.doorbell(slot, DCI_IN);
+    assert_eq!(
+        d.command(Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0))
+            .completion_code(),
+        1
+    );
+}
+
+#[test]
+fn broken_command_and_event_rings_raise_host_system_error() {
+    let mut d = Driver::new(0, 1);
+    d.start();
+    let link = Trb {
+        parameter: 0x7fff_0000_0000,
+        status: 0,
+        control: CYCLE,
+    }
+    .with_type(trb_type::LINK);
+    d.mem.write_obj(link, GuestAddress(CMD_RING)).unwrap();
+    d.w32(DB_BASE, 0);
+    let sts = d.r32(OP_BASE + op::USBSTS);
+    assert_eq!(sts & (op::STS_HSE | op::STS_HCH), op::STS_HSE | op::STS_HCH);
+    // HCRST recovers; an ERST outside memory leaves no ring: the first event is an HSE.
+    d.cmd = Producer::new(CMD_RING);
+    d.mem
+        .write_slice(&[0u8; 1024], GuestAddress(CMD_RING))
+        .unwrap();
+    d.start();
+    d.w64(RT_BASE + rt::IR0 + rt::ERSTBA_LO, 0x7fff_0000_0000);
+    d.cmd
+        .push(&d.mem.clone(), Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+    d.w32(DB_BASE, 0);
+    assert_ne!(d.r32(OP_BASE + op::USBSTS) & op::STS_HSE, 0);
+}
+
+#[test]
+fn portsc_change_bits_are_rw1c_and_link_states_follow_pls_writes() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(1, 1);
+    d.start();
+    d.attach_disk(2, &img, false);
+    assert_eq!(d.events().len(), 1);
+    // Writing 0 to CSC keeps it; a second change while CSC is set posts no event.
+    d.write_portsc(2, ps::PP);
+    assert_ne!(d.portsc(2) & ps::CSC, 0);
+    d.write_portsc(2, ps::PP | ps::PR);
+    assert!(d.events().is_empty(), "OR of change bits did not go 0 -> 1");
+    d.write_portsc(2, ps::PP | ps::CSC | ps::PRC);
+    assert_eq!(d.portsc(2) & ps::CHANGE_MASK, 0);
+    // U3 with LWS: no event; U0 from U3: PLC and an event.
+    d.write_portsc(2, ps::PP | ps::LWS | (ps::PLS_U3 << ps::PLS_SHIFT));
+    assert_eq!((d.portsc(2) & ps::PLS_MASK) >> ps::PLS_SHIFT, ps::PLS_U3);
+    assert!(d.events().is_empty());
+    // PLS without LWS is ignored.
+    d.write_portsc(2, ps::PP | (ps::PLS_U0 << ps::PLS_SHIFT));
+    assert_eq!((d.portsc(2) & ps::PLS_MASK) >> ps::PLS_SHIFT, ps::PLS_U3);
+    d.write_portsc(2, ps::PP | ps::LWS | (ps::PLS_U0 << ps::PLS_SHIFT));
+    let sc = d.portsc(2);
+    assert_eq!(
+        ((sc & ps::PLS_MASK) >> ps::PLS_SHIFT, sc & ps::PLC),
+        (ps::PLS_U0, ps::PLC)
+    );
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .unwrap();
+    assert_eq!(ev.parameter >> 24, 2);
+    // USBSTS.PCD is RW1C.
+    assert_ne!(d.r32(OP_BASE + op::USBSTS) & op::STS_PCD, 0);
+    d.w32(OP_BASE + op::USBSTS, op::STS_PCD);
+    assert_eq!(d.r32(OP_BASE + op::USBSTS) & op::STS_PCD, 0);
+    // Errors of the host-side API.
+    assert!(matches!(
+        d.xhci.attach(
+            2,
+            Box::new(MassStorage::new(
+                img.open(false),
+                MassStorageConfig::default()
+            ))
+        ),
+        Err(XhciError::PortOccupied(2))
+    ));
+    assert!(matches!(d.xhci.detach(9), Err(XhciError::InvalidPort(9))));
+    let _ = UsbSpeed::Super;
+}
+
+#[test]
+fn hcrst_resets_slots_and_keeps_devices_plugged() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(0, 1);
+    d.attach_disk(1, &img, false);
+    d.start();
+    let slot = d.enumerate(1);
+    assert_eq!(d.xhci.slot_state(slot), Some(SlotState::Configured));
+    d.w32(OP_BASE + op::USBCMD, 0);
+    assert_ne!(d.r32(OP_BASE + op::USBSTS) & op::STS_HCH, 0);
+    d.w32(OP_BASE + op::USBCMD, op::CMD_HCRST);
+    assert_eq!(d.xhci.slot_state(slot), Some(SlotState::Disabled));
+    assert_eq!(d.r32(RT_BASE + rt::IR0 + rt::IMAN), 0);
+    assert_eq!(d.portsc(1) & (ps::CCS | ps::CSC), ps::CCS | ps::CSC);
+    // A fresh driver instance enumerates again.
+    d.cmd = Producer::new(CMD_RING);
+    d.mem
+        .write_slice(&[0u8; 1024], GuestAddress(CMD_RING))
+        .unwrap();
+    d.mem
+        .write_slice(&[0u8; 512], GuestAddress(EVENT_RING))
+        .unwrap();
+    d.ev_index = 0;
+    d.ev_cycle = true;
+    d.backlog.clear();
+    d.start();
+    let slot = d.enumerate(1);
+    let (_, csw) = d.bot(slot, &[0, 0, 0, 0, 0, 0], 0, false);
+    assert_eq!(csw[12], 0);
+}

@@ -147,8 +147,8 @@ impl Kernel {
     pub fn module_db(&self) -> Result<ModuleDb, AssetError> {
         let dep_path = self.modules_dir.join("modules.dep");
         let dep = fs::read_to_string(&dep_path).map_err(io_err(&dep_path))?;
-        let builtin = fs::read_to_string(self.modules_dir.join("modules.builtin"))
-            .unwrap_or_default();
+        let builtin =
+            fs::read_to_string(self.modules_dir.join("modules.builtin")).unwrap_or_default();
         Ok(ModuleDb::parse(&dep, &builtin)?)
     }
 

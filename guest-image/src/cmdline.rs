@@ -49,13 +49,15 @@ impl std::str::FromStr for Param {
 
 impl Param {
     fn validate(&self) -> Result<(), CmdlineError> {
-        let bad = |t: &str| t.chars().any(|c| c.is_whitespace() || c == '"' || c == '\'');
-        if self.key.is_empty()
-            || bad(&self.key)
-            || bad(&self.value)
-            || self.key.contains('=')
-        {
-            return Err(CmdlineError::BadParam(format!("{}={}", self.key, self.value)));
+        let bad = |t: &str| {
+            t.chars()
+                .any(|c| c.is_whitespace() || c == '"' || c == '\'')
+        };
+        if self.key.is_empty() || bad(&self.key) || bad(&self.value) || self.key.contains('=') {
+            return Err(CmdlineError::BadParam(format!(
+                "{}={}",
+                self.key, self.value
+            )));
         }
         Ok(())
     }
@@ -79,10 +81,10 @@ pub fn with_params(base: &str, params: &[Param]) -> Result<String, CmdlineError>
 pub fn lookup<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline
         .split_whitespace()
+        .rev()
         .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k == key)
+        .find(|(k, _)| *k == key)
         .map(|(_, v)| v)
-        .last()
 }
 
 #[cfg(test)]
@@ -93,7 +95,10 @@ mod tests {
     fn builds_and_looks_up() {
         let line = with_params(
             L2_BASE,
-            &[Param::new("expect_cpus", 2), "expect_mem_mib=512".parse().unwrap()],
+            &[
+                Param::new("expect_cpus", 2),
+                "expect_mem_mib=512".parse().unwrap(),
+            ],
         )
         .unwrap();
         assert!(line.starts_with("console=ttyS0 reboot=k panic=-1"));

@@ -131,7 +131,8 @@ impl<W: Write> CpioWriter<W> {
         data: &[u8],
     ) -> Result<(), CpioError> {
         let size = u32::try_from(data.len()).map_err(|_| CpioError::TooLarge(name.into()))?;
-        let namesize = u32::try_from(name.len() + 1).map_err(|_| CpioError::TooLarge(name.into()))?;
+        let namesize =
+            u32::try_from(name.len() + 1).map_err(|_| CpioError::TooLarge(name.into()))?;
         let fields: [u32; 13] = [
             ino, mode, 0, // uid
             0, // gid
@@ -208,12 +209,12 @@ pub fn parse(buf: &[u8]) -> Result<Vec<Entry>, CpioError> {
         let rdev = (hex_field(buf, offset, 9)?, hex_field(buf, offset, 10)?);
         let namesize = hex_field(buf, offset, 11)? as usize;
         let name_start = offset + HEADER_LEN;
-        let name_bytes = buf
-            .get(name_start..name_start + namesize)
-            .ok_or(CpioError::Malformed {
-                offset,
-                what: "truncated name",
-            })?;
+        let name_bytes =
+            buf.get(name_start..name_start + namesize)
+                .ok_or(CpioError::Malformed {
+                    offset,
+                    what: "truncated name",
+                })?;
         let name = name_bytes
             .strip_suffix(&[0])
             .and_then(|n| std::str::from_utf8(n).ok())
@@ -260,8 +261,7 @@ mod tests {
     fn sample() -> Vec<u8> {
         let mut w = CpioWriter::new(Vec::new());
         w.dir("bin", 0o755).unwrap();
-        w.file("bin/busybox", 0o755, b"\x7fELF-not-really")
-            .unwrap();
+        w.file("bin/busybox", 0o755, b"\x7fELF-not-really").unwrap();
         w.symlink("bin/sh", "busybox").unwrap();
         w.char_dev("dev/console", 0o600, 5, 1).unwrap();
         w.file("empty", 0o644, b"").unwrap();
@@ -326,7 +326,10 @@ mod tests {
     #[test]
     fn rejects_bad_names() {
         let mut w = CpioWriter::new(Vec::new());
-        assert!(matches!(w.file("/abs", 0o644, b""), Err(CpioError::BadName(_))));
+        assert!(matches!(
+            w.file("/abs", 0o644, b""),
+            Err(CpioError::BadName(_))
+        ));
         assert!(matches!(w.file("", 0o644, b""), Err(CpioError::BadName(_))));
         assert!(matches!(
             w.file(TRAILER, 0o644, b""),

@@ -111,7 +111,11 @@ pub fn parse_candidate(policy: &str) -> Option<String> {
 /// kernel image package it depends on.
 pub fn parse_kernel_dependency(depends: &str) -> Option<String> {
     depends.lines().find_map(|l| {
-        let dep = l.trim().trim_start_matches('|').strip_prefix("Depends:")?.trim();
+        let dep = l
+            .trim()
+            .trim_start_matches('|')
+            .strip_prefix("Depends:")?
+            .trim();
         (dep.starts_with("linux-image-") && !dep.starts_with('<')).then(|| dep.to_string())
     })
 }
@@ -174,7 +178,10 @@ pub fn fetch_unpacked(
     let dir = build.join("debian").join(&key);
     let root = dir.join("root");
     if dir.join(DONE_STAMP).exists() {
-        progress::step(&format!("{package} {version}: cached in {}", root.display()));
+        progress::step(&format!(
+            "{package} {version}: cached in {}",
+            root.display()
+        ));
         return Ok(Unpacked {
             package: package.into(),
             version,
@@ -240,7 +247,8 @@ mod tests {
 
     #[test]
     fn parses_apt_outputs() {
-        let policy = "linux-image-amd64:\n  Installed: (none)\n  Candidate: 6.1.192-2\n  Version table:\n";
+        let policy =
+            "linux-image-amd64:\n  Installed: (none)\n  Candidate: 6.1.192-2\n  Version table:\n";
         assert_eq!(parse_candidate(policy).as_deref(), Some("6.1.192-2"));
         assert_eq!(parse_candidate("x:\n  Candidate: (none)\n"), None);
         let depends = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";

@@ -26,8 +26,8 @@ pub const MODULES_ORDER: &str = "etc/modules.order";
 
 /// Directories every image has.
 const BASE_DIRS: &[&str] = &[
-    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "etc",
-    "lib", "mnt", "root", "var",
+    "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "etc", "lib",
+    "mnt", "root", "var",
 ];
 
 #[derive(Debug, Error)]
@@ -78,7 +78,10 @@ impl Default for Initramfs {
 
 /// Normalises a destination path: no leading '/', no '..', no empty parts.
 fn clean(dst: &str) -> Result<String, InitramfsError> {
-    let parts: Vec<&str> = dst.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    let parts: Vec<&str> = dst
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
     if parts.is_empty() || parts.contains(&"..") {
         return Err(InitramfsError::BadPath(dst.to_string()));
     }
@@ -297,7 +300,31 @@ impl Initramfs {
             return Ok(out);
         }
         self.write_gz(&out)?;
+        prune(dir, stem, KEEP_CACHED);
         Ok(out)
+    }
+}
+
+/// Cached images kept per stem by [`Initramfs::write_cached`].
+const KEEP_CACHED: usize = 4;
+
+/// Deletes all but the `keep` newest `<stem>-<16 hex>.cpio.gz` files.
+fn prune(dir: &Path, stem: &str, keep: usize) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(stem)
+                .and_then(|r| r.strip_prefix('-'))
+                .and_then(|r| r.strip_suffix(".cpio.gz"))
+                .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    for (_, path) in found.into_iter().skip(keep) {
+        let _ = fs::remove_file(path);
     }
 }
 

@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 use guest_image::{build_dir, fetch_assets, fetch_kernel, FileMapping, Scenario, ScenarioImage};
 
 #[derive(Parser)]
-#[command(version, about = "Builds guest kernels and initramfs images from Debian packages")]
+#[command(
+    version,
+    about = "Builds guest kernels and initramfs images from Debian packages"
+)]
 struct Cli {
     /// Cache directory (default: $VMM_BUILD_DIR or <workspace>/build).
     #[arg(long, global = true)]

@@ -148,11 +148,7 @@ mod tests {
     /// Runs `body` in the host's POSIX sh with the guest helper sourced and
     /// a fake /proc/cmdline.
     fn sh(cmdline: &str, body: &str) -> (i32, String) {
-        let dir = std::env::temp_dir().join(format!(
-            "gi-sh-{}-{}",
-            std::process::id(),
-            body.len()
-        ));
+        let dir = std::env::temp_dir().join(format!("gi-sh-{}-{}", std::process::id(), body.len()));
         fs::create_dir_all(&dir).unwrap();
         let cmd_file = dir.join("cmdline");
         let lib = dir.join("lib.sh");

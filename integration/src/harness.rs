@@ -209,6 +209,9 @@ impl RunResult {
     }
 }
 
+/// Serialises guest runs within a process.
+static RUNNING: Mutex<()> = Mutex::new(());
+
 /// Guest assets (kernel, busybox) fetched once per process.
 fn assets(build: &Path) -> Result<GuestAssets, HarnessError> {
     static ASSETS: OnceLock<GuestAssets> = OnceLock::new();
@@ -257,7 +260,6 @@ impl Harness {
 
     /// Runs `run` in `mode`.
     pub fn run(&self, run: &GuestRun, mode: Mode) -> Result<RunResult, HarnessError> {
-        static RUNNING: Mutex<()> = Mutex::new(());
         let l2_initrd = self.l2_initramfs(run)?;
         let l2_cmdline = run.l2_cmdline()?;
         let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
@@ -304,6 +306,18 @@ impl Harness {
                 Ok(finish(mode, cap, vmm_exit))
             }
         }
+    }
+
+    /// Boots L1 with a custom payload (e.g. an [`L1Payload::Script`] that
+    /// checks L1 itself); the run's L2 image is still built and included.
+    pub fn run_l1_payload(
+        &self,
+        run: &GuestRun,
+        payload: L1Payload,
+    ) -> Result<RunResult, HarnessError> {
+        let l2_initrd = self.l2_initramfs(run)?;
+        let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        self.run_l1(run, &l2_initrd, payload, Mode::Nested)
     }
 
     /// Builds the L1 image around `payload` and boots it under QEMU TCG.

@@ -160,7 +160,7 @@ mod tests {
     #[test]
     fn static_elf_detection() {
         // /bin/sh on Debian is dynamically linked.
-        assert_eq!(is_static_elf(Path::new("/bin/sh")).unwrap(), false);
+        assert!(!is_static_elf(Path::new("/bin/sh")).unwrap());
         assert!(matches!(
             is_static_elf(Path::new("/etc/hostname")),
             Err(HostError::NotElf(_)) | Err(HostError::Io { .. })

@@ -70,7 +70,10 @@ fn reader(mut src: impl Read + Send + 'static, tx: mpsc::Sender<Chunk>) -> threa
             match src.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx.send(Chunk::Data(Instant::now(), buf[..n].to_vec())).is_err() {
+                    if tx
+                        .send(Chunk::Data(Instant::now(), buf[..n].to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -216,7 +219,10 @@ mod tests {
     #[test]
     fn captures_output_status_and_markers() {
         let c = run_bounded(
-            Command::new("sh").args(["-c", "echo hello; echo MARK one >&2; echo tail-no-newline | tr -d '\\n'; exit 7"]),
+            Command::new("sh").args([
+                "-c",
+                "echo hello; echo MARK one >&2; echo tail-no-newline | tr -d '\\n'; exit 7",
+            ]),
             &opts(Duration::from_secs(10)),
         )
         .unwrap();

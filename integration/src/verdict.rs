@@ -64,12 +64,18 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        assert_eq!(parse_verdict("boot\nSCENARIO-PASS\r\n"), (Verdict::Pass, None));
+        assert_eq!(
+            parse_verdict("boot\nSCENARIO-PASS\r\n"),
+            (Verdict::Pass, None)
+        );
         assert_eq!(
             parse_verdict("x\nSCENARIO-FAIL rc=3\n--- diagnostics\n"),
             (Verdict::Fail, Some(3))
         );
-        assert_eq!(parse_verdict("\x1b[2Jjunk SCENARIO-FAIL\n"), (Verdict::Fail, None));
+        assert_eq!(
+            parse_verdict("\x1b[2Jjunk SCENARIO-FAIL\n"),
+            (Verdict::Fail, None)
+        );
         assert_eq!(parse_verdict("kernel panic\n"), (Verdict::NoVerdict, None));
         assert_eq!(parse_verdict(""), (Verdict::NoVerdict, None));
     }

@@ -67,12 +67,19 @@ fn main() -> Result<ExitCode> {
     run.params.extend(cli.params);
     run.modules = cli.modules;
     run.echo_console = true;
-    eprintln!("[nested-run] mode {mode:?}, scenario {}, {} vCPU(s), {} MiB", run.scenario.name, cli.cpus, cli.memory);
+    eprintln!(
+        "[nested-run] mode {mode:?}, scenario {}, {} vCPU(s), {} MiB",
+        run.scenario.name, cli.cpus, cli.memory
+    );
     let result = harness.run(&run, mode)?;
     println!();
     for e in &result.events {
         eprintln!("[nested-run] {:>6.2}s  {}", e.at.as_secs_f64(), e.line);
     }
     eprintln!("[nested-run] {}", result.summary());
-    Ok(if result.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if result.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -190,7 +190,7 @@ pub fn fetch_unpacked(
         });
     }
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let dl = dir.join("download");
+    let dl = dir.join(format!("download-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dl);
     fs::create_dir_all(&dl).map_err(io_err(&dl))?;
     let spec = format!("{package}={version}");

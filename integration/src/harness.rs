@@ -197,14 +197,16 @@ impl RunResult {
 
     /// One line for logs.
     pub fn summary(&self) -> String {
+        let no_kvm = self.console.contains(verdict::MARK_L1_NO_KVM);
         format!(
-            "mode={:?} verdict={:?} scenario_rc={:?} vmm_exit={:?} wall={:.1}s{}",
+            "mode={:?} verdict={:?} scenario_rc={:?} vmm_exit={:?} wall={:.1}s{}{}",
             self.mode,
             self.verdict,
             self.scenario_rc,
             self.vmm_exit,
             self.wall.as_secs_f64(),
-            if self.timed_out { " TIMED OUT" } else { "" }
+            if self.timed_out { " TIMED OUT" } else { "" },
+            if no_kvm { " L1 HAS NO /dev/kvm" } else { "" }
         )
     }
 }

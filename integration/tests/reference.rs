@@ -35,3 +35,21 @@ fn qemu_tcg_reference_failure_status_reaches_the_host() {
     assert_eq!(r.scenario_rc, Some(3), "{}", r.console);
     assert_eq!(r.vmm_exit, Some(3), "{}", r.console);
 }
+
+/// The whole nested chain with QEMU as the L2 VMM inside L1 (the benchmark
+/// peer): L1 boots, kvm_amd works, the guest's status byte comes back
+/// through QEMU's debug-exit, the L1 report and the host QEMU's console.
+#[test]
+fn nested_qemu_reference_failure_status_reaches_the_host() {
+    if Mode::auto().ok() != Some(Mode::Nested) {
+        eprintln!("host is not in the nested mode: skipped");
+        return;
+    }
+    let run = GuestRun::new(Scenario::load("fail").unwrap()).cpus(2);
+    let r = harness().run(&run, Mode::NestedQemu).unwrap();
+    let show = || format!("{}\n{}", r.summary(), r.console);
+    assert!(r.console.contains("L1-KVM-READY nested=1"), "{}", show());
+    assert_eq!(r.verdict, Verdict::Fail, "{}", show());
+    assert_eq!(r.scenario_rc, Some(3), "{}", show());
+    assert_eq!(r.vmm_exit, Some(3), "{}", show());
+}

@@ -45,6 +45,9 @@ pub enum L1Payload {
     Qemu { binary: PathBuf, args: Vec<String> },
     /// A shell script (harness self-checks).
     Script(String),
+    /// A shell script with our VMM installed at [`VMM_PATH`] (tests that
+    /// call the VMM several times, e.g. with bad input).
+    VmmScript { binary: PathBuf, script: String },
 }
 
 /// Quotes a word for POSIX sh.
@@ -136,6 +139,10 @@ pub fn build(
             )
         }
         L1Payload::Script(s) => s.clone(),
+        L1Payload::VmmScript { binary, script } => {
+            img.add_file(binary, VMM_PATH)?;
+            script.clone()
+        }
     };
     img.add_bytes(PAYLOAD_SCRIPT, 0o755, script)?;
     for f in files {

@@ -1,0 +1,35 @@
+#!/bin/sh
+# Guest (L2) init written by guest-image: mount, load modules, run the
+# scenario, report SCENARIO-PASS / SCENARIO-FAIL rc=N on the console and
+# through the debug-exit port, then reboot (reboot=k: keyboard controller).
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+[ -e /bin/mount ] || /bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+. /lib/guest/lib.sh
+echo "GUEST-INIT uptime=$(cut -d' ' -f1 /proc/uptime)"
+while read -r m; do
+    [ -n "$m" ] || continue
+    insmod "$m" || echo "GUEST-INSMOD-FAIL $m"
+done < /etc/modules.order
+cd /
+sh /scenario.sh
+rc=$?
+if [ "$rc" -eq 0 ]; then
+    echo "SCENARIO-PASS"
+else
+    echo "SCENARIO-FAIL rc=$rc"
+    echo "--- diagnostics: cmdline: $(cat /proc/cmdline)"
+    echo "--- dmesg (last 20 lines):"
+    dmesg | tail -n 20
+fi
+sync
+report_status "$rc"
+# Still running: the VMM has no debug-exit port; stop through a reset.
+reboot -f
+sleep 5
+echo "GUEST-REBOOT-FAILED"
+poweroff -f
+while :; do sleep 60; done

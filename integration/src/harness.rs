@@ -1,0 +1,527 @@
+//! The harness: builds the images a run needs and boots the L2 guest in one
+//! of the [`Mode`]s, returning a [`RunResult`].
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use guest_image::cmdline::{self, Param};
+use guest_image::scenario::{FileMapping, Scenario, ScenarioImage, MARK_GUEST_INIT};
+use guest_image::{images_dir, GuestAssets, Initramfs};
+use thiserror::Error;
+
+use crate::host::{self, HostError, KvmKind};
+use crate::l1::{self, L1Payload};
+use crate::process::{self, Event, ProcessError, RunOptions};
+use crate::verdict::{self, Verdict};
+
+/// Default bound on one run (L1 boot + L2 boot + scenario + shutdown).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Env var overriding the run mode: `nested`, `direct`, `qemu` or `auto`.
+pub const MODE_ENV: &str = "VMM_TEST_MODE";
+/// Env var overriding the per-run timeout, in seconds.
+pub const TIMEOUT_ENV: &str = "VMM_TEST_TIMEOUT";
+/// Memory of the L1 QEMU guest, MiB.
+pub const L1_MEMORY_MIB: u32 = 2048;
+/// I/O port of the debug-exit device (guest-image `report_status`).
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+
+/// Console markers time-stamped into [`RunResult::events`].
+const MARKERS: &[&str] = &[
+    verdict::MARK_L1_INIT,
+    verdict::MARK_L1_KVM_READY,
+    verdict::MARK_L1_NO_KVM,
+    MARK_GUEST_INIT,
+    guest_image::scenario::MARK_PASS,
+    guest_image::scenario::MARK_FAIL,
+    verdict::MARK_L1_VMM_EXIT,
+];
+
+#[derive(Debug, Error)]
+pub enum HarnessError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    Asset(#[from] guest_image::assets::AssetError),
+    #[error(transparent)]
+    Scenario(#[from] guest_image::scenario::ScenarioError),
+    #[error(transparent)]
+    Initramfs(#[from] guest_image::initramfs::InitramfsError),
+    #[error(transparent)]
+    Cmdline(#[from] guest_image::cmdline::CmdlineError),
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("{MODE_ENV}={0:?} is not one of nested, direct, qemu, auto")]
+    BadMode(String),
+    #[error("no usable KVM here for direct mode ({0:?}); use the nested mode")]
+    NoDirectKvm(KvmKind),
+}
+
+/// Where the L2 guest runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// QEMU TCG L1 with kvm_amd; our VMM boots L2 inside it.
+    Nested,
+    /// Our VMM on the host's ordinary KVM.
+    Direct,
+    /// QEMU TCG L1; QEMU (-accel kvm) boots L2 inside it: the peer for
+    /// benchmarks. Needs QEMU, its libraries and firmware in L1.
+    NestedQemu,
+    /// L2 straight under host QEMU TCG, no VMM: checks guest images and the
+    /// harness itself.
+    QemuTcg,
+}
+
+impl Mode {
+    /// `$VMM_TEST_MODE`, else direct on an ordinary KVM host, else nested.
+    pub fn auto() -> Result<Self, HarnessError> {
+        match std::env::var(MODE_ENV).unwrap_or_default().as_str() {
+            "" | "auto" => Ok(if host::detect_kvm() == KvmKind::Ordinary {
+                Mode::Direct
+            } else {
+                Mode::Nested
+            }),
+            "nested" => Ok(Mode::Nested),
+            "direct" => Ok(Mode::Direct),
+            "qemu" => Ok(Mode::QemuTcg),
+            "nested-qemu" => Ok(Mode::NestedQemu),
+            other => Err(HarnessError::BadMode(other.into())),
+        }
+    }
+}
+
+/// One guest run: which scenario, with what parameters and resources.
+#[derive(Clone, Debug)]
+pub struct GuestRun {
+    pub scenario: Scenario,
+    /// `key=value` parameters appended to the L2 command line.
+    pub params: Vec<Param>,
+    /// Modules for the L2 initramfs (closure added).
+    pub modules: Vec<String>,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Host files copied into the L2 initramfs.
+    pub l2_files: Vec<FileMapping>,
+    /// Host files copied into the L1 initramfs (e.g. disk images for the
+    /// VMM, named in `vmm_args`).
+    pub l1_files: Vec<FileMapping>,
+    /// Extra VMM arguments (e.g. `--disk path=/images/a.img`).
+    pub vmm_args: Vec<String>,
+    pub timeout: Duration,
+    /// Copy the console to stdout while running.
+    pub echo_console: bool,
+}
+
+impl GuestRun {
+    /// A run of `scenario` with 1 vCPU, 512 MiB and the default timeout
+    /// (or `$VMM_TEST_TIMEOUT`).
+    pub fn new(scenario: Scenario) -> Self {
+        let timeout = std::env::var(TIMEOUT_ENV)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TIMEOUT);
+        Self {
+            scenario,
+            params: Vec::new(),
+            modules: Vec::new(),
+            cpus: 1,
+            memory_mib: 512,
+            l2_files: Vec::new(),
+            l1_files: Vec::new(),
+            vmm_args: Vec::new(),
+            timeout,
+            echo_console: false,
+        }
+    }
+
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = n;
+        self
+    }
+
+    pub fn memory_mib(mut self, m: u32) -> Self {
+        self.memory_mib = m;
+        self
+    }
+
+    pub fn param(mut self, key: &str, value: impl ToString) -> Self {
+        self.params.push(Param::new(key, value));
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// The L2 kernel command line.
+    pub fn l2_cmdline(&self) -> Result<String, HarnessError> {
+        Ok(cmdline::with_params(cmdline::L2_BASE, &self.params)?)
+    }
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunResult {
+    pub mode: Mode,
+    /// Exit code of the L2's VMM (ours, or QEMU's mapped back to the
+    /// debug-exit byte); `None` when it never reported one (timeout, L1
+    /// failure).
+    pub vmm_exit: Option<i32>,
+    pub verdict: Verdict,
+    /// The `rc=` of a `SCENARIO-FAIL` line.
+    pub scenario_rc: Option<i32>,
+    /// The whole console (L1 and L2 interleaved in nested modes).
+    pub console: String,
+    pub wall: Duration,
+    pub timed_out: bool,
+    /// Time-stamped marker lines (L1-INIT, L1-KVM-READY, GUEST-INIT, ...).
+    pub events: Vec<Event>,
+}
+
+impl RunResult {
+    /// Pass verdict and a zero exit.
+    pub fn passed(&self) -> bool {
+        self.verdict == Verdict::Pass && self.vmm_exit == Some(0)
+    }
+
+    /// Time from launch to the first line containing `marker`.
+    pub fn time_to(&self, marker: &str) -> Option<Duration> {
+        self.events
+            .iter()
+            .find(|e| e.line.contains(marker))
+            .map(|e| e.at)
+    }
+
+    /// One line for logs.
+    pub fn summary(&self) -> String {
+        let no_kvm = self.console.contains(verdict::MARK_L1_NO_KVM);
+        format!(
+            "mode={:?} verdict={:?} scenario_rc={:?} vmm_exit={:?} wall={:.1}s{}{}",
+            self.mode,
+            self.verdict,
+            self.scenario_rc,
+            self.vmm_exit,
+            self.wall.as_secs_f64(),
+            if self.timed_out { " TIMED OUT" } else { "" },
+            if no_kvm { " L1 HAS NO /dev/kvm" } else { "" }
+        )
+    }
+}
+
+/// Serialises guest runs within a process.
+static RUNNING: Mutex<()> = Mutex::new(());
+
+/// Guest assets (kernel, busybox) fetched once per process.
+fn assets(build: &Path) -> Result<GuestAssets, HarnessError> {
+    static ASSETS: OnceLock<GuestAssets> = OnceLock::new();
+    static FETCH: Mutex<()> = Mutex::new(());
+    if let Some(a) = ASSETS.get() {
+        return Ok(a.clone());
+    }
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(a) = ASSETS.get() {
+        return Ok(a.clone());
+    }
+    let a = guest_image::fetch_assets(build)?;
+    Ok(ASSETS.get_or_init(|| a).clone())
+}
+
+/// Builds images and runs guests. Runs are serialised within a process:
+/// nested TCG is CPU-bound and the machines have two cores.
+pub struct Harness {
+    pub build: PathBuf,
+    pub assets: GuestAssets,
+}
+
+impl Harness {
+    /// Fetches (or finds cached) the guest assets under
+    /// [`guest_image::build_dir`].
+    pub fn new() -> Result<Self, HarnessError> {
+        let build = guest_image::build_dir();
+        let assets = assets(&build)?;
+        Ok(Self { build, assets })
+    }
+
+    fn images(&self) -> PathBuf {
+        images_dir(&self.build)
+    }
+
+    /// Builds (or reuses) the L2 initramfs of a run.
+    pub fn l2_initramfs(&self, run: &GuestRun) -> Result<PathBuf, HarnessError> {
+        let spec = ScenarioImage {
+            modules: run.modules.clone(),
+            scenario: run.scenario.clone(),
+            files: run.l2_files.clone(),
+        };
+        let img = guest_image::build_l2(&self.assets, &spec)?;
+        Ok(img.write_cached(&self.images(), &format!("l2-{}", run.scenario.name))?)
+    }
+
+    /// Runs `run` in `mode`.
+    pub fn run(&self, run: &GuestRun, mode: Mode) -> Result<RunResult, HarnessError> {
+        let l2_initrd = self.l2_initramfs(run)?;
+        let l2_cmdline = run.l2_cmdline()?;
+        let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        match mode {
+            Mode::Nested => {
+                let vmm = host::vmm_binary(true)?;
+                let payload = L1Payload::Vmm {
+                    binary: vmm,
+                    args: vmm_args(run, &l2_cmdline),
+                };
+                self.run_l1(run, &l2_initrd, payload, mode)
+            }
+            Mode::NestedQemu => {
+                let payload = L1Payload::Qemu {
+                    binary: host::qemu_binary()?,
+                    args: qemu_l2_args(run, l1::L2_KERNEL, l1::L2_INITRD, &l2_cmdline, "kvm"),
+                };
+                self.run_l1(run, &l2_initrd, payload, mode)
+            }
+            Mode::Direct => {
+                let kind = host::detect_kvm();
+                if kind != KvmKind::Ordinary {
+                    return Err(HarnessError::NoDirectKvm(kind));
+                }
+                let vmm = host::vmm_binary(false)?;
+                let kernel = self.assets.kernel.vmlinuz.display().to_string();
+                let initrd = l2_initrd.display().to_string();
+                let mut cmd = Command::new(vmm);
+                cmd.args(vmm_args_with(run, &l2_cmdline, &kernel, &initrd));
+                let cap = process::run_bounded(&mut cmd, &opts(run))?;
+                let vmm_exit = cap.status.and_then(|s| s.code());
+                Ok(finish(mode, cap, vmm_exit))
+            }
+            Mode::QemuTcg => {
+                let kernel = self.assets.kernel.vmlinuz.display().to_string();
+                let initrd = l2_initrd.display().to_string();
+                let mut cmd = Command::new(host::qemu_binary()?);
+                cmd.args(qemu_l2_args(run, &kernel, &initrd, &l2_cmdline, "tcg"));
+                let cap = process::run_bounded(&mut cmd, &opts(run))?;
+                let vmm_exit = cap
+                    .status
+                    .and_then(|s| s.code())
+                    .map(verdict::qemu_debug_exit_to_status);
+                Ok(finish(mode, cap, vmm_exit))
+            }
+        }
+    }
+
+    /// Boots L1 with a custom payload (e.g. an [`L1Payload::Script`] that
+    /// checks L1 itself); the run's L2 image is still built and included.
+    pub fn run_l1_payload(
+        &self,
+        run: &GuestRun,
+        payload: L1Payload,
+    ) -> Result<RunResult, HarnessError> {
+        let l2_initrd = self.l2_initramfs(run)?;
+        let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        self.run_l1(run, &l2_initrd, payload, Mode::Nested)
+    }
+
+    /// Builds the L1 image around `payload` and boots it under QEMU TCG.
+    fn run_l1(
+        &self,
+        run: &GuestRun,
+        l2_initrd: &Path,
+        payload: L1Payload,
+        mode: Mode,
+    ) -> Result<RunResult, HarnessError> {
+        let l1_initrd = self.l1_initramfs(l2_initrd, &payload, &run.l1_files)?;
+        let cap = self.boot_l1(&l1_initrd, &opts(run))?;
+        let mut vmm_exit = verdict::parse_l1_exit(&cap.console);
+        if mode == Mode::NestedQemu {
+            vmm_exit = vmm_exit.map(verdict::qemu_debug_exit_to_status);
+        }
+        Ok(finish(mode, cap, vmm_exit))
+    }
+
+    /// Builds (or reuses) an L1 initramfs.
+    pub fn l1_initramfs(
+        &self,
+        l2_initrd: &Path,
+        payload: &L1Payload,
+        files: &[FileMapping],
+    ) -> Result<PathBuf, HarnessError> {
+        let img: Initramfs = l1::build(&self.assets, l2_initrd, payload, files)?;
+        Ok(img.write_cached(&self.images(), "l1")?)
+    }
+
+    /// Boots an L1 image under QEMU TCG with an SVM-capable CPU, one vCPU
+    /// (multi-threaded TCG proved unreliable for nested guests).
+    pub fn boot_l1(
+        &self,
+        l1_initrd: &Path,
+        opts: &RunOptions,
+    ) -> Result<process::Captured, HarnessError> {
+        let mut cmd = Command::new(host::qemu_binary()?);
+        cmd.args(l1_qemu_args(
+            &self.assets.kernel.vmlinuz,
+            l1_initrd,
+            L1_MEMORY_MIB,
+        ));
+        Ok(process::run_bounded(&mut cmd, opts)?)
+    }
+}
+
+fn opts(run: &GuestRun) -> RunOptions<'static> {
+    RunOptions {
+        timeout: run.timeout,
+        echo: run.echo_console,
+        markers: MARKERS,
+    }
+}
+
+fn finish(mode: Mode, cap: process::Captured, vmm_exit: Option<i32>) -> RunResult {
+    let (verdict, scenario_rc) = verdict::parse_verdict(&cap.console);
+    RunResult {
+        mode,
+        vmm_exit: if cap.timed_out { None } else { vmm_exit },
+        verdict,
+        scenario_rc,
+        console: cap.console,
+        wall: cap.wall,
+        timed_out: cap.timed_out,
+        events: cap.events,
+    }
+}
+
+/// QEMU arguments for the L1 machine.
+pub fn l1_qemu_args(kernel: &Path, initrd: &Path, memory_mib: u32) -> Vec<String> {
+    [
+        "-accel",
+        "tcg",
+        "-cpu",
+        "EPYC,+svm,+npt",
+        "-m",
+        &memory_mib.to_string(),
+        "-smp",
+        "1",
+        "-nic",
+        "none",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        &kernel.display().to_string(),
+        "-initrd",
+        &initrd.display().to_string(),
+        "-append",
+        cmdline::L1_BASE,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// QEMU arguments booting the L2 guest directly (`accel` = tcg or kvm), with
+/// the debug-exit device on the same port as our VMM's.
+pub fn qemu_l2_args(
+    run: &GuestRun,
+    kernel: &str,
+    initrd: &str,
+    cmdline: &str,
+    accel: &str,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-accel",
+        accel,
+        "-m",
+        &run.memory_mib.to_string(),
+        "-smp",
+        &run.cpus.to_string(),
+        "-nic",
+        "none",
+        "-nographic",
+        "-no-reboot",
+        "-device",
+        &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x01"),
+        "-kernel",
+        kernel,
+        "-initrd",
+        initrd,
+        "-append",
+        cmdline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if accel == "kvm" {
+        args.splice(2..2, ["-cpu".to_string(), "host".to_string()]);
+    }
+    args
+}
+
+/// Our VMM's arguments for a run inside L1 (paths inside the L1 image).
+fn vmm_args(run: &GuestRun, cmdline: &str) -> Vec<String> {
+    vmm_args_with(run, cmdline, l1::L2_KERNEL, l1::L2_INITRD)
+}
+
+/// Our VMM's arguments: the CLI contract `--kernel --initramfs --cmdline
+/// --cpus --memory size=<N>M --serial stdout` plus the run's extras.
+pub fn vmm_args_with(run: &GuestRun, cmdline: &str, kernel: &str, initrd: &str) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--kernel".into(),
+        kernel.into(),
+        "--initramfs".into(),
+        initrd.into(),
+        "--cmdline".into(),
+        cmdline.into(),
+        "--cpus".into(),
+        run.cpus.to_string(),
+        "--memory".into(),
+        format!("size={}M", run.memory_mib),
+        "--serial".into(),
+        "stdout".into(),
+    ];
+    args.extend(run.vmm_args.iter().cloned());
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_cli_contract() {
+        let run = GuestRun::new(Scenario::inline("t", "true"))
+            .cpus(2)
+            .memory_mib(256)
+            .param("expect_cpus", 2);
+        let line = run.l2_cmdline().unwrap();
+        assert!(line.starts_with(cmdline::L2_BASE));
+        assert!(line.ends_with(" expect_cpus=2"));
+        let args = vmm_args(&run, &line);
+        assert_eq!(
+            args,
+            vec![
+                "--kernel",
+                "/l2/vmlinuz",
+                "--initramfs",
+                "/l2/initrd.gz",
+                "--cmdline",
+                line.as_str(),
+                "--cpus",
+                "2",
+                "--memory",
+                "size=256M",
+                "--serial",
+                "stdout"
+            ]
+        );
+    }
+
+    #[test]
+    fn qemu_args() {
+        let run = GuestRun::new(Scenario::inline("t", "true")).cpus(2);
+        let a = qemu_l2_args(&run, "k", "i", "c", "kvm");
+        assert_eq!(&a[..4], &["-accel", "kvm", "-cpu", "host"]);
+        assert!(a.contains(&"isa-debug-exit,iobase=0xf4,iosize=0x01".to_string()));
+        let l1 = l1_qemu_args(Path::new("k"), Path::new("i"), 2048);
+        let smp = l1.iter().position(|s| s == "-smp").unwrap();
+        assert_eq!(l1[smp + 1], "1");
+        assert!(l1.contains(&"EPYC,+svm,+npt".to_string()));
+    }
+}

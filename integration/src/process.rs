@@ -1,0 +1,259 @@
+//! Runs a child process (QEMU or the VMM) with a deadline, capturing its
+//! console (stdout + stderr) and the time at which marker lines appear.
+
+use std::io::{Read, Write};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// How often the deadline is checked while the child runs.
+const POLL: Duration = Duration::from_millis(50);
+/// Time given to the reader threads to drain the pipes after the child ended.
+const DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum ProcessError {
+    #[error("cannot start {cmd}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for {cmd} failed")]
+    Wait {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A marker line seen on the console, with the time since launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub at: Duration,
+    pub line: String,
+}
+
+/// What a bounded run produced.
+#[derive(Debug)]
+pub struct Captured {
+    /// `None` when the child was killed on timeout.
+    pub status: Option<ExitStatus>,
+    pub console: String,
+    pub wall: Duration,
+    pub timed_out: bool,
+    /// Lines that contain one of the requested markers, in order.
+    pub events: Vec<Event>,
+}
+
+/// Options for [`run_bounded`].
+pub struct RunOptions<'a> {
+    pub timeout: Duration,
+    /// Copy the console to our stdout as it arrives.
+    pub echo: bool,
+    /// Substrings whose lines are time-stamped into [`Captured::events`].
+    pub markers: &'a [&'a str],
+}
+
+enum Chunk {
+    Data(Instant, Vec<u8>),
+    Eof,
+}
+
+fn reader(mut src: impl Read + Send + 'static, tx: mpsc::Sender<Chunk>) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match src.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx
+                        .send(Chunk::Data(Instant::now(), buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Chunk::Eof);
+    })
+}
+
+/// Collects chunks into the console and time-stamps marker lines.
+struct Collector<'a> {
+    start: Instant,
+    console: Vec<u8>,
+    line: Vec<u8>,
+    events: Vec<Event>,
+    opts: &'a RunOptions<'a>,
+}
+
+impl Collector<'_> {
+    fn take(&mut self, at: Instant, data: &[u8]) {
+        if self.opts.echo {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(data);
+            let _ = out.flush();
+        }
+        self.console.extend_from_slice(data);
+        for &b in data {
+            if b == b'\n' {
+                self.end_line(at);
+            } else {
+                self.line.push(b);
+            }
+        }
+    }
+
+    fn end_line(&mut self, at: Instant) {
+        let text = String::from_utf8_lossy(&self.line).trim_end().to_string();
+        self.line.clear();
+        if self.opts.markers.iter().any(|m| text.contains(m)) {
+            self.events.push(Event {
+                at: at.duration_since(self.start),
+                line: text,
+            });
+        }
+    }
+}
+
+/// Runs `cmd` (stdin null, stdout and stderr captured) until it exits or the
+/// timeout passes; on timeout the child is killed and reaped.
+pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, ProcessError> {
+    let name = format!("{:?}", cmd.get_program());
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| ProcessError::Spawn {
+            cmd: format!("{cmd:?}"),
+            source,
+        })?;
+    let (tx, rx) = mpsc::channel();
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(reader(out, tx.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(reader(err, tx.clone()));
+    }
+    drop(tx);
+    let mut col = Collector {
+        start,
+        console: Vec::new(),
+        line: Vec::new(),
+        events: Vec::new(),
+        opts,
+    };
+    let deadline = start + opts.timeout;
+    let mut timed_out = false;
+    let status = loop {
+        while let Ok(chunk) = rx.try_recv() {
+            if let Chunk::Data(at, data) = chunk {
+                col.take(at, &data);
+            }
+        }
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) => {}
+            Err(source) => return Err(ProcessError::Wait { cmd: name, source }),
+        }
+        if Instant::now() >= deadline {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        match rx.recv_timeout(POLL) {
+            Ok(Chunk::Data(at, data)) => col.take(at, &data),
+            Ok(Chunk::Eof) | Err(_) => {}
+        }
+    };
+    let wall = start.elapsed();
+    // Drain what is left; bounded in case a grandchild holds the pipe.
+    let drain_end = Instant::now() + DRAIN;
+    let mut open = readers.len();
+    while open > 0 {
+        let left = drain_end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Chunk::Data(at, data)) => col.take(at, &data),
+            Ok(Chunk::Eof) => open -= 1,
+            Err(_) => break,
+        }
+    }
+    if open == 0 {
+        for r in readers {
+            let _ = r.join();
+        }
+    }
+    if !col.line.is_empty() {
+        col.end_line(Instant::now());
+    }
+    Ok(Captured {
+        status,
+        console: String::from_utf8_lossy(&col.console).into_owned(),
+        wall,
+        timed_out,
+        events: col.events,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(timeout: Duration) -> RunOptions<'static> {
+        RunOptions {
+            timeout,
+            echo: false,
+            markers: &["MARK"],
+        }
+    }
+
+    #[test]
+    fn captures_output_status_and_markers() {
+        let c = run_bounded(
+            Command::new("sh").args([
+                "-c",
+                "echo hello; echo MARK one >&2; echo tail-no-newline | tr -d '\\n'; exit 7",
+            ]),
+            &opts(Duration::from_secs(10)),
+        )
+        .unwrap();
+        assert!(!c.timed_out);
+        assert_eq!(c.status.and_then(|s| s.code()), Some(7));
+        assert!(c.console.contains("hello\n"));
+        assert!(c.console.contains("MARK one"));
+        assert!(c.console.contains("tail-no-newline"));
+        assert_eq!(c.events.len(), 1);
+        assert_eq!(c.events[0].line, "MARK one");
+    }
+
+    #[test]
+    fn kills_on_timeout() {
+        let c = run_bounded(
+            Command::new("sh").args(["-c", "echo started; exec sleep 30"]),
+            &opts(Duration::from_millis(500)),
+        )
+        .unwrap();
+        assert!(c.timed_out);
+        assert!(c.status.is_none());
+        assert!(c.console.contains("started"));
+        assert!(c.wall < Duration::from_secs(10), "took {:?}", c.wall);
+    }
+
+    #[test]
+    fn missing_program_is_an_error() {
+        let e = run_bounded(
+            &mut Command::new("/nonexistent/qemu"),
+            &opts(Duration::from_secs(1)),
+        );
+        assert!(matches!(e, Err(ProcessError::Spawn { .. })));
+    }
+}

@@ -1,0 +1,116 @@
+//! Nested end-to-end boot tests: our VMM boots the Debian guest (inside an
+//! L1 QEMU TCG guest on hosts without ordinary KVM, directly otherwise) and
+//! the guest scenario's verdict comes back through the console and the
+//! VMM's exit code. Needs the static VMM (scripts/build-vmm-static.sh).
+
+use std::sync::OnceLock;
+
+use guest_image::Scenario;
+use integration::l1::L1Payload;
+use integration::{GuestRun, Harness, Mode, RunResult, Verdict};
+
+fn harness() -> &'static Harness {
+    static H: OnceLock<Harness> = OnceLock::new();
+    H.get_or_init(|| Harness::new().unwrap_or_else(|e| panic!("guest assets: {e}")))
+}
+
+fn mode() -> Mode {
+    Mode::auto().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Asserts with the whole console in the message.
+fn check(ok: bool, what: &str, r: &RunResult) {
+    assert!(
+        ok,
+        "{what}: {}\n----- console -----\n{}\n----- end console -----",
+        r.summary(),
+        r.console
+    );
+}
+
+fn run(run: GuestRun, mode: Mode) -> RunResult {
+    let r = harness()
+        .run(&run, mode)
+        .unwrap_or_else(|e| panic!("cannot run the guest: {e}"));
+    eprintln!("{}", r.summary());
+    r
+}
+
+fn boot_run(cpus: u32, mem_mib: u32) -> GuestRun {
+    GuestRun::new(Scenario::load("boot").unwrap())
+        .cpus(cpus)
+        .memory_mib(mem_mib)
+        .param("expect_cpus", cpus)
+        .param("expect_mem_mib", mem_mib)
+}
+
+#[test]
+fn boots_with_one_vcpu() {
+    let r = run(boot_run(1, 512), mode());
+    check(!r.timed_out, "timed out", &r);
+    check(r.verdict == Verdict::Pass, "scenario did not pass", &r);
+    check(r.vmm_exit == Some(0), "VMM exit code is not 0", &r);
+    check(
+        r.console.contains("nproc=1 "),
+        "guest saw the wrong CPU count",
+        &r,
+    );
+}
+
+#[test]
+fn boots_with_two_vcpus() {
+    let r = run(boot_run(2, 512), mode());
+    check(!r.timed_out, "timed out", &r);
+    check(r.verdict == Verdict::Pass, "scenario did not pass", &r);
+    check(r.vmm_exit == Some(0), "VMM exit code is not 0", &r);
+    check(
+        r.console.contains("nproc=2 "),
+        "guest saw the wrong CPU count",
+        &r,
+    );
+}
+
+#[test]
+fn failing_scenario_fails_the_run() {
+    let r = run(GuestRun::new(Scenario::load("fail").unwrap()), mode());
+    check(!r.timed_out, "timed out", &r);
+    check(r.verdict == Verdict::Fail, "verdict is not Fail", &r);
+    check(r.scenario_rc == Some(3), "scenario status is not 3", &r);
+    check(
+        r.vmm_exit == Some(3),
+        "VMM did not exit with the guest's status byte 3",
+        &r,
+    );
+    check(!r.passed(), "a failing scenario counted as passed", &r);
+}
+
+/// The nested environment itself: L1 boots, kvm_amd loads with nested SVM
+/// and /dev/kvm exists. Independent of the VMM.
+#[test]
+fn l1_gets_a_working_dev_kvm() {
+    if mode() != Mode::Nested {
+        eprintln!("not the nested mode here: nothing to check");
+        return;
+    }
+    let script =
+        "ls -l /dev/kvm && grep -q 1 /sys/module/kvm_amd/parameters/nested && echo L1-CHECK-OK\n";
+    let r = harness()
+        .run_l1_payload(
+            &GuestRun::new(Scenario::inline("l1check", "true")),
+            L1Payload::Script(script.into()),
+        )
+        .unwrap_or_else(|e| panic!("cannot run L1: {e}"));
+    eprintln!("{}", r.summary());
+    check(!r.timed_out, "timed out", &r);
+    check(
+        r.console.contains("L1-KVM-READY nested=1"),
+        "kvm_amd did not load",
+        &r,
+    );
+    check(
+        r.console.contains("L1-CHECK-OK"),
+        "/dev/kvm check failed",
+        &r,
+    );
+    check(r.vmm_exit == Some(0), "L1 payload did not exit 0", &r);
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the host packages the project needs (idempotent): QEMU for the nested
+# harness, kmod for depmod, libclang for bindgen-based crates.
+set -euo pipefail
+
+need=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+command -v depmod >/dev/null 2>&1 || [ -x /usr/sbin/depmod ] || [ -x /sbin/depmod ] || need+=(kmod)
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
+command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+else
+    echo "setup: host packages present"
+fi

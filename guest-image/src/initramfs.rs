@@ -273,7 +273,10 @@ impl Initramfs {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
-        let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+        // Unique per writer: threads of one process may build the same image.
+        static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = out.with_extension(format!("tmp-{}-{n}", std::process::id()));
         let file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
         let mut gz = GzEncoder::new(std::io::BufWriter::new(file), Compression::fast());
         gz.write_all(&cpio).map_err(io_err(&tmp))?;

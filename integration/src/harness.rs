@@ -262,9 +262,11 @@ impl Harness {
 
     /// Runs `run` in `mode`.
     pub fn run(&self, run: &GuestRun, mode: Mode) -> Result<RunResult, HarnessError> {
+        // Build and run under one lock: images are pruned as others are
+        // written, so one built early could be gone by the time it runs.
+        let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         let l2_initrd = self.l2_initramfs(run)?;
         let l2_cmdline = run.l2_cmdline()?;
-        let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         match mode {
             Mode::Nested => {
                 let vmm = host::vmm_binary(true)?;
@@ -317,8 +319,8 @@ impl Harness {
         run: &GuestRun,
         payload: L1Payload,
     ) -> Result<RunResult, HarnessError> {
-        let l2_initrd = self.l2_initramfs(run)?;
         let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        let l2_initrd = self.l2_initramfs(run)?;
         self.run_l1(run, &l2_initrd, payload, Mode::Nested)
     }
 

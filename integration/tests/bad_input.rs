@@ -16,19 +16,29 @@ const CASE_TIMEOUT_SECS: u64 = 60;
 /// busybox/coreutils `timeout` statuses when the bound was hit.
 const TIMEOUT_STATUSES: &[i32] = &[124, 137, 143];
 
-/// (name, VMM arguments); `$K`/`$I`/`$T` stand for the kernel, the initramfs
-/// and a truncated copy of it.
-const CASES: &[(&str, &str)] = &[
+/// (name, VMM arguments, what the error line must say); `$K`/`$I`/`$T`
+/// stand for the kernel, the initramfs and a truncated copy of it.
+const CASES: &[(&str, &str, &str)] = &[
     (
         "missing-kernel",
         "--kernel /nonexistent/vmlinuz --initramfs $I",
+        "cannot read kernel /nonexistent/vmlinuz",
     ),
-    ("not-a-bzimage", "--kernel $I --initramfs $I"),
+    (
+        "not-a-bzimage",
+        "--kernel $I --initramfs $I",
+        "is not a Linux bzImage",
+    ),
     (
         "memory-too-small",
-        "--kernel $K --initramfs $I --memory size=4M",
+        "--kernel $K --initramfs $I --memory size=64M",
+        "is too small",
     ),
-    ("truncated-initramfs", "--kernel $K --initramfs $T"),
+    (
+        "truncated-initramfs",
+        "--kernel $K --initramfs $T",
+        "truncated or corrupt",
+    ),
 ];
 
 const COMMON: &str = "--cmdline 'console=ttyS0 reboot=k panic=-1 quiet' --cpus 1";
@@ -40,7 +50,7 @@ fn script(vmm: &str, kernel: &str, initrd: &str, scratch: &str) -> String {
         "K={kernel}\nI={initrd}\nT={scratch}/truncated.gz\n\
          head -c 65536 \"$I\" > \"$T\"\n"
     );
-    for (name, args) in CASES {
+    for (name, args, _) in CASES {
         let mem = if args.contains("--memory") {
             ""
         } else {
@@ -110,7 +120,7 @@ fn bad_input_gives_an_error_and_nonzero_exit() {
         other => panic!("bad-input test needs the nested or direct mode, not {other:?}"),
     };
     eprintln!("bad-input cases ran in {:.1}s", wall.as_secs_f64());
-    for (name, _) in CASES {
+    for (name, _, expected) in CASES {
         let (rc, last) = parse(&console, name)
             .unwrap_or_else(|| panic!("case {name} did not report\n{console}"));
         assert!(
@@ -118,7 +128,10 @@ fn bad_input_gives_an_error_and_nonzero_exit() {
             "{name}: the VMM hung (killed after {CASE_TIMEOUT_SECS}s)\n{console}"
         );
         assert_ne!(rc, 0, "{name}: the VMM exited 0 on bad input\n{console}");
-        assert!(!last.is_empty(), "{name}: no error message\n{console}");
+        assert!(
+            last.starts_with("error: ") && last.contains(expected),
+            "{name}: the error line does not say '{expected}': {last}\n{console}"
+        );
         eprintln!("{name}: rc={rc} {last}");
     }
 }
@@ -134,7 +147,7 @@ fn script_reports_each_case() {
     );
     let out = Command::new("sh").arg("-c").arg(&s).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for (name, _) in CASES {
+    for (name, _, _) in CASES {
         assert_eq!(parse(&text, name).map(|p| p.0), Some(1), "{text}");
     }
 }

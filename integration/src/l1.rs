@@ -18,6 +18,11 @@ pub const L2_KERNEL: &str = "/l2/vmlinuz";
 pub const L2_INITRD: &str = "/l2/initrd.gz";
 pub const VMM_PATH: &str = "/vmm";
 pub const PAYLOAD_SCRIPT: &str = "l1/run.sh";
+pub const BENCH_PATH: &str = "/l1-bench";
+pub const BENCH_SPEC: &str = "l1/bench.spec";
+/// QEMU and its firmware inside the L1 image.
+pub const QEMU_PATH: &str = "/usr/bin/qemu-system-x86_64";
+pub const QEMU_FIRMWARE_PATH: &str = "/usr/share/qemu";
 
 /// Where QEMU looks for firmware on Debian (its configured firmware path).
 const QEMU_FIRMWARE_DIRS: &[&str] = &["/usr/share/qemu", "/usr/share/seabios"];
@@ -45,6 +50,14 @@ pub enum L1Payload {
     Qemu { binary: PathBuf, args: Vec<String> },
     /// A shell script (harness self-checks).
     Script(String),
+    /// `l1-bench` (static) running `spec` against our VMM and QEMU, both in
+    /// the image: every variant boots in the same L1.
+    Bench {
+        vmm: PathBuf,
+        qemu: PathBuf,
+        bench: PathBuf,
+        spec: String,
+    },
     /// A shell script with our VMM installed at [`VMM_PATH`] (tests that
     /// call the VMM several times, e.g. with bad input).
     VmmScript { binary: PathBuf, script: String },
@@ -139,6 +152,21 @@ pub fn build(
             )
         }
         L1Payload::Script(s) => s.clone(),
+        L1Payload::Bench {
+            vmm,
+            qemu,
+            bench,
+            spec,
+        } => {
+            img.add_file(vmm, VMM_PATH)?;
+            add_qemu(&mut img, qemu)?;
+            img.add_file(bench, BENCH_PATH)?;
+            img.add_bytes(BENCH_SPEC, 0o644, spec.clone())?;
+            format!(
+                "export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\n{}",
+                exec_line(BENCH_PATH, &[format!("/{BENCH_SPEC}")])
+            )
+        }
         L1Payload::VmmScript { binary, script } => {
             img.add_file(binary, VMM_PATH)?;
             script.clone()

@@ -1,0 +1,250 @@
+//! Benchmarks (not tests): our VMM against QEMU on the same work, in the same
+//! L1, in the same run, round-robin, with medians and ratios for
+//! `BENCHMARKS.md`.
+//!
+//! The boot benchmark measures, per VMM, the wall time from spawning it to
+//! the guest's init printing `GUEST-INIT`, and the VMM's peak resident
+//! memory outside guest RAM (the largest mapping), sampled by `l1-bench`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::harness::{qemu_l2_args, vmm_args_with, GuestRun};
+use crate::l1::{L2_INITRD, L2_KERNEL, QEMU_FIRMWARE_PATH, QEMU_PATH, VMM_PATH};
+
+/// One variant of the same work: a name and its argv inside L1.
+pub struct Variant {
+    pub name: &'static str,
+    pub argv: Vec<String>,
+}
+
+/// The boot variants: our VMM, QEMU's default machine, QEMU microvm.
+pub fn boot_variants(run: &GuestRun, cmdline: &str) -> Vec<Variant> {
+    let mut ours = vec![VMM_PATH.to_string()];
+    ours.extend(vmm_args_with(run, cmdline, L2_KERNEL, L2_INITRD));
+    let qemu = |machine: &str| {
+        let mut argv = vec![
+            QEMU_PATH.to_string(),
+            "-L".into(),
+            QEMU_FIRMWARE_PATH.into(),
+            "-M".into(),
+            machine.into(),
+        ];
+        argv.extend(qemu_l2_args(run, L2_KERNEL, L2_INITRD, cmdline, "kvm"));
+        argv
+    };
+    vec![
+        Variant {
+            name: "ours",
+            argv: ours,
+        },
+        Variant {
+            name: "qemu-pc",
+            argv: qemu("pc"),
+        },
+        Variant {
+            name: "qemu-microvm",
+            argv: qemu("microvm"),
+        },
+    ]
+}
+
+/// The `l1-bench` spec for `variants`.
+pub fn spec(reps: u32, marker: &str, timeout_secs: u64, variants: &[Variant]) -> String {
+    let mut s = format!("reps {reps}\nmarker {marker}\ntimeout {timeout_secs}\n");
+    for v in variants {
+        let _ = writeln!(s, "variant {}", v.name);
+        for a in &v.argv {
+            let _ = writeln!(s, "arg {a}");
+        }
+    }
+    s
+}
+
+/// One `BENCH-RUN` line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchRun {
+    pub variant: String,
+    pub rep: u32,
+    pub to_marker_ms: Option<u64>,
+    pub total_ms: u64,
+    pub exit: Option<i32>,
+    pub maxrss_kib: u64,
+    pub overhead_kib: u64,
+}
+
+/// Parses every `BENCH-RUN key=value ...` line of a console.
+pub fn parse_runs(console: &str) -> Vec<BenchRun> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("BENCH-RUN ")? + "BENCH-RUN ".len()..];
+            let get = |k: &str| {
+                rest.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+            };
+            Some(BenchRun {
+                variant: get("variant")?.to_string(),
+                rep: get("rep")?.parse().ok()?,
+                to_marker_ms: get("to_marker_ms")?.parse().ok(),
+                total_ms: get("total_ms")?.parse().ok()?,
+                exit: get("exit")?.parse().ok(),
+                maxrss_kib: get("maxrss_kib")?.parse().ok()?,
+                overhead_kib: get("overhead_kib")?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+pub fn median(mut v: Vec<u64>) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2
+    })
+}
+
+/// Per-variant medians.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantSummary {
+    pub name: String,
+    pub runs: usize,
+    pub reached: usize,
+    pub to_marker_ms: Option<u64>,
+    pub overhead_kib: Option<u64>,
+    pub maxrss_kib: Option<u64>,
+}
+
+pub fn summarize(runs: &[BenchRun], order: &[&str]) -> Vec<VariantSummary> {
+    order
+        .iter()
+        .map(|name| {
+            let mine: Vec<_> = runs.iter().filter(|r| r.variant == *name).collect();
+            let ok: Vec<_> = mine.iter().filter(|r| r.to_marker_ms.is_some()).collect();
+            VariantSummary {
+                name: name.to_string(),
+                runs: mine.len(),
+                reached: ok.len(),
+                to_marker_ms: median(ok.iter().filter_map(|r| r.to_marker_ms).collect()),
+                overhead_kib: median(ok.iter().map(|r| r.overhead_kib).collect()),
+                maxrss_kib: median(ok.iter().map(|r| r.maxrss_kib).collect()),
+            }
+        })
+        .collect()
+}
+
+fn ratio(a: Option<u64>, b: Option<u64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0 => format!("{:.2}x", a as f64 / b as f64),
+        _ => "n/a".into(),
+    }
+}
+
+/// The markdown table: one row per variant, ratios against our VMM's row.
+pub fn render_boot_table(sum: &[VariantSummary]) -> String {
+    let ours = sum.iter().find(|s| s.name == "ours");
+    let mut t = String::from(
+        "| VMM | runs reaching init | median time to guest init | ours / this | median RSS outside guest RAM | ours / this |\n|---|---|---|---|---|---|\n",
+    );
+    for s in sum {
+        let ms = s
+            .to_marker_ms
+            .map_or("n/a".into(), |m| format!("{:.2} s", m as f64 / 1000.0));
+        let mib = s
+            .overhead_kib
+            .map_or("n/a".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+        let _ = writeln!(
+            t,
+            "| {} | {}/{} | {} | {} | {} | {} |",
+            s.name,
+            s.reached,
+            s.runs,
+            ms,
+            ratio(ours.and_then(|o| o.to_marker_ms), s.to_marker_ms),
+            mib,
+            ratio(ours.and_then(|o| o.overhead_kib), s.overhead_kib),
+        );
+    }
+    t
+}
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`
+/// in `file` (appending the section if it is not there yet).
+pub fn update_section(file: &Path, name: &str, body: &str) -> std::io::Result<()> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let old = std::fs::read_to_string(file).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let section = format!("{begin}\n{body}{end}");
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(b), Some(e)) if e > b => format!("{}{section}{}", &old[..b], &old[e + end.len()..]),
+        _ => format!("{}\n{section}\n", old.trim_end()),
+    };
+    std::fs::write(file, new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_runs_and_summarizes_medians() {
+        let console = "\
+noise
+BENCH-RUN variant=ours rep=0 to_marker_ms=900 total_ms=1000 exit=0 timed_out=false maxrss_kib=90000 overhead_kib=4000
+BENCH-RUN variant=qemu-pc rep=0 to_marker_ms=3000 total_ms=3100 exit=1 timed_out=false maxrss_kib=200000 overhead_kib=40000
+BENCH-RUN variant=ours rep=1 to_marker_ms=1100 total_ms=1200 exit=0 timed_out=false maxrss_kib=90000 overhead_kib=6000
+BENCH-RUN variant=ours rep=2 to_marker_ms=none total_ms=120000 exit=signal timed_out=true maxrss_kib=90000 overhead_kib=1
+";
+        let runs = parse_runs(console);
+        assert_eq!(runs.len(), 4);
+        assert_eq!(runs[3].to_marker_ms, None);
+        assert_eq!(runs[3].exit, None);
+        let sum = summarize(&runs, &["ours", "qemu-pc"]);
+        assert_eq!((sum[0].runs, sum[0].reached), (3, 2));
+        assert_eq!(sum[0].to_marker_ms, Some(1000));
+        assert_eq!(sum[0].overhead_kib, Some(5000));
+        let table = render_boot_table(&sum);
+        assert!(
+            table.contains("| qemu-pc | 1/1 | 3.00 s | 0.33x |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn spec_lists_variants_and_args() {
+        let v = vec![Variant {
+            name: "x",
+            argv: vec!["/bin/a".into(), "b c".into()],
+        }];
+        assert_eq!(
+            spec(2, "M", 60, &v),
+            "reps 2\nmarker M\ntimeout 60\nvariant x\narg /bin/a\narg b c\n"
+        );
+    }
+
+    #[test]
+    fn section_is_replaced_in_place() {
+        let f = std::env::temp_dir().join(format!("bench-md-{}", std::process::id()));
+        std::fs::write(
+            &f,
+            "# B\nintro\n<!-- boot:begin -->\nold\n<!-- boot:end -->\ntail\n",
+        )
+        .unwrap();
+        update_section(&f, "boot", "new\n").unwrap();
+        let s = std::fs::read_to_string(&f).unwrap();
+        assert_eq!(
+            s,
+            "# B\nintro\n<!-- boot:begin -->\nnew\n<!-- boot:end -->\ntail\n"
+        );
+        update_section(&f, "disk", "d\n").unwrap();
+        assert!(std::fs::read_to_string(&f)
+            .unwrap()
+            .ends_with("<!-- disk:begin -->\nd\n<!-- disk:end -->\n"));
+        std::fs::remove_file(f).unwrap();
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Benchmarks (not tests) against QEMU in the same nested L1; results go into
+# BENCHMARKS.md. Usage: scripts/bench.sh boot [--reps 5] [--cpus 1] [--memory 256]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/build-vmm-static.sh
+RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build -q --release -p integration --bin l1-bench --target x86_64-unknown-linux-gnu
+cargo run -q --release -p integration --bin bench -- "$@" --write BENCHMARKS.md

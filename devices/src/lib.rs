@@ -5,3 +5,4 @@
 pub mod block;
 pub mod bus;
 pub mod interrupt;
+pub mod noio;

@@ -146,12 +146,8 @@ impl Budget {
             Source::Overshoot
         };
         self.charge(&mut a);
-        if source == Source::Reserve {
-            let used = a.charged.saturating_sub(self.limit + a.promised_clean);
-            a.reserve_low_water = a
-                .reserve_low_water
-                .min(self.reserve.saturating_sub(used));
-        }
+        let used = a.charged - self.limit;
+        a.reserve_low_water = a.reserve_low_water.min(self.reserve.saturating_sub(used));
         Some(source)
     }
 
@@ -259,8 +255,9 @@ mod tests {
         assert_eq!(b.try_take(true, 0), Some(Source::Free));
         assert_eq!(b.try_take(false, 5), None, "ordinary fault must wait");
         assert_eq!(b.try_take(true, 1), Some(Source::Clean));
-        assert_eq!(b.try_take(true, 1), Some(Source::Reserve));
         assert_eq!(b.reserve_low_water(), 1);
+        assert_eq!(b.try_take(true, 1), Some(Source::Reserve));
+        assert_eq!(b.reserve_low_water(), 0);
         assert_eq!(b.try_take(true, 1), Some(Source::Overshoot));
         assert_eq!(b.charged(), 5);
         b.release(1, true, false);

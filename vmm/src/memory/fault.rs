@@ -160,7 +160,10 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
                 return Err(PagerError::Sys(e));
             }
         }
-        if fds[1].revents != 0 || sh.stop.load(Ordering::SeqCst) {
+        // Only the stop event ends the loop, never the stop flag: while the
+        // other threads wind down, one may still sit in madvise waiting for
+        // this thread to read its REMOVE event.
+        if fds[1].revents != 0 {
             return Ok(());
         }
         sh.uffd.read_events(&mut buf, &mut events)?;
@@ -361,8 +364,12 @@ fn write_protect_fault(sh: &Shared, mut p: PageRef<'_>, host: usize, noio: bool)
     }
 }
 
-/// A REMOVE event not made by the pager's own eviction: the pages are gone.
+/// A REMOVE event. The pager's own (evictions, discards) were accounted by
+/// their caller; anyone else's drops the pages.
 fn on_remove(sh: &Shared, start: usize, end: usize) {
+    if sh.take_own_remove(start, end) {
+        return;
+    }
     for (first, _, n) in sh.pages.host_runs(start, end) {
         let mut freed = 0;
         for idx in first..first + n {

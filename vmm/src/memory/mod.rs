@@ -19,12 +19,15 @@
 //! - `madvise(MADV_DONTNEED)` on guest RAM blocks until the handler reads its
 //!   REMOVE event, so no page lock is held across it and the handler never
 //!   calls it ([`Pager::discard`] runs on the caller's thread).
-//! - The pager's own evictions mark the page `Evicting` before the madvise;
-//!   the handler ignores REMOVE events for such pages, so a self-made REMOVE
-//!   never drops a swap copy. Discards of an `Evicting` page set `discarded`.
-//! - REMOVE is read before the zap: a page filled between the read and the
-//!   zap is zapped again and refaults as a zero page, consistent with its
-//!   state (`Empty`).
+//! - REMOVE is read before the zap, and `madvise` returns once it is read,
+//!   so the handler may process an event after its caller has moved the page
+//!   on. The pager's own `madvise` calls (evictions, discards) are tagged by
+//!   range and do all their bookkeeping themselves; the handler skips them,
+//!   so a self-made REMOVE never drops a swap copy. Pages being dropped are
+//!   `Evicting` until after the zap: faults on them wait for the dropper's
+//!   wake instead of filling a page the zap would then remove.
+//! - Discards should go through [`Pager::discard`]; a REMOVE by anyone else
+//!   empties the pages when it is processed (best effort).
 
 mod budget;
 mod config;

@@ -1,5 +1,6 @@
 //! The pager object: start, discard, counters, failure signal, stop.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::budget::Budget;
 use super::config::PagerConfig;
 use super::fault::{self, Deferred};
-use super::pages::{PageKind, PageTable, RamRegion};
+use super::pages::{PageKind, PageTable, RamRegion, NO_SLOT};
 use super::reclaim::{self, WritebackQueue};
 use super::stats::{bump, Counters, PagerStats};
 use super::swap::SwapStore;
@@ -33,9 +34,47 @@ pub struct Shared {
     pub abort: AtomicBool,
     fatal: Mutex<Option<String>>,
     fatal_evt: EventFd,
+    /// Host ranges the pager itself is about to `madvise` away, with counts.
+    own_removes: Mutex<HashMap<(usize, usize), u32>>,
 }
 
 impl Shared {
+    /// Drops `[start, end)` of guest RAM on behalf of the pager. Its REMOVE
+    /// event is tagged so the handler ignores it: the event is read before
+    /// the zap but may be processed after this returns, when the caller has
+    /// already moved the page on (swapped, discarded, even faulted back in).
+    /// Blocks until the handler reads the event: never call on the handler.
+    pub fn drop_range(&self, start: usize, end: usize) -> std::io::Result<()> {
+        let key = (start, end);
+        *self.lock_removes().entry(key).or_insert(0) += 1;
+        let result = madvise_dontneed(start, end - start);
+        if result.is_err() {
+            // No event was generated; forget the tag.
+            self.take_own_remove(start, end);
+        }
+        result
+    }
+
+    /// Whether REMOVE `[start, end)` was the pager's own (and consumes the tag).
+    pub fn take_own_remove(&self, start: usize, end: usize) -> bool {
+        let mut map = self.lock_removes();
+        match map.get_mut(&(start, end)) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            Some(_) => {
+                map.remove(&(start, end));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock_removes(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), u32>> {
+        self.own_removes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Records the first fatal error, signals it and releases every waiter.
     pub fn fail(&self, msg: String) {
         let mut slot = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
@@ -161,6 +200,7 @@ impl Pager {
             abort: AtomicBool::new(false),
             fatal: Mutex::new(None),
             fatal_evt: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?,
+            own_removes: Mutex::new(HashMap::new()),
         });
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?;
         let handler_stop = stop_evt.try_clone().map_err(PagerError::Sys)?;
@@ -193,30 +233,43 @@ impl Pager {
             .ok_or(PagerError::NotRam { gpa: gpa.0, len })?;
         let mut total = 0;
         for (first, host, n) in runs {
-            let mut freed = 0;
+            // Mark every page `Evicting` first, so that a fault in the window
+            // before the zap waits instead of filling a page the zap removes.
+            let mut ours = Vec::with_capacity(n);
+            let mut charged = 0;
             for idx in first..first + n {
                 let mut p = sh.pages.lock(idx);
                 match p.kind {
-                    PageKind::Empty => continue,
                     PageKind::Evicting => {
-                        // The evictor frees the slot and the frame.
+                        // Being evicted: the evictor frees slot and frame.
                         p.discarded = true;
                         total += 1;
                         continue;
                     }
-                    PageKind::Resident | PageKind::SwapIn => freed += 1,
-                    PageKind::Swapped => {}
-                }
-                if let Some(slot) = p.slot() {
-                    if !p.writeback {
-                        sh.swap.free(slot);
+                    PageKind::Empty => {}
+                    PageKind::Resident | PageKind::SwapIn => {
+                        charged += 1;
+                        total += 1;
                     }
+                    PageKind::Swapped => total += 1,
+                }
+                let slot = if p.writeback { NO_SLOT } else { p.slot };
+                p.reset(PageKind::Evicting);
+                p.discarded = true;
+                p.slot = slot;
+                ours.push(idx);
+            }
+            let dropped = sh.drop_range(host, host + n * PAGE_SIZE);
+            for &idx in &ours {
+                let mut p = sh.pages.lock(idx);
+                if let Some(slot) = p.slot() {
+                    sh.swap.free(slot);
                 }
                 p.reset(PageKind::Empty);
-                total += 1;
             }
-            sh.budget.release(freed, false, true);
-            madvise_dontneed(host, n * PAGE_SIZE).map_err(PagerError::Sys)?;
+            sh.budget.release(charged, false, true);
+            sh.uffd.wake(host, n * PAGE_SIZE)?;
+            dropped.map_err(PagerError::Sys)?;
         }
         bump(&sh.counters.discarded_pages, total);
         Ok(total)

@@ -29,7 +29,7 @@ use devices::noio::{register_current_thread, NoioScope};
 use super::pager::Shared;
 use super::pages::{PageKind, PageRef, NO_SLOT};
 use super::stats::bump;
-use super::uffd::{madvise_dontneed, Resolve};
+use super::uffd::Resolve;
 use super::{PagerError, PAGE_SIZE};
 
 /// Pages queued or being written at once (staging memory: 256 KiB).
@@ -194,7 +194,7 @@ fn start_writeback(sh: &Shared, idx: usize, mut p: PageRef<'_>) -> Result<(), Pa
 /// Drops a clean page already marked `Evicting`; no I/O.
 fn evict(sh: &Shared, idx: usize) -> Result<(), PagerError> {
     let host = sh.pages.host_of(idx);
-    if let Err(e) = madvise_dontneed(host, PAGE_SIZE) {
+    if let Err(e) = sh.drop_range(host, host + PAGE_SIZE) {
         let mut p = sh.pages.lock(idx);
         p.kind = PageKind::Resident;
         p.discarded = false;

@@ -31,7 +31,7 @@ const RETRY_POLL_MS: i32 = 1;
 const WORKER_RETRY: Duration = Duration::from_micros(200);
 /// How often an idle worker checks the stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
-/// Log an overshoot on the first event and then every this many.
+/// Log an overshoot on the first event and then every this many (a power of two).
 const OVERSHOOT_LOG_EVERY: u64 = 1024;
 
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -95,7 +95,7 @@ fn note_source(sh: &Shared, noio: bool, source: Source) {
     let c = &sh.counters;
     if source == Source::Overshoot {
         let n = c.overshoot_events.fetch_add(1, Ordering::Relaxed);
-        if n % OVERSHOOT_LOG_EVERY == 0 {
+        if n & (OVERSHOOT_LOG_EVERY - 1) == 0 {
             log::warn!(
                 "pager: NOIO fault took a frame beyond limit + reserve ({} overshoots so far)",
                 n + 1
@@ -118,7 +118,13 @@ fn note_source(sh: &Shared, noio: bool, source: Source) {
 }
 
 /// Maps `data` at the locked page and records it as resident.
-fn fill(sh: &Shared, p: &mut PageRef<'_>, host: usize, data: &[u8], write: bool) -> Result<Resolve, PagerError> {
+fn fill(
+    sh: &Shared,
+    p: &mut PageRef<'_>,
+    host: usize,
+    data: &[u8],
+    write: bool,
+) -> Result<Resolve, PagerError> {
     let r = sh.uffd.copy_page(host, data, !write)?;
     if r == Resolve::Done {
         p.kind = PageKind::Resident;
@@ -193,7 +199,12 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
     }
 }
 
-fn dispatch(sh: &Shared, f: Fault, staging: &mut [u8], retry: &mut Vec<Fault>) -> Result<(), PagerError> {
+fn dispatch(
+    sh: &Shared,
+    f: Fault,
+    staging: &mut [u8],
+    retry: &mut Vec<Fault>,
+) -> Result<(), PagerError> {
     match resolve_now(sh, f, staging)? {
         Step::Done => {}
         Step::Retry => {
@@ -335,7 +346,12 @@ fn count_swap_in(sh: &Shared, past_quiesce: bool) {
     }
 }
 
-fn write_protect_fault(sh: &Shared, mut p: PageRef<'_>, host: usize, noio: bool) -> Result<Step, PagerError> {
+fn write_protect_fault(
+    sh: &Shared,
+    mut p: PageRef<'_>,
+    host: usize,
+    noio: bool,
+) -> Result<Step, PagerError> {
     let c = &sh.counters;
     match p.kind {
         PageKind::Resident if p.wp => {

@@ -137,7 +137,10 @@ impl Pager {
     /// Each region must be a page-aligned anonymous private mapping that
     /// stays mapped, and is not remapped, until [`Pager::stop`] returns or the
     /// pager is dropped; regions must not overlap.
-    pub unsafe fn start_raw(config: &PagerConfig, regions: &[RamRegion]) -> Result<Self, PagerError> {
+    pub unsafe fn start_raw(
+        config: &PagerConfig,
+        regions: &[RamRegion],
+    ) -> Result<Self, PagerError> {
         // SAFETY: forwarded from the caller.
         unsafe { Self::start_inner(config, regions.to_vec(), Vec::new()) }
     }
@@ -161,7 +164,11 @@ impl Pager {
             ram_pages += r.len / PAGE_SIZE;
         }
         let cfg = config.resolve(ram_pages)?;
-        let swap = SwapStore::create(&config.swap_path, cfg.swap_slots, config.swap_volume.clone())?;
+        let swap = SwapStore::create(
+            &config.swap_path,
+            cfg.swap_slots,
+            config.swap_volume.clone(),
+        )?;
         let uffd = Uffd::create()?;
         for r in &regions {
             if let Err(e) = madvise_nohugepage(r.host_addr, r.len) {
@@ -215,9 +222,15 @@ impl Pager {
             regions,
             _mappings: mappings,
         };
-        pager.workers.push(spawn(&shared, "pager-wait", fault::run_worker)?);
-        pager.workers.push(spawn(&shared, "pager-reclaim", reclaim::run_reclaim)?);
-        pager.workers.push(spawn(&shared, "pager-writeback", reclaim::run_writeback)?);
+        pager
+            .workers
+            .push(spawn(&shared, "pager-wait", fault::run_worker)?);
+        pager
+            .workers
+            .push(spawn(&shared, "pager-reclaim", reclaim::run_reclaim)?);
+        pager
+            .workers
+            .push(spawn(&shared, "pager-writeback", reclaim::run_writeback)?);
         Ok(pager)
     }
 

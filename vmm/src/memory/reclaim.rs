@@ -125,8 +125,11 @@ pub fn run_reclaim(sh: &Shared) -> Result<(), PagerError> {
             // Nothing droppable: wait for a write to land. With writeback
             // stalled (quiesced volume) wait longer rather than spin.
             let saturated = sh.wb.in_flight() >= WRITEBACK_QUEUE_PAGES;
-            sh.wb
-                .wait_done(if saturated { RECLAIM_IDLE } else { NO_PROGRESS_WAIT });
+            sh.wb.wait_done(if saturated {
+                RECLAIM_IDLE
+            } else {
+                NO_PROGRESS_WAIT
+            });
         }
     }
     Ok(())

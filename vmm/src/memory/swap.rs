@@ -204,10 +204,8 @@ mod tests {
     use super::*;
 
     fn store(slots: u32) -> (SwapStore, std::path::PathBuf) {
-        let path = std::env::temp_dir().join(format!(
-            "vmm-swap-unit-{}-{slots}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("vmm-swap-unit-{}-{slots}", std::process::id()));
         (
             SwapStore::create(&path, slots, Volume::new("swap")).unwrap(),
             path,
@@ -239,7 +237,10 @@ mod tests {
         s.volume().quiesce();
         let mut buf = vec![0u8; PAGE_SIZE];
         assert!(!s.try_read(1, &mut buf).unwrap());
-        assert!(s.read_noio(1, &mut buf).unwrap(), "should bypass the quiesce");
+        assert!(
+            s.read_noio(1, &mut buf).unwrap(),
+            "should bypass the quiesce"
+        );
         assert_eq!(buf, page);
         stop.store(true, Ordering::SeqCst);
         assert!(matches!(

@@ -90,7 +90,10 @@ pub enum UffdEvent {
     },
     /// `madvise(MADV_DONTNEED/REMOVE)` of `[start, end)`; the zap follows
     /// once this event is read.
-    Remove { start: usize, end: usize },
+    Remove {
+        start: usize,
+        end: usize,
+    },
     Other,
 }
 

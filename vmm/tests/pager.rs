@@ -497,3 +497,44 @@ fn a_full_swap_store_is_fatal_and_signalled() {
     assert!(err.contains("full"), "{err}");
     assert_eq!(f.pager().stats().fatal_error, Some(err));
 }
+
+/// Host micro-benchmark, not a test: `cargo test -p vmm --test pager --
+/// --ignored --nocapture bench`. First-touch latency of swapped pages and
+/// page-in/page-out throughput with a limit of a quarter of guest RAM.
+#[test]
+#[ignore]
+fn bench_fault_latency_and_throughput() {
+    let f = Fixture::new(64 * MIB, 16 * MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    let t0 = Instant::now();
+    for page in 0..f.pages {
+        mem.fill(page, 1);
+    }
+    let write_pass = t0.elapsed();
+    settle(&f);
+    let mut lat = Vec::with_capacity(f.pages);
+    let t1 = Instant::now();
+    for page in 0..f.pages {
+        let p = mem.ptr(page);
+        let t = Instant::now();
+        // SAFETY: page of the fixture's guest RAM; one aligned read.
+        let _ = unsafe { p.read_volatile() };
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let read_pass = t1.elapsed();
+    lat.sort_unstable();
+    let s = f.pager().stats();
+    let mib = |b: u64, d: Duration| b as f64 / MIB as f64 / d.as_secs_f64();
+    println!(
+        "first-touch read latency: p50 {} us, p99 {} us; write pass {:.0} MiB/s \
+         (out {} MiB), read pass {:.0} MiB/s (in {} MiB)",
+        lat[lat.len() / 2] / 1000,
+        lat[lat.len() * 99 / 100] / 1000,
+        mib((f.pages * PAGE_SIZE) as u64, write_pass),
+        s.counters.bytes_written / MIB as u64,
+        mib((f.pages * PAGE_SIZE) as u64, read_pass),
+        s.counters.bytes_read / MIB as u64,
+    );
+    println!("{}", s.to_json());
+}

@@ -10,3 +10,4 @@ pub mod pci;
 pub mod usb;
 pub mod virtio;
 pub mod xhci;
+pub mod noio;

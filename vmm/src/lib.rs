@@ -9,3 +9,4 @@ pub mod host;
 pub mod irq;
 pub mod vcpu;
 pub mod vm;
+pub mod memory;

@@ -23,9 +23,14 @@ fn sampling_script(argv: &[String]) -> String {
         "{cmd} &\n\
          pid=$!\n\
          max=0\n\
+         n=0\n\
          while kill -0 $pid 2>/dev/null; do\n\
          \x20 r=$(awk '/^Size:/{{s=$2}} /^Rss:/{{if (s>ms) {{ms=s; mr=$2}}}} END{{print mr+0}}' /proc/$pid/smaps 2>/dev/null)\n\
          \x20 [ -n \"$r\" ] && [ \"$r\" -gt \"$max\" ] && max=$r\n\
+         \x20 n=$((n + 1))\n\
+         \x20 if [ $((n % 60)) -eq 0 ]; then\n\
+         \x20   echo \"L1-SAMPLE uptime=$(cut -d' ' -f1 /proc/uptime) guest_rss_kb=$r threads=$(cat /proc/$pid/task/*/stat 2>/dev/null | awk '{{printf \"%s:%s \", $2, $3}}')\"\n\
+         \x20 fi\n\
          \x20 sleep 0.5\n\
          done\n\
          wait $pid\n\
@@ -58,7 +63,7 @@ fn overcommitted_guest_keeps_its_data_and_stays_under_the_limit() {
         .cpus(2)
         .memory_mib(1024)
         .param("touch_mib", 700)
-        .timeout(Duration::from_secs(900));
+        .timeout(Duration::from_secs(1500));
     run.memory_opts = Some(format!("limit={LIMIT_MIB}M,swap=/tmp/guest.swap"));
     let cmdline = run.l2_cmdline().unwrap();
     let mut argv = vec![VMM_PATH.to_string()];

@@ -230,15 +230,31 @@ impl Vcpu {
 /// Userspace exits of one vCPU by kind and address, for `--log-level debug`:
 /// every exit here is a round trip through the VMM, the first thing to look
 /// at when a guest is slow.
-#[derive(Default)]
 struct ExitCounts {
     by_key: std::collections::BTreeMap<(&'static str, u64), u64>,
+    started: std::time::Instant,
+    /// When the first exit came: for the boot vCPU, roughly how long the
+    /// kernel's decompressor ran (it makes no exits).
+    first: Option<Duration>,
+}
+
+impl Default for ExitCounts {
+    fn default() -> Self {
+        Self {
+            by_key: Default::default(),
+            started: std::time::Instant::now(),
+            first: None,
+        }
+    }
 }
 
 impl ExitCounts {
     fn count(&mut self, exit: &Result<VcpuExit<'_>, kvm_ioctls::Error>) {
         if !log::log_enabled!(log::Level::Debug) {
             return;
+        }
+        if self.first.is_none() {
+            self.first = Some(self.started.elapsed());
         }
         let key = match exit {
             Ok(VcpuExit::IoIn(port, _)) => ("pio-in", u64::from(*port)),
@@ -258,6 +274,9 @@ impl std::fmt::Display for ExitCounts {
         top.sort_by(|a, b| b.1.cmp(a.1));
         let total: u64 = self.by_key.values().sum();
         write!(f, "{total} total")?;
+        if let Some(first) = self.first {
+            write!(f, " (first after {} ms)", first.as_millis())?;
+        }
         for ((kind, addr), n) in top.into_iter().take(12) {
             write!(f, ", {kind} {addr:#x}: {n}")?;
         }

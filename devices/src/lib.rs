@@ -7,6 +7,6 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
-pub mod virtio;
 pub mod usb;
+pub mod virtio;
 pub mod xhci;

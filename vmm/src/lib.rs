@@ -1,6 +1,7 @@
 //! The VMM library: configuration, host checks, x86_64 boot, the VM and its
 //! vCPU threads. The binary in `main.rs` is a thin CLI over [`vm::Vm`].
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;

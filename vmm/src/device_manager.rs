@@ -12,6 +12,7 @@ use devices::pci::{
 };
 use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions};
+use devices::xhci::{XhciConfig, XhciPci};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -36,6 +37,8 @@ pub enum DeviceError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("USB controller")]
+    Usb(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("bus registration")]
     Bus(#[from] devices::bus::BusError),
     #[error("{what}")]
@@ -168,6 +171,30 @@ impl DeviceManager {
             },
         );
         Ok(())
+    }
+
+    /// Adds the xHCI controller (one MSI-X vector) and returns it with its
+    /// PCI device number.
+    pub fn add_xhci(
+        &self,
+        config: XhciConfig,
+        mmio: &Bus,
+    ) -> Result<(Arc<Mutex<XhciPci>>, u8), DeviceError> {
+        let router = KvmMsiRouter::new(&self.vm, self.routing.clone(), 1).map_err(|source| {
+            DeviceError::Io {
+                what: "MSI-X routes",
+                source,
+            }
+        })?;
+        let dev = XhciPci::new(config, self.mem.clone(), Arc::new(router))
+            .map_err(|e| DeviceError::Usb(e.into()))?;
+        let dev = Arc::new(Mutex::new(dev));
+        let (devnum, bars) = self.pci.attach(dev.clone())?;
+        for b in bars {
+            mmio.insert(Arc::new(Mutex::new(b.region)), b.address, b.size)?;
+        }
+        log::info!("xHCI controller on PCI 00:{devnum:02x}.0");
+        Ok((dev, devnum))
     }
 
     /// Stops the device event loop (after the vCPUs have stopped).

@@ -212,7 +212,7 @@ impl MemoryConfig {
                 ),
             ));
         }
-        if self.size % 4096 != 0 {
+        if !self.size.is_multiple_of(4096) {
             return Err(invalid(OPT, "size must be a multiple of 4 KiB"));
         }
         match (self.limit, &self.swap) {
@@ -292,6 +292,61 @@ pub fn check_disk_ids(disks: &[DiskConfig]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// `--usb-storage path=PATH[,port=N,readonly=on,id=ID]`: a USB mass-storage
+/// disk on a root hub port of the xHCI controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsbStorageConfig {
+    pub path: PathBuf,
+    /// 1-based root hub port; `None` picks a free one (USB 3 first).
+    pub port: Option<u8>,
+    pub readonly: bool,
+    /// Names the device in the API and its I/O volume, and is its USB serial
+    /// number; `None` means `usb<port>`.
+    pub id: Option<String>,
+}
+
+/// Longest USB device id (it becomes the iSerialNumber string).
+pub const MAX_USB_ID: usize = 32;
+
+/// Checks a USB device id: 1..=MAX_USB_ID of `[A-Za-z0-9._-]`.
+pub fn valid_usb_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_USB_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl UsbStorageConfig {
+    pub const KEYS: &'static [&'static str] = &["path", "port", "readonly", "id"];
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        const OPT: &str = "usb-storage";
+        let mut kv = KeyValues::parse(OPT, Self::KEYS, Some("path"), text)?;
+        let path = PathBuf::from(kv.required("path")?);
+        let port = match kv.number("port")? {
+            None => None,
+            Some(p @ 1..=255) => Some(p as u8),
+            Some(p) => return Err(invalid(OPT, format!("port={p}: ports are numbered from 1"))),
+        };
+        let id = kv.take("id");
+        if let Some(id) = &id {
+            if !valid_usb_id(id) {
+                return Err(invalid(
+                    OPT,
+                    format!("id={id}: 1..={MAX_USB_ID} characters of A-Z a-z 0-9 . _ -"),
+                ));
+            }
+        }
+        Ok(Self {
+            path,
+            port,
+            readonly: kv.flag("readonly")?.unwrap_or(false),
+            id,
+        })
+    }
 }
 
 /// Where the guest's serial console goes.
@@ -383,6 +438,38 @@ mod tests {
             DiskConfig::parse("/b,id=x").unwrap(),
         ];
         assert!(check_disk_ids(&two).is_err());
+    }
+
+    #[test]
+    fn usb_storage_option() {
+        let u = UsbStorageConfig::parse("path=/img/u.raw,port=5,readonly=on,id=stick-1").unwrap();
+        assert_eq!(
+            u,
+            UsbStorageConfig {
+                path: "/img/u.raw".into(),
+                port: Some(5),
+                readonly: true,
+                id: Some("stick-1".into()),
+            }
+        );
+        let u = UsbStorageConfig::parse("/img/u.raw").unwrap();
+        assert_eq!((u.port, u.readonly, u.id), (None, false, None));
+        assert!(matches!(
+            UsbStorageConfig::parse("path=/a,speed=high"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            UsbStorageConfig::parse("port=1"),
+            Err(ConfigError::MissingKey { key: "path", .. })
+        ));
+        assert!(UsbStorageConfig::parse("path=/a,port=0").is_err());
+        assert!(UsbStorageConfig::parse("path=/a,port=256").is_err());
+        assert!(UsbStorageConfig::parse("path=/a,port=x").is_err());
+        assert!(UsbStorageConfig::parse("path=/a,readonly=perhaps").is_err());
+        assert!(UsbStorageConfig::parse("path=/a,id=has space").is_err());
+        assert!(UsbStorageConfig::parse("path=/a,id=").is_err());
+        assert!(UsbStorageConfig::parse(&format!("path=/a,id={}", "x".repeat(33))).is_err());
+        assert!(UsbStorageConfig::parse("path=/a,path=/b").is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use devices::pci::{
 };
 use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions};
+use devices::xhci::{XhciConfig, XhciPci};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -36,6 +37,8 @@ pub enum DeviceError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("USB controller")]
+    Usb(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("bus registration")]
     Bus(#[from] devices::bus::BusError),
     #[error("{what}")]
@@ -48,6 +51,8 @@ pub enum DeviceError {
 
 /// The ioeventfds of one device, kept so they can follow a BAR move.
 type Ioeventfds = Vec<(u64, EventFd)>;
+/// virtio devices by PCI device number, with their BAR 0 ioeventfds.
+type VirtioDevices = Arc<Mutex<BTreeMap<u8, (Arc<Mutex<VirtioPciDevice>>, Ioeventfds)>>>;
 
 pub struct DeviceManager {
     vm: Arc<VmFd>,
@@ -58,7 +63,7 @@ pub struct DeviceManager {
     /// I/O volumes of the disks, by disk id (`swap_volume=ID` shares one).
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
     /// virtio devices by PCI device number, with their BAR 0 ioeventfds.
-    virtio: Arc<Mutex<BTreeMap<u8, (Arc<Mutex<VirtioPciDevice>>, Ioeventfds)>>>,
+    virtio: VirtioDevices,
 }
 
 impl DeviceManager {
@@ -180,6 +185,30 @@ impl DeviceManager {
         lock(&self.volumes).get(id).cloned()
     }
 
+    /// Adds the xHCI controller (one MSI-X vector) and returns it with its
+    /// PCI device number.
+    pub fn add_xhci(
+        &self,
+        config: XhciConfig,
+        mmio: &Bus,
+    ) -> Result<(Arc<Mutex<XhciPci>>, u8), DeviceError> {
+        let router = KvmMsiRouter::new(&self.vm, self.routing.clone(), 1).map_err(|source| {
+            DeviceError::Io {
+                what: "MSI-X routes",
+                source,
+            }
+        })?;
+        let dev = XhciPci::new(config, self.mem.clone(), Arc::new(router))
+            .map_err(|e| DeviceError::Usb(e.into()))?;
+        let dev = Arc::new(Mutex::new(dev));
+        let (devnum, bars) = self.pci.attach(dev.clone())?;
+        for b in bars {
+            mmio.insert(Arc::new(Mutex::new(b.region)), b.address, b.size)?;
+        }
+        log::info!("xHCI controller on PCI 00:{devnum:02x}.0");
+        Ok((dev, devnum))
+    }
+
     /// Stops the device event loop (after the vCPUs have stopped).
     pub fn shutdown(&self) {
         self.event_loop.shutdown();
@@ -195,7 +224,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct BarMover {
     vm: Arc<VmFd>,
     mmio: Arc<Bus>,
-    virtio: Arc<Mutex<BTreeMap<u8, (Arc<Mutex<VirtioPciDevice>>, Ioeventfds)>>>,
+    virtio: VirtioDevices,
 }
 
 impl BarListener for BarMover {

@@ -2,13 +2,16 @@
 //! vCPU threads, devices wiring and the guest memory pager. The binary in
 //! `main.rs` is a thin CLI over [`vm::run`].
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod device_manager;
 pub mod host;
 pub mod irq;
 pub mod memory;
 pub mod paging;
+pub mod usb;
 pub mod vcpu;
 pub mod vm;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::config::{DiskConfig, MemoryConfig, SerialConfig};
+use vmm::config::{DiskConfig, MemoryConfig, SerialConfig, UsbStorageConfig};
 use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE};
 
 /// Boots a Linux bzImage on KVM with a serial console.
@@ -45,6 +45,21 @@ struct Cli {
     #[arg(long = "disk", value_name = "OPTIONS", value_parser = DiskConfig::parse)]
     disks: Vec<DiskConfig>,
 
+    /// A USB mass-storage disk on a raw image:
+    /// path=PATH[,port=N,readonly=on,id=ID]. Repeat for more disks. The xHCI
+    /// root hub has USB 2 ports 1-4 and USB 3 ports 5-8; without port= the
+    /// first free USB 3 port is taken (then USB 2). id (default usb<port>,
+    /// 1-32 of A-Z a-z 0-9 . _ -) names the disk in the control API and its
+    /// I/O volume and is its USB serial number.
+    #[arg(long = "usb-storage", value_name = "OPTIONS", value_parser = UsbStorageConfig::parse)]
+    usb_storage: Vec<UsbStorageConfig>,
+
+    /// Serve the control API (newline-delimited JSON, see docs/api.md) on
+    /// this Unix socket; drive it with vmm-ctl. Also adds the USB controller
+    /// so that disks can be hot-plugged.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+
     /// Guest serial console (COM1): stdout, off, or file=PATH.
     #[arg(long, value_name = "TARGET", default_value = "stdout", value_parser = SerialConfig::parse)]
     serial: SerialConfig,
@@ -74,6 +89,8 @@ fn main() -> ExitCode {
         memory: cli.memory,
         serial: cli.serial,
         disks: cli.disks,
+        usb: cli.usb_storage,
+        api_socket: cli.api_socket,
         allow_pvm: cli.allow_pvm,
     };
     match vm::run(&cfg) {

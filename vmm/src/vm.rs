@@ -20,7 +20,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{layout, mptable};
 use crate::boot::{BootError, BootPlan};
-use crate::config::{check_disk_ids, ConfigError, DiskConfig, MemoryConfig, SerialConfig};
+use crate::config::{
+    check_disk_ids, ConfigError, DiskConfig, MemoryConfig, SerialConfig, UsbStorageConfig,
+};
+use crate::control::{Control, ControlError, VmFacts, VmHandler};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::{self, HostError};
 use crate::paging;
@@ -50,6 +53,10 @@ pub enum VmError {
     Pager(#[from] crate::memory::PagerError),
     #[error("the guest memory pager failed: {0}")]
     PagerFailed(String),
+    #[error(transparent)]
+    Usb(#[from] crate::usb::UsbSetupError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error("--cpus {want}: this host's KVM allows at most {max} vCPUs (and this VMM {MAX_CPUS})")]
     TooManyCpus { want: u8, max: usize },
     #[error("--cpus must be at least 1")]
@@ -94,6 +101,10 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     pub serial: SerialConfig,
     pub disks: Vec<DiskConfig>,
+    /// USB mass-storage disks on the xHCI controller.
+    pub usb: Vec<UsbStorageConfig>,
+    /// Control API socket (also adds the xHCI controller, for hotplug).
+    pub api_socket: Option<PathBuf>,
     /// Try to run on a PVM /dev/kvm anyway (stock kernels hang there).
     pub allow_pvm: bool,
 }
@@ -147,9 +158,23 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     for disk in &cfg.disks {
         devices.add_disk(disk, &mmio, cfg.cpus)?;
     }
+    let usb = crate::usb::setup(&devices, &mmio, &cfg.usb, cfg.api_socket.is_some())?;
     // After the kernel is loaded (the pager counts those pages as resident)
-    // and before any vCPU runs.
-    let pager = paging::start(&cfg.memory, &mem, |id| devices.volume(id), &stop)?;
+    // and before any vCPU runs. Swap may share a virtio or a USB disk's volume.
+    let volume_of = |id: &str| {
+        devices
+            .volume(id)
+            .or_else(|| usb.as_ref().and_then(|u| u.volume(id)))
+    };
+    let pager = paging::start(&cfg.memory, &mem, volume_of, &stop)?;
+    let facts = VmFacts {
+        cpus: cfg.cpus,
+        memory_bytes: cfg.memory.size,
+    };
+    let control = Control::new(
+        cfg.api_socket.as_deref(),
+        VmHandler::new(usb, stop.clone(), facts),
+    )?;
 
     let vcpus = create_vcpus(&kvm, &vm, cfg.cpus, entry)?;
     vcpu::install_kick_handler()?;
@@ -175,15 +200,8 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         cfg.memory.size >> 20
     );
 
-    // Wait for the guest, a device or a vCPU to ask for the end.
-    while !stop.is_stopping() {
-        if let Err(e) = stop.event().read() {
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                log::error!("waiting for the VM to stop: {e}");
-                stop.stop(StopReason::Error);
-            }
-        }
-    }
+    // Wait for the guest, a device, a vCPU or the API to ask for the end.
+    control.run_until_stopped(&stop);
     vcpu::stop_and_join(threads);
     devices.shutdown();
     if let Some(err) = pager.and_then(paging::finish) {

@@ -16,6 +16,7 @@
 mod command;
 pub mod controller;
 pub mod event;
+pub mod pci;
 pub mod port;
 pub mod regs;
 pub mod ring;
@@ -29,6 +30,7 @@ mod tests;
 use thiserror::Error;
 
 pub use controller::{Xhci, INTERRUPTER_VECTOR};
+pub use pci::{XhciPci, XhciPciError};
 pub use port::PortProtocol;
 pub use regs::MMIO_SIZE;
 

@@ -36,12 +36,11 @@ pub fn fixup(entries: &mut [kvm_cpuid_entry2], vcpu_id: u8, cpus: u8) {
                     e.edx &= !EDX_HTT;
                 }
             }
-            LEAF_CACHE_PARAMS => {
-                // EAX[31:26]: cores per package - 1; EAX[25:14]: threads
-                // sharing this cache - 1 (a core's own cache: 0 more threads).
-                if e.eax & 0x1f != 0 {
-                    e.eax = (e.eax & 0x3fff) | ((cpus32 - 1) << 26);
-                }
+            // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing
+            // this cache - 1 (a core's own cache: 0 more threads). Type 0
+            // (EAX[4:0]) ends the list and stays as it is.
+            LEAF_CACHE_PARAMS if e.eax & 0x1f != 0 => {
+                e.eax = (e.eax & 0x3fff) | ((cpus32 - 1) << 26);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 e.edx = apic_id;

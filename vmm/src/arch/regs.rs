@@ -41,7 +41,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The kvm_segment KVM wants for GDT entry `index`.
 fn segment(index: usize) -> kvm_segment {
     let e = GDT[index];
-    let base = (((e >> 16) & 0xff_ffff) | ((e >> 32) & 0xff00_0000)) as u64;
+    let base = ((e >> 16) & 0xff_ffff) | ((e >> 32) & 0xff00_0000);
     let limit_raw = ((e & 0xffff) | ((e >> 32) & 0xf_0000)) as u32;
     let g = ((e >> 55) & 1) as u8;
     let limit = if g == 1 {

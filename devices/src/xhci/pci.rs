@@ -1,0 +1,418 @@
+//! The xHCI controller as a PCI function (xHCI 1.2 section 5.2: PCI
+//! configuration registers).
+//!
+//! | BAR | size   | contents                                      |
+//! |-----|--------|-----------------------------------------------|
+//! | 0   | 16 KiB | the xHCI register space ([`Xhci::mmio_read`]) |
+//! | 1   | 4 KiB  | MSI-X table (0x000) and PBA (0x800)           |
+//!
+//! One MSI-X vector serves interrupter 0. There is no INTx fallback: the
+//! interrupt pin reads 0, so a guest without MSI-X support cannot use the
+//! controller (Linux's xhci-pci prefers MSI-X and finds it). A PCI power
+//! management capability advertises D3hot with PME from D3hot and
+//! No_Soft_Reset, which Linux needs before it runtime-suspends the function
+//! (see `shared/reference/linux-guest-usb-pm.md`); the controller keeps its
+//! state across D3hot, and a connect or disconnect while in D3hot sets
+//! PME_Status.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::{Xhci, XhciConfig, XhciError, MMIO_SIZE};
+use crate::pci::msix::MsixLayout;
+use crate::pci::{
+    BarKind, BarSpec, MsiRouter, Msix, PciConfig, PciDevice, PciError, PciFunction, PciIds,
+    PmOptions, PowerState,
+};
+use crate::usb::UsbDevice;
+
+/// BAR holding the xHCI registers (xHCI 1.2 section 5.2.1: MBAR at 0x10).
+pub const XHCI_BAR: u8 = 0;
+/// BAR holding the MSI-X table and PBA.
+pub const MSIX_BAR: u8 = 1;
+const MSIX_BAR_SIZE: u64 = 0x1000;
+const MSIX_TABLE_OFFSET: u64 = 0;
+const MSIX_PBA_OFFSET: u64 = 0x800;
+/// One vector: interrupter 0 (the controller has MaxIntrs = 1).
+const MSIX_VECTORS: u16 = 1;
+
+/// Red Hat's QEMU device ids: 1b36:000d is QEMU's `qemu-xhci`. Linux 6.1
+/// xhci-pci binds by class and applies no vendor quirk to this id, so the
+/// guest treats the controller as a plain xHCI 1.2 host.
+pub const XHCI_VENDOR_ID: u16 = 0x1b36;
+pub const XHCI_DEVICE_ID: u16 = 0x000d;
+pub const XHCI_REVISION: u8 = 0x01;
+/// Serial bus controller (0x0C), USB (0x03), xHCI programming interface
+/// (0x30) (xHCI 1.2 section 5.2.1).
+pub const XHCI_CLASS_CODE: u32 = 0x0c_03_30;
+/// Serial Bus Release Number register: USB 3.0 (xHCI 1.2 section 5.2.3).
+const SBRN_OFFSET: usize = 0x60;
+const SBRN_USB30: u8 = 0x30;
+/// Frame Length Adjustment register default (xHCI 1.2 section 5.2.4).
+const FLADJ_OFFSET: usize = 0x61;
+const FLADJ_DEFAULT: u8 = 0x20;
+
+#[derive(Debug, Error)]
+pub enum XhciPciError {
+    #[error("PCI configuration")]
+    Pci(#[from] PciError),
+    #[error("xHCI controller")]
+    Xhci(#[from] XhciError),
+}
+
+/// An xHCI controller on PCI.
+pub struct XhciPci {
+    function: PciFunction,
+    xhci: Xhci,
+    msix: Msix,
+}
+
+impl XhciPci {
+    /// A controller with `config`'s ports whose interrupter 0 fires MSI-X
+    /// vector 0 through `msi_router`.
+    pub fn new(
+        config: XhciConfig,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        msi_router: Arc<dyn MsiRouter>,
+    ) -> Result<Self, XhciPciError> {
+        let mut pci = PciConfig::new(PciIds {
+            vendor_id: XHCI_VENDOR_ID,
+            device_id: XHCI_DEVICE_ID,
+            revision: XHCI_REVISION,
+            class_code: XHCI_CLASS_CODE,
+            subsystem_vendor_id: XHCI_VENDOR_ID,
+            subsystem_id: 0x1100,
+        });
+        pci.add_bar(BarSpec {
+            index: XHCI_BAR,
+            size: MMIO_SIZE,
+            kind: BarKind::Mem32,
+        })?;
+        pci.add_bar(BarSpec {
+            index: MSIX_BAR,
+            size: MSIX_BAR_SIZE,
+            kind: BarKind::Mem32,
+        })?;
+        pci.set_interrupt_pin(0);
+        pci.set_bytes(SBRN_OFFSET, &[SBRN_USB30, FLADJ_DEFAULT]);
+        debug_assert_eq!(FLADJ_OFFSET, SBRN_OFFSET + 1);
+        let msix = Msix::new(
+            MsixLayout {
+                vectors: MSIX_VECTORS,
+                table_bar: MSIX_BAR,
+                table_offset: MSIX_TABLE_OFFSET,
+                pba_bar: MSIX_BAR,
+                pba_offset: MSIX_PBA_OFFSET,
+            },
+            msi_router,
+        )?;
+        let mut function = PciFunction::new(pci);
+        function.add_msix(msix.clone())?;
+        function.add_power_management(PmOptions {
+            pme: true,
+            no_soft_reset: true,
+        })?;
+        let xhci = Xhci::new(config, mem, msix.interrupt())?;
+        Ok(Self {
+            function,
+            xhci,
+            msix,
+        })
+    }
+
+    pub fn xhci(&self) -> &Xhci {
+        &self.xhci
+    }
+
+    pub fn xhci_mut(&mut self) -> &mut Xhci {
+        &mut self.xhci
+    }
+
+    pub fn msix(&self) -> &Msix {
+        &self.msix
+    }
+
+    /// Plugs `device` into 1-based root hub `port` (hotplug).
+    pub fn attach(&mut self, port: u8, device: Box<dyn UsbDevice>) -> Result<(), XhciError> {
+        self.xhci.attach(port, device)?;
+        self.wake_if_suspended();
+        Ok(())
+    }
+
+    /// Unplugs the device on 1-based root hub `port` (hot-unplug).
+    pub fn detach(&mut self, port: u8) -> Result<Box<dyn UsbDevice>, XhciError> {
+        let dev = self.xhci.detach(port)?;
+        self.wake_if_suspended();
+        Ok(dev)
+    }
+
+    /// A connect or disconnect while in D3hot: set PME_Status, which the
+    /// guest polls (PM 1.2 section 3.2.4).
+    fn wake_if_suspended(&mut self) {
+        if self.function.power_state() == PowerState::D3Hot && self.function.request_pme() {
+            log::debug!("xhci: PME signalled from D3hot");
+        }
+    }
+}
+
+impl PciDevice for XhciPci {
+    fn function(&self) -> &PciFunction {
+        &self.function
+    }
+
+    fn function_mut(&mut self) -> &mut PciFunction {
+        &mut self.function
+    }
+
+    fn power_transition(&mut self, from: PowerState, to: PowerState) {
+        // No_Soft_Reset: the register file and rings stay as they are.
+        log::debug!("xhci: PCI power state {from:?} -> {to:?}");
+    }
+
+    fn bar_read(&mut self, index: u8, offset: u64, data: &mut [u8]) {
+        match index {
+            XHCI_BAR if offset < MMIO_SIZE => self.xhci.mmio_read(offset, data),
+            MSIX_BAR if self.msix.bar_read(index, offset, data) => {}
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, index: u8, offset: u64, data: &[u8]) {
+        match index {
+            XHCI_BAR if offset < MMIO_SIZE => self.xhci.mmio_write(offset, data),
+            MSIX_BAR => {
+                self.msix.bar_write(index, offset, data);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::pci::msix::test_router::RecordingRouter;
+    use crate::pci::msix::MSIX_CTRL_ENABLE;
+    use crate::pci::pm::{PMCSR_NO_SOFT_RESET, PMCSR_PME_STATUS, PMC_PME_D3HOT, PM_PMC, PM_PMCSR};
+    use crate::pci::{
+        CAPABILITIES_POINTER, CAP_ID_MSIX, CAP_ID_POWER_MANAGEMENT, COMMAND, COMMAND_BUS_MASTER,
+        COMMAND_MEMORY_SPACE,
+    };
+    use crate::usb::mass_storage::tests::TempImage;
+    use crate::usb::mass_storage::{MassStorage, MassStorageConfig};
+    use crate::xhci::regs::{cap, op, rt, OP_BASE, PORT_BASE, RT_BASE};
+    use crate::xhci::trb::{trb_type, ErstEntry, Trb};
+
+    const PORTSC_PP: u32 = 1 << 9;
+    const PORTSC_CSC: u32 = 1 << 17;
+    const ERST: u64 = 0x3000;
+    const EVENT_RING: u64 = 0x4000;
+
+    fn device() -> (XhciPci, Arc<RecordingRouter>, GuestMemoryMmap) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let router = Arc::new(RecordingRouter::default());
+        let dev = XhciPci::new(
+            XhciConfig {
+                usb2_ports: 2,
+                usb3_ports: 2,
+            },
+            GuestMemoryAtomic::new(mem.clone()),
+            router.clone(),
+        )
+        .unwrap();
+        (dev, router, mem)
+    }
+
+    fn cfg16(d: &mut XhciPci, off: usize) -> u16 {
+        let mut b = [0u8; 2];
+        d.config_read(off, &mut b);
+        u16::from_le_bytes(b)
+    }
+
+    fn cfg32(d: &mut XhciPci, off: usize) -> u32 {
+        let mut b = [0u8; 4];
+        d.config_read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn bar_r32(d: &mut XhciPci, bar: u8, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.bar_read(bar, off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn bar_w32(d: &mut XhciPci, bar: u8, off: u64, v: u32) {
+        d.bar_write(bar, off, &v.to_le_bytes());
+    }
+
+    /// Finds capability `id` by walking the list as the guest does.
+    fn find_cap(d: &mut XhciPci, id: u8) -> Option<usize> {
+        let mut p = usize::from(cfg16(d, CAPABILITIES_POINTER) as u8);
+        for _ in 0..48 {
+            if p == 0 {
+                return None;
+            }
+            let hdr = cfg16(d, p);
+            if hdr as u8 == id {
+                return Some(p);
+            }
+            p = usize::from((hdr >> 8) as u8);
+        }
+        None
+    }
+
+    #[test]
+    fn config_space_identity_class_and_capabilities() {
+        let (mut d, _, _) = device();
+        assert_eq!(cfg32(&mut d, 0), 0x000d_1b36);
+        // Revision in byte 8, class code 0C0330 above it.
+        assert_eq!(cfg32(&mut d, 0x08), 0x0c03_3001);
+        assert_eq!(cfg16(&mut d, 0x3c) >> 8, 0, "no INTx pin");
+        let mut sbrn = [0u8; 1];
+        d.config_read(SBRN_OFFSET, &mut sbrn);
+        assert_eq!(sbrn[0], SBRN_USB30);
+        // Both BARs are sized as declared.
+        d.config_write(0x10, &[0xff; 4]);
+        assert_eq!(cfg32(&mut d, 0x10), !(MMIO_SIZE as u32 - 1));
+        d.config_write(0x14, &[0xff; 4]);
+        assert_eq!(cfg32(&mut d, 0x14), !(MSIX_BAR_SIZE as u32 - 1));
+        // MSI-X: one vector, table and PBA in BAR 1.
+        let m = find_cap(&mut d, CAP_ID_MSIX).expect("MSI-X capability");
+        assert_eq!(cfg16(&mut d, m + 2) & 0x7ff, MSIX_VECTORS - 1);
+        assert_eq!(cfg32(&mut d, m + 4), MSIX_TABLE_OFFSET as u32 | 1);
+        assert_eq!(cfg32(&mut d, m + 8), MSIX_PBA_OFFSET as u32 | 1);
+        // PM: D3hot with PME from D3hot, No_Soft_Reset.
+        let p = find_cap(&mut d, CAP_ID_POWER_MANAGEMENT).expect("PM capability");
+        assert_ne!(cfg16(&mut d, p + PM_PMC) & PMC_PME_D3HOT, 0);
+        assert_ne!(cfg16(&mut d, p + PM_PMCSR) & PMCSR_NO_SOFT_RESET, 0);
+    }
+
+    #[test]
+    fn bar0_reaches_the_registers_and_other_offsets_do_not() {
+        let (mut d, _, _) = device();
+        let v = bar_r32(&mut d, XHCI_BAR, cap::CAPLENGTH_HCIVERSION);
+        assert_eq!(v, 0x0120_0040, "HCIVERSION 1.2, CAPLENGTH 0x40");
+        let hcs1 = bar_r32(&mut d, XHCI_BAR, cap::HCSPARAMS1);
+        assert_eq!(hcs1 >> 24, 4, "MaxPorts");
+        // A register write through the BAR sticks.
+        bar_w32(&mut d, XHCI_BAR, OP_BASE + op::CONFIG, 5);
+        assert_eq!(bar_r32(&mut d, XHCI_BAR, OP_BASE + op::CONFIG), 5);
+        assert!(!d.xhci().running());
+        // Past the register space and on unknown BARs: reads 0, writes dropped.
+        assert_eq!(bar_r32(&mut d, XHCI_BAR, MMIO_SIZE), 0);
+        assert_eq!(bar_r32(&mut d, 3, 0), 0);
+        bar_w32(&mut d, 3, 0, 0xffff_ffff);
+        // BAR 1 is the MSI-X table: vector 0 starts masked.
+        assert_eq!(bar_r32(&mut d, MSIX_BAR, 12), 1);
+        bar_w32(&mut d, MSIX_BAR, 8, 0x4021);
+        assert_eq!(bar_r32(&mut d, MSIX_BAR, 8), 0x4021);
+    }
+
+    /// Enables MSI-X vector 0 and the controller with a one-segment event ring.
+    fn start(d: &mut XhciPci, mem: &GuestMemoryMmap) {
+        let cmd = COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER;
+        d.config_write(COMMAND, &cmd.to_le_bytes());
+        let m = find_cap(d, CAP_ID_MSIX).unwrap();
+        d.config_write(m + 2, &MSIX_CTRL_ENABLE.to_le_bytes());
+        bar_w32(d, MSIX_BAR, 0, 0xfee0_0000);
+        bar_w32(d, MSIX_BAR, 8, 0x41);
+        bar_w32(d, MSIX_BAR, 12, 0); // unmask
+        let entry = ErstEntry {
+            base: EVENT_RING,
+            size: 16,
+            reserved: 0,
+        };
+        mem.write_obj(entry, GuestAddress(ERST)).unwrap();
+        bar_w32(d, XHCI_BAR, RT_BASE + rt::IR0 + rt::ERSTSZ, 1);
+        d.bar_write(
+            XHCI_BAR,
+            RT_BASE + rt::IR0 + rt::ERDP_LO,
+            &EVENT_RING.to_le_bytes(),
+        );
+        d.bar_write(
+            XHCI_BAR,
+            RT_BASE + rt::IR0 + rt::ERSTBA_LO,
+            &ERST.to_le_bytes(),
+        );
+        bar_w32(d, XHCI_BAR, RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE);
+        bar_w32(
+            d,
+            XHCI_BAR,
+            OP_BASE + op::USBCMD,
+            op::CMD_RUN | op::CMD_INTE,
+        );
+        assert!(d.xhci().running());
+    }
+
+    #[test]
+    fn hotplug_event_fires_msix_vector_0() {
+        let (mut d, router, mem) = device();
+        start(&mut d, &mem);
+        assert!(router.take_fired().is_empty());
+        let img = TempImage::new(64);
+        let disk = MassStorage::new(img.open(false), MassStorageConfig::default());
+        d.attach(3, Box::new(disk)).unwrap();
+        assert_eq!(router.take_fired(), vec![0], "one MSI-X message");
+        let routes = router.routes.lock().unwrap().clone();
+        assert_eq!(routes.last().map(|r| (r.0, r.1.data)), Some((0, 0x41)));
+        // The event on the ring is a Port Status Change for port 3.
+        let ev: Trb = mem.read_obj(GuestAddress(EVENT_RING)).unwrap();
+        assert_eq!(ev.trb_type(), trb_type::PORT_STATUS_CHANGE);
+        assert_eq!(ev.parameter >> 24, 3);
+        let portsc = bar_r32(&mut d, XHCI_BAR, PORT_BASE + 2 * 0x10);
+        assert_eq!(portsc & 1, 1, "CCS on port 3");
+        // Masked vector: the next event sets the pending bit instead.
+        bar_w32(&mut d, MSIX_BAR, 12, 1);
+        bar_w32(
+            &mut d,
+            XHCI_BAR,
+            RT_BASE + rt::IR0 + rt::IMAN,
+            rt::IMAN_IE | rt::IMAN_IP,
+        );
+        d.bar_write(
+            XHCI_BAR,
+            RT_BASE + rt::IR0 + rt::ERDP_LO,
+            &((EVENT_RING + 16) | rt::ERDP_EHB).to_le_bytes(),
+        );
+        // The driver acknowledges the connect change (PP kept, CSC cleared),
+        // so the disconnect raises a new change.
+        bar_w32(
+            &mut d,
+            XHCI_BAR,
+            PORT_BASE + 2 * 0x10,
+            PORTSC_PP | PORTSC_CSC,
+        );
+        d.detach(3).unwrap();
+        assert!(router.take_fired().is_empty());
+        assert_eq!(bar_r32(&mut d, MSIX_BAR, MSIX_PBA_OFFSET) & 1, 1);
+        bar_w32(&mut d, MSIX_BAR, 12, 0);
+        assert_eq!(
+            router.take_fired(),
+            vec![0],
+            "unmask delivers the pending vector"
+        );
+    }
+
+    #[test]
+    fn hotplug_in_d3hot_sets_pme_status_and_bars_go_quiet() {
+        let (mut d, _, mem) = device();
+        start(&mut d, &mem);
+        let p = find_cap(&mut d, CAP_ID_POWER_MANAGEMENT).unwrap() + PM_PMCSR;
+        d.config_write(p, &3u16.to_le_bytes());
+        assert!(!d.function().bar_access_allowed(), "no decoding in D3hot");
+        assert_eq!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
+        let img = TempImage::new(64);
+        let disk = MassStorage::new(img.open(true), MassStorageConfig::default());
+        d.attach(1, Box::new(disk)).unwrap();
+        assert_ne!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
+        // Back to D0: state kept (No_Soft_Reset), the controller still runs.
+        d.config_write(p, &PMCSR_PME_STATUS.to_le_bytes());
+        assert_eq!(cfg16(&mut d, p) & (PMCSR_PME_STATUS | 3), 0);
+        assert!(d.xhci().running());
+        assert_eq!(d.xhci().portsc(1).unwrap() & 1, 1);
+    }
+}

@@ -1,0 +1,258 @@
+//! Round trips over a real Unix socket against the server with a fake
+//! command handler.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::protocol::MAX_REQUEST_BYTES;
+use super::server::{read_line_capped, LineRead, MAX_CONNECTIONS};
+use super::*;
+
+struct Fake;
+
+impl Dispatch for Fake {
+    fn dispatch(&self, command: Command, responder: Responder) {
+        match command {
+            // Answered later from another thread, as the VMM thread does.
+            Command::VmShutdown => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    responder.reply(Ok(json!({"stopping": true})));
+                });
+            }
+            // Dropped unanswered: the server must still reply.
+            Command::UsbList => drop(responder),
+            Command::UsbDetach(UsbTarget::Port(9)) => {
+                responder.error(ErrorCode::NotFound, "no device on port 9")
+            }
+            other => responder.reply(Ok(json!({"echo": format!("{other:?}")}))),
+        }
+    }
+}
+
+fn socket_path() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "vmm-api-test-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ))
+}
+
+struct Client {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    fn connect(path: &PathBuf) -> Self {
+        let stream = UnixStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Self { stream, reader }
+    }
+
+    /// Connects and checks the greeting.
+    fn greeted(path: &PathBuf) -> Self {
+        let mut c = Self::connect(path);
+        let g = c.line().expect("greeting");
+        assert_eq!(g["hello"]["version"], json!(1));
+        c
+    }
+
+    fn send(&mut self, text: &str) {
+        self.stream.write_all(text.as_bytes()).unwrap();
+        self.stream.write_all(b"\n").unwrap();
+    }
+
+    /// The next line, or None at EOF.
+    fn line(&mut self) -> Option<Value> {
+        let mut s = String::new();
+        match self.reader.read_line(&mut s).unwrap() {
+            0 => None,
+            _ => Some(serde_json::from_str(&s).unwrap()),
+        }
+    }
+
+    fn call(&mut self, text: &str) -> Value {
+        self.send(text);
+        self.line().expect("reply")
+    }
+}
+
+fn server() -> (ApiServer, PathBuf) {
+    let path = socket_path();
+    let s = ApiServer::start(&path, Arc::new(Fake)).unwrap();
+    (s, path)
+}
+
+#[test]
+fn request_reply_errors_and_events_round_trip() {
+    let (server, path) = server();
+    let mut c = Client::greeted(&path);
+    let r = c.call(r#"{"id":1,"cmd":"vm.info"}"#);
+    assert_eq!(r, json!({"id":1,"ok":{"echo":"VmInfo"}}));
+    let r = c.call(r#"{"id":2,"cmd":"usb.attach","args":{"path":"/x.raw","port":5}}"#);
+    assert_eq!(r["id"], json!(2));
+    assert!(r["ok"]["echo"].as_str().unwrap().contains("port: Some(5)"));
+    // Errors from the handler, from parsing, and for malformed JSON.
+    let r = c.call(r#"{"id":3,"cmd":"usb.detach","args":{"port":9}}"#);
+    assert_eq!(r["error"]["code"], json!("not_found"));
+    let r = c.call(r#"{"id":4,"cmd":"nope"}"#);
+    assert_eq!(
+        (r["id"].clone(), r["error"]["code"].clone()),
+        (json!(4), json!("bad_request"))
+    );
+    let r = c.call("{\"id\":5,");
+    assert_eq!(
+        (r["id"].clone(), r["error"]["code"].clone()),
+        (Value::Null, json!("bad_request"))
+    );
+    // A dropped responder still answers, with internal.
+    let r = c.call(r#"{"id":6,"cmd":"usb.list"}"#);
+    assert_eq!(
+        (r["id"].clone(), r["error"]["code"].clone()),
+        (json!(6), json!("internal"))
+    );
+    // Blank lines are ignored; the connection still works afterwards.
+    c.send("");
+    let r = c.call(r#"{"id":7,"cmd":"vm.info"}"#);
+    assert_eq!(r["id"], json!(7));
+    // Events reach every client.
+    let mut c2 = Client::greeted(&path);
+    server
+        .events()
+        .emit("usb.attached", json!({"id":"u1","port":5}));
+    for cl in [&mut c, &mut c2] {
+        let e = cl.line().unwrap();
+        assert_eq!(e["event"], json!("usb.attached"));
+        assert_eq!(e["data"], json!({"id":"u1","port":5}));
+        assert!(e["ts_us"].as_u64().unwrap() > 1_600_000_000_000_000);
+    }
+    assert_eq!(server.requests(), 7);
+    server.shutdown();
+    assert!(c.line().is_none(), "closed at shutdown");
+    assert!(!path.exists(), "socket file removed");
+}
+
+#[test]
+fn oversized_request_is_refused_and_the_connection_closed() {
+    let (server, path) = server();
+    let mut c = Client::greeted(&path);
+    let big = format!(
+        r#"{{"id":1,"cmd":"vm.info","args":{{"pad":"{}"}}}}"#,
+        "x".repeat(MAX_REQUEST_BYTES)
+    );
+    // The server may close before reading it all; ignore write errors.
+    let _ = c.stream.write_all(big.as_bytes());
+    let r = c.line().expect("error reply");
+    assert_eq!(r["error"]["code"], json!("bad_request"));
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("longer than"));
+    assert!(c.line().is_none(), "connection closed");
+    // The server still serves others.
+    let mut c2 = Client::greeted(&path);
+    assert_eq!(c2.call(r#"{"id":2,"cmd":"vm.info"}"#)["id"], json!(2));
+    server.shutdown();
+}
+
+#[test]
+fn connection_cap_answers_busy() {
+    let (server, path) = server();
+    let clients: Vec<_> = (0..MAX_CONNECTIONS)
+        .map(|_| Client::greeted(&path))
+        .collect();
+    let mut extra = Client::connect(&path);
+    let r = extra.line().expect("busy reply");
+    assert_eq!(r["error"]["code"], json!("busy"));
+    assert!(extra.line().is_none());
+    drop(clients);
+    // Slots come back once clients leave (their readers see EOF).
+    let mut ok = None;
+    for _ in 0..100 {
+        let mut c = Client::connect(&path);
+        if c.line().is_some_and(|v| v.get("hello").is_some()) {
+            ok = Some(c);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ok.is_some(), "no slot freed");
+    server.shutdown();
+}
+
+#[test]
+fn half_closed_client_still_gets_a_late_reply() {
+    let (server, path) = server();
+    let mut c = Client::greeted(&path);
+    c.send(r#"{"id":"s","cmd":"vm.shutdown"}"#);
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = c.line().expect("reply after half-close");
+    assert_eq!(r, json!({"id":"s","ok":{"stopping":true}}));
+    assert!(c.line().is_none());
+    server.shutdown();
+}
+
+#[test]
+fn live_socket_is_not_stolen_and_stale_one_is_replaced() {
+    let (server, path) = server();
+    assert!(matches!(
+        ApiServer::start(&path, Arc::new(Fake)),
+        Err(ServerError::InUse { .. })
+    ));
+    // A stale socket file (no listener) is replaced.
+    let stale = socket_path();
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let s2 = ApiServer::start(&stale, Arc::new(Fake)).unwrap();
+    let mut c = Client::greeted(&stale);
+    assert_eq!(c.call(r#"{"id":1,"cmd":"vm.info"}"#)["id"], json!(1));
+    s2.shutdown();
+    server.shutdown();
+}
+
+#[test]
+fn capped_line_reader() {
+    let mut buf = Vec::new();
+    let mut r = BufReader::with_capacity(4, &b"ab\ncdefgh\nij"[..]);
+    assert_eq!(
+        read_line_capped(&mut r, 6, &mut buf).unwrap(),
+        LineRead::Line
+    );
+    assert_eq!(buf, b"ab");
+    assert_eq!(
+        read_line_capped(&mut r, 6, &mut buf).unwrap(),
+        LineRead::Line
+    );
+    assert_eq!(buf, b"cdefgh");
+    assert_eq!(
+        read_line_capped(&mut r, 6, &mut buf).unwrap(),
+        LineRead::Line
+    );
+    assert_eq!(buf, b"ij");
+    assert_eq!(
+        read_line_capped(&mut r, 6, &mut buf).unwrap(),
+        LineRead::Eof
+    );
+    let mut r = BufReader::with_capacity(4, &b"abcdefg\n"[..]);
+    assert_eq!(
+        read_line_capped(&mut r, 6, &mut buf).unwrap(),
+        LineRead::TooLong
+    );
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.len() <= 4,
+        "at most one read past the cap was buffered"
+    );
+}

@@ -1,0 +1,385 @@
+//! USB storage of the VM: the one xHCI controller's root hub and the
+//! mass-storage disks plugged into it, at start (`--usb-storage`) and while
+//! the guest runs (control API `usb.attach` / `usb.detach`).
+//!
+//! Root hub layout: ports 1..=[`USB2_PORTS`] are USB 2 (high speed), the next
+//! [`USB3_PORTS`] are USB 3 (SuperSpeed). A disk offers SuperSpeed and falls
+//! back to high speed on a USB 2 port. Each disk is a [`RawImage`] with its
+//! own I/O volume named after the device id.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use devices::block::{RawImage, RawImageError, Volume};
+use devices::usb::mass_storage::{MassStorage, MassStorageConfig};
+use devices::usb::UsbSpeed;
+use devices::xhci::{PortProtocol, XhciConfig, XhciError, XhciPci};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::api::{ErrorCode, UsbTarget};
+use crate::config::{valid_usb_id, UsbStorageConfig, MAX_USB_ID};
+
+/// USB 2 root hub ports, numbered 1..=USB2_PORTS.
+pub const USB2_PORTS: u8 = 4;
+/// USB 3 root hub ports, numbered after the USB 2 ones.
+pub const USB3_PORTS: u8 = 4;
+
+/// The controller layout every VM gets.
+pub fn xhci_config() -> XhciConfig {
+    XhciConfig {
+        usb2_ports: USB2_PORTS,
+        usb3_ports: USB3_PORTS,
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum UsbError {
+    #[error("there is no root hub port {0} (ports are 1..={max})", max = USB2_PORTS + USB3_PORTS)]
+    NoSuchPort(u8),
+    #[error("port {port} already holds device '{id}'")]
+    PortTaken { port: u8, id: String },
+    #[error("a USB device with id '{0}' is already attached")]
+    IdTaken(String),
+    #[error("every root hub port is taken")]
+    NoFreePort,
+    #[error("id '{0}' is not 1..={MAX_USB_ID} characters of A-Z a-z 0-9 . _ -")]
+    BadId(String),
+    #[error("no USB device {0}")]
+    NotFound(String),
+    #[error("cannot open USB disk image")]
+    Image(#[from] RawImageError),
+    #[error("xHCI controller")]
+    Xhci(#[from] XhciError),
+}
+
+impl UsbError {
+    /// The API error class.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::NoSuchPort(_) | Self::BadId(_) => ErrorCode::BadRequest,
+            Self::PortTaken { .. } | Self::IdTaken(_) | Self::NoFreePort => ErrorCode::Conflict,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Image(_) | Self::Xhci(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Why the VM's USB storage could not be set up at start.
+#[derive(Debug, Error)]
+pub enum UsbSetupError {
+    #[error(transparent)]
+    Device(#[from] crate::device_manager::DeviceError),
+    #[error("--usb-storage {path}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: UsbError,
+    },
+}
+
+/// Adds the xHCI controller when a USB disk or the control API (for hotplug)
+/// is configured, and plugs in the `--usb-storage` disks. Without either the
+/// VM gets no controller: the guest sees no device it cannot use.
+pub fn setup(
+    devices: &crate::device_manager::DeviceManager,
+    mmio: &devices::bus::Bus,
+    disks: &[UsbStorageConfig],
+    hotplug: bool,
+) -> Result<Option<UsbManager>, UsbSetupError> {
+    if disks.is_empty() && !hotplug {
+        return Ok(None);
+    }
+    let (xhci, devnum) = devices.add_xhci(xhci_config(), mmio)?;
+    let mut usb = UsbManager::new(xhci, devnum);
+    // Disks with a fixed port first, so automatic choices do not take them.
+    let (fixed, auto): (Vec<_>, Vec<_>) = disks.iter().partition(|d| d.port.is_some());
+    for d in fixed.into_iter().chain(auto) {
+        usb.attach(d).map_err(|source| UsbSetupError::Disk {
+            path: d.path.clone(),
+            source,
+        })?;
+    }
+    Ok(Some(usb))
+}
+
+/// An attached disk as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsbDeviceInfo {
+    pub id: String,
+    pub port: u8,
+    /// "usb2" or "usb3": the port's protocol.
+    pub speed: &'static str,
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub size_bytes: u64,
+}
+
+fn protocol_name(p: Option<PortProtocol>) -> &'static str {
+    match p {
+        Some(PortProtocol::Usb3) => "usb3",
+        _ => "usb2",
+    }
+}
+
+/// The xHCI controller of the VM and what is plugged into it.
+pub struct UsbManager {
+    xhci: Arc<Mutex<XhciPci>>,
+    /// PCI device number of the controller on bus 0.
+    pci_device: u8,
+    attached: BTreeMap<u8, UsbDeviceInfo>,
+    /// I/O volumes of attached disks by id (`swap_volume=ID` may name one).
+    volumes: BTreeMap<String, Arc<Volume>>,
+}
+
+impl UsbManager {
+    pub fn new(xhci: Arc<Mutex<XhciPci>>, pci_device: u8) -> Self {
+        Self {
+            xhci,
+            pci_device,
+            attached: BTreeMap::new(),
+            volumes: BTreeMap::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, XhciPci> {
+        self.xhci.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn pci_device(&self) -> u8 {
+        self.pci_device
+    }
+
+    /// Picks a free port: USB 3 first (the disk is SuperSpeed), then USB 2.
+    fn free_port(&self) -> Option<u8> {
+        let usb3 = USB2_PORTS + 1..=USB2_PORTS + USB3_PORTS;
+        usb3.chain(1..=USB2_PORTS)
+            .find(|p| !self.attached.contains_key(p))
+    }
+
+    /// Opens the image and plugs a mass-storage disk into the chosen port.
+    pub fn attach(&mut self, cfg: &UsbStorageConfig) -> Result<UsbDeviceInfo, UsbError> {
+        let port = match cfg.port {
+            Some(p) if p == 0 || p > USB2_PORTS + USB3_PORTS => {
+                return Err(UsbError::NoSuchPort(p))
+            }
+            Some(p) => p,
+            None => self.free_port().ok_or(UsbError::NoFreePort)?,
+        };
+        if let Some(d) = self.attached.get(&port) {
+            return Err(UsbError::PortTaken {
+                port,
+                id: d.id.clone(),
+            });
+        }
+        let id = cfg.id.clone().unwrap_or_else(|| format!("usb{port}"));
+        if !valid_usb_id(&id) {
+            return Err(UsbError::BadId(id));
+        }
+        if self.attached.values().any(|d| d.id == id) {
+            return Err(UsbError::IdTaken(id));
+        }
+        let image = Arc::new(RawImage::open(&cfg.path, cfg.readonly, &id)?);
+        let volume = image.volume().clone();
+        let info = UsbDeviceInfo {
+            id: id.clone(),
+            port,
+            speed: "usb2",
+            path: cfg.path.clone(),
+            readonly: cfg.readonly,
+            size_bytes: image.size(),
+        };
+        let disk = MassStorage::new(
+            image,
+            MassStorageConfig {
+                max_speed: UsbSpeed::Super,
+                serial: id,
+                ..MassStorageConfig::default()
+            },
+        );
+        let speed = {
+            let mut x = self.lock();
+            x.attach(port, Box::new(disk))?;
+            protocol_name(x.xhci().port_protocol(port))
+        };
+        let info = UsbDeviceInfo { speed, ..info };
+        log::info!(
+            "usb: {} ({}, {}) on port {port} ({speed})",
+            info.id,
+            info.path.display(),
+            if info.readonly {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        );
+        self.volumes.insert(info.id.clone(), volume);
+        self.attached.insert(port, info.clone());
+        Ok(info)
+    }
+
+    /// Unplugs a disk. The guest sees the disconnect at once; I/O it still
+    /// had queued on the device fails.
+    pub fn detach(&mut self, target: &UsbTarget) -> Result<UsbDeviceInfo, UsbError> {
+        let port = match target {
+            UsbTarget::Port(p) => {
+                if !self.attached.contains_key(p) {
+                    return Err(UsbError::NotFound(format!("on port {p}")));
+                }
+                *p
+            }
+            UsbTarget::Id(id) => self
+                .attached
+                .iter()
+                .find(|(_, d)| &d.id == id)
+                .map(|(p, _)| *p)
+                .ok_or_else(|| UsbError::NotFound(format!("'{id}'")))?,
+        };
+        let dev = self.lock().detach(port)?;
+        // Dropping the device closes its image.
+        drop(dev);
+        let info = self
+            .attached
+            .remove(&port)
+            .ok_or_else(|| UsbError::NotFound(format!("on port {port}")))?;
+        self.volumes.remove(&info.id);
+        log::info!("usb: {} detached from port {port}", info.id);
+        Ok(info)
+    }
+
+    /// The I/O volume of the attached disk with this id.
+    pub fn volume(&self, id: &str) -> Option<Arc<Volume>> {
+        self.volumes.get(id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<UsbDeviceInfo> {
+        self.attached.values().cloned().collect()
+    }
+
+    /// Ports with nothing plugged in.
+    pub fn free_ports(&self) -> Vec<u8> {
+        (1..=USB2_PORTS + USB3_PORTS)
+            .filter(|p| !self.attached.contains_key(p))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use devices::pci::{MsiMessage, MsiRouter};
+    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    use super::*;
+
+    struct NoRouter;
+    impl MsiRouter for NoRouter {
+        fn set_route(&self, _: u16, _: MsiMessage) -> io::Result<()> {
+            Ok(())
+        }
+        fn fire(&self, _: u16) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Image(PathBuf);
+    impl Image {
+        fn new(name: &str, size: u64) -> Self {
+            let p = std::env::temp_dir().join(format!("vmm-usb-{}-{name}.img", std::process::id()));
+            std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for Image {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn manager() -> (UsbManager, Arc<Mutex<XhciPci>>) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let x = XhciPci::new(
+            xhci_config(),
+            GuestMemoryAtomic::new(mem),
+            Arc::new(NoRouter),
+        )
+        .unwrap();
+        let x = Arc::new(Mutex::new(x));
+        (UsbManager::new(x.clone(), 3), x)
+    }
+
+    fn cfg(img: &Image, port: Option<u8>, id: Option<&str>) -> UsbStorageConfig {
+        UsbStorageConfig {
+            path: img.0.clone(),
+            port,
+            readonly: false,
+            id: id.map(String::from),
+        }
+    }
+
+    fn ccs(x: &Arc<Mutex<XhciPci>>, port: u8) -> bool {
+        x.lock().unwrap().xhci().portsc(port).unwrap() & 1 != 0
+    }
+
+    #[test]
+    fn attach_list_detach_and_port_choice() {
+        let (mut m, x) = manager();
+        let img = Image::new("a", 1 << 20);
+        let a = m.attach(&cfg(&img, None, None)).unwrap();
+        assert_eq!((a.port, a.speed, a.id.as_str()), (5, "usb3", "usb5"));
+        assert_eq!(a.size_bytes, 1 << 20);
+        assert!(ccs(&x, 5), "connected on the controller");
+        let b = m.attach(&cfg(&img, Some(2), Some("stick"))).unwrap();
+        assert_eq!((b.port, b.speed), (2, "usb2"));
+        assert_eq!(m.list(), vec![b.clone(), a.clone()]);
+        assert_eq!(m.free_ports(), vec![1, 3, 4, 6, 7, 8]);
+        let d = m.detach(&UsbTarget::Id("stick".into())).unwrap();
+        assert_eq!(d, b);
+        assert!(!ccs(&x, 2));
+        let d = m.detach(&UsbTarget::Port(5)).unwrap();
+        assert_eq!(d.id, "usb5");
+        assert!(m.list().is_empty());
+    }
+
+    #[test]
+    fn conflicts_and_bad_requests_have_codes() {
+        let (mut m, x) = manager();
+        let img = Image::new("b", 4096);
+        m.attach(&cfg(&img, Some(1), Some("a"))).unwrap();
+        let e = m.attach(&cfg(&img, Some(1), Some("b"))).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Conflict);
+        let e = m.attach(&cfg(&img, Some(2), Some("a"))).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Conflict);
+        let e = m.attach(&cfg(&img, Some(9), None)).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::BadRequest);
+        let e = m.attach(&cfg(&img, Some(2), Some("bad id"))).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::BadRequest);
+        let missing = UsbStorageConfig {
+            path: "/nonexistent/x.img".into(),
+            port: Some(2),
+            readonly: true,
+            id: None,
+        };
+        let e = m.attach(&missing).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Internal);
+        assert!(!ccs(&x, 2), "nothing plugged after a failed open");
+        assert_eq!(
+            m.detach(&UsbTarget::Id("zz".into())).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            m.detach(&UsbTarget::Port(3)).unwrap_err().code(),
+            ErrorCode::NotFound
+        );
+        // Fill every port: the next automatic attach has nowhere to go.
+        for _ in 0..7 {
+            m.attach(&cfg(&img, None, None)).unwrap();
+        }
+        assert_eq!(
+            m.attach(&cfg(&img, None, None)).unwrap_err().code(),
+            ErrorCode::Conflict
+        );
+    }
+}

@@ -3,7 +3,6 @@
 //! libraries and firmware), extra files, and the L1 `/init`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use guest_image::initramfs::{Initramfs, InitramfsError};
 use guest_image::scenario::{base_image, FileMapping};
@@ -78,41 +77,9 @@ fn exec_line(program: &str, args: &[String]) -> String {
     line
 }
 
-/// Shared libraries of a dynamically linked binary, per `ldd`.
-fn shared_libs(binary: &Path) -> Result<Vec<PathBuf>, InitramfsError> {
-    let out = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .map_err(|source| InitramfsError::Io {
-            path: binary.into(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or
-            // "/lib64/ld-linux-x86-64.so.2 (0x...)"
-            let l = l.trim();
-            let path = match l.split_once("=>") {
-                Some((_, rest)) => rest.split_whitespace().next()?,
-                None => l.split_whitespace().next()?,
-            };
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect())
-}
-
 /// Adds QEMU, its libraries (at their own paths) and firmware.
 fn add_qemu(img: &mut Initramfs, binary: &Path) -> Result<(), InitramfsError> {
-    img.add_file(binary, "usr/bin/qemu-system-x86_64")?;
-    for lib in shared_libs(binary)? {
-        let dst = lib.display().to_string();
-        if !img.contains(&dst) {
-            // add_file follows symlinks: the library lands as a plain file.
-            img.add_file(&lib, &dst)?;
-        }
-    }
+    img.add_host_binary(binary, "usr/bin/qemu-system-x86_64")?;
     for name in QEMU_FIRMWARE {
         let found = QEMU_FIRMWARE_DIRS
             .iter()
@@ -182,6 +149,7 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn quoting_survives_the_shell() {
@@ -189,12 +157,5 @@ mod tests {
         let line = exec_line("printf", &[vec!["%s|".to_string()], args].concat());
         let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "a b|it's|x=1 y=2|");
-    }
-
-    #[test]
-    fn ldd_lists_libraries() {
-        let libs = shared_libs(Path::new("/bin/sh")).unwrap();
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")));
-        assert!(libs.iter().all(|l| l.is_absolute()));
     }
 }

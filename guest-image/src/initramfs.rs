@@ -398,8 +398,10 @@ mod tests {
     #[test]
     fn host_binary_brings_its_libraries_once() {
         let mut img = Initramfs::new();
-        img.add_host_binary(Path::new("/bin/sh"), "opt/a/sh").unwrap();
-        img.add_host_binary(Path::new("/bin/sh"), "opt/b/sh").unwrap();
+        img.add_host_binary(Path::new("/bin/sh"), "opt/a/sh")
+            .unwrap();
+        img.add_host_binary(Path::new("/bin/sh"), "opt/b/sh")
+            .unwrap();
         let libs = shared_libs(Path::new("/bin/sh")).unwrap();
         assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")));
         for lib in &libs {

@@ -50,12 +50,14 @@ pub enum L1Payload {
     /// A shell script (harness self-checks).
     Script(String),
     /// `l1-bench` (static) running `spec` against our VMM and QEMU, both in
-    /// the image: every variant boots in the same L1.
+    /// the image: every variant boots in the same L1. `setup` is shell run
+    /// first (e.g. creating a disk image in L1's tmpfs; empty for none).
     Bench {
         vmm: PathBuf,
         qemu: PathBuf,
         bench: PathBuf,
         spec: String,
+        setup: String,
     },
     /// A shell script with our VMM installed at [`VMM_PATH`] (tests that
     /// call the VMM several times, e.g. with bad input).
@@ -124,13 +126,14 @@ pub fn build(
             qemu,
             bench,
             spec,
+            setup,
         } => {
             img.add_file(vmm, VMM_PATH)?;
             add_qemu(&mut img, qemu)?;
             img.add_file(bench, BENCH_PATH)?;
             img.add_bytes(BENCH_SPEC, 0o644, spec.clone())?;
             format!(
-                "export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\n{}",
+                "{setup}\nexport LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\n{}",
                 exec_line(BENCH_PATH, &[format!("/{BENCH_SPEC}")])
             )
         }

@@ -205,10 +205,19 @@ fn disk(
         .console
         .lines()
         .filter(|l| {
-            l.contains("FIO-RESULT") || l.contains("BENCH-START") || l.contains("BENCH-RUN")
+            [
+                "FIO-RESULT",
+                "BENCH-START",
+                "BENCH-RUN",
+                "blk-bench:",
+                "bench image:",
+            ]
+            .iter()
+            .any(|m| l.contains(m))
         })
         .map(str::trim)
         .collect();
+    eprintln!("{}", raw.join("\n"));
     if let Some(file) = write {
         let body = format!(
             "## Disk I/O (virtio-blk)\n\n\

@@ -144,41 +144,38 @@ pub fn parse_fio(console: &str) -> Vec<FioResult> {
     out
 }
 
-/// The disk table: one row per job, median IOPS and MiB/s per variant and
-/// ours / QEMU (above 1 = ours is faster). `variants[0]` is ours,
-/// `variants[1]` the peer.
+/// The disk table: one row per job, median IOPS (with the min-max range
+/// over rounds) and median MiB/s per variant, and ours / peer bandwidth
+/// (above 1 = ours is faster). `variants[0]` is ours, `variants[1]` the
+/// peer.
 pub fn render_disk_table(results: &[FioResult], variants: &[&str]) -> String {
-    let med = |v: &str, job: &str, f: fn(&FioResult) -> u64| {
-        median(
-            results
-                .iter()
-                .filter(|r| r.variant == v && r.job == job)
-                .map(f)
-                .collect(),
-        )
-    };
-    let runs = |v: &str, job: &str| {
+    let of = |v: &str, job: &str, f: fn(&FioResult) -> u64| -> Vec<u64> {
         results
             .iter()
             .filter(|r| r.variant == v && r.job == job)
-            .count()
+            .map(f)
+            .collect()
     };
     let (ours, peer) = (variants[0], variants.get(1).copied().unwrap_or(""));
     let mut t = format!(
-        "| fio job | runs {ours}/{peer} | {ours} IOPS | {peer} IOPS | {ours} MiB/s | {peer} MiB/s | {ours} / {peer} |\n|---|---|---|---|---|---|---|\n"
+        "| fio job | runs {ours}/{peer} | {ours} IOPS (min-max) | {peer} IOPS (min-max) | {ours} MiB/s | {peer} MiB/s | {ours} / {peer} |\n|---|---|---|---|---|---|---|\n"
     );
+    let iops = |v: &[u64]| match (median(v.to_vec()), v.iter().min(), v.iter().max()) {
+        (Some(m), Some(lo), Some(hi)) => format!("{m} ({lo}-{hi})"),
+        _ => "n/a".into(),
+    };
+    let mib = |b: Option<u64>| b.map_or("n/a".into(), |b| format!("{:.1}", b as f64 / 1024.0));
     for job in DISK_JOBS {
-        let (oi, pi) = (med(ours, job, |r| r.iops), med(peer, job, |r| r.iops));
-        let (ob, pb) = (med(ours, job, |r| r.bw_kib), med(peer, job, |r| r.bw_kib));
-        let mib = |b: Option<u64>| b.map_or("n/a".into(), |b| format!("{:.1}", b as f64 / 1024.0));
-        let n = |v: Option<u64>| v.map_or("n/a".into(), |v| v.to_string());
+        let (oi, pi) = (of(ours, job, |r| r.iops), of(peer, job, |r| r.iops));
+        let ob = median(of(ours, job, |r| r.bw_kib));
+        let pb = median(of(peer, job, |r| r.bw_kib));
         let _ = writeln!(
             t,
             "| {job} | {}/{} | {} | {} | {} | {} | {} |",
-            runs(ours, job),
-            runs(peer, job),
-            n(oi),
-            n(pi),
+            oi.len(),
+            pi.len(),
+            iops(&oi),
+            iops(&pi),
             mib(ob),
             mib(pb),
             ratio(ob, pb),
@@ -376,7 +373,9 @@ BENCH-START variant=ours rep=1
         let t = render_disk_table(&r, &["ours", "qemu-pc"]);
         // Median of 1000 and 3000 IOPS; bandwidth 8000 vs 2000 KiB/s.
         assert!(
-            t.contains("| randread-4k-qd32 | 2/1 | 2000 | 500 | 7.8 | 2.0 | 4.00x |"),
+            t.contains(
+                "| randread-4k-qd32 | 2/1 | 2000 (1000-3000) | 500 (500-500) | 7.8 | 2.0 | 4.00x |"
+            ),
             "{t}"
         );
         assert!(t.contains("| read-1m-qd8 | 0/0 | n/a | n/a |"), "{t}");

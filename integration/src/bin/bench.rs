@@ -236,7 +236,8 @@ fn disk(
              virtio-blk-pci,num-queues={cpus}`: the same caching (host page cache, flush = \
              fdatasync); `cache=none,aio=native` is not possible here because L1's tmpfs has no \
              O_DIRECT (Linux 6.1). Ratio: ours / QEMU bandwidth (above 1 = ours is faster; \
-             the goal is 1.2).\n\n{table}\nRaw runs:\n\n```\n{}\n```\n",
+             the goal is 1.2). Nested TCG on a shared two-core host is noisy: \
+             single rounds vary by 2-3x, hence the min-max ranges.\n\n{table}\nRaw runs:\n\n```\n{}\n```\n",
             bench::QEMU_DISK_CACHE,
             raw.join("\n")
         );

@@ -6,6 +6,7 @@ pub mod block;
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod noio;
 pub mod pci;
 pub mod usb;
 pub mod virtio;

@@ -129,6 +129,8 @@ pub struct GuestRun {
     pub l1_files: Vec<FileMapping>,
     /// Extra VMM arguments (e.g. `--disk path=/images/a.img`).
     pub vmm_args: Vec<String>,
+    /// Extra `--memory` keys after `size=` (e.g. `limit=256M,swap=/tmp/s`).
+    pub memory_opts: Option<String>,
     pub timeout: Duration,
     /// Copy the console to stdout while running.
     pub echo_console: bool,
@@ -153,6 +155,7 @@ impl GuestRun {
             l2_binaries: Vec::new(),
             l1_files: Vec::new(),
             vmm_args: Vec::new(),
+            memory_opts: None,
             timeout,
             echo_console: false,
         }
@@ -579,7 +582,10 @@ pub fn vmm_args_with(run: &GuestRun, cmdline: &str, kernel: &str, initrd: &str) 
         "--cpus".into(),
         run.cpus.to_string(),
         "--memory".into(),
-        format!("size={}M", run.memory_mib),
+        match &run.memory_opts {
+            Some(extra) => format!("size={}M,{extra}", run.memory_mib),
+            None => format!("size={}M", run.memory_mib),
+        },
         "--serial".into(),
         "stdout".into(),
     ];

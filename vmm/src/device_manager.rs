@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use devices::block::RawImage;
+use devices::block::{RawImage, Volume};
 use devices::bus::Bus;
 use devices::pci::{
     BarListener, BarMove, PciBarRegion, PciBus, PciConfigIo, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
@@ -55,6 +55,8 @@ pub struct DeviceManager {
     routing: Arc<GsiRouting>,
     pci: Arc<PciBus>,
     event_loop: Arc<EventLoop>,
+    /// I/O volumes of the disks, by disk id (`swap_volume=ID` shares one).
+    volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
     /// virtio devices by PCI device number, with their BAR 0 ioeventfds.
     virtio: Arc<Mutex<BTreeMap<u8, (Arc<Mutex<VirtioPciDevice>>, Ioeventfds)>>>,
 }
@@ -89,6 +91,7 @@ impl DeviceManager {
             mem,
             pci,
             event_loop: EventLoop::spawn("virtio")?,
+            volumes: Mutex::new(BTreeMap::new()),
             virtio,
         })
     }
@@ -101,6 +104,7 @@ impl DeviceManager {
         };
         let image =
             RawImage::open(&cfg.path, cfg.readonly, &cfg.id).map_err(|e| disk_err(e.into()))?;
+        let volume = image.volume().clone();
         let num_queues = cfg.queues.unwrap_or(u16::from(cpus.max(1)));
         let block = Block::new(
             image,
@@ -157,6 +161,7 @@ impl DeviceManager {
             None => Vec::new(),
         };
         lock(&self.virtio).insert(devnum, (dev, fds));
+        lock(&self.volumes).insert(cfg.id.clone(), volume);
         log::info!(
             "disk {}: {} ({}) on PCI 00:{devnum:02x}.0, {num_queues} queue(s)",
             cfg.id,
@@ -168,6 +173,11 @@ impl DeviceManager {
             },
         );
         Ok(())
+    }
+
+    /// The I/O volume of the disk with this id.
+    pub fn volume(&self, id: &str) -> Option<Arc<Volume>> {
+        lock(&self.volumes).get(id).cloned()
     }
 
     /// Stops the device event loop (after the vCPUs have stopped).

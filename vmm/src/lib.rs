@@ -1,5 +1,6 @@
 //! The VMM library: configuration, host checks, x86_64 boot, the VM and its
-//! vCPU threads. The binary in `main.rs` is a thin CLI over [`vm::Vm`].
+//! vCPU threads, devices wiring and the guest memory pager. The binary in
+//! `main.rs` is a thin CLI over [`vm::run`].
 
 pub mod arch;
 pub mod boot;
@@ -7,5 +8,7 @@ pub mod config;
 pub mod device_manager;
 pub mod host;
 pub mod irq;
+pub mod memory;
+pub mod paging;
 pub mod vcpu;
 pub mod vm;

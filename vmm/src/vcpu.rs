@@ -154,6 +154,8 @@ impl Vcpu {
 
     fn run(mut self, h: ExitHandlers) {
         let id = self.id;
+        // The pager reads this thread's NOIO flag by tid when it faults.
+        let _noio_registration = devices::noio::register_current_thread();
         let mut exits = ExitCounts::default();
         while !h.stop.is_stopping() {
             let result = self.fd.run();

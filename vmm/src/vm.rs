@@ -23,6 +23,7 @@ use crate::boot::{BootError, BootPlan};
 use crate::config::{check_disk_ids, ConfigError, DiskConfig, MemoryConfig, SerialConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::{self, HostError};
+use crate::paging;
 use crate::vcpu::{self, ExitHandlers, StopReason, Vcpu, VcpuError, VmStop};
 
 /// KVM wants a three-page TSS and a one-page identity map below 4 GiB, out of
@@ -45,6 +46,10 @@ pub enum VmError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error("guest memory pager")]
+    Pager(#[from] crate::memory::PagerError),
+    #[error("the guest memory pager failed: {0}")]
+    PagerFailed(String),
     #[error("--cpus {want}: this host's KVM allows at most {max} vCPUs (and this VMM {MAX_CPUS})")]
     TooManyCpus { want: u8, max: usize },
     #[error("--cpus must be at least 1")]
@@ -142,6 +147,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     for disk in &cfg.disks {
         devices.add_disk(disk, &mmio, cfg.cpus)?;
     }
+    // After the kernel is loaded (the pager counts those pages as resident)
+    // and before any vCPU runs.
+    let pager = paging::start(&cfg.memory, &mem, |id| devices.volume(id), &stop)?;
 
     let vcpus = create_vcpus(&kvm, &vm, cfg.cpus, entry)?;
     vcpu::install_kick_handler()?;
@@ -178,6 +186,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     }
     vcpu::stop_and_join(threads);
     devices.shutdown();
+    if let Some(err) = pager.and_then(paging::finish) {
+        return Err(VmError::PagerFailed(err));
+    }
     // Keep guest memory alive until every vCPU has stopped using it.
     drop(mem);
     Ok(match stop.reason() {

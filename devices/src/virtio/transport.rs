@@ -264,6 +264,9 @@ impl VirtioPciDevice {
     /// Device reset (§2.4): stop the worker (waits for it), let the device
     /// drop its state, and return every register to its initial value.
     fn reset(&mut self) {
+        // A reset path must never wait on backing I/O of guest memory: this
+        // runs on a vCPU thread, and the disk being reset may carry the swap.
+        let _noio = crate::noio::NoioScope::enter();
         if let Some(id) = self.worker.take() {
             if let Err(e) = self.workers.stop(id) {
                 log::error!("virtio-pci: cannot stop worker: {e}");

@@ -51,9 +51,13 @@ impl EventLoop {
         let thread = thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                // Device threads register so the pager can read their NOIO flag.
+                let _noio = crate::noio::register_current_thread();
                 while !stop_flag.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
                         log::error!("event loop: {e}");
+                        // Do not spin on a persistent epoll error.
+                        thread::sleep(std::time::Duration::from_millis(10));
                     }
                 }
             })

@@ -1,0 +1,226 @@
+//! The per-thread NOIO scope: the VMM twin of Linux's `PF_MEMALLOC_NOIO`.
+//!
+//! A thread inside a NOIO scope must never wait for I/O to obtain memory: the
+//! guest-memory pager serves its page faults only from sources that need no
+//! I/O (free budget, clean pages, discarded pages, a reserve, then a counted
+//! overshoot of the limit). Code that may run while a volume is quiesced —
+//! a device's suspend/resume or reset path — enters a NOIO scope before it
+//! touches guest memory.
+//!
+//! The flag has save/restore semantics, like `memalloc_noio_save()` /
+//! `memalloc_noio_restore()`, so scopes nest:
+//!
+//! ```
+//! use devices::noio::{is_noio, noio_restore, noio_save, NoioScope};
+//! let old = noio_save();
+//! {
+//!     let _inner = NoioScope::enter();
+//!     assert!(is_noio());
+//! }
+//! assert!(is_noio(), "inner scope must not clear the outer one");
+//! noio_restore(old);
+//! assert!(!is_noio());
+//! ```
+//!
+//! The fault handler runs on another thread and learns the faulting thread's
+//! id from userfaultfd, so every thread that can touch guest memory (vCPUs,
+//! device workers) registers its flag in a process-wide registry with
+//! [`register_current_thread`] and keeps the returned guard alive until it
+//! exits. An unregistered thread counts as not NOIO.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, RwLock};
+
+/// A kernel thread id, as `gettid(2)` returns it and userfaultfd reports it.
+pub type Tid = i32;
+
+thread_local! {
+    static FLAG: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
+}
+
+static REGISTRY: LazyLock<RwLock<HashMap<Tid, Arc<AtomicBool>>>> =
+    LazyLock::new(|| RwLock::new(HashMap::new()));
+
+/// The calling thread's kernel thread id.
+pub fn gettid() -> Tid {
+    // SAFETY: gettid takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Enters NOIO on the calling thread and returns the previous state, to be
+/// handed back to [`noio_restore`].
+pub fn noio_save() -> bool {
+    FLAG.with(|f| f.swap(true, Ordering::SeqCst))
+}
+
+/// Restores the state returned by the matching [`noio_save`].
+pub fn noio_restore(old: bool) {
+    FLAG.with(|f| f.store(old, Ordering::SeqCst));
+}
+
+/// Whether the calling thread is inside a NOIO scope.
+pub fn is_noio() -> bool {
+    FLAG.with(|f| f.load(Ordering::SeqCst))
+}
+
+/// Whether the registered thread `tid` is inside a NOIO scope right now;
+/// `false` for a thread that never registered.
+pub fn is_thread_noio(tid: Tid) -> bool {
+    REGISTRY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&tid)
+        .is_some_and(|f| f.load(Ordering::SeqCst))
+}
+
+/// Number of threads currently registered (for diagnostics and tests).
+pub fn registered_threads() -> usize {
+    REGISTRY.read().unwrap_or_else(|e| e.into_inner()).len()
+}
+
+/// RAII NOIO scope: entered on creation, the previous state restored on drop.
+/// Not `Send`: it must be dropped on the thread that entered it.
+#[must_use = "the scope ends when the guard is dropped"]
+pub struct NoioScope {
+    old: bool,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl NoioScope {
+    pub fn enter() -> Self {
+        Self {
+            old: noio_save(),
+            _not_send: PhantomData,
+        }
+    }
+}
+
+impl Drop for NoioScope {
+    fn drop(&mut self) {
+        noio_restore(self.old);
+    }
+}
+
+/// Keeps the calling thread's flag visible to other threads by its tid;
+/// unregisters on drop. Not `Send`: drop it on the thread that registered.
+#[must_use = "the thread is unregistered when the guard is dropped"]
+pub struct ThreadRegistration {
+    tid: Tid,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl ThreadRegistration {
+    pub fn tid(&self) -> Tid {
+        self.tid
+    }
+}
+
+/// Publishes the calling thread's NOIO flag under its tid. Call at the start
+/// of every vCPU and device thread; keep the guard until the thread exits.
+/// Registering twice replaces the entry with the same flag.
+pub fn register_current_thread() -> ThreadRegistration {
+    let tid = gettid();
+    let flag = FLAG.with(Arc::clone);
+    REGISTRY
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(tid, flag);
+    ThreadRegistration {
+        tid,
+        _not_send: PhantomData,
+    }
+}
+
+impl Drop for ThreadRegistration {
+    fn drop(&mut self) {
+        REGISTRY
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.tid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::thread;
+
+    #[test]
+    fn save_restore_nests() {
+        assert!(!is_noio());
+        let outer = noio_save();
+        assert!(!outer);
+        assert!(is_noio());
+        let inner = noio_save();
+        assert!(inner, "inner save must report the outer NOIO state");
+        noio_restore(inner);
+        assert!(is_noio(), "inner restore cleared the outer scope");
+        noio_restore(outer);
+        assert!(!is_noio());
+    }
+
+    #[test]
+    fn guard_nests_and_restores() {
+        {
+            let _a = NoioScope::enter();
+            {
+                let _b = NoioScope::enter();
+                assert!(is_noio());
+            }
+            assert!(is_noio(), "inner guard cleared the outer scope");
+        }
+        assert!(!is_noio());
+    }
+
+    #[test]
+    fn flag_is_per_thread() {
+        let _s = NoioScope::enter();
+        let other = thread::spawn(is_noio).join().unwrap();
+        assert!(!other, "NOIO leaked to another thread");
+    }
+
+    #[test]
+    fn registry_reports_other_threads_flag() {
+        let (to_worker, worker_rx) = mpsc::channel::<bool>();
+        let (to_main, main_rx) = mpsc::channel::<Tid>();
+        let worker = thread::spawn(move || {
+            let reg = register_current_thread();
+            assert_eq!(reg.tid(), gettid());
+            to_main.send(reg.tid()).unwrap();
+            // Enter NOIO on request, then leave it on the next request.
+            let _ = worker_rx.recv();
+            let scope = NoioScope::enter();
+            to_main.send(0).unwrap();
+            let _ = worker_rx.recv();
+            drop(scope);
+            to_main.send(0).unwrap();
+            let _ = worker_rx.recv();
+        });
+        let tid = main_rx.recv().unwrap();
+        assert_ne!(tid, gettid());
+        assert!(!is_thread_noio(tid));
+        to_worker.send(true).unwrap();
+        main_rx.recv().unwrap();
+        assert!(is_thread_noio(tid), "registry does not see the NOIO scope");
+        to_worker.send(true).unwrap();
+        main_rx.recv().unwrap();
+        assert!(!is_thread_noio(tid));
+        to_worker.send(true).unwrap();
+        worker.join().unwrap();
+        assert!(!is_thread_noio(tid), "exited thread still registered");
+    }
+
+    #[test]
+    fn unregistered_thread_is_not_noio() {
+        let _s = NoioScope::enter();
+        // This thread is NOIO but never registered: others cannot see it.
+        assert!(!is_thread_noio(gettid()));
+        let reg = register_current_thread();
+        assert!(is_thread_noio(gettid()));
+        drop(reg);
+        assert!(!is_thread_noio(gettid()));
+    }
+}

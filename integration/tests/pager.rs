@@ -1,0 +1,120 @@
+//! Overcommitted guest memory end to end: a guest with 1 GiB of RAM and a
+//! 256 MiB resident limit touches 700 MiB with a random pattern and verifies
+//! it, while L1 samples the VMM's guest RAM mapping from /proc/PID/smaps.
+//! Resident guest memory must stay within limit + reserve, by the pager's
+//! own counters and by smaps.
+
+use std::time::Duration;
+
+use guest_image::Scenario;
+use integration::harness::vmm_args_with;
+use integration::l1::{sh_quote, L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
+use integration::{host, GuestRun, Harness, Mode, Verdict};
+
+const LIMIT_MIB: u64 = 256;
+/// The pager's default reserve: limit / 64.
+const RESERVE_MIB: u64 = LIMIT_MIB / 64;
+
+/// L1 payload: run the VMM in the background, sample the Rss of its largest
+/// mapping (guest RAM) every half second, report the maximum.
+fn sampling_script(argv: &[String]) -> String {
+    let cmd: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
+    format!(
+        "{cmd} &\n\
+         pid=$!\n\
+         max=0\n\
+         while kill -0 $pid 2>/dev/null; do\n\
+         \x20 r=$(awk '/^Size:/{{s=$2}} /^Rss:/{{if (s>ms) {{ms=s; mr=$2}}}} END{{print mr+0}}' /proc/$pid/smaps 2>/dev/null)\n\
+         \x20 [ -n \"$r\" ] && [ \"$r\" -gt \"$max\" ] && max=$r\n\
+         \x20 sleep 0.5\n\
+         done\n\
+         wait $pid\n\
+         rc=$?\n\
+         echo \"L1-GUEST-RSS-MAX-KB=$max\"\n\
+         exit $rc\n",
+        cmd = cmd.join(" ")
+    )
+}
+
+/// The number after `key` in the console (e.g. in the pager's JSON line).
+fn number_after(console: &str, key: &str) -> Option<u64> {
+    let at = console.rfind(key)? + key.len();
+    let digits: String = console[at..]
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+#[test]
+fn overcommitted_guest_keeps_its_data_and_stays_under_the_limit() {
+    if Mode::auto().unwrap() != Mode::Nested {
+        eprintln!("this test drives the nested L1 harness; skipped in direct mode");
+        return;
+    }
+    let harness = Harness::new().unwrap();
+    let mut run = GuestRun::new(Scenario::load("pager-touch").unwrap())
+        .cpus(2)
+        .memory_mib(1024)
+        .param("touch_mib", 700)
+        .timeout(Duration::from_secs(900));
+    run.memory_opts = Some(format!("limit={LIMIT_MIB}M,swap=/tmp/guest.swap"));
+    let cmdline = run.l2_cmdline().unwrap();
+    let mut argv = vec![VMM_PATH.to_string()];
+    argv.extend(vmm_args_with(&run, &cmdline, L2_KERNEL, L2_INITRD));
+    argv.extend(["--log-level".to_string(), "info".to_string()]);
+    let payload = L1Payload::VmmScript {
+        binary: host::vmm_binary(true).unwrap(),
+        script: sampling_script(&argv),
+    };
+    let r = harness.run_l1_payload(&run, payload).unwrap();
+    let console = &r.console;
+    eprintln!("{}", r.summary());
+    assert!(!r.timed_out, "timed out\n{console}");
+    assert_eq!(r.verdict, Verdict::Pass, "scenario failed\n{console}");
+    assert_eq!(r.vmm_exit, Some(0), "VMM exit\n{console}");
+
+    let bound_kib = (LIMIT_MIB + RESERVE_MIB) * 1024;
+    let page_kib = 4;
+    let peak_pages = number_after(console, "\"peak_resident_pages\":")
+        .unwrap_or_else(|| panic!("no pager-stats JSON on the console\n{console}"));
+    let pages_out = number_after(console, "\"pages_out\":").unwrap_or(0);
+    let smaps_max = number_after(console, "L1-GUEST-RSS-MAX-KB=")
+        .unwrap_or_else(|| panic!("L1 did not report the smaps sample\n{console}"));
+    eprintln!(
+        "pager: peak resident {} KiB, smaps max {} KiB, bound {} KiB, pages out {}",
+        peak_pages * page_kib,
+        smaps_max,
+        bound_kib,
+        pages_out
+    );
+    assert!(
+        peak_pages * page_kib <= bound_kib,
+        "pager counters: peak resident {} KiB > limit + reserve {} KiB\n{console}",
+        peak_pages * page_kib,
+        bound_kib
+    );
+    assert!(
+        smaps_max <= bound_kib,
+        "smaps: guest RAM Rss {smaps_max} KiB > limit + reserve {bound_kib} KiB\n{console}"
+    );
+    assert!(
+        smaps_max > 100 * 1024,
+        "smaps sample implausibly small ({smaps_max} KiB): wrong mapping?\n{console}"
+    );
+    // 700 MiB through a 256 MiB limit cannot happen without paging out.
+    assert!(
+        pages_out > 100_000,
+        "only {pages_out} pages written to swap\n{console}"
+    );
+}
+
+#[test]
+fn number_after_finds_json_values() {
+    let c = "x\npager-stats {\"pages_out\":12,\"peak_resident_pages\":65536}\nL1-GUEST-RSS-MAX-KB=1000\n";
+    assert_eq!(number_after(c, "\"peak_resident_pages\":"), Some(65536));
+    assert_eq!(number_after(c, "\"pages_out\":"), Some(12));
+    assert_eq!(number_after(c, "L1-GUEST-RSS-MAX-KB="), Some(1000));
+    assert_eq!(number_after(c, "missing"), None);
+}

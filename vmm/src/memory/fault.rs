@@ -1,0 +1,509 @@
+//! Fault resolution: the userfaultfd reader (`pager-fault`) and the worker
+//! that resolves the faults which must wait (`pager-wait`).
+//!
+//! The handler resolves a fault inline only when that needs no waiting: a
+//! frame is available from [`Budget::try_take`] for the thread's class, and
+//! for a swapped page the volume takes I/O now (or the thread is NOIO, whose
+//! read goes past a quiesce). Everything else goes to the worker, so one slow
+//! fault never holds up the others, NOIO ones above all.
+
+use std::collections::VecDeque;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::noio::is_thread_noio;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::budget::Source;
+use super::pager::Shared;
+use super::pages::{PageKind, PageRef};
+use super::stats::{bump, record_wait};
+use super::uffd::{Resolve, UffdEvent};
+use super::{PagerError, PAGE_SIZE};
+
+/// Events read from the uffd per `read(2)`.
+const EVENT_BATCH: usize = 64;
+/// Poll timeout while resolutions wait for an `EAGAIN` to clear.
+const RETRY_POLL_MS: i32 = 1;
+/// Pause of the worker between `EAGAIN` retries.
+const WORKER_RETRY: Duration = Duration::from_micros(200);
+/// How often an idle worker checks the stop flag.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Log an overshoot on the first event and then every this many (a power of two).
+const OVERSHOOT_LOG_EVERY: u64 = 1024;
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
+/// One page fault, page-aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub addr: usize,
+    pub tid: i32,
+    pub write: bool,
+    pub wp: bool,
+}
+
+enum Step {
+    Done,
+    /// `EAGAIN`: read events, then resolve again.
+    Retry,
+    /// Needs to wait: hand to the worker.
+    Defer,
+}
+
+/// Faults waiting for the worker.
+#[derive(Debug, Default)]
+pub struct Deferred {
+    queue: Mutex<VecDeque<Fault>>,
+    ready: Condvar,
+}
+
+impl Deferred {
+    fn push(&self, f: Fault) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(f);
+        self.ready.notify_one();
+    }
+
+    fn pop(&self, sh: &Shared) -> Option<Fault> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if sh.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(f) = q.pop_front() {
+                return Some(f);
+            }
+            q = self
+                .ready
+                .wait_timeout(q, IDLE_POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    pub fn wake_all(&self) {
+        self.ready.notify_all();
+    }
+}
+
+fn note_source(sh: &Shared, noio: bool, source: Source) {
+    let c = &sh.counters;
+    if source == Source::Overshoot {
+        let n = c.overshoot_events.fetch_add(1, Ordering::Relaxed);
+        if n & (OVERSHOOT_LOG_EVERY - 1) == 0 {
+            log::warn!(
+                "pager: NOIO fault took a frame beyond limit + reserve ({} overshoots so far)",
+                n + 1
+            );
+        }
+    }
+    if !noio {
+        return;
+    }
+    bump(
+        match source {
+            Source::Free => &c.noio_from_free,
+            Source::Discarded => &c.noio_from_discarded,
+            Source::Clean => &c.noio_from_clean,
+            Source::Reserve => &c.noio_from_reserve,
+            Source::Overshoot => &c.noio_from_overshoot,
+        },
+        1,
+    );
+}
+
+/// Maps `data` at the locked page and records it as resident.
+fn fill(
+    sh: &Shared,
+    p: &mut PageRef<'_>,
+    host: usize,
+    data: &[u8],
+    write: bool,
+) -> Result<Resolve, PagerError> {
+    let r = sh.uffd.copy_page(host, data, !write)?;
+    if r == Resolve::Done {
+        p.kind = PageKind::Resident;
+        p.wp = !write;
+        p.dirty = write;
+        p.writeback = false;
+        p.referenced = true;
+        p.discarded = false;
+    }
+    Ok(r)
+}
+
+/// The userfaultfd reader. Returns when `stop_evt` fires.
+pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
+    let mut buf = userfaultfd::EventBuffer::new(EVENT_BATCH);
+    let mut events = Vec::with_capacity(EVENT_BATCH);
+    let mut retry: Vec<Fault> = Vec::new();
+    let mut staging = vec![0u8; PAGE_SIZE];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: sh.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop_evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let timeout = if retry.is_empty() { -1 } else { RETRY_POLL_MS };
+        // SAFETY: `fds` is a live array of two pollfd structs and its length
+        // is passed with it; poll writes only their `revents` fields.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(PagerError::Sys(e));
+            }
+        }
+        // Only the stop event ends the loop, never the stop flag: while the
+        // other threads wind down, one may still sit in madvise waiting for
+        // this thread to read its REMOVE event.
+        if fds[1].revents != 0 {
+            return Ok(());
+        }
+        sh.uffd.read_events(&mut buf, &mut events)?;
+        for ev in &events {
+            match *ev {
+                UffdEvent::Fault {
+                    addr,
+                    tid,
+                    write,
+                    wp,
+                } => {
+                    let f = Fault {
+                        addr: addr & !(PAGE_SIZE - 1),
+                        tid,
+                        write,
+                        wp,
+                    };
+                    dispatch(sh, f, &mut staging, &mut retry)?;
+                }
+                UffdEvent::Remove { start, end } => on_remove(sh, start, end),
+                UffdEvent::Other => {}
+            }
+        }
+        for f in std::mem::take(&mut retry) {
+            dispatch(sh, f, &mut staging, &mut retry)?;
+        }
+    }
+}
+
+fn dispatch(
+    sh: &Shared,
+    f: Fault,
+    staging: &mut [u8],
+    retry: &mut Vec<Fault>,
+) -> Result<(), PagerError> {
+    match resolve_now(sh, f, staging)? {
+        Step::Done => {}
+        Step::Retry => {
+            bump(&sh.counters.fault_retries, 1);
+            retry.push(f);
+        }
+        Step::Defer => {
+            bump(&sh.counters.faults_deferred, 1);
+            sh.deferred.push(f);
+        }
+    }
+    Ok(())
+}
+
+fn wake(sh: &Shared, host: usize) -> Result<(), PagerError> {
+    Ok(sh.uffd.wake(host, PAGE_SIZE)?)
+}
+
+/// Resolves a fault if that needs no waiting.
+fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerError> {
+    let Some(idx) = sh.pages.index_of_host(f.addr) else {
+        log::warn!("pager: fault at {:#x} outside guest RAM", f.addr);
+        return Ok(Step::Done);
+    };
+    let host = f.addr;
+    let noio = is_thread_noio(f.tid);
+    let c = &sh.counters;
+    let mut p = sh.pages.lock(idx);
+    if f.wp {
+        return write_protect_fault(sh, p, host, noio);
+    }
+    match p.kind {
+        PageKind::Resident => {
+            drop(p);
+            bump(&c.faults_spurious, 1);
+            wake(sh, host)?;
+            Ok(Step::Done)
+        }
+        // Whoever owns the transition wakes the page when it is done: the
+        // evictor after a no-I/O madvise, the worker after its read.
+        PageKind::Evicting => Ok(Step::Done),
+        PageKind::SwapIn if !noio => Ok(Step::Done),
+        PageKind::SwapIn => {
+            // The worker waits on a quiesced volume with a frame charged for
+            // this page; a NOIO thread cannot wait, so read it here and let
+            // the charge move with the state (the worker sees the change).
+            let past = match sh.swap.read_noio(p.slot, staging) {
+                Ok(past) => past,
+                Err(e) => {
+                    sh.fail(format!("swap-in of page {idx} failed: {e}"));
+                    return Ok(Step::Done);
+                }
+            };
+            let slot = p.slot;
+            match fill(sh, &mut p, host, staging, f.write)? {
+                Resolve::Retry => return Ok(Step::Retry),
+                Resolve::Exists => {
+                    drop(p);
+                    wake(sh, host)?;
+                    return Ok(Step::Done);
+                }
+                Resolve::Done => p.slot = slot,
+            }
+            bump(&c.noio_faults, 1);
+            bump(&c.noio_from_free, 1);
+            count_swap_in(sh, past);
+            Ok(Step::Done)
+        }
+        PageKind::Empty | PageKind::Swapped => {
+            let Some(source) = sh.budget.try_take(noio, sh.pages.clean_pages()) else {
+                return Ok(Step::Defer);
+            };
+            let swapped = p.kind == PageKind::Swapped;
+            let slot = p.slot;
+            let mut past = false;
+            if swapped {
+                let read = if noio {
+                    sh.swap.read_noio(slot, staging).map(|b| {
+                        past = b;
+                        true
+                    })
+                } else {
+                    sh.swap.try_read(slot, staging)
+                };
+                match read {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        sh.budget.untake(source);
+                        return Ok(Step::Defer);
+                    }
+                    Err(e) => {
+                        sh.budget.untake(source);
+                        sh.fail(format!("swap-in of page {idx} failed: {e}"));
+                        return Ok(Step::Done);
+                    }
+                }
+            }
+            let data: &[u8] = if swapped { staging } else { &ZERO_PAGE };
+            match fill(sh, &mut p, host, data, f.write) {
+                Ok(Resolve::Done) => {}
+                Ok(Resolve::Retry) => {
+                    sh.budget.untake(source);
+                    return Ok(Step::Retry);
+                }
+                Ok(Resolve::Exists) => {
+                    sh.budget.untake(source);
+                    drop(p);
+                    wake(sh, host)?;
+                    return Ok(Step::Done);
+                }
+                Err(e) => {
+                    sh.budget.untake(source);
+                    return Err(e);
+                }
+            }
+            p.slot = slot;
+            drop(p);
+            if noio {
+                bump(&c.noio_faults, 1);
+            }
+            note_source(sh, noio, source);
+            if swapped {
+                count_swap_in(sh, past);
+            } else {
+                bump(&c.faults_zero, 1);
+            }
+            Ok(Step::Done)
+        }
+    }
+}
+
+fn count_swap_in(sh: &Shared, past_quiesce: bool) {
+    let c = &sh.counters;
+    bump(&c.faults_swap, 1);
+    bump(&c.pages_in, 1);
+    bump(&c.bytes_read, PAGE_SIZE as u64);
+    if past_quiesce {
+        bump(&c.noio_reads_past_quiesce, 1);
+    }
+}
+
+fn write_protect_fault(
+    sh: &Shared,
+    mut p: PageRef<'_>,
+    host: usize,
+    noio: bool,
+) -> Result<Step, PagerError> {
+    let c = &sh.counters;
+    match p.kind {
+        PageKind::Resident if p.wp => {
+            if sh.uffd.unprotect(host, PAGE_SIZE)? == Resolve::Retry {
+                return Ok(Step::Retry);
+            }
+            p.wp = false;
+            p.dirty = true;
+            p.referenced = true;
+            if p.writeback {
+                bump(&c.redirtied_in_writeback, 1);
+            }
+            bump(&c.faults_write_protect, 1);
+            if noio {
+                bump(&c.noio_faults, 1);
+            }
+            Ok(Step::Done)
+        }
+        PageKind::Evicting | PageKind::SwapIn => Ok(Step::Done),
+        _ => {
+            drop(p);
+            bump(&c.faults_spurious, 1);
+            wake(sh, host)?;
+            Ok(Step::Done)
+        }
+    }
+}
+
+/// A REMOVE event. The pager's own (evictions, discards) were accounted by
+/// their caller; anyone else's drops the pages.
+fn on_remove(sh: &Shared, start: usize, end: usize) {
+    if sh.take_own_remove(start, end) {
+        return;
+    }
+    for (first, _, n) in sh.pages.host_runs(start, end) {
+        let mut freed = 0;
+        for idx in first..first + n {
+            let mut p = sh.pages.lock(idx);
+            let kind = p.kind;
+            match kind {
+                PageKind::Empty | PageKind::Evicting => continue,
+                PageKind::Resident | PageKind::SwapIn => freed += 1,
+                PageKind::Swapped => {}
+            }
+            // A slot with a write in flight is freed when the write completes.
+            if let Some(slot) = p.slot() {
+                if !p.writeback {
+                    sh.swap.free(slot);
+                }
+            }
+            p.reset(PageKind::Empty);
+            bump(&sh.counters.removed_pages, 1);
+        }
+        sh.budget.release(freed, false, false);
+    }
+}
+
+/// The worker: resolves deferred faults, waiting as long as it takes.
+pub fn run_worker(sh: &Shared) -> Result<(), PagerError> {
+    let mut staging = vec![0u8; PAGE_SIZE];
+    while let Some(f) = sh.deferred.pop(sh) {
+        let start = Instant::now();
+        resolve_waiting(sh, f, &mut staging)?;
+        record_wait(&sh.counters, start.elapsed().as_nanos() as u64);
+        wake(sh, f.addr)?;
+    }
+    Ok(())
+}
+
+fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), PagerError> {
+    let Some(idx) = sh.pages.index_of_host(f.addr) else {
+        return Ok(());
+    };
+    let host = f.addr;
+    let c = &sh.counters;
+    while !sh.stop.load(Ordering::SeqCst) {
+        let (kind, slot) = {
+            let p = sh.pages.lock(idx);
+            (p.kind, p.slot)
+        };
+        if !matches!(kind, PageKind::Empty | PageKind::Swapped) {
+            return Ok(());
+        }
+        let (source, _) = sh.budget.take_waiting(&sh.abort);
+        let mut p = sh.pages.lock(idx);
+        if p.kind != kind || p.slot != slot {
+            drop(p);
+            sh.budget.untake(source);
+            continue;
+        }
+        if kind == PageKind::Empty {
+            match fill(sh, &mut p, host, &ZERO_PAGE, f.write)? {
+                Resolve::Done => {
+                    note_source(sh, false, source);
+                    bump(&c.faults_zero, 1);
+                    return Ok(());
+                }
+                Resolve::Exists => {
+                    sh.budget.untake(source);
+                    return Ok(());
+                }
+                Resolve::Retry => {
+                    drop(p);
+                    sh.budget.untake(source);
+                    bump(&c.fault_retries, 1);
+                    std::thread::sleep(WORKER_RETRY);
+                    continue;
+                }
+            }
+        }
+        // Swapped: claim the page, read without holding its lock.
+        p.kind = PageKind::SwapIn;
+        drop(p);
+        if let Err(e) = sh.swap.read_wait(slot, staging, &sh.abort) {
+            let mut p = sh.pages.lock(idx);
+            if p.kind == PageKind::SwapIn {
+                p.kind = PageKind::Swapped;
+                drop(p);
+                sh.budget.untake(source);
+            }
+            if !sh.abort.load(Ordering::SeqCst) {
+                sh.fail(format!("swap-in of page {idx} failed: {e}"));
+            }
+            return Ok(());
+        }
+        loop {
+            let mut p = sh.pages.lock(idx);
+            if p.kind != PageKind::SwapIn {
+                // Discarded, or served to a NOIO thread: the charge went with it.
+                return Ok(());
+            }
+            match fill(sh, &mut p, host, staging, f.write)? {
+                Resolve::Done => {
+                    p.slot = slot;
+                    note_source(sh, false, source);
+                    count_swap_in(sh, false);
+                    return Ok(());
+                }
+                Resolve::Exists => {
+                    // Mapped behind our back: keep it, assume it was written.
+                    p.kind = PageKind::Resident;
+                    p.dirty = true;
+                    p.wp = false;
+                    return Ok(());
+                }
+                Resolve::Retry => {
+                    drop(p);
+                    bump(&c.fault_retries, 1);
+                    std::thread::sleep(WORKER_RETRY);
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! Pager counters, readable in-process and serialisable as JSON.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Live counters, bumped with relaxed atomics.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $(pub $name: AtomicU64,)*
+        }
+
+        /// A copy of the counters at one moment.
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+        pub struct CounterSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl Counters {
+            pub fn snapshot(&self) -> CounterSnapshot {
+                CounterSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Missing faults on never-written or discarded pages (served zeroes).
+    faults_zero,
+    /// Missing faults on swapped-out pages (served from swap).
+    faults_swap,
+    /// Write faults on write-protected (clean) pages: protection removed, dirty.
+    faults_write_protect,
+    /// Faults on pages already mapped or already being resolved (just woken).
+    faults_spurious,
+    /// Faults handed to the waiting worker (not NOIO, needed to wait).
+    faults_deferred,
+    /// Resolutions retried after `EAGAIN` (address space changing).
+    fault_retries,
+    /// Pages read from swap.
+    pages_in,
+    /// Pages written to swap.
+    pages_out,
+    bytes_read,
+    bytes_written,
+    /// Clean pages dropped without I/O.
+    clean_drops,
+    /// Pages written again during their writeback (stay dirty).
+    redirtied_in_writeback,
+    /// Pages dropped by `Pager::discard` (balloon, free page reporting).
+    discarded_pages,
+    /// Pages dropped by REMOVE events not caused by the pager.
+    removed_pages,
+    /// Faults of threads inside a NOIO scope, and the source that served them.
+    noio_faults,
+    noio_from_free,
+    noio_from_discarded,
+    noio_from_clean,
+    noio_from_reserve,
+    noio_from_overshoot,
+    /// NOIO swap-ins read past a quiesced volume.
+    noio_reads_past_quiesce,
+    /// Frames taken beyond limit + reserve.
+    overshoot_events,
+    /// Faults that waited for a frame or a quiesced volume, and for how long.
+    waits,
+    wait_ns_total,
+    wait_ns_max,
+}
+
+/// Everything the pager reports; the VMM prints it as JSON on exit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PagerStats {
+    #[serde(flatten)]
+    pub counters: CounterSnapshot,
+    /// Frames charged now: mapped pages plus frames being filled.
+    pub resident_pages: u64,
+    pub peak_resident_pages: u64,
+    pub clean_pages: u64,
+    pub limit_pages: u64,
+    pub reserve_pages: u64,
+    /// Fewest reserve pages ever left free.
+    pub reserve_low_water_pages: u64,
+    pub swap_slots_used: u64,
+    pub swap_slots_total: u64,
+    /// The fatal error, once one happened.
+    pub fatal_error: Option<String>,
+}
+
+impl PagerStats {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+pub fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+pub fn record_wait(c: &Counters, ns: u64) {
+    bump(&c.waits, 1);
+    bump(&c.wait_ns_total, ns);
+    c.wait_ns_max.fetch_max(ns, Ordering::Relaxed);
+}

@@ -1,0 +1,540 @@
+//! Host tests of the guest memory pager: real userfaultfd on anonymous guest
+//! RAM (vm-memory), several threads, no KVM. Needs root or /dev/userfaultfd.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use devices::block::Volume;
+use devices::noio::{register_current_thread, NoioScope};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm::memory::{Pager, PagerConfig, PagerError, PAGE_SIZE};
+
+const MIB: usize = 1 << 20;
+const WORDS: usize = PAGE_SIZE / 8;
+
+struct Fixture {
+    _mem: GuestMemoryMmap,
+    pager: Option<Pager>,
+    volume: Arc<Volume>,
+    swap: PathBuf,
+    base: usize,
+    pages: usize,
+}
+
+impl Fixture {
+    fn new(ram: usize, limit: usize, tweak: impl FnOnce(&mut PagerConfig)) -> Self {
+        use std::sync::atomic::AtomicU32;
+        static N: AtomicU32 = AtomicU32::new(0);
+        let swap = std::env::temp_dir().join(format!(
+            "vmm-pager-test-{}-{}.swap",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), ram)]).unwrap();
+        let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        let volume = Volume::new("swap");
+        let mut cfg = PagerConfig::new(limit as u64, &swap, volume.clone());
+        tweak(&mut cfg);
+        let pager = Pager::start(&cfg, &mem).expect("pager start (needs userfaultfd)");
+        Self {
+            _mem: mem,
+            pager: Some(pager),
+            volume,
+            swap,
+            base,
+            pages: ram / PAGE_SIZE,
+        }
+    }
+
+    fn pager(&self) -> &Pager {
+        self.pager.as_ref().unwrap()
+    }
+
+    fn mem(&self) -> Mem {
+        Mem { base: self.base }
+    }
+
+    /// Pages of guest RAM the kernel has mapped right now.
+    fn physically_resident(&self) -> Vec<bool> {
+        let mut vec = vec![0u8; self.pages];
+        // SAFETY: `vec` has one byte per page of the mapping, which stays
+        // mapped for the fixture's life; mincore does not touch its contents.
+        let ret = unsafe {
+            libc::mincore(
+                self.base as *mut libc::c_void,
+                self.pages * PAGE_SIZE,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(ret, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.into_iter().map(|b| b & 1 != 0).collect()
+    }
+
+    fn resident_count(&self) -> usize {
+        self.physically_resident()
+            .into_iter()
+            .filter(|&r| r)
+            .count()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(p) = self.pager.take() {
+            p.stop();
+        }
+        let _ = std::fs::remove_file(&self.swap);
+    }
+}
+
+/// Guest RAM as seen by a test thread (a copyable base address).
+#[derive(Clone, Copy)]
+struct Mem {
+    base: usize,
+}
+
+fn word(page: usize, tag: u64, i: usize) -> u64 {
+    (tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((page as u64) << 24) ^ i as u64)
+        .rotate_left((i % 63) as u32)
+}
+
+impl Mem {
+    fn ptr(&self, page: usize) -> *mut u64 {
+        (self.base + page * PAGE_SIZE) as *mut u64
+    }
+
+    /// Fills a page with the pattern of `tag`.
+    fn fill(&self, page: usize, tag: u64) {
+        let p = self.ptr(page);
+        for i in 0..WORDS {
+            // SAFETY: `page` is inside the fixture's guest RAM mapping, which
+            // outlives every test thread; u64 accesses are aligned.
+            unsafe { p.add(i).write_volatile(word(page, tag, i)) };
+        }
+    }
+
+    /// Whether the whole page holds the pattern of `tag` (0: all zeroes).
+    fn holds(&self, page: usize, tag: u64) -> bool {
+        let p = self.ptr(page);
+        (0..WORDS).all(|i| {
+            // SAFETY: as in `fill`.
+            let v = unsafe { p.add(i).read_volatile() };
+            v == if tag == 0 { 0 } else { word(page, tag, i) }
+        })
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Polls the counters until `cond` holds (or a second passes); the handler
+/// bumps counters just after it wakes the faulting thread.
+fn eventually(
+    f: &Fixture,
+    cond: impl Fn(&vmm::memory::PagerStats) -> bool,
+) -> vmm::memory::PagerStats {
+    for _ in 0..100 {
+        let s = f.pager().stats();
+        if cond(&s) {
+            return s;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    f.pager().stats()
+}
+
+/// Waits until the writeback triggered by earlier accesses has settled.
+fn settle(f: &Fixture) {
+    let mut last = f.pager().stats().counters.pages_out;
+    for _ in 0..50 {
+        thread::sleep(Duration::from_millis(50));
+        let now = f.pager().stats().counters.pages_out;
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn random_access_over_four_times_the_limit_keeps_every_byte() {
+    const THREADS: usize = 4;
+    const OPS: usize = 2500;
+    let f = Fixture::new(32 * MIB, 8 * MIB, |_| {});
+    let stats = f.pager().stats();
+    let bound = (stats.limit_pages + stats.reserve_pages) as usize;
+    let mem = f.mem();
+    let pages = f.pages;
+
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            thread::spawn(move || {
+                let _reg = register_current_thread();
+                let mut rng = Rng(0x1234_5678 + t as u64);
+                let mut tags = vec![0u64; pages];
+                for _ in 0..OPS {
+                    let page = (rng.next() as usize % (pages / THREADS)) * THREADS + t;
+                    if rng.next() % 10 < 6 {
+                        tags[page] += 1;
+                        mem.fill(page, tags[page]);
+                    } else {
+                        assert!(mem.holds(page, tags[page]), "page {page} corrupted");
+                    }
+                }
+                tags
+            })
+        })
+        .collect();
+
+    let mut max_physical = 0;
+    let mut max_charged = 0;
+    while !workers.iter().all(|w| w.is_finished()) {
+        max_physical = max_physical.max(f.resident_count());
+        max_charged = max_charged.max(f.pager().resident_pages());
+        thread::sleep(Duration::from_millis(2));
+    }
+    let mut tags = vec![0u64; pages];
+    for w in workers {
+        for (i, t) in w.join().unwrap().into_iter().enumerate() {
+            tags[i] = tags[i].max(t);
+        }
+    }
+    let _reg = register_current_thread();
+    for (page, &tag) in tags.iter().enumerate() {
+        assert!(mem.holds(page, tag), "page {page} wrong after the run");
+    }
+    let s = f.pager().stats();
+    eprintln!("{}", s.to_json());
+    assert!(
+        max_physical <= bound,
+        "{max_physical} pages mapped > {bound}"
+    );
+    assert!(
+        max_charged <= bound,
+        "{max_charged} pages charged > {bound}"
+    );
+    assert!(s.peak_resident_pages as usize <= bound);
+    assert!(s.counters.pages_out > 1000, "little writeback: {s:?}");
+    assert!(s.counters.pages_in > 1000, "little swap-in: {s:?}");
+    assert!(s.counters.faults_zero > 0);
+    assert_eq!(
+        s.counters.removed_pages, 0,
+        "own evictions taken for discards"
+    );
+    assert_eq!(s.counters.overshoot_events, 0);
+    assert!(s.fatal_error.is_none());
+    assert!(s.to_json().contains("\"pages_out\":"));
+}
+
+#[test]
+fn clean_pages_are_dropped_without_writes() {
+    let f = Fixture::new(16 * MIB, 4 * MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    for page in 0..f.pages {
+        mem.fill(page, 1);
+    }
+    for page in 0..f.pages {
+        assert!(mem.holds(page, 1), "page {page}");
+    }
+    settle(&f);
+    let stats = f.pager().stats();
+    // Pages that stayed resident and dirty since the first pass are the
+    // only ones a read-only pass may write.
+    let dirty = stats.resident_pages - stats.clean_pages;
+    let before = stats.counters;
+    for page in 0..f.pages {
+        assert!(mem.holds(page, 1), "page {page}");
+    }
+    let after = f.pager().stats().counters;
+    assert!(
+        after.pages_out - before.pages_out <= dirty,
+        "read-only pass wrote {} pages, only {dirty} were dirty",
+        after.pages_out - before.pages_out
+    );
+    assert!(after.pages_in - before.pages_in >= 2048, "{after:?}");
+    assert!(after.clean_drops - before.clean_drops >= 2048, "{after:?}");
+}
+
+#[test]
+fn write_after_swap_in_marks_the_page_dirty() {
+    let f = Fixture::new(16 * MIB, MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    let push_out = |tag| {
+        for page in 1..1024 {
+            if tag == 0 {
+                mem.fill(page, 1);
+            } else {
+                assert!(mem.holds(page, 1));
+            }
+        }
+    };
+    mem.fill(0, 1);
+    push_out(0);
+    // Let reclaim reach its low watermark, so that the one swap-in below
+    // does not start it again and page 0 stays put between read and write.
+    settle(&f);
+    assert!(!f.physically_resident()[0], "page 0 still mapped");
+    assert!(mem.holds(0, 1));
+    // Counters are bumped right after the wake: give the handler a moment.
+    let s0 = eventually(&f, |s| s.counters.pages_in >= 1);
+    assert!(s0.counters.pages_in >= 1, "page 0 was not swapped in");
+    let wp_before = s0.counters.faults_write_protect;
+    mem.fill(0, 2);
+    let s1 = eventually(&f, |s| s.counters.faults_write_protect > wp_before);
+    assert_eq!(
+        s1.counters.faults_write_protect,
+        wp_before + 1,
+        "write to a swapped-in page did not fault"
+    );
+    push_out(1);
+    assert!(!f.physically_resident()[0], "page 0 still mapped");
+    assert!(
+        mem.holds(0, 2),
+        "the second write was lost: page dropped as clean"
+    );
+}
+
+#[test]
+fn noio_faults_complete_while_the_swap_volume_is_quiesced() {
+    const RESERVE: usize = 16;
+    let f = Fixture::new(32 * MIB, 2 * MIB, |c| c.reserve_pages = Some(RESERVE));
+    let mem = f.mem();
+    let limit = f.pager().stats().limit_pages as usize;
+    {
+        let _reg = register_current_thread();
+        for page in 0..2048 {
+            mem.fill(page, 1);
+        }
+    }
+    settle(&f);
+    f.volume.quiesce();
+
+    // Fill resident memory with dirty pages: an ordinary thread writes fresh
+    // pages until it blocks (all frames dirty, writeback cannot run).
+    let progress = Arc::new(AtomicUsize::new(0));
+    let filler = {
+        let progress = progress.clone();
+        thread::spawn(move || {
+            let _reg = register_current_thread();
+            for page in 4096..6144 {
+                mem.fill(page, 2);
+                progress.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let mut last = usize::MAX;
+    let start = Instant::now();
+    loop {
+        thread::sleep(Duration::from_millis(300));
+        let now = progress.load(Ordering::SeqCst);
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "filler never stalled"
+        );
+    }
+    assert!(
+        !filler.is_finished(),
+        "ordinary writes did not wait for the quiesced volume"
+    );
+    let stalled = f.pager().stats();
+    assert!(stalled.resident_pages as usize >= limit, "{stalled:?}");
+    assert_eq!(
+        stalled.clean_pages, 0,
+        "clean pages left while a fault waits"
+    );
+
+    let resident = f.physically_resident();
+    let swapped: Vec<usize> = (0..2048).filter(|&p| !resident[p]).take(2).collect();
+    assert_eq!(swapped.len(), 2);
+
+    // NOIO: a swapped-out page and fresh pages, beyond the whole reserve.
+    let (tx, rx) = mpsc::channel();
+    let noio_page = swapped[0];
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _noio = NoioScope::enter();
+        let ok = mem.holds(noio_page, 1);
+        for page in 7000..7000 + 2 * RESERVE {
+            mem.fill(page, 3);
+        }
+        let _ = tx.send(ok && (7000..7000 + 2 * RESERVE).all(|p| mem.holds(p, 3)));
+    });
+    let noio_ok = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("NOIO faults blocked on a quiesced volume");
+    assert!(noio_ok, "NOIO thread read wrong data");
+    let s = eventually(&f, |s| s.counters.noio_faults > 2 * RESERVE as u64);
+    let c = &s.counters;
+    assert!(c.noio_faults > 2 * RESERVE as u64, "{s:?}");
+    assert!(c.noio_reads_past_quiesce >= 1, "{s:?}");
+    assert!(c.noio_from_reserve >= 1, "{s:?}");
+    assert!(
+        c.noio_from_overshoot >= 1 && c.overshoot_events >= 1,
+        "{s:?}"
+    );
+    assert_eq!(s.reserve_low_water_pages, 0);
+
+    // The same access outside NOIO waits until the volume is resumed.
+    let plain_page = swapped[1];
+    let (tx, rx) = mpsc::channel();
+    let reader = thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _ = tx.send(mem.holds(plain_page, 1));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "ordinary fault completed while the swap volume was quiesced"
+    );
+    f.volume.resume();
+    let ok = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("ordinary fault did not complete after resume");
+    assert!(ok, "ordinary swap-in read wrong data");
+    reader.join().unwrap();
+    filler.join().unwrap();
+    let s = f.pager().stats();
+    assert!(s.counters.wait_ns_max >= 300_000_000, "{s:?}");
+
+    let _reg = register_current_thread();
+    for page in 0..2048 {
+        assert!(mem.holds(page, 1), "page {page}");
+    }
+    for page in 4096..6144 {
+        assert!(mem.holds(page, 2), "page {page}");
+    }
+    assert!(f.pager().fatal_error().is_none());
+}
+
+#[test]
+fn discard_and_external_remove_free_slots_and_read_zero() {
+    let f = Fixture::new(16 * MIB, MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    for page in 0..1024 {
+        mem.fill(page, 1);
+    }
+    settle(&f);
+    let before = f.pager().stats();
+    assert!(before.swap_slots_used >= 700, "{before:?}");
+
+    let dropped = f
+        .pager()
+        .discard(GuestAddress(0), 512 * PAGE_SIZE as u64)
+        .unwrap();
+    assert_eq!(dropped, 512);
+    let after = f.pager().stats();
+    assert_eq!(after.counters.discarded_pages, 512);
+    assert!(
+        after.swap_slots_used + 400 <= before.swap_slots_used,
+        "slots not freed: {} -> {}",
+        before.swap_slots_used,
+        after.swap_slots_used
+    );
+    assert!(matches!(
+        f.pager()
+            .discard(GuestAddress(15 * MIB as u64), 2 * MIB as u64),
+        Err(PagerError::NotRam { .. })
+    ));
+
+    // A REMOVE the pager did not cause (madvise by someone else).
+    mem.fill(600, 5);
+    // SAFETY: page 600 of the fixture's mapping; after the zap it reads back
+    // through the pager.
+    let ret = unsafe {
+        libc::madvise(
+            (f.base + 600 * PAGE_SIZE) as *mut libc::c_void,
+            PAGE_SIZE,
+            libc::MADV_DONTNEED,
+        )
+    };
+    assert_eq!(ret, 0);
+    assert!(f.pager().stats().counters.removed_pages >= 1);
+
+    for page in 0..512 {
+        assert!(mem.holds(page, 0), "discarded page {page} not zero");
+    }
+    assert!(mem.holds(600, 0), "removed page not zero");
+    for page in (512..1024).filter(|&p| p != 600) {
+        assert!(mem.holds(page, 1), "page {page}");
+    }
+}
+
+#[test]
+fn a_full_swap_store_is_fatal_and_signalled() {
+    let f = Fixture::new(16 * MIB, 64 * PAGE_SIZE, |c| {
+        c.swap_bytes = Some(32 * PAGE_SIZE as u64)
+    });
+    let mem = f.mem();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        for page in 0..512 {
+            mem.fill(page, 1);
+        }
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("faults hung after the pager failed");
+    assert!(f.pager().fatal_eventfd().read().unwrap() >= 1);
+    let err = f.pager().fatal_error().expect("no fatal error recorded");
+    assert!(err.contains("full"), "{err}");
+    assert_eq!(f.pager().stats().fatal_error, Some(err));
+}
+
+/// Host micro-benchmark, not a test: `cargo test -p vmm --test pager --
+/// --ignored --nocapture bench`. First-touch latency of swapped pages and
+/// page-in/page-out throughput with a limit of a quarter of guest RAM.
+#[test]
+#[ignore]
+fn bench_fault_latency_and_throughput() {
+    let f = Fixture::new(64 * MIB, 16 * MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    let t0 = Instant::now();
+    for page in 0..f.pages {
+        mem.fill(page, 1);
+    }
+    let write_pass = t0.elapsed();
+    settle(&f);
+    let mut lat = Vec::with_capacity(f.pages);
+    let t1 = Instant::now();
+    for page in 0..f.pages {
+        let p = mem.ptr(page);
+        let t = Instant::now();
+        // SAFETY: page of the fixture's guest RAM; one aligned read.
+        let _ = unsafe { p.read_volatile() };
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let read_pass = t1.elapsed();
+    lat.sort_unstable();
+    let s = f.pager().stats();
+    let mib = |b: u64, d: Duration| b as f64 / MIB as f64 / d.as_secs_f64();
+    println!(
+        "first-touch read latency: p50 {} us, p99 {} us; write pass {:.0} MiB/s \
+         (out {} MiB), read pass {:.0} MiB/s (in {} MiB)",
+        lat[lat.len() / 2] / 1000,
+        lat[lat.len() * 99 / 100] / 1000,
+        mib((f.pages * PAGE_SIZE) as u64, write_pass),
+        s.counters.bytes_written / MIB as u64,
+        mib((f.pages * PAGE_SIZE) as u64, read_pass),
+        s.counters.bytes_read / MIB as u64,
+    );
+    println!("{}", s.to_json());
+}

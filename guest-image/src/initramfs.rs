@@ -167,6 +167,22 @@ impl Initramfs {
         self.add_bytes(dst, meta.permissions().mode() & 0o7777, data)
     }
 
+    /// Adds a dynamically linked host program at `dst` with the shared
+    /// libraries `ldd` lists, each at its own absolute path (the dynamic
+    /// loader included), skipping libraries already in the image. A static
+    /// program gets no libraries.
+    pub fn add_host_binary(&mut self, src: &Path, dst: &str) -> Result<(), InitramfsError> {
+        self.add_file(src, dst)?;
+        for lib in shared_libs(src)? {
+            let lib_dst = lib.display().to_string();
+            if !self.contains(&lib_dst) {
+                // add_file follows symlinks: the library lands as a plain file.
+                self.add_file(&lib, &lib_dst)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Adds a symbolic link.
     pub fn add_symlink(&mut self, dst: &str, target: &str) -> Result<(), InitramfsError> {
         self.add(dst, Node::Symlink(target.to_string()))
@@ -308,6 +324,32 @@ impl Initramfs {
     }
 }
 
+/// Shared libraries of a host program, per `ldd` (absolute paths; the
+/// vDSO and "not a dynamic executable" give nothing).
+pub fn shared_libs(binary: &Path) -> Result<Vec<PathBuf>, InitramfsError> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(io_err(binary))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(parse_ldd(&text))
+}
+
+/// The library paths of `ldd` output: `libz.so.1 => /lib/.../libz.so.1
+/// (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
 /// Cached images kept per stem by [`Initramfs::write_cached`].
 const KEEP_CACHED: usize = 4;
 
@@ -336,6 +378,37 @@ mod tests {
     use super::*;
     use crate::cpio::{parse, EntryKind};
     use std::io::Read;
+
+    #[test]
+    fn ldd_output_parses() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibblkid.so.1 => /lib/x86_64-linux-gnu/libblkid.so.1 (0x00007f)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n\
+                    \tlibgone.so.1 => not found\n";
+        assert_eq!(
+            parse_ldd(text),
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libblkid.so.1"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+        assert!(parse_ldd("\tnot a dynamic executable\n").is_empty());
+    }
+
+    #[test]
+    fn host_binary_brings_its_libraries_once() {
+        let mut img = Initramfs::new();
+        img.add_host_binary(Path::new("/bin/sh"), "opt/a/sh")
+            .unwrap();
+        img.add_host_binary(Path::new("/bin/sh"), "opt/b/sh")
+            .unwrap();
+        let libs = shared_libs(Path::new("/bin/sh")).unwrap();
+        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")));
+        for lib in &libs {
+            assert!(img.contains(&lib.display().to_string()), "{lib:?}");
+        }
+        assert!(img.contains("opt/a/sh") && img.contains("opt/b/sh"));
+    }
 
     #[test]
     fn tree_round_trips_through_gzip() {

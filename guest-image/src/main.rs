@@ -46,6 +46,9 @@ enum Cmd {
         /// Extra file SRC:DST to copy into the image (repeatable).
         #[arg(long = "file")]
         files: Vec<FileMapping>,
+        /// Host program SRC:DST to copy with its shared libraries (repeatable).
+        #[arg(long = "binary")]
+        binaries: Vec<FileMapping>,
     },
 }
 
@@ -73,12 +76,14 @@ fn main() -> Result<()> {
             scenario,
             out,
             files,
+            binaries,
         } => {
             let assets = fetch_assets(&build)?;
             let spec = ScenarioImage {
                 modules,
                 scenario: Scenario::load(&scenario)?,
                 files,
+                binaries,
             };
             let img = guest_image::build_l2(&assets, &spec)?;
             img.write_gz(&out)

@@ -118,6 +118,9 @@ pub struct ScenarioImage {
     pub modules: Vec<String>,
     pub scenario: Scenario,
     pub files: Vec<FileMapping>,
+    /// Host programs copied with their shared libraries
+    /// ([`Initramfs::add_host_binary`]), e.g. util-linux tools or fio.
+    pub binaries: Vec<FileMapping>,
 }
 
 /// An image with busybox and the shared helper: the base of L1 and L2 images.
@@ -136,6 +139,9 @@ pub fn build_l2(assets: &GuestAssets, spec: &ScenarioImage) -> Result<Initramfs,
     img.add_bytes(SCENARIO_PATH, 0o755, spec.scenario.script.as_bytes())?;
     for f in &spec.files {
         img.add_file(&f.src, &f.dst)?;
+    }
+    for b in &spec.binaries {
+        img.add_host_binary(&b.src, &b.dst)?;
     }
     Ok(img)
 }

@@ -5,6 +5,10 @@
 //! The boot benchmark measures, per VMM, the wall time from spawning it to
 //! the guest's init printing `GUEST-INIT`, and the VMM's peak resident
 //! memory outside guest RAM (the largest mapping), sampled by `l1-bench`.
+//!
+//! The disk benchmark boots the `blk-bench` scenario (fio in the guest) with
+//! the same raw image in L1's tmpfs given to our VMM (`--disk`) and to QEMU
+//! (`virtio-blk-pci`), and reports median IOPS and bandwidth per fio job.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -47,6 +51,137 @@ pub fn boot_variants(run: &GuestRun, cmdline: &str) -> Vec<Variant> {
             argv: qemu("microvm"),
         },
     ]
+}
+
+/// The fio jobs of the `blk-bench` scenario, in the order it runs them.
+pub const DISK_JOBS: &[&str] = &["randread-4k-qd32", "read-1m-qd8", "write-1m-qd8"];
+/// The QEMU drive options equivalent to our VMM's raw-image I/O: the host
+/// page cache with flushes as `fdatasync` (our `RawImage` opens the file
+/// without O_DIRECT), I/O on worker threads. `cache=none` is not an option
+/// on L1's tmpfs (no O_DIRECT on tmpfs before Linux 6.6).
+pub const QEMU_DISK_CACHE: &str = "cache=writeback,aio=threads";
+
+/// The disk variants: our VMM and QEMU `-M pc`, each with `image` as a
+/// virtio-blk-pci disk (one queue per vCPU on both).
+pub fn disk_variants(run: &GuestRun, cmdline: &str, image: &str) -> Vec<Variant> {
+    let mut ours = vec![VMM_PATH.to_string()];
+    ours.extend(vmm_args_with(run, cmdline, L2_KERNEL, L2_INITRD));
+    ours.push("--disk".into());
+    ours.push(format!("path={image},id=bench"));
+    let mut qemu = vec![
+        QEMU_PATH.to_string(),
+        "-L".into(),
+        QEMU_FIRMWARE_PATH.into(),
+        "-M".into(),
+        "pc".into(),
+    ];
+    qemu.extend(qemu_l2_args(run, L2_KERNEL, L2_INITRD, cmdline, "kvm"));
+    qemu.extend([
+        "-drive".into(),
+        format!("file={image},if=none,id=d0,format=raw,{QEMU_DISK_CACHE}"),
+        "-device".into(),
+        format!(
+            "virtio-blk-pci,drive=d0,num-queues={},serial=bench",
+            run.cpus
+        ),
+    ]);
+    vec![
+        Variant {
+            name: "ours",
+            argv: ours,
+        },
+        Variant {
+            name: "qemu-pc",
+            argv: qemu,
+        },
+    ]
+}
+
+/// One `FIO-RESULT` line, attributed to the `BENCH-START` before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FioResult {
+    pub variant: String,
+    pub rep: u32,
+    pub job: String,
+    pub iops: u64,
+    pub bw_kib: u64,
+}
+
+/// Every `FIO-RESULT job=.. iops=.. bw_kib=..` line of a console, with the
+/// variant and round of the `BENCH-START variant=.. rep=..` line before it.
+pub fn parse_fio(console: &str) -> Vec<FioResult> {
+    let mut current: Option<(String, u32)> = None;
+    let mut out = Vec::new();
+    for l in console.lines() {
+        let kv = |rest: &str, k: &str| {
+            rest.split_whitespace()
+                .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        if let Some(pos) = l.find("BENCH-START ") {
+            let rest = &l[pos..];
+            current = kv(rest, "variant").zip(kv(rest, "rep").and_then(|r| r.parse().ok()));
+        } else if let Some(pos) = l.find("FIO-RESULT ") {
+            let rest = &l[pos..];
+            let (Some((variant, rep)), Some(job)) = (current.clone(), kv(rest, "job")) else {
+                continue;
+            };
+            let (Some(iops), Some(bw_kib)) = (
+                kv(rest, "iops").and_then(|v| v.parse().ok()),
+                kv(rest, "bw_kib").and_then(|v| v.parse().ok()),
+            ) else {
+                continue;
+            };
+            out.push(FioResult {
+                variant,
+                rep,
+                job,
+                iops,
+                bw_kib,
+            });
+        }
+    }
+    out
+}
+
+/// The disk table: one row per job, median IOPS (with the min-max range
+/// over rounds) and median MiB/s per variant, and ours / peer bandwidth
+/// (above 1 = ours is faster). `variants[0]` is ours, `variants[1]` the
+/// peer.
+pub fn render_disk_table(results: &[FioResult], variants: &[&str]) -> String {
+    let of = |v: &str, job: &str, f: fn(&FioResult) -> u64| -> Vec<u64> {
+        results
+            .iter()
+            .filter(|r| r.variant == v && r.job == job)
+            .map(f)
+            .collect()
+    };
+    let (ours, peer) = (variants[0], variants.get(1).copied().unwrap_or(""));
+    let mut t = format!(
+        "| fio job | runs {ours}/{peer} | {ours} IOPS (min-max) | {peer} IOPS (min-max) | {ours} MiB/s | {peer} MiB/s | {ours} / {peer} |\n|---|---|---|---|---|---|---|\n"
+    );
+    let iops = |v: &[u64]| match (median(v.to_vec()), v.iter().min(), v.iter().max()) {
+        (Some(m), Some(lo), Some(hi)) => format!("{m} ({lo}-{hi})"),
+        _ => "n/a".into(),
+    };
+    let mib = |b: Option<u64>| b.map_or("n/a".into(), |b| format!("{:.1}", b as f64 / 1024.0));
+    for job in DISK_JOBS {
+        let (oi, pi) = (of(ours, job, |r| r.iops), of(peer, job, |r| r.iops));
+        let ob = median(of(ours, job, |r| r.bw_kib));
+        let pb = median(of(peer, job, |r| r.bw_kib));
+        let _ = writeln!(
+            t,
+            "| {job} | {}/{} | {} | {} | {} | {} | {} |",
+            oi.len(),
+            pi.len(),
+            iops(&oi),
+            iops(&pi),
+            mib(ob),
+            mib(pb),
+            ratio(ob, pb),
+        );
+    }
+    t
 }
 
 /// The `l1-bench` spec for `variants`.
@@ -213,6 +348,45 @@ BENCH-RUN variant=ours rep=2 to_marker_ms=none total_ms=120000 exit=signal timed
             table.contains("| qemu-pc | 1/1 | 3.00 s | 0.33x |"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn fio_results_belong_to_their_run() {
+        let console = "\
+BENCH-START variant=ours rep=0
+  | FIO-RESULT job=randread-4k-qd32 iops=1000 bw_kib=4000
+  | FIO-RESULT job=write-1m-qd8 iops=10 bw_kib=10240
+BENCH-RUN variant=ours rep=0 to_marker_ms=1 total_ms=2 exit=0 timed_out=false maxrss_kib=1 overhead_kib=1
+BENCH-START variant=qemu-pc rep=0
+  | FIO-RESULT job=randread-4k-qd32 iops=500 bw_kib=2000
+  | FIO-RESULT job=broken iops=x bw_kib=1
+BENCH-START variant=ours rep=1
+  | FIO-RESULT job=randread-4k-qd32 iops=3000 bw_kib=12000
+";
+        let r = parse_fio(console);
+        assert_eq!(r.len(), 4);
+        assert_eq!(
+            (r[2].variant.as_str(), r[2].rep, r[2].iops),
+            ("qemu-pc", 0, 500)
+        );
+        assert_eq!((r[3].variant.as_str(), r[3].rep), ("ours", 1));
+        let t = render_disk_table(&r, &["ours", "qemu-pc"]);
+        // Median of 1000 and 3000 IOPS; bandwidth 8000 vs 2000 KiB/s.
+        assert!(
+            t.contains(
+                "| randread-4k-qd32 | 2/1 | 2000 (1000-3000) | 500 (500-500) | 7.8 | 2.0 | 4.00x |"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("| read-1m-qd8 | 0/0 | n/a | n/a |"), "{t}");
+    }
+
+    #[test]
+    fn disk_jobs_match_the_scenario() {
+        let s = guest_image::Scenario::load("blk-bench").unwrap();
+        for job in DISK_JOBS {
+            assert!(s.script.contains(&format!("run_job {job} ")), "{job}");
+        }
     }
 
     #[test]

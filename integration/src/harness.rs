@@ -56,6 +56,24 @@ pub enum HarnessError {
     BadMode(String),
     #[error("no usable KVM here for direct mode ({0:?}); use the nested mode")]
     NoDirectKvm(KvmKind),
+    #[error("VMM scripts run in the nested or direct mode, not {0:?}")]
+    ScriptMode(Mode),
+    #[error("cannot make scratch directory {path}")]
+    Scratch {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a VMM script ([`Harness::run_vmm_script`]) finds the VMM, the L2
+/// kernel and initramfs, and a scratch directory (L1's tmpfs when nested).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScriptPaths {
+    pub vmm: String,
+    pub kernel: String,
+    pub initrd: String,
+    pub scratch: String,
 }
 
 /// Where the L2 guest runs.
@@ -103,6 +121,9 @@ pub struct GuestRun {
     pub memory_mib: u32,
     /// Host files copied into the L2 initramfs.
     pub l2_files: Vec<FileMapping>,
+    /// Host programs copied into the L2 initramfs with their shared
+    /// libraries (e.g. util-linux `blkdiscard`, fio).
+    pub l2_binaries: Vec<FileMapping>,
     /// Host files copied into the L1 initramfs (e.g. disk images for the
     /// VMM, named in `vmm_args`).
     pub l1_files: Vec<FileMapping>,
@@ -131,6 +152,7 @@ impl GuestRun {
             cpus: 1,
             memory_mib: 512,
             l2_files: Vec::new(),
+            l2_binaries: Vec::new(),
             l1_files: Vec::new(),
             vmm_args: Vec::new(),
             memory_opts: None,
@@ -151,6 +173,28 @@ impl GuestRun {
 
     pub fn param(mut self, key: &str, value: impl ToString) -> Self {
         self.params.push(Param::new(key, value));
+        self
+    }
+
+    /// Adds modules (their closure) to the L2 initramfs.
+    pub fn modules(mut self, names: &[&str]) -> Self {
+        self.modules.extend(names.iter().map(|n| n.to_string()));
+        self
+    }
+
+    /// Copies host program `src` (with its shared libraries) to `dst` in
+    /// the L2 initramfs.
+    pub fn l2_binary(mut self, src: impl Into<PathBuf>, dst: &str) -> Self {
+        self.l2_binaries.push(FileMapping {
+            src: src.into(),
+            dst: dst.into(),
+        });
+        self
+    }
+
+    /// Appends VMM arguments (e.g. `--disk path=...`).
+    pub fn vmm_arg(mut self, arg: impl Into<String>) -> Self {
+        self.vmm_args.push(arg.into());
         self
     }
 
@@ -258,6 +302,7 @@ impl Harness {
             modules: run.modules.clone(),
             scenario: run.scenario.clone(),
             files: run.l2_files.clone(),
+            binaries: run.l2_binaries.clone(),
         };
         let img = guest_image::build_l2(&self.assets, &spec)?;
         Ok(img.write_cached(&self.images(), &format!("l2-{}", run.scenario.name))?)
@@ -325,6 +370,66 @@ impl Harness {
         let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         let l2_initrd = self.l2_initramfs(run)?;
         self.run_l1(run, &l2_initrd, payload, Mode::Nested)
+    }
+
+    /// Runs a POSIX sh script that calls the VMM (perhaps several times) and
+    /// does host-side work around it, e.g. creates disk images and checks
+    /// them after the guest exits. Nested: the script runs in L1 (the VMM
+    /// at [`l1::VMM_PATH`], scratch in L1's tmpfs); direct: on this host
+    /// with a temporary scratch directory. `vmm_exit` is the script's exit
+    /// status.
+    pub fn run_vmm_script(
+        &self,
+        run: &GuestRun,
+        mode: Mode,
+        script: impl Fn(&ScriptPaths) -> String,
+    ) -> Result<RunResult, HarnessError> {
+        match mode {
+            Mode::Nested => {
+                let paths = ScriptPaths {
+                    vmm: l1::VMM_PATH.into(),
+                    kernel: l1::L2_KERNEL.into(),
+                    initrd: l1::L2_INITRD.into(),
+                    scratch: "/tmp".into(),
+                };
+                let payload = L1Payload::VmmScript {
+                    binary: host::vmm_binary(true)?,
+                    script: script(&paths),
+                };
+                self.run_l1_payload(run, payload)
+            }
+            Mode::Direct => {
+                let kind = host::detect_kvm();
+                if kind != KvmKind::Ordinary {
+                    return Err(HarnessError::NoDirectKvm(kind));
+                }
+                let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+                let l2_initrd = self.l2_initramfs(run)?;
+                let scratch = std::env::temp_dir().join(format!(
+                    "vmm-script-{}-{}",
+                    std::process::id(),
+                    run.scenario.name
+                ));
+                std::fs::create_dir_all(&scratch).map_err(|source| HarnessError::Scratch {
+                    path: scratch.clone(),
+                    source,
+                })?;
+                let paths = ScriptPaths {
+                    vmm: host::vmm_binary(false)?.display().to_string(),
+                    kernel: self.assets.kernel.vmlinuz.display().to_string(),
+                    initrd: l2_initrd.display().to_string(),
+                    scratch: scratch.display().to_string(),
+                };
+                let mut cmd = Command::new("sh");
+                cmd.arg("-c").arg(script(&paths));
+                let cap = process::run_bounded(&mut cmd, &opts(run));
+                let _ = std::fs::remove_dir_all(&scratch);
+                let cap = cap?;
+                let vmm_exit = cap.status.and_then(|s| s.code());
+                Ok(finish(mode, cap, vmm_exit))
+            }
+            other => Err(HarnessError::ScriptMode(other)),
+        }
     }
 
     /// Builds the L1 image around `payload` and boots it under QEMU TCG.
@@ -460,7 +565,7 @@ pub fn qemu_l2_args(
 }
 
 /// Our VMM's arguments for a run inside L1 (paths inside the L1 image).
-fn vmm_args(run: &GuestRun, cmdline: &str) -> Vec<String> {
+pub fn vmm_args(run: &GuestRun, cmdline: &str) -> Vec<String> {
     vmm_args_with(run, cmdline, l1::L2_KERNEL, l1::L2_INITRD)
 }
 

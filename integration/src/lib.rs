@@ -22,11 +22,12 @@
 //! ```
 
 pub mod bench;
+pub mod disk;
 pub mod harness;
 pub mod host;
 pub mod l1;
 pub mod process;
 pub mod verdict;
 
-pub use harness::{GuestRun, Harness, HarnessError, Mode, RunResult};
+pub use harness::{GuestRun, Harness, HarnessError, Mode, RunResult, ScriptPaths};
 pub use verdict::Verdict;

@@ -1,8 +1,14 @@
-//! Overcommitted guest memory end to end: a guest with 1 GiB of RAM and a
-//! 256 MiB resident limit touches 700 MiB with a random pattern and verifies
-//! it, while L1 samples the VMM's guest RAM mapping from /proc/PID/smaps.
+//! Overcommitted guest memory end to end: a guest touches far more memory
+//! than the VMM's resident limit with a random pattern and verifies it,
+//! while L1 samples the VMM's guest RAM mapping from /proc/PID/smaps.
 //! Resident guest memory must stay within limit + reserve, by the pager's
 //! own counters and by smaps.
+//!
+//! Two sizes: the one CI runs (512 MiB guest, 64 MiB limit, 160 MiB touched)
+//! and the full size (1 GiB, 256 MiB, 700 MiB), ignored by default
+//! because paging runs at about 1 MiB/s under nested TCG (measured: 720 s to
+//! write 700 MiB, 510 s per checksum pass): `cargo test -p integration
+//! --test pager -- --ignored`.
 
 use std::time::Duration;
 
@@ -11,9 +17,10 @@ use integration::harness::vmm_args_with;
 use integration::l1::{sh_quote, L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
 use integration::{host, GuestRun, Harness, Mode, Verdict};
 
-const LIMIT_MIB: u64 = 256;
-/// The pager's default reserve: limit / 64.
-const RESERVE_MIB: u64 = LIMIT_MIB / 64;
+/// The pager's default reserve: limit / 64, at least 16 pages.
+fn reserve_kib(limit_mib: u64) -> u64 {
+    (limit_mib * 1024 / 64).max(16 * 4)
+}
 
 /// L1 payload: run the VMM in the background, sample the Rss of its largest
 /// mapping (guest RAM) every half second, report the maximum.
@@ -54,6 +61,16 @@ fn number_after(console: &str, key: &str) -> Option<u64> {
 
 #[test]
 fn overcommitted_guest_keeps_its_data_and_stays_under_the_limit() {
+    overcommit(512, 64, 160, Duration::from_secs(1200));
+}
+
+#[test]
+#[ignore = "about 40 minutes under nested TCG; run on demand"]
+fn overcommitted_guest_full_size() {
+    overcommit(1024, 256, 700, Duration::from_secs(3600));
+}
+
+fn overcommit(mem_mib: u32, limit_mib: u64, touch_mib: u32, timeout: Duration) {
     if Mode::auto().unwrap() != Mode::Nested {
         eprintln!("this test drives the nested L1 harness; skipped in direct mode");
         return;
@@ -61,10 +78,10 @@ fn overcommitted_guest_keeps_its_data_and_stays_under_the_limit() {
     let harness = Harness::new().unwrap();
     let mut run = GuestRun::new(Scenario::load("pager-touch").unwrap())
         .cpus(2)
-        .memory_mib(1024)
-        .param("touch_mib", 700)
-        .timeout(Duration::from_secs(1500));
-    run.memory_opts = Some(format!("limit={LIMIT_MIB}M,swap=/tmp/guest.swap"));
+        .memory_mib(mem_mib)
+        .param("touch_mib", touch_mib)
+        .timeout(timeout);
+    run.memory_opts = Some(format!("limit={limit_mib}M,swap=/tmp/guest.swap"));
     let cmdline = run.l2_cmdline().unwrap();
     let mut argv = vec![VMM_PATH.to_string()];
     argv.extend(vmm_args_with(&run, &cmdline, L2_KERNEL, L2_INITRD));
@@ -80,7 +97,7 @@ fn overcommitted_guest_keeps_its_data_and_stays_under_the_limit() {
     assert_eq!(r.verdict, Verdict::Pass, "scenario failed\n{console}");
     assert_eq!(r.vmm_exit, Some(0), "VMM exit\n{console}");
 
-    let bound_kib = (LIMIT_MIB + RESERVE_MIB) * 1024;
+    let bound_kib = limit_mib * 1024 + reserve_kib(limit_mib);
     let page_kib = 4;
     let peak_pages = number_after(console, "\"peak_resident_pages\":")
         .unwrap_or_else(|| panic!("no pager-stats JSON on the console\n{console}"));

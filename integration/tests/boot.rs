@@ -3,30 +3,10 @@
 //! the guest scenario's verdict comes back through the console and the
 //! VMM's exit code. Needs the static VMM (scripts/build-vmm-static.sh).
 
-use std::sync::OnceLock;
-
 use guest_image::Scenario;
 use integration::l1::L1Payload;
-use integration::{GuestRun, Harness, Mode, RunResult, Verdict};
-
-fn harness() -> &'static Harness {
-    static H: OnceLock<Harness> = OnceLock::new();
-    H.get_or_init(|| Harness::new().unwrap_or_else(|e| panic!("guest assets: {e}")))
-}
-
-fn mode() -> Mode {
-    Mode::auto().unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Asserts with the whole console in the message.
-fn check(ok: bool, what: &str, r: &RunResult) {
-    assert!(
-        ok,
-        "{what}: {}\n----- console -----\n{}\n----- end console -----",
-        r.summary(),
-        r.console
-    );
-}
+use integration::testing::{check, harness, mode};
+use integration::{GuestRun, Mode, RunResult, Verdict};
 
 fn run(run: GuestRun, mode: Mode) -> RunResult {
     let r = harness()

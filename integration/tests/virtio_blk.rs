@@ -6,38 +6,18 @@
 //! (scripts/build-vmm-static.sh) and util-linux's `blkdiscard` on this host
 //! (copied into the guest for `blkdiscard -z`, i.e. BLKZEROOUT).
 
-use std::path::Path;
-use std::sync::OnceLock;
-
 use guest_image::Scenario;
 use integration::disk::{self, Disk, Md5Range, MARK_GUEST_MD5, MARK_HOST_BLOCKS, MARK_HOST_MD5};
 use integration::harness::vmm_args_with;
-use integration::{GuestRun, Harness, Mode, RunResult, Verdict};
+use integration::testing::{check, harness, mode};
+use integration::{GuestRun, RunResult, Verdict};
+use std::path::Path;
 
 /// Modules the guest loads for virtio-blk over virtio-pci.
 const BLK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
 /// util-linux blkdiscard (Debian 12 host), and where it goes in the guest.
 const HOST_BLKDISCARD: &str = "/usr/sbin/blkdiscard";
 const GUEST_BLKDISCARD: &str = "usr/local/sbin/blkdiscard";
-
-fn harness() -> &'static Harness {
-    static H: OnceLock<Harness> = OnceLock::new();
-    H.get_or_init(|| Harness::new().unwrap_or_else(|e| panic!("guest assets: {e}")))
-}
-
-fn mode() -> Mode {
-    Mode::auto().unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Asserts with the whole console in the message.
-fn check(ok: bool, what: &str, r: &RunResult) {
-    assert!(
-        ok,
-        "{what}: {}\n----- console -----\n{}\n----- end console -----",
-        r.summary(),
-        r.console
-    );
-}
 
 /// Runs `run` with `disks` created by the VMM's host, printing the
 /// `after` ranges once the VMM has exited.

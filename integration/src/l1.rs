@@ -79,7 +79,7 @@ fn exec_line(program: &str, args: &[String]) -> String {
 }
 
 /// Shared libraries of a dynamically linked binary, per `ldd`.
-fn shared_libs(binary: &Path) -> Result<Vec<PathBuf>, InitramfsError> {
+pub fn shared_libs(binary: &Path) -> Result<Vec<PathBuf>, InitramfsError> {
     let out = Command::new("ldd")
         .arg(binary)
         .output()

@@ -26,6 +26,7 @@ pub mod harness;
 pub mod host;
 pub mod l1;
 pub mod process;
+pub mod usb;
 pub mod verdict;
 
 pub use harness::{GuestRun, Harness, HarnessError, Mode, RunResult};

@@ -80,6 +80,17 @@ fn run_script(mut run: GuestRun, mut script: UsbScript) -> RunResult {
         .run_l1_payload(&run, payload)
         .unwrap_or_else(|e| panic!("cannot run L1: {e}"));
     eprintln!("{}", r.summary());
+    // The result lines, for the test log.
+    for l in r.console.lines().filter(|l| {
+        ["USB-", "HOST-", "L1-USB", "reset "]
+            .iter()
+            .any(|m| l.contains(m))
+            && !l.contains("USB-HOT-WANT")
+            && !l.contains("USB-HOT-DONE")
+            && !l.contains("USB-HOT-GONE")
+    }) {
+        eprintln!("  {l}");
+    }
     r
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the host packages the project needs (idempotent): QEMU for the nested
-# harness, kmod for depmod, libclang for bindgen-based crates.
+# harness, kmod for depmod, libclang for bindgen-based crates, sg3-utils for
+# the USB port-reset test.
 set -euo pipefail
 
 need=()
@@ -8,6 +9,8 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v depmod >/dev/null 2>&1 || [ -x /usr/sbin/depmod ] || [ -x /sbin/depmod ] || need+=(kmod)
 dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+# sg_reset: the nested USB port-reset test copies it into the guest.
+command -v sg_reset >/dev/null 2>&1 || need+=(sg3-utils)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"

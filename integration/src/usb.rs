@@ -236,7 +236,10 @@ impl UsbScript {
 
     /// The script text, working in `dir`.
     pub fn render_in(&self, dir: &str) -> String {
-        let mut s = format!("D={}\nmkdir -p \"$D\"\nrm -f \"$D/vmm.rc\"\n", sh_quote(dir));
+        let mut s = format!(
+            "D={}\nmkdir -p \"$D\"\nrm -f \"$D/vmm.rc\"\n",
+            sh_quote(dir)
+        );
         for d in self.disks.iter().chain(&self.spare) {
             s.push_str(&d.create(dir));
         }

@@ -97,7 +97,11 @@ fn run_script(mut run: GuestRun, mut script: UsbScript) -> RunResult {
 /// The run passed: no timeout, scenario pass, VMM exit 0, no driver abort.
 fn check_passed(r: &RunResult) {
     check(!r.timed_out, "timed out", r);
-    check(!r.console.contains(MARK_L1_ABORT), "the L1 driver gave up", r);
+    check(
+        !r.console.contains(MARK_L1_ABORT),
+        "the L1 driver gave up",
+        r,
+    );
     check(r.verdict == Verdict::Pass, "scenario did not pass", r);
     check(
         r.console.contains(&format!("{MARK_HOST_VMM_RC}0")),

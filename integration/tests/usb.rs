@@ -82,7 +82,7 @@ fn run_script(mut run: GuestRun, mut script: UsbScript) -> RunResult {
     eprintln!("{}", r.summary());
     // The result lines, for the test log.
     for l in r.console.lines().filter(|l| {
-        ["USB-", "HOST-", "L1-USB", "reset "]
+        ["USB-", "HOST-", "L1-USB", "reset ", "FIO-RESULT"]
             .iter()
             .any(|m| l.contains(m))
             && !l.contains("USB-HOT-WANT")
@@ -312,4 +312,36 @@ fn port_reset_during_io_keeps_data() {
         );
         check_md5(&r, serial, serial);
     }
+}
+
+/// Smoke run of the `usb-bench` scenario (fio on a USB 3 disk) on our VMM
+/// only, short jobs: the scenario works and prints one result per job.
+/// Not the benchmark (that compares with QEMU in the same L1); ignored by
+/// default because it copies fio and its ~80 MB of libraries into L2.
+#[test]
+#[ignore]
+fn usb_bench_scenario_runs_on_our_vmm() {
+    if !nested() {
+        return;
+    }
+    let fio = find_program("fio").unwrap_or_else(|| panic!("fio not found on the host"));
+    let mut run = usb_run("usb-bench")
+        .param("bench_serial", "bench")
+        .param("fio_runtime", 5)
+        .param("fio_size_mib", 64);
+    run.l2_files
+        .extend(host_binary_files(&fio, "usr/local/bin/fio").unwrap());
+    let script = UsbScript {
+        disks: vec![UsbDisk::new("bench", 64).port(5).random_head(64)],
+        exit_wait_s: 900,
+        ..Default::default()
+    };
+    let r = run_script(run, script);
+    check_passed(&r);
+    for l in r.console.lines().filter(|l| l.contains("usb-bench:")) {
+        eprintln!("  {l}");
+    }
+    let results = r.console.matches("FIO-RESULT job=").count();
+    check(results == 3, "not one FIO-RESULT per job", &r);
+    check(r.console.contains("FIO-DONE"), "no FIO-DONE", &r);
 }

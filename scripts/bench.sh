@@ -2,6 +2,7 @@
 # Benchmarks (not tests) against QEMU in the same nested L1; results go into
 # BENCHMARKS.md. Usage: scripts/bench.sh boot [--reps 5] [--cpus 1] [--memory 256]
 #        scripts/bench.sh disk [--reps 3] [--cpus 1] [--image-mib 128] [--runtime 10]
+#        scripts/bench.sh usb [--reps 3] [--runtime 10] [--image-mib 128]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

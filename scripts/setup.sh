@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the host packages the project needs (idempotent): QEMU for the nested
 # harness, kmod for depmod, libclang for bindgen-based crates, fio for the
-# disk benchmark.
+# disk benchmarks, sg3-utils for the USB port-reset test.
 set -euo pipefail
 
 need=()
@@ -11,6 +11,8 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)
 command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 # fio is copied (with its libraries) into the guest for the disk benchmark.
 command -v fio >/dev/null 2>&1 || need+=(fio)
+# sg_reset: the nested USB port-reset test copies it into the guest.
+command -v sg_reset >/dev/null 2>&1 || need+=(sg3-utils)
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"

@@ -33,6 +33,11 @@ pub enum HostError {
          build it with scripts/build-vmm-static.sh"
     )]
     VmmNotStatic(PathBuf),
+    #[error(
+        "vmm-ctl binary {0} not found. Build it with scripts/build-vmm-static.sh \
+         (it builds vmm and vmm-ctl) or point {VMM_CTL_BIN_ENV} at one"
+    )]
+    VmmCtlMissing(PathBuf),
     #[error("{0} is not a 64-bit ELF executable")]
     NotElf(PathBuf),
     #[error("QEMU ({0}) not found; run scripts/setup.sh (installs qemu-system-x86)")]
@@ -123,6 +128,31 @@ fn elf_is_static(data: &[u8]) -> Option<bool> {
         }
     }
     Some(true)
+}
+
+/// Env var naming the `vmm-ctl` binary (default: next to the VMM).
+pub const VMM_CTL_BIN_ENV: &str = "VMM_CTL_BIN";
+/// File name of the control client built with the VMM.
+pub const VMM_CTL_NAME: &str = "vmm-ctl";
+
+/// `$VMM_CTL_BIN`, else `vmm-ctl` in the directory of [`vmm_binary`]
+/// (scripts/build-vmm-static.sh builds both), checked to exist (and, when
+/// `need_static`, to be statically linked).
+pub fn vmm_ctl_binary(need_static: bool) -> Result<PathBuf, HostError> {
+    let path = match std::env::var_os(VMM_CTL_BIN_ENV).filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let vmm = vmm_binary(false)?;
+            vmm.with_file_name(VMM_CTL_NAME)
+        }
+    };
+    if !path.is_file() {
+        return Err(HostError::VmmCtlMissing(path));
+    }
+    if need_static && !is_static_elf(&path)? {
+        return Err(HostError::VmmNotStatic(path));
+    }
+    Ok(path)
 }
 
 /// The QEMU binary: `$QEMU`, else `qemu-system-x86_64` found on PATH.

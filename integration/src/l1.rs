@@ -24,9 +24,9 @@ pub const QEMU_PATH: &str = "/usr/bin/qemu-system-x86_64";
 pub const QEMU_FIRMWARE_PATH: &str = "/usr/share/qemu";
 
 /// Where QEMU looks for firmware on Debian (its configured firmware path).
-const QEMU_FIRMWARE_DIRS: &[&str] = &["/usr/share/qemu", "/usr/share/seabios"];
+pub const QEMU_FIRMWARE_DIRS: &[&str] = &["/usr/share/qemu", "/usr/share/seabios"];
 /// Firmware a direct-kernel boot of `pc`, `q35` or `microvm` reads.
-const QEMU_FIRMWARE: &[&str] = &[
+pub const QEMU_FIRMWARE: &[&str] = &[
     "bios-256k.bin",
     "bios.bin",
     "bios-microvm.bin",

@@ -28,6 +28,8 @@ pub mod host;
 pub mod l1;
 pub mod process;
 pub mod testing;
+pub mod usb;
+pub mod usb_bench;
 pub mod verdict;
 
 pub use harness::{GuestRun, Harness, HarnessError, Mode, RunResult, ScriptPaths};

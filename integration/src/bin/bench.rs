@@ -11,6 +11,11 @@
 //! `blk-bench`) on the same raw image in L1's tmpfs, given to our VMM and to
 //! QEMU's virtio-blk-pci, round-robin in one L1, and reports median IOPS and
 //! MiB/s per job with ratios.
+//!
+//! `bench usb [--reps 3] [--runtime 10] [--image-mib 128] [--write BENCHMARKS.md]`
+//! runs fio in the guest (scenario `usb-bench`) on the same raw image in
+//! L1's tmpfs, plugged into our xHCI (USB 3 port) and into QEMU's
+//! `qemu-xhci` + `usb-storage`, round-robin in one L1.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,6 +65,20 @@ enum What {
         #[arg(long, default_value_t = 10)]
         runtime: u64,
         /// Update this markdown file's "disk" section.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// fio in the guest on a USB disk: ours vs QEMU qemu-xhci + usb-storage.
+    Usb {
+        #[arg(long, default_value_t = 3)]
+        reps: u32,
+        /// Seconds per fio job (after 1 s of ramp).
+        #[arg(long, default_value_t = 10)]
+        runtime: u64,
+        /// Size of the raw image in L1's tmpfs, MiB (random data).
+        #[arg(long, default_value_t = 128)]
+        image_mib: u64,
+        /// Update this markdown file's "usb" section.
         #[arg(long)]
         write: Option<PathBuf>,
     },
@@ -150,6 +169,12 @@ fn main() -> Result<()> {
             runtime,
             write,
         } => disk(reps, cpus, memory, image_mib, runtime, write),
+        What::Usb {
+            reps,
+            runtime,
+            image_mib,
+            write,
+        } => usb(reps, runtime, image_mib, write),
     }
 }
 
@@ -242,6 +267,74 @@ fn disk(
             raw.join("\n")
         );
         bench::update_section(&file, "disk", &body)?;
+        eprintln!("updated {}", file.display());
+    }
+    Ok(())
+}
+
+fn usb(reps: u32, runtime: u64, image_mib: u64, write: Option<PathBuf>) -> Result<()> {
+    use integration::usb::{self, find_program};
+    use integration::usb_bench;
+    let fio = find_program("fio").context("fio is not on PATH: run scripts/setup.sh")?;
+    let harness = Harness::new().context("harness")?;
+    // Boot + three jobs of (ramp + runtime) + slack for TCG.
+    let per_run = 180 + 3 * (runtime + 1) * 2;
+    let mut run = GuestRun::new(Scenario::load("usb-bench")?)
+        .cpus(1)
+        .memory_mib(512)
+        .param("bench_serial", usb_bench::SERIAL)
+        .param("fio_runtime", runtime)
+        .param("fio_size_mib", image_mib)
+        .timeout(Duration::from_secs(per_run * u64::from(2 * reps) + 300))
+        .l2_binary(fio, "usr/local/bin/fio");
+    run.modules = usb::GUEST_MODULES.iter().map(|m| m.to_string()).collect();
+    run.l2_files.push(usb::guest_usb_lib());
+    run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
+    let cmdline = run.l2_cmdline()?;
+    let variants = usb_bench::variants(&run, &cmdline);
+    let script = usb_bench::script(image_mib, reps, per_run, &variants);
+    let payload = L1Payload::VmmScript {
+        binary: host::vmm_binary(true)?,
+        script,
+    };
+    eprintln!("bench usb: {reps} rounds of ours and QEMU in one L1");
+    let r = harness.run_l1_payload(&run, payload)?;
+    let results = usb_bench::parse(&r.console);
+    if results.is_empty() {
+        bail!("no FIO-RESULT lines; console:\n{}", r.console);
+    }
+    let table = usb_bench::render_table(&results);
+    println!("{table}");
+    let raw: Vec<&str> = r
+        .console
+        .lines()
+        .filter(|l| {
+            ["USB-BENCH-", "FIO-RESULT", "usb-bench:"]
+                .iter()
+                .any(|m| l.contains(m))
+        })
+        .map(str::trim)
+        .collect();
+    println!("{}", raw.join("\n"));
+    if let Some(file) = write {
+        let body = format!(
+            "## USB mass-storage disk (xHCI)\n\n\
+             Command: `scripts/bench.sh usb --reps {reps} --runtime {runtime} --image-mib {image_mib}`\n\n\
+             Guest: Debian's kernel with a busybox initramfs and Debian's fio, 1 vCPU, 512 MiB, \
+             `xhci-pci` + `usb-storage` + `sd_mod`. Disk: one {image_mib} MiB raw image filled with \
+             random data in the nested L1's tmpfs, the same file for both VMMs, on a USB 3 \
+             (SuperSpeed) port. fio on the disk: `--ioengine=libaio --direct=1 --numjobs=1 \
+             --size={image_mib}M --ramp_time=1 --runtime={runtime} --time_based`; jobs: 4 KiB random \
+             read (iodepth 32, but Bulk-Only runs one command at a time), 1 MiB sequential read and \
+             write (iodepth 8). Medians of {reps} rounds run round-robin in the same L1 (QEMU TCG, \
+             one vCPU, `kvm_amd` nested). Ours: `--usb-storage path=IMG,port=5,id=bench` (buffered \
+             I/O on the host page cache). QEMU: `-M pc -accel kvm -cpu host -device qemu-xhci \
+             -drive file=IMG,if=none,{} -device usb-storage,drive=d0`. \
+             MB/s = 10^6 bytes/s. Ratio above 1 = ours is faster.\n\n{table}\nRaw lines:\n\n```\n{}\n```\n",
+            usb_bench::QEMU_DRIVE_OPTS,
+            raw.join("\n")
+        );
+        bench::update_section(&file, "usb", &body)?;
         eprintln!("updated {}", file.display());
     }
     Ok(())

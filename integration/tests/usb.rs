@@ -1,0 +1,345 @@
+//! Nested end-to-end tests of the xHCI controller and USB mass-storage
+//! disks (issue 5): our VMM inside the L1 QEMU TCG guest boots the Debian
+//! L2 with `--usb-storage` disks and an API socket; an L1 script makes the
+//! images, drives `vmm-ctl` in step with the guest's console markers, and
+//! checksums the images after the VMM exits.
+//!
+//! Needs the static VMM and vmm-ctl (scripts/build-vmm-static.sh) and, for
+//! the port-reset test, sg3-utils on the host (scripts/setup.sh).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use guest_image::scenario::FileMapping;
+use guest_image::Scenario;
+use integration::harness::vmm_args_with;
+use integration::l1::{L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
+use integration::usb::{
+    field, find_program, guest_usb_lib, tagged, Md5Range, UsbDisk, UsbScript, GUEST_MODULES,
+    MARK_GUEST_MD5, MARK_HOST_MD5, MARK_HOST_VMM_RC, MARK_L1_ABORT, VMM_CTL_PATH,
+};
+use integration::{host, GuestRun, Harness, Mode, RunResult, Verdict};
+
+/// Bound on one nested run (TCG L1 on a shared, loaded machine).
+const TIMEOUT: Duration = Duration::from_secs(1200);
+/// Hotplug cycles in one boot.
+const HOT_CYCLES: u32 = 20;
+
+fn harness() -> &'static Harness {
+    static H: OnceLock<Harness> = OnceLock::new();
+    H.get_or_init(|| Harness::new().unwrap_or_else(|e| panic!("guest assets: {e}")))
+}
+
+/// These tests drive the VMM from an L1 script; they need the nested mode.
+fn nested() -> bool {
+    let mode = Mode::auto().unwrap_or_else(|e| panic!("{e}"));
+    if mode != Mode::Nested {
+        eprintln!("this test drives the nested L1 harness; skipped in {mode:?} mode");
+        return false;
+    }
+    true
+}
+
+/// Asserts with the whole console in the message.
+fn check(ok: bool, what: &str, r: &RunResult) {
+    assert!(
+        ok,
+        "{what}: {}\n----- console -----\n{}\n----- end console -----",
+        r.summary(),
+        r.console
+    );
+}
+
+/// A run of a `usb-*` scenario with the USB modules and helper file.
+fn usb_run(scenario: &str) -> GuestRun {
+    let mut run = GuestRun::new(Scenario::load(scenario).unwrap())
+        .cpus(2)
+        .memory_mib(512)
+        .timeout(TIMEOUT);
+    run.modules = GUEST_MODULES.iter().map(|m| m.to_string()).collect();
+    run.l2_files.push(guest_usb_lib());
+    run
+}
+
+/// Boots `run` under the L1 `script` (VMM argv filled in here).
+fn run_script(mut run: GuestRun, mut script: UsbScript) -> RunResult {
+    let ctl = host::vmm_ctl_binary(true).unwrap_or_else(|e| panic!("{e}"));
+    run.l1_files.push(FileMapping {
+        src: ctl,
+        dst: VMM_CTL_PATH.into(),
+    });
+    let cmdline = run.l2_cmdline().unwrap();
+    let mut argv = vec![VMM_PATH.to_string()];
+    argv.extend(vmm_args_with(&run, &cmdline, L2_KERNEL, L2_INITRD));
+    script.vmm_argv = argv;
+    let payload = L1Payload::VmmScript {
+        binary: host::vmm_binary(true).unwrap_or_else(|e| panic!("{e}")),
+        script: script.render(),
+    };
+    let r = harness()
+        .run_l1_payload(&run, payload)
+        .unwrap_or_else(|e| panic!("cannot run L1: {e}"));
+    eprintln!("{}", r.summary());
+    // The result lines, for the test log.
+    for l in r.console.lines().filter(|l| {
+        ["USB-", "HOST-", "L1-USB", "reset ", "FIO-RESULT"]
+            .iter()
+            .any(|m| l.contains(m))
+            && !l.contains("USB-HOT-WANT")
+            && !l.contains("USB-HOT-DONE")
+            && !l.contains("USB-HOT-GONE")
+    }) {
+        eprintln!("  {l}");
+    }
+    r
+}
+
+/// The run passed: no timeout, scenario pass, VMM exit 0, no driver abort.
+fn check_passed(r: &RunResult) {
+    check(!r.timed_out, "timed out", r);
+    check(
+        !r.console.contains(MARK_L1_ABORT),
+        "the L1 driver gave up",
+        r,
+    );
+    check(r.verdict == Verdict::Pass, "scenario did not pass", r);
+    check(
+        r.console.contains(&format!("{MARK_HOST_VMM_RC}0")),
+        "VMM did not exit 0",
+        r,
+    );
+    check(r.vmm_exit == Some(0), "L1 payload did not exit 0", r);
+}
+
+/// Guest and host md5 of `tag` are both there and equal.
+fn check_md5(r: &RunResult, guest_tag: &str, host_tag: &str) {
+    let g = tagged(&r.console, MARK_GUEST_MD5, guest_tag);
+    let h = tagged(&r.console, MARK_HOST_MD5, host_tag);
+    check(g.is_some(), &format!("no guest md5 for {guest_tag}"), r);
+    check(h.is_some(), &format!("no host md5 for {host_tag}"), r);
+    check(
+        g == h,
+        &format!("guest md5 {guest_tag}={g:?} != host md5 {host_tag}={h:?}"),
+        r,
+    );
+}
+
+/// A USB 3 and a USB 2 disk read-write plus a read-only USB 2 disk, all
+/// plugged at start: sizes, speeds, O_DIRECT data round trip, host-side
+/// checksums after the VMM exits; the read-only image is unchanged.
+#[test]
+fn disks_on_usb3_and_usb2_ports_keep_their_data() {
+    if !nested() {
+        return;
+    }
+    let run = usb_run("usb-disks")
+        .param("usb_rw", "three:5000:64,two:480:32")
+        .param("usb_ro", "ro:480:16")
+        .param("usb_off_mib", 1)
+        .param("usb_len_mib", 8);
+    let script = UsbScript {
+        disks: vec![
+            UsbDisk::new("three", 64).port(5),
+            UsbDisk::new("two", 32).port(1),
+            UsbDisk::new("ro", 16).port(2).readonly().random_head(1),
+        ],
+        exit_wait_s: 900,
+        before: vec![Md5Range::of("ro-head", "ro", 0, 1)],
+        after: vec![
+            Md5Range::of("three", "three", 1, 8),
+            Md5Range::of("two", "two", 1, 8),
+            Md5Range::of("ro-head", "ro", 0, 1),
+        ],
+        ..Default::default()
+    };
+    let r = run_script(run, script);
+    check_passed(&r);
+    for (serial, speed, sectors) in [("three", "5000", "131072"), ("two", "480", "65536")] {
+        let mark = format!("USB-DISK serial={serial} ");
+        check(
+            field(&r.console, &mark, "speed").as_deref() == Some(speed),
+            &format!("{serial}: wrong or no speed"),
+            &r,
+        );
+        check(
+            field(&r.console, &mark, "sectors").as_deref() == Some(sectors),
+            &format!("{serial}: wrong or no size"),
+            &r,
+        );
+        check_md5(&r, serial, serial);
+    }
+    check(
+        field(&r.console, "USB-DISK serial=ro ", "ro").as_deref() == Some("1"),
+        "the read-only disk is not read-only in the guest",
+        &r,
+    );
+    check_md5(&r, "ro-head", "ro-head");
+    check_md5(&r, "ro-head", "ro-head-before");
+}
+
+/// The L1 driver of the hotplug test: per cycle, wait for the guest's
+/// request, attach (odd cycles on USB 3 port 6, even on USB 2 port 3), wait
+/// for the guest's I/O, detach.
+fn hotplug_driver(cycles: u32) -> String {
+    format!(
+        r#"n=1
+while [ "$n" -le {cycles} ]; do
+    wait_console "USB-HOT-WANT n=$n;" 300 || {{ echo "{MARK_L1_ABORT}: guest did not ask for cycle $n"; break; }}
+    if [ $((n % 2)) -eq 1 ]; then port=6; else port=3; fi
+    ctl usb.attach "{{\"path\":\"$D/hot.img\",\"port\":$port,\"id\":\"hot\"}}" ||
+        {{ echo "{MARK_L1_ABORT}: attach in cycle $n failed"; break; }}
+    wait_console "USB-HOT-DONE n=$n;" 300 || {{ echo "{MARK_L1_ABORT}: guest did not finish cycle $n"; break; }}
+    ctl usb.detach '{{"id":"hot"}}' || {{ echo "{MARK_L1_ABORT}: detach in cycle $n failed"; break; }}
+    echo "L1-USB-CYCLE n=$n; port=$port"
+    n=$((n + 1))
+done
+"#
+    )
+}
+
+/// 20 hot-attach/detach cycles in one boot, alternating USB 3 and USB 2
+/// ports, with I/O on the hot disk each cycle (the previous cycle's block
+/// must survive) and a disk plugged at start that must not change.
+#[test]
+fn hotplug_cycles_attach_and_detach_with_io() {
+    if !nested() {
+        return;
+    }
+    let run = usb_run("usb-hotplug")
+        .param("hot_serial", "hot")
+        .param("hot_cycles", HOT_CYCLES)
+        .param("hot_wait", 120)
+        .param("base_serial", "base");
+    let script = UsbScript {
+        disks: vec![UsbDisk::new("base", 16).port(1).random_head(1)],
+        spare: vec![UsbDisk::new("hot", 32)],
+        driver: hotplug_driver(HOT_CYCLES),
+        exit_wait_s: 600,
+        before: vec![Md5Range::of("base-head", "base", 0, 1)],
+        after: vec![
+            Md5Range::of("base-head", "base", 0, 1),
+            Md5Range::of("hot-all", "hot", 1, u64::from(HOT_CYCLES)),
+        ],
+        ..Default::default()
+    };
+    let r = run_script(run, script);
+    check_passed(&r);
+    let l1_cycles = r.console.matches("L1-USB-CYCLE n=").count();
+    check(
+        l1_cycles == HOT_CYCLES as usize,
+        &format!("L1 completed {l1_cycles} attach/detach cycles, not {HOT_CYCLES}"),
+        &r,
+    );
+    let guest_cycles = r
+        .console
+        .lines()
+        .filter(|l| l.contains("USB-HOT-CYCLE n=") && l.contains("io=ok"))
+        .count();
+    check(
+        guest_cycles == HOT_CYCLES as usize,
+        &format!("guest saw {guest_cycles} cycles with good I/O, not {HOT_CYCLES}"),
+        &r,
+    );
+    check(
+        r.console
+            .contains(&format!("USB-HOT-CYCLES-DONE={HOT_CYCLES}")),
+        "guest did not finish its cycles",
+        &r,
+    );
+    let speed_of = |n: u32| {
+        r.console
+            .lines()
+            .find(|l| l.contains(&format!("USB-HOT-CYCLE n={n};")))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("speed=")))
+            .map(str::to_string)
+    };
+    check(
+        speed_of(1).as_deref() == Some("5000"),
+        "cycle 1 (port 6) not SuperSpeed",
+        &r,
+    );
+    check(
+        speed_of(2).as_deref() == Some("480"),
+        "cycle 2 (port 3) not high speed",
+        &r,
+    );
+    check_md5(&r, "hot-all", "hot-all");
+    check_md5(&r, "base-head", "base-head");
+    check_md5(&r, "base-head", "base-head-before");
+}
+
+/// `sg_reset -b` during O_DIRECT writes and reads on a USB 3 and a USB 2
+/// disk: usb-storage resets the port (dmesg), the I/O completes, the data
+/// match in the guest and in the image after exit.
+#[test]
+fn port_reset_during_io_keeps_data() {
+    if !nested() {
+        return;
+    }
+    let sg_reset = find_program("sg_reset")
+        .unwrap_or_else(|| panic!("sg_reset not found: run scripts/setup.sh (sg3-utils)"));
+    let mut run = usb_run("usb-reset")
+        .param("reset_disks", "rs3:5000,rs2:480")
+        .param("reset_mib", 32)
+        .param("resets", 3)
+        .l2_binary(sg_reset, "usr/bin/sg_reset");
+    run.modules.push("sg".into());
+    let script = UsbScript {
+        disks: vec![
+            UsbDisk::new("rs3", 64).port(5),
+            UsbDisk::new("rs2", 64).port(1),
+        ],
+        exit_wait_s: 900,
+        after: vec![
+            Md5Range::of("rs3", "rs3", 0, 32),
+            Md5Range::of("rs2", "rs2", 0, 32),
+        ],
+        ..Default::default()
+    };
+    let r = run_script(run, script);
+    check_passed(&r);
+    for serial in ["rs3", "rs2"] {
+        let mark = format!("USB-RESET serial={serial} ");
+        let seen: u32 = field(&r.console, &mark, "seen")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        check(seen >= 1, &format!("{serial}: no port reset seen"), &r);
+        check(
+            field(&r.console, &mark, "io").as_deref() == Some("ok"),
+            &format!("{serial}: I/O not ok"),
+            &r,
+        );
+        check_md5(&r, serial, serial);
+    }
+}
+
+/// Smoke run of the `usb-bench` scenario (fio on a USB 3 disk) on our VMM
+/// only, short jobs: the scenario works and prints one result per job.
+/// Not the benchmark (that compares with QEMU in the same L1); ignored by
+/// default because it copies fio and its ~80 MB of libraries into L2.
+#[test]
+#[ignore]
+fn usb_bench_scenario_runs_on_our_vmm() {
+    if !nested() {
+        return;
+    }
+    let fio = find_program("fio").unwrap_or_else(|| panic!("fio not found on the host"));
+    let run = usb_run("usb-bench")
+        .param("bench_serial", "bench")
+        .param("fio_runtime", 5)
+        .param("fio_size_mib", 64)
+        .l2_binary(fio, "usr/local/bin/fio");
+    let script = UsbScript {
+        disks: vec![UsbDisk::new("bench", 64).port(5).random_head(64)],
+        exit_wait_s: 900,
+        ..Default::default()
+    };
+    let r = run_script(run, script);
+    check_passed(&r);
+    for l in r.console.lines().filter(|l| l.contains("usb-bench:")) {
+        eprintln!("  {l}");
+    }
+    let results = r.console.matches("FIO-RESULT job=").count();
+    check(results == 3, "not one FIO-RESULT per job", &r);
+    check(r.console.contains("FIO-DONE"), "no FIO-DONE", &r);
+}

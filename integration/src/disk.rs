@@ -93,17 +93,22 @@ impl Disk {
 
     /// Shell lines creating the image.
     fn create(&self, dir: &str) -> String {
-        let p = sh_quote(&self.path(dir));
-        let mut s = format!("rm -f {p}\ntruncate -s {}M {p} || exit 90\n", self.size_mib);
-        if self.random_head_mib > 0 {
-            let _ = writeln!(
-                s,
-                "dd if=/dev/urandom of={p} bs=1M count={} conv=notrunc 2>/dev/null || exit 91",
-                self.random_head_mib
-            );
-        }
-        s
+        create_image_lines(&self.path(dir), self.size_mib, self.random_head_mib)
     }
+}
+
+/// Shell lines that create a sparse raw image of `size_mib` MiB at `path`
+/// whose first `random_head_mib` MiB are random (exit 90/91 on failure).
+pub fn create_image_lines(path: &str, size_mib: u64, random_head_mib: u64) -> String {
+    let p = sh_quote(path);
+    let mut s = format!("rm -f {p}\ntruncate -s {size_mib}M {p} || exit 90\n");
+    if random_head_mib > 0 {
+        let _ = writeln!(
+            s,
+            "dd if=/dev/urandom of={p} bs=1M count={random_head_mib} conv=notrunc 2>/dev/null || exit 91"
+        );
+    }
+    s
 }
 
 /// A MiB-aligned byte range whose md5 the script prints as

@@ -146,16 +146,7 @@ impl UsbDisk {
 
     /// Shell lines creating the image.
     fn create(&self, dir: &str) -> String {
-        let p = sh_quote(&self.path_in(dir));
-        let mut s = format!("rm -f {p}\ntruncate -s {}M {p} || exit 90\n", self.size_mib);
-        if self.random_head_mib > 0 {
-            let _ = writeln!(
-                s,
-                "dd if=/dev/urandom of={p} bs=1M count={} conv=notrunc 2>/dev/null || exit 91",
-                self.random_head_mib
-            );
-        }
-        s
+        crate::disk::create_image_lines(&self.path_in(dir), self.size_mib, self.random_head_mib)
     }
 }
 

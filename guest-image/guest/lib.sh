@@ -45,3 +45,20 @@ report_status() {
     b=$(status_byte "$1")
     printf "\\$(printf %03o "$b")" | dd of=/dev/port bs=1 seek=244 count=1 conv=notrunc 2>/dev/null
 }
+
+# fio_job DEVICE NAME RW BS IODEPTH: one time-based fio job (libaio, O_DIRECT)
+# on /dev/DEVICE using $FIO, $size (MiB) and $runtime (s); prints
+# "FIO-RESULT job=NAME iops=N bw_kib=N" for the benchmark parsers.
+fio_job() {
+    $FIO --name="$2" --filename="/dev/$1" --rw="$3" --bs="$4" --iodepth="$5" \
+        --ioengine=libaio --direct=1 --numjobs=1 --size="${size}M" \
+        --runtime="$runtime" --ramp_time=1 --time_based \
+        --output-format=terse --terse-version=3 >/tmp/fio.out 2>/tmp/fio.err ||
+        { cat /tmp/fio.err; fail "fio $2 failed"; }
+    # Terse v3: fields 7/8 are read KiB/s and IOPS, 48/49 write KiB/s and IOPS.
+    awk -F';' -v job="$2" -v rw="$3" '$1 == 3 {
+        if (rw ~ /write/) { bw = $48; iops = $49 } else { bw = $7; iops = $8 }
+        print "FIO-RESULT job=" job " iops=" iops " bw_kib=" bw
+    }' /tmp/fio.out
+    grep -q '^3;' /tmp/fio.out || { cat /tmp/fio.out /tmp/fio.err; fail "fio $2 printed no result"; }
+}

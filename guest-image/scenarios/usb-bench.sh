@@ -19,22 +19,7 @@ size=$(param fio_size_mib 128)
 d=$(usb_wait_dev "$serial" 120) || fail "USB disk $serial did not appear"
 echo "usb-bench: $d speed=$(usb_speed "$d") sectors=$(cat "/sys/block/$d/size") max_sectors_kb=$(cat "/sys/block/$d/queue/max_sectors_kb")"
 
-# job NAME RW BS IODEPTH
-job() {
-    $FIO --name="$1" --filename="/dev/$d" --rw="$2" --bs="$3" --iodepth="$4" \
-        --ioengine=libaio --direct=1 --numjobs=1 --size="${size}M" \
-        --runtime="$runtime" --ramp_time=1 --time_based \
-        --output-format=terse --terse-version=3 >/tmp/fio.out 2>/tmp/fio.err ||
-        { cat /tmp/fio.err; fail "fio $1 failed"; }
-    # Terse v3 fields: 7 and 8 are read KiB/s and IOPS, 48 and 49 write.
-    awk -F';' -v job="$1" -v rw="$2" '$1 == 3 {
-        if (rw ~ /write/) { bw = $48; iops = $49 } else { bw = $7; iops = $8 }
-        print "FIO-RESULT job=" job " iops=" iops " bw_kib=" bw
-    }' /tmp/fio.out
-    grep -q '^3;' /tmp/fio.out || { cat /tmp/fio.out /tmp/fio.err; fail "fio $1 printed no result"; }
-}
-
-job randread-4k-qd32 randread 4k 32
-job read-1m-qd8 read 1M 8
-job write-1m-qd8 write 1M 8
+fio_job "$d" randread-4k-qd32 randread 4k 32
+fio_job "$d" read-1m-qd8 read 1M 8
+fio_job "$d" write-1m-qd8 write 1M 8
 echo "FIO-DONE"

@@ -385,7 +385,10 @@ BENCH-START variant=ours rep=1
     fn disk_jobs_match_the_scenario() {
         let s = guest_image::Scenario::load("blk-bench").unwrap();
         for job in DISK_JOBS {
-            assert!(s.script.contains(&format!("run_job {job} ")), "{job}");
+            assert!(
+                s.script.contains(&format!("fio_job \"vda\" {job} ")),
+                "{job}"
+            );
         }
     }
 

@@ -11,6 +11,7 @@ use thiserror::Error;
 use crate::debian::{self, io_err, DebianError};
 use crate::modules::{ModuleDb, ModulesError};
 use crate::progress;
+use crate::vmlinux::{self, VmlinuxError};
 
 /// The meta package whose dependency names the current kernel ABI.
 pub const KERNEL_META_PACKAGE: &str = "linux-image-amd64";
@@ -29,6 +30,8 @@ pub enum AssetError {
     NoVmlinuz(PathBuf),
     #[error("busybox binary is missing from {0}")]
     NoBusybox(PathBuf),
+    #[error(transparent)]
+    Vmlinux(#[from] VmlinuxError),
     #[error("cannot decompress module {path}: {why}")]
     Decompress { path: PathBuf, why: String },
 }
@@ -45,6 +48,8 @@ pub struct Kernel {
     /// Unpacked package root.
     pub root: PathBuf,
     pub vmlinuz: PathBuf,
+    /// The uncompressed kernel ELF extracted from `vmlinuz` (see [`vmlinux`]).
+    pub vmlinux: PathBuf,
     /// `<root>/lib/modules/<kver>`.
     pub modules_dir: PathBuf,
 }
@@ -102,6 +107,8 @@ pub fn fetch_kernel(build: &Path) -> Result<Kernel, AssetError> {
     if !vmlinuz.is_file() {
         return Err(AssetError::NoVmlinuz(vmlinuz));
     }
+    let vmlinux = unpacked.root.join("boot").join(format!("vmlinux-{kver}"));
+    vmlinux::extract(&vmlinuz, &vmlinux)?;
     let size = fs::metadata(&vmlinuz).map(|m| m.len()).unwrap_or(0);
     progress::step(&format!(
         "kernel {kver} ({} {}): {} ({})",
@@ -116,6 +123,7 @@ pub fn fetch_kernel(build: &Path) -> Result<Kernel, AssetError> {
         kver,
         root: unpacked.root,
         vmlinuz,
+        vmlinux,
         modules_dir,
     })
 }

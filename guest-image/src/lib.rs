@@ -3,6 +3,7 @@
 //! - [`assets`]: fetch the kernel `linux-image-amd64` depends on and
 //!   `busybox-static` (`apt-get download`, `dpkg-deb -x`, `depmod -b`),
 //!   cached under [`build_dir`] keyed by package version.
+//! - [`vmlinux`]: the uncompressed kernel ELF out of the bzImage.
 //! - [`initramfs`]: an in-memory tree written as a gzip'd newc [`cpio`].
 //! - [`scenario`]: the L2 image (`/init` + scenario script + modules).
 //! - [`cmdline`]: guest command lines with `key=value` scenario parameters.
@@ -17,6 +18,7 @@ pub mod initramfs;
 pub mod modules;
 pub mod progress;
 pub mod scenario;
+pub mod vmlinux;
 
 pub use assets::{fetch_assets, fetch_busybox, fetch_kernel, Busybox, GuestAssets, Kernel};
 pub use cmdline::Param;

@@ -24,6 +24,9 @@ struct Cli {
 enum Cmd {
     /// Fetch the kernel linux-image-amd64 depends on; print the vmlinuz path.
     Kernel,
+    /// Like `kernel`, but print the path of the uncompressed vmlinux ELF
+    /// extracted from it (boots faster: no in-guest decompression).
+    Vmlinux,
     /// Fetch busybox-static; print the binary's path.
     Busybox,
     /// Print the insmod order (dependency closure) of the given modules.
@@ -60,6 +63,10 @@ fn main() -> Result<()> {
         Cmd::Kernel => {
             let k = fetch_kernel(&build)?;
             println!("{}", k.vmlinuz.display());
+        }
+        Cmd::Vmlinux => {
+            let k = fetch_kernel(&build)?;
+            println!("{}", k.vmlinux.display());
         }
         Cmd::Busybox => {
             let b = guest_image::fetch_busybox(&build)?;

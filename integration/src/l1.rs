@@ -15,6 +15,8 @@ pub const L1_MODULES: &[&str] = &["kvm_amd"];
 /// Paths inside the L1 image.
 pub const L2_KERNEL: &str = "/l2/vmlinuz";
 pub const L2_INITRD: &str = "/l2/initrd.gz";
+/// The uncompressed kernel, where a run adds it (see `guest_image::vmlinux`).
+pub const L2_VMLINUX: &str = "/l2/vmlinux";
 pub const VMM_PATH: &str = "/vmm";
 pub const PAYLOAD_SCRIPT: &str = "l1/run.sh";
 pub const BENCH_PATH: &str = "/l1-bench";

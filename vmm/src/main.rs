@@ -7,7 +7,7 @@ use clap::Parser;
 use vmm::config::{DiskConfig, MemoryConfig, SerialConfig, UsbStorageConfig};
 use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE};
 
-/// Boots a Linux bzImage on KVM with a serial console.
+/// Boots a Linux kernel (bzImage or vmlinux) on KVM with a serial console.
 ///
 /// The exit status is the byte the guest wrote to the debug-exit port (0xf4),
 /// 0 when the guest rebooted or powered off (use `reboot=k`), and 1 on any
@@ -15,7 +15,8 @@ use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// Linux kernel image (bzImage with a 64-bit entry point).
+    /// Linux kernel: a bzImage with a 64-bit entry point, or an uncompressed
+    /// x86-64 vmlinux ELF (boots faster: no in-guest decompression).
     #[arg(long, value_name = "PATH")]
     kernel: PathBuf,
 

@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use guest_image::Scenario;
+use guest_image::{FileMapping, Scenario};
 use integration::bench;
-use integration::l1::L1Payload;
+use integration::l1::{L1Payload, L2_VMLINUX};
 use integration::{host, GuestRun, Harness};
 
 #[derive(Parser)]
@@ -112,12 +112,16 @@ fn main() -> Result<()> {
         } => {
             let harness = Harness::new().context("harness")?;
             let per_boot = Duration::from_secs(120);
-            let run = GuestRun::new(Scenario::inline("boot-bench", "true"))
+            let mut run = GuestRun::new(Scenario::inline("boot-bench", "true"))
                 .cpus(cpus)
                 .memory_mib(memory)
-                .timeout(per_boot * (3 * reps + 2));
+                .timeout(per_boot * (5 * reps + 2));
+            run.l1_files.push(FileMapping {
+                src: harness.assets.kernel.vmlinux.clone(),
+                dst: L2_VMLINUX.into(),
+            });
             let cmdline = run.l2_cmdline()?;
-            let variants = bench::boot_variants(&run, &cmdline);
+            let variants = bench::boot_variants(&run, &cmdline, L2_VMLINUX);
             let spec = bench::spec(reps, "GUEST-INIT", per_boot.as_secs(), &variants);
             let payload = L1Payload::Bench {
                 vmm: host::vmm_binary(true)?,

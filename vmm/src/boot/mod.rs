@@ -1,8 +1,10 @@
-//! Loading a Linux bzImage, its initramfs and command line into guest memory
-//! for the 64-bit boot protocol. Everything that can be checked without KVM
+//! Loading a Linux kernel (a bzImage, or an uncompressed x86-64 `vmlinux`
+//! ELF), its initramfs and command line into guest memory for the 64-bit
+//! boot protocol. Everything that can be checked without KVM
 //! (file format, sizes, fit in guest memory) is checked by [`BootPlan::new`]
 //! first, so bad input fails fast with a clear message.
 
+pub mod elf;
 pub mod initramfs;
 
 use std::fs::File;
@@ -10,7 +12,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
-use linux_loader::loader::{bzimage::BzImage, KernelLoader};
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
 use thiserror::Error;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -27,6 +29,8 @@ pub enum BootError {
     },
     #[error("{path} is not a Linux bzImage ({why})")]
     NotBzImage { path: PathBuf, why: &'static str },
+    #[error("{path} is not a Linux bzImage or x86-64 vmlinux ELF ({why})")]
+    NotElfKernel { path: PathBuf, why: &'static str },
     #[error("cannot read initramfs {path}")]
     InitramfsRead {
         path: PathBuf,
@@ -61,14 +65,78 @@ const MIN_BOOT_PROTOCOL: u16 = 0x020c;
 const XLF_KERNEL_64: u16 = 1 << 0;
 /// The 64-bit entry point is 0x200 past the protected-mode kernel start.
 const STARTUP_64_OFFSET: u64 = 0x200;
+/// The boot protocol's limits for a kernel without a setup header (ELF):
+/// COMMAND_LINE_SIZE on x86 and the default initrd_addr_max.
+const ELF_CMDLINE_SIZE: usize = 2048;
+const ELF_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// Load alignment reported in the zero page for an ELF kernel, which has no
+/// header of its own to carry it; 16 MiB = Debian's CONFIG_PHYSICAL_ALIGN
+/// and the kernel's usual load address.
+const ELF_KERNEL_ALIGNMENT: u32 = 0x100_0000;
 /// Room for early allocations the kernel makes before it can use the rest of
 /// RAM; below this a stock kernel does not get to init anyway.
 const MEMORY_SLACK: u64 = 32 << 20;
 
+/// The two kernel formats `--kernel` takes.
+#[derive(Debug, Clone, Copy)]
+enum KernelKind {
+    /// A bzImage: decompresses itself; entered at its 64-bit entry point.
+    BzImage(setup_header),
+    /// An uncompressed vmlinux: loaded segment by segment, entered at `e_entry`.
+    Elf(elf::ElfKernel),
+}
+
+impl KernelKind {
+    /// Reads and checks `path` as either format.
+    fn probe(path: &Path) -> Result<Self, BootError> {
+        let read_err = |source| BootError::KernelRead {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(read_err)?;
+        let len = file.metadata().map_err(read_err)?.len();
+        let mut head = [0u8; 4];
+        let n = file.read(&mut head).map_err(read_err)?;
+        if !elf::is_elf(&head[..n]) {
+            return read_setup_header(path).map(Self::BzImage);
+        }
+        elf::probe(&mut file, len)
+            .map(Self::Elf)
+            .map_err(|why| BootError::NotElfKernel {
+                path: path.to_owned(),
+                why,
+            })
+    }
+
+    /// First byte past the kernel once it runs (bzImage: its decompression
+    /// buffer, `init_size` from `pref_address`).
+    fn end(&self) -> u64 {
+        match self {
+            Self::BzImage(h) => h.pref_address.max(HIMEM_START) + u64::from(h.init_size),
+            Self::Elf(k) => k.end,
+        }
+    }
+
+    fn cmdline_max(&self) -> usize {
+        let size = match self {
+            Self::BzImage(h) => h.cmdline_size as usize,
+            Self::Elf(_) => ELF_CMDLINE_SIZE - 1,
+        };
+        size.min(CMDLINE_MAX_SIZE - 1)
+    }
+
+    fn initrd_addr_max(&self) -> u64 {
+        match self {
+            Self::BzImage(h) => u64::from(h.initrd_addr_max),
+            Self::Elf(_) => ELF_INITRD_ADDR_MAX,
+        }
+    }
+}
+
 /// The checked inputs of a direct kernel boot.
 pub struct BootPlan {
     kernel_path: PathBuf,
-    header: setup_header,
+    kernel: KernelKind,
     initramfs: Option<Vec<u8>>,
     cmdline: Vec<u8>,
     mem_size: u64,
@@ -83,7 +151,7 @@ impl BootPlan {
         cmdline: &str,
         mem_size: u64,
     ) -> Result<Self, BootError> {
-        let header = read_setup_header(kernel)?;
+        let kind = KernelKind::probe(kernel)?;
         let initramfs = match initramfs_path {
             Some(p) => {
                 let data = std::fs::read(p).map_err(|source| BootError::InitramfsRead {
@@ -104,7 +172,7 @@ impl BootPlan {
         if cmdline.contains('\0') {
             return Err(BootError::CmdlineNul);
         }
-        let max = (header.cmdline_size as usize).min(CMDLINE_MAX_SIZE - 1);
+        let max = kind.cmdline_max();
         if cmdline.len() > max {
             return Err(BootError::CmdlineTooLong {
                 len: cmdline.len(),
@@ -114,8 +182,7 @@ impl BootPlan {
         let mut cmdline_bytes = cmdline.as_bytes().to_vec();
         cmdline_bytes.push(0);
 
-        // The decompressed kernel occupies [pref_address, + init_size).
-        let kernel_end = header.pref_address.max(HIMEM_START) + u64::from(header.init_size);
+        let kernel_end = kind.end();
         let initrd_len = initramfs.as_ref().map_or(0, |d| d.len() as u64);
         let need = kernel_end + page_align(initrd_len) + MEMORY_SLACK;
         if mem_size < need {
@@ -126,7 +193,7 @@ impl BootPlan {
         }
         // The initramfs goes as high as the kernel allows, out of its way.
         let initrd_at = initramfs.as_ref().map(|d| {
-            let top = low_ram_end(mem_size).min(u64::from(header.initrd_addr_max) + 1);
+            let top = low_ram_end(mem_size).min(kind.initrd_addr_max() + 1);
             (top - d.len() as u64) & !0xfff
         });
         if let Some(at) = initrd_at {
@@ -139,7 +206,7 @@ impl BootPlan {
         }
         Ok(Self {
             kernel_path: kernel.to_owned(),
-            header,
+            kernel: kind,
             initramfs,
             cmdline: cmdline_bytes,
             mem_size,
@@ -154,8 +221,24 @@ impl BootPlan {
             path: self.kernel_path.clone(),
             source,
         })?;
-        let loaded = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(BootError::Load)?;
+        let himem = Some(GuestAddress(HIMEM_START));
+        let (header, entry) = match self.kernel {
+            KernelKind::BzImage(header) => {
+                let loaded = BzImage::load(mem, None, &mut file, himem).map_err(BootError::Load)?;
+                (
+                    loaded.setup_header.unwrap_or(header),
+                    loaded.kernel_load.0 + STARTUP_64_OFFSET,
+                )
+            }
+            KernelKind::Elf(_) => {
+                let loaded = Elf::load(mem, None, &mut file, himem).map_err(BootError::Load)?;
+                let header = setup_header {
+                    kernel_alignment: ELF_KERNEL_ALIGNMENT,
+                    ..Default::default()
+                };
+                (header, loaded.kernel_load.0)
+            }
+        };
         let gm = BootError::GuestMemory;
         mem.write_slice(&self.cmdline, GuestAddress(CMDLINE_START))
             .map_err(gm)?;
@@ -169,12 +252,11 @@ impl BootPlan {
             }
             _ => None,
         };
-        let hdr = loaded.setup_header.unwrap_or(self.header);
-        let params = bootparams::build(hdr, self.mem_size, self.cmdline.len() - 1, initrd);
+        let params = bootparams::build(header, self.mem_size, self.cmdline.len() - 1, initrd);
         mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
             .map_err(gm)?;
         crate::arch::regs::write_boot_tables(mem).map_err(gm)?;
-        Ok(loaded.kernel_load.0 + STARTUP_64_OFFSET)
+        Ok(entry)
     }
 }
 
@@ -296,6 +378,39 @@ mod tests {
         let good = temp("unknown.img", &[0xfd, b'7', b'z', b'X', b'Z', 0]);
         let plan = BootPlan::new(&k, Some(&good), "", 256 << 20).unwrap();
         assert_eq!(plan.initrd_at, Some((256 << 20) - 4096));
+    }
+
+    #[test]
+    fn elf_kernel_is_checked_loaded_and_entered_at_its_entry() {
+        let k = temp("vmlinux", &elf::tests::fake_vmlinux(8192, 48 << 20));
+        let e = BootPlan::new(&k, None, "", 64 << 20).err().unwrap();
+        assert!(
+            matches!(e, BootError::MemoryTooSmall { need_mib: 96, .. }),
+            "{e}"
+        );
+        let long = "x".repeat(2048);
+        assert!(matches!(
+            BootPlan::new(&k, None, &long, 256 << 20),
+            Err(BootError::CmdlineTooLong { max: 2047, .. })
+        ));
+        let plan = BootPlan::new(&k, None, "console=ttyS0", 256 << 20).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
+        assert_eq!(plan.load(&mem).unwrap(), 0x100_0000);
+        let mut text = [0u8; 8192];
+        mem.read_slice(&mut text, GuestAddress(0x100_0000)).unwrap();
+        assert!(text.iter().all(|&b| b == 0x90), "segment bytes not loaded");
+        let params: linux_loader::loader::bootparam::boot_params =
+            mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let (align, magic) = (params.hdr.kernel_alignment, params.hdr.header);
+        assert_eq!((align, magic), (ELF_KERNEL_ALIGNMENT, HDRS_MAGIC));
+
+        let broken = temp("vmlinux-cut", &elf::tests::fake_vmlinux(8192, 8192)[..100]);
+        let e = BootPlan::new(&broken, None, "", 256 << 20).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("not a Linux bzImage or x86-64 vmlinux ELF"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -109,6 +109,16 @@ impl Mode {
     }
 }
 
+/// Which form of the Debian kernel our VMM boots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelForm {
+    /// The bzImage as Debian ships it (decompresses itself in the guest).
+    #[default]
+    BzImage,
+    /// The uncompressed ELF extracted from it (`guest_image::vmlinux`).
+    Vmlinux,
+}
+
 /// One guest run: which scenario, with what parameters and resources.
 #[derive(Clone, Debug)]
 pub struct GuestRun {
@@ -131,6 +141,8 @@ pub struct GuestRun {
     pub vmm_args: Vec<String>,
     /// Extra `--memory` keys after `size=` (e.g. `limit=256M,swap=/tmp/s`).
     pub memory_opts: Option<String>,
+    /// The kernel form our VMM boots (QEMU runs always get the bzImage).
+    pub kernel: KernelForm,
     pub timeout: Duration,
     /// Copy the console to stdout while running.
     pub echo_console: bool,
@@ -156,6 +168,7 @@ impl GuestRun {
             l1_files: Vec::new(),
             vmm_args: Vec::new(),
             memory_opts: None,
+            kernel: KernelForm::BzImage,
             timeout,
             echo_console: false,
         }
@@ -196,6 +209,20 @@ impl GuestRun {
     pub fn vmm_arg(mut self, arg: impl Into<String>) -> Self {
         self.vmm_args.push(arg.into());
         self
+    }
+
+    /// Boots the uncompressed vmlinux instead of the bzImage.
+    pub fn vmlinux(mut self) -> Self {
+        self.kernel = KernelForm::Vmlinux;
+        self
+    }
+
+    /// The kernel's path inside L1.
+    pub fn l1_kernel(&self) -> &'static str {
+        match self.kernel {
+            KernelForm::BzImage => l1::L2_KERNEL,
+            KernelForm::Vmlinux => l1::L2_VMLINUX,
+        }
     }
 
     pub fn timeout(mut self, t: Duration) -> Self {
@@ -337,7 +364,7 @@ impl Harness {
                     return Err(HarnessError::NoDirectKvm(kind));
                 }
                 let vmm = host::vmm_binary(false)?;
-                let kernel = self.assets.kernel.vmlinuz.display().to_string();
+                let kernel = self.host_kernel(run).display().to_string();
                 let initrd = l2_initrd.display().to_string();
                 let mut cmd = Command::new(vmm);
                 cmd.args(vmm_args_with(run, &l2_cmdline, &kernel, &initrd));
@@ -388,7 +415,7 @@ impl Harness {
             Mode::Nested => {
                 let paths = ScriptPaths {
                     vmm: l1::VMM_PATH.into(),
-                    kernel: l1::L2_KERNEL.into(),
+                    kernel: run.l1_kernel().into(),
                     initrd: l1::L2_INITRD.into(),
                     scratch: "/tmp".into(),
                 };
@@ -416,7 +443,7 @@ impl Harness {
                 })?;
                 let paths = ScriptPaths {
                     vmm: host::vmm_binary(false)?.display().to_string(),
-                    kernel: self.assets.kernel.vmlinuz.display().to_string(),
+                    kernel: self.host_kernel(run).display().to_string(),
                     initrd: l2_initrd.display().to_string(),
                     scratch: scratch.display().to_string(),
                 };
@@ -440,13 +467,28 @@ impl Harness {
         payload: L1Payload,
         mode: Mode,
     ) -> Result<RunResult, HarnessError> {
-        let l1_initrd = self.l1_initramfs(l2_initrd, &payload, &run.l1_files)?;
+        let mut files = run.l1_files.clone();
+        if run.kernel == KernelForm::Vmlinux {
+            files.push(FileMapping {
+                src: self.assets.kernel.vmlinux.clone(),
+                dst: l1::L2_VMLINUX.into(),
+            });
+        }
+        let l1_initrd = self.l1_initramfs(l2_initrd, &payload, &files)?;
         let cap = self.boot_l1(&l1_initrd, &opts(run))?;
         let mut vmm_exit = verdict::parse_l1_exit(&cap.console);
         if mode == Mode::NestedQemu {
             vmm_exit = vmm_exit.map(verdict::qemu_debug_exit_to_status);
         }
         Ok(finish(mode, cap, vmm_exit))
+    }
+
+    /// The kernel file on this host that `run` boots with our VMM.
+    fn host_kernel(&self, run: &GuestRun) -> &Path {
+        match run.kernel {
+            KernelForm::BzImage => &self.assets.kernel.vmlinuz,
+            KernelForm::Vmlinux => &self.assets.kernel.vmlinux,
+        }
     }
 
     /// Builds (or reuses) an L1 initramfs.
@@ -566,7 +608,7 @@ pub fn qemu_l2_args(
 
 /// Our VMM's arguments for a run inside L1 (paths inside the L1 image).
 pub fn vmm_args(run: &GuestRun, cmdline: &str) -> Vec<String> {
-    vmm_args_with(run, cmdline, l1::L2_KERNEL, l1::L2_INITRD)
+    vmm_args_with(run, cmdline, run.l1_kernel(), l1::L2_INITRD)
 }
 
 /// Our VMM's arguments: the CLI contract `--kernel --initramfs --cmdline

@@ -32,5 +32,5 @@ pub mod usb;
 pub mod usb_bench;
 pub mod verdict;
 
-pub use harness::{GuestRun, Harness, HarnessError, Mode, RunResult, ScriptPaths};
+pub use harness::{GuestRun, Harness, HarnessError, KernelForm, Mode, RunResult, ScriptPaths};
 pub use verdict::Verdict;

@@ -50,6 +50,22 @@ fn boots_with_two_vcpus() {
     );
 }
 
+/// The uncompressed kernel (extracted by guest-image) boots through the
+/// ELF entry point, skipping the guest's own decompressor.
+#[test]
+fn boots_the_uncompressed_vmlinux() {
+    let r = run(boot_run(1, 512).vmlinux(), mode());
+    check(!r.timed_out, "timed out", &r);
+    check(r.verdict == Verdict::Pass, "scenario did not pass", &r);
+    check(r.vmm_exit == Some(0), "VMM exit code is not 0", &r);
+    check(
+        r.console.contains("nproc=1 ") && r.console.contains("MemTotal="),
+        "guest did not report its CPUs and memory",
+        &r,
+    );
+    eprintln!("time to guest init: {:?}", r.time_to("GUEST-INIT"));
+}
+
 #[test]
 fn failing_scenario_fails_the_run() {
     let r = run(GuestRun::new(Scenario::load("fail").unwrap()), mode());

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use guest_image::{FileMapping, Scenario};
+use guest_image::Scenario;
 use integration::bench;
 use integration::l1::{L1Payload, L2_VMLINUX};
 use integration::{host, GuestRun, Harness};
@@ -112,14 +112,12 @@ fn main() -> Result<()> {
         } => {
             let harness = Harness::new().context("harness")?;
             let per_boot = Duration::from_secs(120);
-            let mut run = GuestRun::new(Scenario::inline("boot-bench", "true"))
+            // The vmlinux form puts the ELF into L1; the variants name both.
+            let run = GuestRun::new(Scenario::inline("boot-bench", "true"))
+                .vmlinux()
                 .cpus(cpus)
                 .memory_mib(memory)
                 .timeout(per_boot * (5 * reps + 2));
-            run.l1_files.push(FileMapping {
-                src: harness.assets.kernel.vmlinux.clone(),
-                dst: L2_VMLINUX.into(),
-            });
             let cmdline = run.l2_cmdline()?;
             let variants = bench::boot_variants(&run, &cmdline, L2_VMLINUX);
             let spec = bench::spec(reps, "GUEST-INIT", per_boot.as_secs(), &variants);

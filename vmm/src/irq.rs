@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::{MsiMessage, MsiRouter};
+use devices::pci::{IrqLevel, MsiMessage, MsiRouter};
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
@@ -147,6 +147,28 @@ impl MsiRouter for KvmMsiRouter {
 
     fn fire(&self, vector: u16) -> io::Result<()> {
         self.vector(vector)?.1.write(1)
+    }
+}
+
+/// An IOAPIC input driven with `KVM_IRQ_LINE`: a PCI function's INTx pin.
+/// The level is the pin's logical assertion (KVM's IOAPIC applies the
+/// polarity the guest programmed).
+pub struct KvmIrqLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl KvmIrqLine {
+    pub fn new(vm: Arc<VmFd>, gsi: u32) -> Self {
+        Self { vm, gsi }
+    }
+}
+
+impl IrqLevel for KvmIrqLine {
+    fn set_level(&self, asserted: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.gsi, asserted) {
+            log::warn!("KVM_IRQ_LINE gsi {} level {asserted}: {e}", self.gsi);
+        }
     }
 }
 

@@ -2,9 +2,12 @@
 //! registers have side effects (MSI-X control, PMCSR), and BAR relocation
 //! tracking. Device models embed a [`PciFunction`] and delegate to it.
 
+use std::sync::Arc;
+
+use super::intx::{Intx, IrqLevel};
 use super::msix::{Msix, MSIX_CAP_CONTROL};
 use super::pm::{PmCapability, PmOptions, PowerState};
-use super::{PciConfig, PciError, BAR0, COMMAND_MEMORY_SPACE, NUM_BARS};
+use super::{PciConfig, PciError, BAR0, COMMAND, COMMAND_MEMORY_SPACE, NUM_BARS};
 
 /// A BAR the guest moved to a new address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +31,7 @@ pub struct ConfigWriteEffects {
 pub struct PciFunction {
     config: PciConfig,
     msix: Option<(u8, Msix)>,
+    intx: Option<Intx>,
     pm: Option<PmCapability>,
     /// Last real (non-sizing) address of each BAR.
     committed: [Option<u64>; NUM_BARS],
@@ -38,6 +42,7 @@ impl PciFunction {
         Self {
             config,
             msix: None,
+            intx: None,
             pm: None,
             committed: [None; NUM_BARS],
         }
@@ -48,6 +53,31 @@ impl PciFunction {
         let off = msix.add_to(&mut self.config)?;
         self.msix = Some((off, msix));
         Ok(())
+    }
+
+    /// Adds an INTA# pin wired to interrupt input `irq` through `line`.
+    pub fn add_intx(&mut self, irq: u8, line: Arc<dyn IrqLevel>) {
+        self.intx = Some(Intx::add_to(&mut self.config, irq, line));
+    }
+
+    /// Whether the guest enabled MSI-X (then INTx is not used).
+    pub fn msix_enabled(&self) -> bool {
+        self.msix().is_some_and(Msix::enabled)
+    }
+
+    /// Reports the device's level interrupt condition to its INTx pin
+    /// (no effect without one). Devices call this whenever the condition
+    /// may have changed; while MSI-X is enabled the pin stays deasserted.
+    pub fn set_intx_pending(&mut self, pending: bool) {
+        let pending = pending && !self.msix_enabled();
+        if let Some(intx) = &mut self.intx {
+            intx.set_pending(&mut self.config, pending);
+        }
+    }
+
+    /// Whether the INTx pin is asserted now.
+    pub fn intx_asserted(&self) -> bool {
+        self.intx.as_ref().is_some_and(Intx::asserted)
     }
 
     /// Opts into PCI power management.
@@ -108,6 +138,16 @@ impl PciFunction {
             let ctrl = usize::from(*cap) + MSIX_CAP_CONTROL;
             if touches(ctrl, 2) {
                 msix.set_control(self.config.read_u16(ctrl));
+                if msix.enabled() {
+                    if let Some(intx) = &mut self.intx {
+                        intx.set_pending(&mut self.config, false);
+                    }
+                }
+            }
+        }
+        if let Some(intx) = &mut self.intx {
+            if touches(COMMAND, 2) {
+                intx.update(&mut self.config);
             }
         }
         if let Some(pm) = &mut self.pm {

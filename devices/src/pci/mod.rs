@@ -25,6 +25,7 @@ pub mod config;
 pub mod device;
 pub mod function;
 pub mod host_bridge;
+pub mod intx;
 pub mod msix;
 pub mod pm;
 
@@ -36,6 +37,7 @@ pub use config::{BarKind, BarSpec, Capability, PciConfig, PciIds};
 pub use device::{PciDevice, SharedPciDevice};
 pub use function::{BarMove, ConfigWriteEffects, PciFunction};
 pub use host_bridge::HostBridge;
+pub use intx::{Intx, IrqLevel};
 pub use msix::{MsiMessage, MsiRouter, Msix};
 pub use pm::{PmCapability, PmOptions, PowerState};
 

@@ -25,6 +25,22 @@ const INT_TYPE_INT: u8 = 0;
 const INT_TYPE_NMI: u8 = 1;
 const INT_TYPE_EXTINT: u8 = 3;
 const ISA_BUS_ID: u8 = 0;
+/// The MP bus id of PCI bus 0 (Linux numbers PCI buses in the order their
+/// bus entries appear).
+const PCI_BUS_ID: u8 = 1;
+/// PCI interrupts are level-triggered, active low (MP spec table 4-10:
+/// polarity bits 1:0 = 11b, trigger bits 3:2 = 11b).
+const IRQ_FLAGS_LEVEL_LOW: u16 = 0x000f;
+/// PCI device numbers with an INTA# entry (device 0 is the host bridge).
+const PCI_SLOTS: std::ops::RangeInclusive<u8> = 1..=31;
+/// First IOAPIC input for PCI INTx (16-23, above the ISA IRQs).
+const FIRST_PCI_IRQ: u8 = 16;
+
+/// The IOAPIC input that INTA# of PCI device `slot` is wired to: devices
+/// share the eight inputs 16-23 round-robin, as on a PC chipset.
+pub fn pci_intx_irq(slot: u8) -> u8 {
+    FIRST_PCI_IRQ + slot % 8
+}
 
 /// Builds the floating pointer + configuration table for `cpus` CPUs, to be
 /// placed at guest address `at`.
@@ -43,7 +59,9 @@ pub fn build(cpus: u8, at: u64) -> Vec<u8> {
     }
     entries.extend_from_slice(&[ENTRY_BUS, ISA_BUS_ID]);
     entries.extend_from_slice(b"ISA   ");
-    count += 1;
+    entries.extend_from_slice(&[ENTRY_BUS, PCI_BUS_ID]);
+    entries.extend_from_slice(b"PCI   ");
+    count += 2;
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     count += 1;
@@ -53,6 +71,13 @@ pub fn build(cpus: u8, at: u64) -> Vec<u8> {
         let kind = INT_TYPE_INT;
         entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind, 0, 0, ISA_BUS_ID, irq]);
         entries.extend_from_slice(&[ioapic_id, irq]);
+        count += 1;
+    }
+    // INTA# of every PCI device (source bus irq = device << 2 | pin - 1).
+    for slot in PCI_SLOTS {
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT]);
+        entries.extend_from_slice(&IRQ_FLAGS_LEVEL_LOW.to_le_bytes());
+        entries.extend_from_slice(&[PCI_BUS_ID, slot << 2, ioapic_id, pci_intx_irq(slot)]);
         count += 1;
     }
     // LINT0 is the 8259 (ExtINT), LINT1 is NMI, on every local APIC.
@@ -131,7 +156,7 @@ mod tests {
         let t = build(cpus, 0x9fc00);
         let mpc = &t[16..];
         let count = u16::from_le_bytes(mpc[34..36].try_into().unwrap());
-        assert_eq!(count as usize, cpus as usize + 1 + 1 + 16 + 2);
+        assert_eq!(count as usize, cpus as usize + 2 + 1 + 16 + 31 + 2);
         let mut off = 44;
         let mut bsps = 0;
         for id in 0..cpus {
@@ -141,8 +166,8 @@ mod tests {
             off += 20;
         }
         assert_eq!(bsps, 1);
-        assert_eq!(mpc[off], ENTRY_BUS);
-        off += 8;
+        assert_eq!((mpc[off], mpc[off + 8]), (ENTRY_BUS, ENTRY_BUS));
+        off += 16;
         assert_eq!(mpc[off], ENTRY_IOAPIC);
         assert_eq!(mpc[off + 1], cpus);
         assert_eq!(
@@ -153,5 +178,28 @@ mod tests {
         // IRQ 4 (COM1) goes to IOAPIC pin 4.
         let irq4 = &mpc[off + 4 * 8..off + 5 * 8];
         assert_eq!((irq4[0], irq4[5], irq4[7]), (ENTRY_IO_INTERRUPT, 4, 4));
+    }
+
+    #[test]
+    fn pci_inta_of_each_device_goes_to_a_level_low_ioapic_input() {
+        let t = build(1, 0x9fc00);
+        let mpc = &t[16..];
+        // One processor entry (20 bytes), then 8-byte entries.
+        let entries = &mpc[44 + 20..];
+        let bus = entries
+            .chunks(8)
+            .find(|e| e[0] == ENTRY_BUS && &e[2..8] == b"PCI   ")
+            .expect("PCI bus entry");
+        assert_eq!(bus[1], PCI_BUS_ID);
+        let slot5: Vec<&[u8]> = entries
+            .chunks(8)
+            .filter(|e| e[0] == ENTRY_IO_INTERRUPT && e[4] == PCI_BUS_ID && e[5] == 5 << 2)
+            .collect();
+        assert_eq!(slot5.len(), 1);
+        let e = slot5[0];
+        assert_eq!(u16::from_le_bytes([e[2], e[3]]), IRQ_FLAGS_LEVEL_LOW);
+        assert_eq!((e[6], e[7]), (1, pci_intx_irq(5)));
+        assert_eq!(pci_intx_irq(5), 21);
+        assert!((16..24).contains(&pci_intx_irq(31)));
     }
 }

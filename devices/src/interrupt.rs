@@ -9,4 +9,8 @@ pub trait Interrupt: Send + Sync {
     /// Signals `vector` (an MSI-X table index; ignored for INTx). Delivery
     /// may be deferred by masking, which the implementation records as pending.
     fn trigger(&self, vector: u16);
+
+    /// The guest acknowledged the condition behind `vector`: a level
+    /// interrupt (INTx) drops its line. Message interrupts ignore it.
+    fn deassert(&self, _vector: u16) {}
 }

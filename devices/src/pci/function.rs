@@ -4,10 +4,13 @@
 
 use std::sync::Arc;
 
-use super::intx::{Intx, IrqLevel};
+use super::intx::{IntxPin, IrqLevel, PIN_INTA, STATUS_INTERRUPT};
 use super::msix::{Msix, MSIX_CAP_CONTROL};
 use super::pm::{PmCapability, PmOptions, PowerState};
-use super::{PciConfig, PciError, BAR0, COMMAND, COMMAND_MEMORY_SPACE, NUM_BARS};
+use super::{
+    PciConfig, PciError, BAR0, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEMORY_SPACE, INTERRUPT_LINE,
+    NUM_BARS, STATUS,
+};
 
 /// A BAR the guest moved to a new address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +34,7 @@ pub struct ConfigWriteEffects {
 pub struct PciFunction {
     config: PciConfig,
     msix: Option<(u8, Msix)>,
-    intx: Option<Intx>,
+    intx: Option<Arc<IntxPin>>,
     pm: Option<PmCapability>,
     /// Last real (non-sizing) address of each BAR.
     committed: [Option<u64>; NUM_BARS],
@@ -55,29 +58,16 @@ impl PciFunction {
         Ok(())
     }
 
-    /// Adds an INTA# pin wired to interrupt input `irq` through `line`.
-    pub fn add_intx(&mut self, irq: u8, line: Arc<dyn IrqLevel>) {
-        self.intx = Some(Intx::add_to(&mut self.config, irq, line));
-    }
-
-    /// Whether the guest enabled MSI-X (then INTx is not used).
-    pub fn msix_enabled(&self) -> bool {
-        self.msix().is_some_and(Msix::enabled)
-    }
-
-    /// Reports the device's level interrupt condition to its INTx pin
-    /// (no effect without one). Devices call this whenever the condition
-    /// may have changed; while MSI-X is enabled the pin stays deasserted.
-    pub fn set_intx_pending(&mut self, pending: bool) {
-        let pending = pending && !self.msix_enabled();
-        if let Some(intx) = &mut self.intx {
-            intx.set_pending(&mut self.config, pending);
-        }
-    }
-
-    /// Whether the INTx pin is asserted now.
-    pub fn intx_asserted(&self) -> bool {
-        self.intx.as_ref().is_some_and(Intx::asserted)
+    /// Adds an INTA# pin wired to interrupt input `irq` through `line`
+    /// (Interrupt Line reads `irq`, as firmware would have written it).
+    /// The device raises and lowers it through the returned pin, usually
+    /// by way of a [`super::PciInterrupt`].
+    pub fn add_intx(&mut self, irq: u8, line: Arc<dyn IrqLevel>) -> Arc<IntxPin> {
+        self.config.set_interrupt_pin(PIN_INTA);
+        self.config.set_bytes(INTERRUPT_LINE, &[irq]);
+        let pin = IntxPin::new(line);
+        self.intx = Some(pin.clone());
+        pin
     }
 
     /// Opts into PCI power management.
@@ -125,6 +115,14 @@ impl PciFunction {
 
     pub fn read(&self, offset: usize, data: &mut [u8]) {
         self.config.read(offset, data);
+        // Status.Interrupt Status lives in the pin (set from any thread).
+        if let Some(pin) = &self.intx {
+            let at = STATUS as isize - offset as isize;
+            if let Some(b) = usize::try_from(at).ok().and_then(|i| data.get_mut(i)) {
+                let bit = STATUS_INTERRUPT as u8;
+                *b = if pin.pending() { *b | bit } else { *b & !bit };
+            }
+        }
     }
 
     /// Applies a guest configuration write and reports its side effects.
@@ -138,16 +136,15 @@ impl PciFunction {
             let ctrl = usize::from(*cap) + MSIX_CAP_CONTROL;
             if touches(ctrl, 2) {
                 msix.set_control(self.config.read_u16(ctrl));
-                if msix.enabled() {
-                    if let Some(intx) = &mut self.intx {
-                        intx.set_pending(&mut self.config, false);
-                    }
+                // The pin goes quiet when the guest switches to MSI-X.
+                if let (true, Some(pin)) = (msix.enabled(), &self.intx) {
+                    pin.set_pending(false);
                 }
             }
         }
-        if let Some(intx) = &mut self.intx {
+        if let Some(pin) = &self.intx {
             if touches(COMMAND, 2) {
-                intx.update(&mut self.config);
+                pin.set_disabled(self.config.command() & COMMAND_INTX_DISABLE != 0);
             }
         }
         if let Some(pm) = &mut self.pm {
@@ -260,5 +257,39 @@ mod tests {
             f.bar_access_allowed(),
             "No_Soft_Reset: state kept across D3hot"
         );
+    }
+
+    #[test]
+    fn intx_pin_shows_in_status_and_follows_interrupt_disable_and_msix() {
+        use crate::pci::intx::tests::RecordingLine;
+        use crate::pci::intx::INTERRUPT_PIN;
+        let (mut f, _router) = function();
+        let line = Arc::new(RecordingLine::default());
+        let pin = f.add_intx(21, line.clone());
+        let mut b = [0u8; 2];
+        f.read(INTERRUPT_LINE, &mut b);
+        assert_eq!(b, [21, PIN_INTA]);
+        f.write(INTERRUPT_PIN, &[3]);
+        f.read(INTERRUPT_PIN, &mut b[..1]);
+        assert_eq!(b[0], PIN_INTA, "Interrupt Pin is read-only");
+
+        pin.set_pending(true);
+        let mut st = [0u8; 4];
+        f.read(COMMAND, &mut st);
+        assert_ne!(u16::from_le_bytes([st[2], st[3]]) & STATUS_INTERRUPT, 0);
+        f.write(COMMAND, &COMMAND_INTX_DISABLE.to_le_bytes());
+        assert!(!pin.asserted());
+        f.write(COMMAND, &0u16.to_le_bytes());
+        assert!(pin.asserted());
+        // Enabling MSI-X drops the pin.
+        let cap = f.msix.as_ref().unwrap().0 as usize;
+        f.write(
+            cap + MSIX_CAP_CONTROL,
+            &crate::pci::msix::MSIX_CTRL_ENABLE.to_le_bytes(),
+        );
+        assert!(!pin.asserted());
+        f.read(STATUS, &mut st[..2]);
+        assert_eq!(u16::from_le_bytes([st[0], st[1]]) & STATUS_INTERRUPT, 0);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false, true, false]);
     }
 }

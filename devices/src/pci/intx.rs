@@ -5,11 +5,15 @@
 //! asserted while that condition holds and Command.Interrupt Disable is
 //! clear, and Status.Interrupt Status mirrors the condition regardless of
 //! the disable bit. The line itself is an [`IrqLevel`] that the VMM maps to
-//! an IOAPIC input (the MP table tells the guest which one).
+//! an IOAPIC input (the MP table tells the guest which one). The pin is
+//! shared between the configuration space (vCPU threads) and the device's
+//! interrupt source (perhaps a worker thread), so it keeps its own state.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use super::{PciConfig, COMMAND_INTX_DISABLE, INTERRUPT_LINE, STATUS};
+use crate::interrupt::Interrupt;
+
+use super::Msix;
 
 /// Interrupt Pin register (read-only): 1 = INTA#.
 pub const INTERRUPT_PIN: usize = 0x3d;
@@ -22,59 +26,97 @@ pub trait IrqLevel: Send + Sync {
     fn set_level(&self, asserted: bool);
 }
 
-/// The INTA# pin of one function.
-pub struct Intx {
-    line: Arc<dyn IrqLevel>,
+#[derive(Default)]
+struct PinState {
     /// The device's interrupt condition.
     pending: bool,
+    /// Command.Interrupt Disable.
+    disabled: bool,
     /// What the line was last driven to.
     asserted: bool,
 }
 
-impl Intx {
-    /// Advertises INTA# routed to input `irq` (written to Interrupt Line,
-    /// as firmware would) and returns the pin, deasserted.
-    pub fn add_to(config: &mut PciConfig, irq: u8, line: Arc<dyn IrqLevel>) -> Self {
-        config.set_interrupt_pin(PIN_INTA);
-        config.set_bytes(INTERRUPT_LINE, &[irq]);
-        Self {
+/// The INTA# pin of one function.
+pub struct IntxPin {
+    line: Arc<dyn IrqLevel>,
+    state: Mutex<PinState>,
+}
+
+impl IntxPin {
+    pub fn new(line: Arc<dyn IrqLevel>) -> Arc<Self> {
+        Arc::new(Self {
             line,
-            pending: false,
-            asserted: false,
-        }
+            state: Mutex::new(PinState::default()),
+        })
     }
 
-    /// Records the device's interrupt condition and drives the line.
-    pub fn set_pending(&mut self, config: &mut PciConfig, pending: bool) {
-        self.pending = pending;
-        self.update(config);
-    }
-
-    /// Re-evaluates the line after a Command write (Interrupt Disable).
-    pub fn update(&mut self, config: &mut PciConfig) {
-        let (set, clear) = if self.pending {
-            (STATUS_INTERRUPT, 0)
-        } else {
-            (0, STATUS_INTERRUPT)
-        };
-        config.set_bits_u16(STATUS, set, clear);
-        let level = self.pending && config.command() & COMMAND_INTX_DISABLE == 0;
-        if level != self.asserted {
-            self.asserted = level;
+    fn change(&self, f: impl FnOnce(&mut PinState)) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s);
+        let level = s.pending && !s.disabled;
+        if level != s.asserted {
+            s.asserted = level;
             self.line.set_level(level);
         }
     }
 
+    /// Records the device's interrupt condition and drives the line.
+    pub fn set_pending(&self, pending: bool) {
+        self.change(|s| s.pending = pending);
+    }
+
+    /// Follows Command.Interrupt Disable.
+    pub fn set_disabled(&self, disabled: bool) {
+        self.change(|s| s.disabled = disabled);
+    }
+
+    /// Status.Interrupt Status.
+    pub fn pending(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).pending
+    }
+
     pub fn asserted(&self) -> bool {
-        self.asserted
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .asserted
+    }
+}
+
+/// A function's interrupt: MSI-X while the guest has it enabled, else the
+/// INTx pin (if the function has one). A trigger asserts the pin; the
+/// device deasserts it when the guest acknowledges the condition.
+pub struct PciInterrupt {
+    msix: Msix,
+    intx: Option<Arc<IntxPin>>,
+}
+
+impl PciInterrupt {
+    pub fn new(msix: Msix, intx: Option<Arc<IntxPin>>) -> Arc<Self> {
+        Arc::new(Self { msix, intx })
+    }
+}
+
+impl Interrupt for PciInterrupt {
+    fn trigger(&self, vector: u16) {
+        match &self.intx {
+            Some(pin) if !self.msix.enabled() => pin.set_pending(true),
+            _ => self.msix.trigger(vector),
+        }
+    }
+
+    fn deassert(&self, _vector: u16) {
+        if let Some(pin) = &self.intx {
+            pin.set_pending(false);
+        }
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::pci::{PciIds, COMMAND};
-    use std::sync::Mutex;
+    use crate::pci::msix::test_router::RecordingRouter;
+    use crate::pci::msix::{MsixLayout, MSIX_CTRL_ENABLE};
 
     /// Records every level change.
     #[derive(Default)]
@@ -88,39 +130,42 @@ pub(crate) mod tests {
 
     #[test]
     fn line_follows_the_condition_gated_by_interrupt_disable() {
-        let mut config = PciConfig::new(PciIds::default());
         let line = Arc::new(RecordingLine::default());
-        let mut intx = Intx::add_to(&mut config, 17, line.clone());
-        let mut b = [0u8; 2];
-        config.read(INTERRUPT_LINE, &mut b);
-        assert_eq!(b, [17, PIN_INTA]);
-
-        intx.set_pending(&mut config, true);
-        assert!(intx.asserted());
-        assert_ne!(config.read_u16(STATUS) & STATUS_INTERRUPT, 0);
-        // Interrupt Disable drops the line but not Interrupt Status.
-        config.write(COMMAND, &COMMAND_INTX_DISABLE.to_le_bytes());
-        intx.update(&mut config);
-        assert!(!intx.asserted());
-        assert_ne!(config.read_u16(STATUS) & STATUS_INTERRUPT, 0);
-        config.write(COMMAND, &0u16.to_le_bytes());
-        intx.update(&mut config);
-        intx.set_pending(&mut config, true); // no change, no extra edge
-        intx.set_pending(&mut config, false);
-        assert_eq!(config.read_u16(STATUS) & STATUS_INTERRUPT, 0);
+        let pin = IntxPin::new(line.clone());
+        pin.set_pending(true);
+        assert!(pin.asserted());
+        pin.set_disabled(true);
+        assert!(!pin.asserted());
+        assert!(pin.pending(), "Interrupt Status stays set while disabled");
+        pin.set_disabled(false);
+        pin.set_pending(true); // no change, no extra edge
+        pin.set_pending(false);
+        assert!(!pin.pending());
         assert_eq!(*line.0.lock().unwrap(), vec![true, false, true, false]);
     }
 
     #[test]
-    fn interrupt_status_and_pin_are_read_only_to_the_guest() {
-        let mut config = PciConfig::new(PciIds::default());
-        let mut intx = Intx::add_to(&mut config, 16, Arc::new(RecordingLine::default()));
-        intx.set_pending(&mut config, true);
-        config.write(STATUS, &0xffffu16.to_le_bytes());
-        assert_ne!(config.read_u16(STATUS) & STATUS_INTERRUPT, 0);
-        config.write(INTERRUPT_PIN, &[4]);
-        let mut pin = [0u8];
-        config.read(INTERRUPT_PIN, &mut pin);
-        assert_eq!(pin, [PIN_INTA]);
+    fn msix_when_enabled_else_the_pin() {
+        let router = Arc::new(RecordingRouter::default());
+        let layout = MsixLayout {
+            vectors: 1,
+            table_bar: 1,
+            table_offset: 0,
+            pba_bar: 1,
+            pba_offset: 0x800,
+        };
+        let msix = Msix::new(layout, router.clone()).unwrap();
+        let line = Arc::new(RecordingLine::default());
+        let irq = PciInterrupt::new(msix.clone(), Some(IntxPin::new(line.clone())));
+        irq.trigger(0);
+        irq.deassert(0);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
+        assert!(router.fired().is_empty());
+        msix.set_control(MSIX_CTRL_ENABLE);
+        irq.trigger(0);
+        irq.deassert(0);
+        // Delivered, or pending behind the vector's reset-default mask.
+        assert!(router.fired() == vec![0] || msix.is_pending(0));
+        assert_eq!(line.0.lock().unwrap().len(), 2, "pin untouched under MSI-X");
     }
 }

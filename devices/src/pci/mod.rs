@@ -37,7 +37,7 @@ pub use config::{BarKind, BarSpec, Capability, PciConfig, PciIds};
 pub use device::{PciDevice, SharedPciDevice};
 pub use function::{BarMove, ConfigWriteEffects, PciFunction};
 pub use host_bridge::HostBridge;
-pub use intx::{Intx, IrqLevel};
+pub use intx::{IntxPin, IrqLevel, PciInterrupt};
 pub use msix::{MsiMessage, MsiRouter, Msix};
 pub use pm::{PmCapability, PmOptions, PowerState};
 

@@ -6,6 +6,8 @@
 //! - [`initramfs`]: an in-memory tree written as a gzip'd newc [`cpio`].
 //! - [`scenario`]: the L2 image (`/init` + scenario script + modules).
 //! - [`cmdline`]: guest command lines with `key=value` scenario parameters.
+//! - [`rootfs`]: a Debian root disk (debootstrap + systemd, ext4 image) and
+//!   the initramfs that boots it from virtio-blk.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,7 @@ pub mod debian;
 pub mod initramfs;
 pub mod modules;
 pub mod progress;
+pub mod rootfs;
 pub mod scenario;
 
 pub use assets::{fetch_assets, fetch_busybox, fetch_kernel, Busybox, GuestAssets, Kernel};

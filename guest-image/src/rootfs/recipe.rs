@@ -25,6 +25,14 @@ pub const MARK_AUTOREBOOT: &str = "VMM-AUTOREBOOT";
 const AUTOREBOOT_UNIT: &str = include_str!("../../rootfs/vmm-autoreboot.service");
 const AUTOREBOOT_SCRIPT: &str = include_str!("../../rootfs/vmm-autoreboot");
 const UNIT_DIR: &str = "etc/systemd/system";
+/// Units masked (linked to /dev/null): the first-boot wizard would prompt
+/// on the console; getty-static starts gettys on tty1-6, which nobody sees
+/// on a serial-only machine; e2scrub_reap only cleans up after e2scrub.
+const MASKED: &[&str] = &[
+    "systemd-firstboot.service",
+    "getty-static.service",
+    "e2scrub_reap.service",
+];
 
 /// Files and links written into the tree (paths relative to its root).
 #[derive(Clone, Debug, Hash)]
@@ -63,12 +71,10 @@ impl Default for Recipe {
                     format!("{UNIT_DIR}/multi-user.target.wants/vmm-autoreboot.service"),
                     "/etc/systemd/system/vmm-autoreboot.service".into(),
                 ),
-                // The machine id is set; never prompt for locale/password.
-                (
-                    format!("{UNIT_DIR}/systemd-firstboot.service"),
-                    "/dev/null".into(),
-                ),
-            ],
+            ]
+            .into_iter()
+            .chain(MASKED.iter().map(|u| (format!("{UNIT_DIR}/{u}"), "/dev/null".into())))
+            .collect(),
         }
     }
 }

@@ -1,0 +1,96 @@
+//! A real Debian guest: the root disk guest-image builds (debootstrap
+//! minbase + systemd, ext4) boots from virtio-blk with our VMM to systemd's
+//! multi-user target and a serial login prompt, then reboots through the
+//! keyboard controller (the VMM exits 0). A second boot of the same image
+//! must find the file system clean (the initramfs's `e2fsck -n` verdict),
+//! and so must a full `e2fsck -fn` of the image file on this host after the
+//! run. Nested: the image is L1's virtio disk, the VMM's `/dev/vda` in L1.
+//! Needs root (debootstrap, on the first run only) and e2fsprogs.
+
+use std::process::Command;
+use std::time::Duration;
+
+use guest_image::rootfs::boot::{self, MARK_FSCK, MARK_FSCK_CLEAN, MARK_LOGIN};
+use guest_image::rootfs::recipe::{AUTOREBOOT_PARAM, MARK_AUTOREBOOT};
+use integration::rootfs::{self, RootDisk};
+use integration::testing::{check, harness, mode};
+
+const BOOTS: u32 = 2;
+/// Both boots and shutdowns, and the L1 boot (measured: about 2 minutes).
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+#[test]
+fn debian_rootfs_boots_to_login_and_reboots_clean() {
+    let h = harness();
+    let copy = h
+        .build
+        .join("rootfs")
+        .join(format!("test-{}.ext4", std::process::id()));
+    let disk = RootDisk::prepare(h, &copy).unwrap_or_else(|e| panic!("root disk: {e}"));
+    let run = disk.run(1).timeout(TIMEOUT);
+    let cmdline = boot::cmdline(&[AUTOREBOOT_PARAM]);
+    let r = h
+        .run_vmm_script(&run, mode(), |p| rootfs::script(&run, p, &cmdline, BOOTS))
+        .unwrap_or_else(|e| panic!("run: {e}"));
+    let host_fsck = Command::new("e2fsck")
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .arg("-fn")
+        .arg(&disk.image)
+        .output();
+    let _ = std::fs::remove_file(&disk.image);
+
+    for n in 1..=BOOTS {
+        let section = rootfs::boot_section(&r.console, n);
+        let what = |s: &str| format!("boot {n}: {s}");
+        check(!section.is_empty(), &what("never started"), &r);
+        check(
+            section.contains(MARK_FSCK_CLEAN),
+            &what(&format!("the initramfs's e2fsck -n did not say clean ({MARK_FSCK})")),
+            &r,
+        );
+        let login = section.find(MARK_LOGIN);
+        check(login.is_some(), &what("no serial login prompt"), &r);
+        let reboot_line = section
+            .lines()
+            .find(|l| l.contains(MARK_AUTOREBOOT))
+            .unwrap_or_default();
+        check(
+            reboot_line.contains("multi-user=active") && reboot_line.contains("getty=active"),
+            &what("the reboot hook did not see multi-user.target and the getty active"),
+            &r,
+        );
+        check(
+            login < section.find(MARK_AUTOREBOOT),
+            &what("the hook rebooted before the login prompt"),
+            &r,
+        );
+        check(
+            rootfs::vmm_rc(&r.console, n) == Some(0),
+            &what("the VMM did not exit 0 after the guest rebooted"),
+            &r,
+        );
+        println!(
+            "boot {n}: login prompt {:.1} s after VMM launch, initramfs {:.1} s, {}",
+            rootfs::time_to(&r.events, n, MARK_LOGIN)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            rootfs::time_to(&r.events, n, boot::MARK_INITRAMFS)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            reboot_line.trim()
+        );
+    }
+    check(r.vmm_exit == Some(0), "the VMM script failed", &r);
+    let fsck = host_fsck.unwrap_or_else(|e| panic!("e2fsck on the host: {e}"));
+    check(
+        fsck.status.success(),
+        &format!(
+            "host e2fsck -fn {}: {:?}\n{}",
+            disk.image.display(),
+            fsck.status,
+            String::from_utf8_lossy(&fsck.stdout)
+        ),
+        &r,
+    );
+    println!("{}; host e2fsck -fn: clean", r.summary());
+}

@@ -695,7 +695,10 @@ mod tests {
         assert!(l1.contains(&"EPYC,+svm,+npt".to_string()));
         assert_eq!(
             l1_disk_args(Path::new("/b/root,1.ext4")),
-            vec!["-drive", "file=/b/root,,1.ext4,format=raw,if=virtio,cache=writeback"]
+            vec![
+                "-drive",
+                "file=/b/root,,1.ext4,format=raw,if=virtio,cache=writeback"
+            ]
         );
     }
 }

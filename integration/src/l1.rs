@@ -199,7 +199,11 @@ mod tests {
         // Bounded: a missing disk costs DISK_WAIT_SECS, not a hang.
         let out = Command::new("sh")
             .arg("-c")
-            .arg(wait_for_disks(1).replace("/dev/vda", "/nonexistent/vda").replace("sleep 0.1", "true"))
+            .arg(
+                wait_for_disks(1)
+                    .replace("/dev/vda", "/nonexistent/vda")
+                    .replace("sleep 0.1", "true"),
+            )
             .output()
             .unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains("L1-NO-DISK /nonexistent/vda"));

@@ -181,7 +181,10 @@ mod tests {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert_ne!(out.status.code(), Some(0));
-        assert!(text.contains("ROOTFS-BOOT 1") && !text.contains("ROOTFS-BOOT 2"), "{text}");
+        assert!(
+            text.contains("ROOTFS-BOOT 1") && !text.contains("ROOTFS-BOOT 2"),
+            "{text}"
+        );
         assert!(vmm_rc(&text, 1).is_some_and(|rc| rc != 0));
     }
 }

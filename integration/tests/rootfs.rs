@@ -45,7 +45,9 @@ fn debian_rootfs_boots_to_login_and_reboots_clean() {
         check(!section.is_empty(), &what("never started"), &r);
         check(
             section.contains(MARK_FSCK_CLEAN),
-            &what(&format!("the initramfs's e2fsck -n did not say clean ({MARK_FSCK})")),
+            &what(&format!(
+                "the initramfs's e2fsck -n did not say clean ({MARK_FSCK})"
+            )),
             &r,
         );
         let login = section.find(MARK_LOGIN);

@@ -31,10 +31,7 @@ pub const MARK_LOGIN: &str = "login:";
 
 /// The host's e2fsck.
 pub fn host_e2fsck() -> Option<PathBuf> {
-    HOST_E2FSCK
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
+    HOST_E2FSCK.iter().map(PathBuf::from).find(|p| p.is_file())
 }
 
 /// Builds the initramfs in memory; without a host e2fsck the image still
@@ -95,7 +92,11 @@ mod tests {
             .arg(INIT)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(INIT.contains(MARK_INITRAMFS));
         assert!(INIT.contains("ROOTFS-FSCK clean"));
         assert!(INIT.contains("ROOTFS-FSCK not-clean"));

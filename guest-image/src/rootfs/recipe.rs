@@ -66,14 +66,16 @@ impl Default for Recipe {
                     AUTOREBOOT_SCRIPT.into(),
                 ),
             ],
-            symlinks: vec![
-                (
-                    format!("{UNIT_DIR}/multi-user.target.wants/vmm-autoreboot.service"),
-                    "/etc/systemd/system/vmm-autoreboot.service".into(),
-                ),
-            ]
+            symlinks: vec![(
+                format!("{UNIT_DIR}/multi-user.target.wants/vmm-autoreboot.service"),
+                "/etc/systemd/system/vmm-autoreboot.service".into(),
+            )]
             .into_iter()
-            .chain(MASKED.iter().map(|u| (format!("{UNIT_DIR}/{u}"), "/dev/null".into())))
+            .chain(
+                MASKED
+                    .iter()
+                    .map(|u| (format!("{UNIT_DIR}/{u}"), "/dev/null".into())),
+            )
             .collect(),
         }
     }
@@ -114,8 +116,7 @@ impl Recipe {
             // A symlink left by a package would be followed by fs::write.
             let _ = fs::remove_file(&path);
             fs::write(&path, text).map_err(io_err(&path))?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(*mode))
-                .map_err(io_err(&path))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(*mode)).map_err(io_err(&path))?;
         }
         for (rel, target) in &self.symlinks {
             let path = root.join(rel);
@@ -169,8 +170,8 @@ mod tests {
         );
         let fstab = fs::read_to_string(dir.join("etc/fstab")).unwrap();
         assert!(fstab.contains("/dev/vda / ext4 rw,errors=remount-ro 0 1"));
-        let unit = fs::read_to_string(dir.join(format!("{UNIT_DIR}/vmm-autoreboot.service")))
-            .unwrap();
+        let unit =
+            fs::read_to_string(dir.join(format!("{UNIT_DIR}/vmm-autoreboot.service"))).unwrap();
         assert!(unit.contains(&format!("ConditionKernelCommandLine={AUTOREBOOT_PARAM}")));
         let script = dir.join("usr/local/sbin/vmm-autoreboot");
         assert_eq!(

@@ -18,7 +18,10 @@ const SOURCES_DIR: &str = "/etc/apt/sources.list.d";
 /// `VERSION_CODENAME` of an os-release file.
 pub fn parse_codename(os_release: &str) -> Option<String> {
     os_release.lines().find_map(|l| {
-        let v = l.strip_prefix("VERSION_CODENAME=")?.trim().trim_matches('"');
+        let v = l
+            .strip_prefix("VERSION_CODENAME=")?
+            .trim()
+            .trim_matches('"');
         (!v.is_empty()).then(|| v.to_string())
     })
 }
@@ -127,7 +130,10 @@ mod tests {
             Some("http://ftp.de.debian.org/debian")
         );
         assert_eq!(mirror_from_list(t, "trixie"), None);
-        assert_eq!(mirror_from_list("deb file:/mnt bookworm main\n", "bookworm"), None);
+        assert_eq!(
+            mirror_from_list("deb file:/mnt bookworm main\n", "bookworm"),
+            None
+        );
     }
 
     #[test]

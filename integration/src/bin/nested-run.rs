@@ -1,12 +1,16 @@
-//! `nested-run`: boot a scenario guest with the harness and show its console.
-//! Used by scripts/demo.sh; exits 0 when the scenario passed.
+//! `nested-run`: boot a scenario guest (or, with `--rootfs`, the Debian root
+//! disk) with the harness and show its console. Used by scripts/demo.sh;
+//! exits 0 when the scenario passed (the root disk: when the VMM exited 0).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
+use guest_image::rootfs::boot;
+use guest_image::rootfs::recipe::AUTOREBOOT_PARAM;
 use guest_image::{Param, Scenario};
+use integration::rootfs::{self, RootDisk};
 use integration::{GuestRun, Harness, Mode};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -42,9 +46,18 @@ struct Cli {
     /// Modules for the guest initramfs (comma-separated).
     #[arg(long, value_delimiter = ',')]
     modules: Vec<String>,
-    /// Timeout in seconds.
-    #[arg(long, default_value_t = 180)]
-    timeout: u64,
+    /// Timeout in seconds (default 180; with --rootfs 600).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Boot the Debian root disk (guest-image rootfs; a working copy in the
+    /// build dir) from virtio-blk instead of a scenario: systemd up to the
+    /// serial login prompt. Nested or direct mode only.
+    #[arg(long)]
+    rootfs: bool,
+    /// With --rootfs: stay at the login prompt until the timeout instead of
+    /// rebooting once it is up.
+    #[arg(long, requires = "rootfs")]
+    stay: bool,
 }
 
 fn main() -> Result<ExitCode> {
@@ -58,12 +71,15 @@ fn main() -> Result<ExitCode> {
         ModeArg::Qemu => Mode::QemuTcg,
     };
     let harness = Harness::new()?;
+    if cli.rootfs {
+        return boot_rootfs(&harness, &cli, mode);
+    }
     let mut run = GuestRun::new(Scenario::load(&cli.scenario)?)
         .cpus(cli.cpus)
         .memory_mib(cli.memory)
         .param("expect_cpus", cli.cpus)
         .param("expect_mem_mib", cli.memory)
-        .timeout(Duration::from_secs(cli.timeout));
+        .timeout(Duration::from_secs(cli.timeout.unwrap_or(180)));
     run.params.extend(cli.params);
     run.modules = cli.modules;
     run.echo_console = true;
@@ -78,6 +94,40 @@ fn main() -> Result<ExitCode> {
     }
     eprintln!("[nested-run] {}", result.summary());
     Ok(if result.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Boots the Debian root disk once and reports the time to its login prompt.
+fn boot_rootfs(harness: &Harness, cli: &Cli, mode: Mode) -> Result<ExitCode> {
+    let copy = harness.build.join("rootfs").join("demo.ext4");
+    let disk = RootDisk::prepare(harness, &copy)?;
+    let mut run = disk
+        .run(cli.cpus)
+        .memory_mib(cli.memory)
+        .timeout(Duration::from_secs(cli.timeout.unwrap_or(600)));
+    run.echo_console = true;
+    let extra: &[&str] = if cli.stay { &[] } else { &[AUTOREBOOT_PARAM] };
+    let cmdline = boot::cmdline(extra);
+    eprintln!(
+        "[nested-run] mode {mode:?}, Debian root disk {} (copy of {}), {} vCPU(s), {} MiB",
+        disk.image.display(),
+        disk.pristine.display(),
+        cli.cpus,
+        cli.memory
+    );
+    let result = harness.run_vmm_script(&run, mode, |p| rootfs::script(&run, p, &cmdline, 1))?;
+    println!();
+    if let Some(t) = rootfs::time_to(&result.events, 1, boot::MARK_LOGIN) {
+        eprintln!(
+            "[nested-run] login prompt {:.1}s after the VMM started",
+            t.as_secs_f64()
+        );
+    }
+    eprintln!("[nested-run] {}", result.summary());
+    Ok(if result.vmm_exit == Some(0) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

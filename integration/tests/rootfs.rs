@@ -16,8 +16,9 @@ use integration::rootfs::{self, RootDisk};
 use integration::testing::{check, harness, mode};
 
 const BOOTS: u32 = 2;
-/// Both boots and shutdowns, and the L1 boot (measured: about 2 minutes).
-const TIMEOUT: Duration = Duration::from_secs(600);
+/// Both boots and shutdowns and the L1 boot: about 5-8 minutes measured on
+/// the shared two-core machine under load; generous against its swings.
+const TIMEOUT: Duration = Duration::from_secs(900);
 
 #[test]
 fn debian_rootfs_boots_to_login_and_reboots_clean() {

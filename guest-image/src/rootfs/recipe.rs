@@ -27,11 +27,18 @@ const AUTOREBOOT_SCRIPT: &str = include_str!("../../rootfs/vmm-autoreboot");
 const UNIT_DIR: &str = "etc/systemd/system";
 /// Units masked (linked to /dev/null): the first-boot wizard would prompt
 /// on the console; getty-static starts gettys on tty1-6, which nobody sees
-/// on a serial-only machine; e2scrub_reap only cleans up after e2scrub.
+/// on a serial-only machine; e2scrub_reap only cleans up after e2scrub; and
+/// the early `modprobe@` loads of modules this machine has no use for at
+/// boot (device mapper, EFI pstore, FUSE, loop; `modprobe` still loads them
+/// on demand). Each is a process start, costly on one nested vCPU.
 const MASKED: &[&str] = &[
     "systemd-firstboot.service",
     "getty-static.service",
     "e2scrub_reap.service",
+    "modprobe@dm_mod.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@fuse.service",
+    "modprobe@loop.service",
 ];
 
 /// Files and links written into the tree (paths relative to its root).

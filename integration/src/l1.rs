@@ -94,16 +94,16 @@ pub fn disk_device(index: usize) -> String {
 
 /// Shell lines waiting (bounded) until L1's first `disks` virtio disks exist.
 fn wait_for_disks(disks: usize) -> String {
-    let mut s = String::new();
-    for dev in (0..disks).map(disk_device) {
-        s.push_str(&format!(
-            "i=0; while [ ! -b {dev} ] && [ $i -lt {} ]; do sleep 0.1; i=$((i + 1)); done
-             [ -b {dev} ] || echo \"L1-NO-DISK {dev}\"
-",
-            DISK_WAIT_SECS * 10
-        ));
-    }
-    s
+    let tries = DISK_WAIT_SECS * 10;
+    (0..disks)
+        .map(disk_device)
+        .map(|dev| {
+            format!(
+                "i=0; while [ ! -b {dev} ] && [ $i -lt {tries} ]; do sleep 0.1; i=$((i + 1)); done\n\
+                 [ -b {dev} ] || echo \"L1-NO-DISK {dev}\"\n"
+            )
+        })
+        .collect()
 }
 
 /// Adds QEMU, its libraries (at their own paths) and firmware.

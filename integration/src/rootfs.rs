@@ -57,8 +57,8 @@ impl RootDisk {
         })
     }
 
-    /// A run booting this disk: `extra` goes on the kernel command line
-    /// (e.g. [`guest_image::rootfs::recipe::AUTOREBOOT_PARAM`]).
+    /// A run booting this disk with `cpus` vCPUs and [`MEMORY_MIB`]; the
+    /// command line goes to [`script`].
     pub fn run(&self, cpus: u32) -> GuestRun {
         GuestRun::new(Scenario::inline("rootfs", ""))
             .cpus(cpus)

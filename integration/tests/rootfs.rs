@@ -12,8 +12,12 @@ use std::time::Duration;
 
 use guest_image::rootfs::boot::{self, MARK_FSCK, MARK_FSCK_CLEAN, MARK_LOGIN};
 use guest_image::rootfs::recipe::{AUTOREBOOT_PARAM, MARK_AUTOREBOOT};
+use integration::harness::qemu_l2_args;
+use integration::l1::{self, L1Payload};
 use integration::rootfs::{self, RootDisk};
 use integration::testing::{check, harness, mode};
+use integration::verdict::MARK_L1_KVM_READY;
+use integration::{host, RunResult};
 
 const BOOTS: u32 = 2;
 /// Both boots and shutdowns and the L1 boot: about 5-8 minutes measured on
@@ -95,5 +99,55 @@ fn debian_rootfs_boots_to_login_and_reboots_clean() {
         ),
         &r,
     );
+    print_l1_timing("ours", &r);
     println!("{}; host e2fsck -fn: clean", r.summary());
+}
+
+/// Time from L1 having `/dev/kvm` to the first login prompt: comparable
+/// between our VMM and QEMU booting the same disk in the same kind of L1.
+fn print_l1_timing(who: &str, r: &RunResult) {
+    let ready = r.time_to(MARK_L1_KVM_READY).unwrap_or_default();
+    if let Some(login) = r.time_to(MARK_LOGIN) {
+        println!(
+            "{who}: first login prompt {:.1} s after L1 had /dev/kvm",
+            login.saturating_sub(ready).as_secs_f64()
+        );
+    }
+    for e in &r.events {
+        println!("  {:>7.2}s  {}", e.at.as_secs_f64(), e.line.trim());
+    }
+}
+
+/// The peer, for reference: QEMU (`-accel kvm`, the same kernel, initramfs,
+/// command line and disk) boots the root disk once in the same kind of L1.
+/// Not a test of ours, so `--ignored`:
+/// `cargo test -p integration --test rootfs -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn qemu_reference_boot_time() {
+    let h = harness();
+    let copy = h
+        .build
+        .join("rootfs")
+        .join(format!("qemu-{}.ext4", std::process::id()));
+    let disk = RootDisk::prepare(h, &copy).unwrap_or_else(|e| panic!("root disk: {e}"));
+    let run = disk.run(1).timeout(TIMEOUT);
+    let cmdline = boot::cmdline(&[AUTOREBOOT_PARAM]);
+    let mut args = qemu_l2_args(&run, l1::L2_KERNEL, l1::L2_INITRD, &cmdline, "kvm");
+    args.push("-drive".into());
+    args.push(format!(
+        "file={},format=raw,if=virtio,cache=writeback",
+        l1::disk_device(0)
+    ));
+    let qemu = host::qemu_binary().unwrap_or_else(|e| panic!("{e}"));
+    let r = h
+        .run_l1_payload(&run, L1Payload::Qemu { binary: qemu, args })
+        .unwrap_or_else(|e| panic!("run: {e}"));
+    let _ = std::fs::remove_file(&disk.image);
+    check(
+        r.console.contains(MARK_AUTOREBOOT),
+        "QEMU: the guest never reached its login prompt",
+        &r,
+    );
+    print_l1_timing("qemu", &r);
 }

@@ -68,6 +68,15 @@ impl RootDisk {
     }
 }
 
+/// Deletes a working copy when dropped, also when a test panics.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// The VMM script: `boots` boots of the run's first L1 disk with `cmdline`,
 /// each framed by [`MARK_BOOT`] and [`MARK_VMM_RC`]; stops at the first
 /// non-zero exit and exits with it.

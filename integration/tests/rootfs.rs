@@ -14,7 +14,7 @@ use guest_image::rootfs::boot::{self, MARK_FSCK, MARK_FSCK_CLEAN, MARK_LOGIN};
 use guest_image::rootfs::recipe::{AUTOREBOOT_PARAM, MARK_AUTOREBOOT};
 use integration::harness::qemu_l2_args;
 use integration::l1::{self, L1Payload};
-use integration::rootfs::{self, RootDisk};
+use integration::rootfs::{self, RemoveOnDrop, RootDisk};
 use integration::testing::{check, harness, mode};
 use integration::verdict::MARK_L1_KVM_READY;
 use integration::{host, RunResult};
@@ -31,6 +31,7 @@ fn debian_rootfs_boots_to_login_and_reboots_clean() {
         .build
         .join("rootfs")
         .join(format!("test-{}.ext4", std::process::id()));
+    let _remove = RemoveOnDrop(copy.clone());
     let disk = RootDisk::prepare(h, &copy).unwrap_or_else(|e| panic!("root disk: {e}"));
     let run = disk.run(1).timeout(TIMEOUT);
     let cmdline = boot::cmdline(&[AUTOREBOOT_PARAM]);
@@ -42,7 +43,6 @@ fn debian_rootfs_boots_to_login_and_reboots_clean() {
         .arg("-fn")
         .arg(&disk.image)
         .output();
-    let _ = std::fs::remove_file(&disk.image);
 
     for n in 1..=BOOTS {
         let section = rootfs::boot_section(&r.console, n);
@@ -130,6 +130,7 @@ fn qemu_reference_boot_time() {
         .build
         .join("rootfs")
         .join(format!("qemu-{}.ext4", std::process::id()));
+    let _remove = RemoveOnDrop(copy.clone());
     let disk = RootDisk::prepare(h, &copy).unwrap_or_else(|e| panic!("root disk: {e}"));
     let run = disk.run(1).timeout(TIMEOUT);
     let cmdline = boot::cmdline(&[AUTOREBOOT_PARAM]);
@@ -143,7 +144,6 @@ fn qemu_reference_boot_time() {
     let r = h
         .run_l1_payload(&run, L1Payload::Qemu { binary: qemu, args })
         .unwrap_or_else(|e| panic!("run: {e}"));
-    let _ = std::fs::remove_file(&disk.image);
     check(
         r.console.contains(MARK_AUTOREBOOT),
         "QEMU: the guest never reached its login prompt",

@@ -177,14 +177,19 @@ pub fn debootstrap_tree(build: &Path, spec: &RootfsSpec) -> Result<PathBuf, Root
         spec.mirror
     ));
     let started = std::time::Instant::now();
-    run_visible(
+    let ran = run_visible(
         sbin_command("debootstrap")
             .arg("--variant=minbase")
             .arg(format!("--include={}", packages.join(",")))
             .arg(&spec.suite)
             .arg(&tmp)
             .arg(&spec.mirror),
-    )?;
+    );
+    if let Err(e) = ran {
+        // debootstrap needs root; a half-built tree is of no use.
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e.into());
+    }
     progress::step(&format!(
         "debootstrap done in {:.0} s",
         started.elapsed().as_secs_f64()

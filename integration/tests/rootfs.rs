@@ -20,7 +20,7 @@ use integration::verdict::MARK_L1_KVM_READY;
 use integration::{host, RunResult};
 
 const BOOTS: u32 = 2;
-/// Both boots and shutdowns and the L1 boot: about 5-8 minutes measured on
+/// Both boots and shutdowns and the L1 boot: 3.5-7 minutes measured on
 /// the shared two-core machine under load; generous against its swings.
 const TIMEOUT: Duration = Duration::from_secs(900);
 

@@ -171,7 +171,7 @@ pub fn debootstrap_tree(build: &Path, spec: &RootfsSpec) -> Result<PathBuf, Root
     let tmp = dir.join(format!("root.tmp-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     progress::step(&format!(
-        "debootstrap --variant=minbase --include={} {} from {} (about a minute)",
+        "debootstrap --variant=minbase --include={} {} from {} (a few minutes)",
         packages.join(","),
         spec.suite,
         spec.mirror

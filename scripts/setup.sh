@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the host packages the project needs (idempotent): QEMU for the nested
 # harness, kmod for depmod, libclang for bindgen-based crates, fio for the
-# disk benchmarks, sg3-utils for the USB port-reset test.
+# disk benchmarks, sg3-utils for the USB port-reset test, debootstrap and
+# e2fsprogs for the Debian root disk.
 set -euo pipefail
 
 need=()
@@ -13,6 +14,12 @@ command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
 command -v fio >/dev/null 2>&1 || need+=(fio)
 # sg_reset: the nested USB port-reset test copies it into the guest.
 command -v sg_reset >/dev/null 2>&1 || need+=(sg3-utils)
+# The Debian root disk: debootstrap builds the tree, mkfs.ext4 -d the image,
+# e2fsck checks it (on the host and, copied, in the guest's initramfs).
+for tool in debootstrap:debootstrap mkfs.ext4:e2fsprogs e2fsck:e2fsprogs; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] ||
+        [ -x "/sbin/${tool%%:*}" ] || need+=("${tool#*:}")
+done
 
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"

@@ -7,6 +7,8 @@
 //! - [`initramfs`]: an in-memory tree written as a gzip'd newc [`cpio`].
 //! - [`scenario`]: the L2 image (`/init` + scenario script + modules).
 //! - [`cmdline`]: guest command lines with `key=value` scenario parameters.
+//! - [`rootfs`]: a Debian root disk (debootstrap + systemd, ext4 image) and
+//!   the initramfs that boots it from virtio-blk.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +19,7 @@ pub mod debian;
 pub mod initramfs;
 pub mod modules;
 pub mod progress;
+pub mod rootfs;
 pub mod scenario;
 pub mod vmlinux;
 

@@ -1,11 +1,14 @@
-//! `guest-image`: fetch the Debian guest kernel and build scenario initramfs
-//! images. Progress goes to stderr; the resulting path to stdout.
+//! `guest-image`: fetch the Debian guest kernel, build scenario initramfs
+//! images and the Debian root disk. Progress goes to stderr; the resulting path to stdout.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use guest_image::{build_dir, fetch_assets, fetch_kernel, FileMapping, Scenario, ScenarioImage};
+use guest_image::rootfs::{boot, RootfsSpec};
+use guest_image::{
+    build_dir, fetch_assets, fetch_kernel, images_dir, FileMapping, Scenario, ScenarioImage,
+};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +56,22 @@ enum Cmd {
         #[arg(long = "binary")]
         binaries: Vec<FileMapping>,
     },
+    /// Build the Debian root disk (debootstrap minbase + systemd, ext4,
+    /// cached); print the image's path. Boot a copy: booting writes to it.
+    Rootfs {
+        /// Image size in MiB (sparse).
+        #[arg(long, default_value_t = guest_image::rootfs::DEFAULT_SIZE_MIB)]
+        size_mib: u64,
+        /// Debian mirror (default: the host's apt source for the suite).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Extra package to install (repeatable).
+        #[arg(long = "package")]
+        packages: Vec<String>,
+    },
+    /// Build the initramfs that boots the root disk from virtio-blk; print
+    /// its path.
+    RootfsInitramfs,
 }
 
 fn main() -> Result<()> {
@@ -95,6 +114,26 @@ fn main() -> Result<()> {
             let img = guest_image::build_l2(&assets, &spec)?;
             img.write_gz(&out)
                 .with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", out.display());
+        }
+        Cmd::Rootfs {
+            size_mib,
+            mirror,
+            packages,
+        } => {
+            let kernel = fetch_kernel(&build)?;
+            let mut spec = RootfsSpec::host_default();
+            spec.size_mib = size_mib;
+            if let Some(m) = mirror {
+                spec.mirror = m;
+            }
+            spec.packages.extend(packages);
+            let rootfs = guest_image::rootfs::build(&build, &kernel, &spec)?;
+            println!("{}", rootfs.image.display());
+        }
+        Cmd::RootfsInitramfs => {
+            let assets = fetch_assets(&build)?;
+            let out = boot::write_initramfs(&assets, &images_dir(&build))?;
             println!("{}", out.display());
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use guest_image::cmdline::{self, Param};
 use guest_image::scenario::{FileMapping, Scenario, ScenarioImage, MARK_GUEST_INIT};
-use guest_image::{images_dir, GuestAssets, Initramfs};
+use guest_image::{images_dir, rootfs, GuestAssets, Initramfs};
 use thiserror::Error;
 
 use crate::host::{self, HostError, KvmKind};
@@ -33,6 +33,11 @@ const MARKERS: &[&str] = &[
     verdict::MARK_L1_KVM_READY,
     verdict::MARK_L1_NO_KVM,
     MARK_GUEST_INIT,
+    crate::rootfs::MARK_BOOT,
+    rootfs::boot::MARK_INITRAMFS,
+    rootfs::boot::MARK_FSCK,
+    rootfs::boot::MARK_LOGIN,
+    rootfs::recipe::MARK_AUTOREBOOT,
     guest_image::scenario::MARK_PASS,
     guest_image::scenario::MARK_FAIL,
     verdict::MARK_L1_VMM_EXIT,
@@ -67,13 +72,16 @@ pub enum HarnessError {
 }
 
 /// Where a VMM script ([`Harness::run_vmm_script`]) finds the VMM, the L2
-/// kernel and initramfs, and a scratch directory (L1's tmpfs when nested).
+/// kernel and initramfs, a scratch directory (L1's tmpfs when nested) and
+/// the run's [`GuestRun::l1_disks`] (L1's `/dev/vda`, `/dev/vdb`, ... when
+/// nested; the host files when direct).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScriptPaths {
     pub vmm: String,
     pub kernel: String,
     pub initrd: String,
     pub scratch: String,
+    pub disks: Vec<String>,
 }
 
 /// Where the L2 guest runs.
@@ -137,6 +145,13 @@ pub struct GuestRun {
     /// Host files copied into the L1 initramfs (e.g. disk images for the
     /// VMM, named in `vmm_args`).
     pub l1_files: Vec<FileMapping>,
+    /// Host files attached to the L1 QEMU as virtio disks (L1's `/dev/vda`,
+    /// `/dev/vdb`, ...): images too big for the L1 initramfs. Written in
+    /// place; L1 flushes them before it powers off.
+    pub l1_disks: Vec<PathBuf>,
+    /// A prebuilt L2 initramfs used instead of building one from the
+    /// scenario (e.g. the root disk's initramfs).
+    pub l2_initrd: Option<PathBuf>,
     /// Extra VMM arguments (e.g. `--disk path=/images/a.img`).
     pub vmm_args: Vec<String>,
     /// Extra `--memory` keys after `size=` (e.g. `limit=256M,swap=/tmp/s`).
@@ -166,6 +181,8 @@ impl GuestRun {
             l2_files: Vec::new(),
             l2_binaries: Vec::new(),
             l1_files: Vec::new(),
+            l1_disks: Vec::new(),
+            l2_initrd: None,
             vmm_args: Vec::new(),
             memory_opts: None,
             kernel: KernelForm::BzImage,
@@ -202,6 +219,18 @@ impl GuestRun {
             src: src.into(),
             dst: dst.into(),
         });
+        self
+    }
+
+    /// Attaches host file `path` to L1 as its next virtio disk.
+    pub fn l1_disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.l1_disks.push(path.into());
+        self
+    }
+
+    /// Boots L2 with this initramfs instead of the scenario's.
+    pub fn l2_initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.l2_initrd = Some(path.into());
         self
     }
 
@@ -323,8 +352,12 @@ impl Harness {
         images_dir(&self.build)
     }
 
-    /// Builds (or reuses) the L2 initramfs of a run.
+    /// Builds (or reuses) the L2 initramfs of a run; a prebuilt one
+    /// ([`GuestRun::l2_initrd`]) as it is.
     pub fn l2_initramfs(&self, run: &GuestRun) -> Result<PathBuf, HarnessError> {
+        if let Some(prebuilt) = &run.l2_initrd {
+            return Ok(prebuilt.clone());
+        }
         let spec = ScenarioImage {
             modules: run.modules.clone(),
             scenario: run.scenario.clone(),
@@ -418,6 +451,7 @@ impl Harness {
                     kernel: run.l1_kernel().into(),
                     initrd: l1::L2_INITRD.into(),
                     scratch: "/tmp".into(),
+                    disks: (0..run.l1_disks.len()).map(l1::disk_device).collect(),
                 };
                 let payload = L1Payload::VmmScript {
                     binary: host::vmm_binary(true)?,
@@ -446,6 +480,11 @@ impl Harness {
                     kernel: self.host_kernel(run).display().to_string(),
                     initrd: l2_initrd.display().to_string(),
                     scratch: scratch.display().to_string(),
+                    disks: run
+                        .l1_disks
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect(),
                 };
                 let mut cmd = Command::new("sh");
                 cmd.arg("-c").arg(script(&paths));
@@ -474,8 +513,8 @@ impl Harness {
                 dst: l1::L2_VMLINUX.into(),
             });
         }
-        let l1_initrd = self.l1_initramfs(l2_initrd, &payload, &files)?;
-        let cap = self.boot_l1(&l1_initrd, &opts(run))?;
+        let l1_initrd = self.l1_initramfs(l2_initrd, &payload, &files, run.l1_disks.len())?;
+        let cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run))?;
         let mut vmm_exit = verdict::parse_l1_exit(&cap.console);
         if mode == Mode::NestedQemu {
             vmm_exit = vmm_exit.map(verdict::qemu_debug_exit_to_status);
@@ -491,22 +530,26 @@ impl Harness {
         }
     }
 
-    /// Builds (or reuses) an L1 initramfs.
+    /// Builds (or reuses) an L1 initramfs; with `disks` > 0 it loads
+    /// virtio-blk and waits for that many disks before the payload.
     pub fn l1_initramfs(
         &self,
         l2_initrd: &Path,
         payload: &L1Payload,
         files: &[FileMapping],
+        disks: usize,
     ) -> Result<PathBuf, HarnessError> {
-        let img: Initramfs = l1::build(&self.assets, l2_initrd, payload, files)?;
+        let img: Initramfs = l1::build(&self.assets, l2_initrd, payload, files, disks)?;
         Ok(img.write_cached(&self.images(), "l1")?)
     }
 
     /// Boots an L1 image under QEMU TCG with an SVM-capable CPU, one vCPU
-    /// (multi-threaded TCG proved unreliable for nested guests).
+    /// (multi-threaded TCG proved unreliable for nested guests), and `disks`
+    /// as its virtio disks.
     pub fn boot_l1(
         &self,
         l1_initrd: &Path,
+        disks: &[PathBuf],
         opts: &RunOptions,
     ) -> Result<process::Captured, HarnessError> {
         let mut cmd = Command::new(host::qemu_binary()?);
@@ -515,6 +558,9 @@ impl Harness {
             l1_initrd,
             L1_MEMORY_MIB,
         ));
+        for d in disks {
+            cmd.args(l1_disk_args(d));
+        }
         Ok(process::run_bounded(&mut cmd, opts)?)
     }
 }
@@ -566,6 +612,16 @@ pub fn l1_qemu_args(kernel: &Path, initrd: &Path, memory_mib: u32) -> Vec<String
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// QEMU arguments attaching a raw host file to L1 as a virtio disk.
+pub fn l1_disk_args(path: &Path) -> Vec<String> {
+    // QEMU splits -drive options at commas; a comma in a path is doubled.
+    let file = path.display().to_string().replace(',', ",,");
+    vec![
+        "-drive".into(),
+        format!("file={file},format=raw,if=virtio,cache=writeback"),
+    ]
 }
 
 /// QEMU arguments booting the L2 guest directly (`accel` = tcg or kvm), with
@@ -678,5 +734,12 @@ mod tests {
         let smp = l1.iter().position(|s| s == "-smp").unwrap();
         assert_eq!(l1[smp + 1], "1");
         assert!(l1.contains(&"EPYC,+svm,+npt".to_string()));
+        assert_eq!(
+            l1_disk_args(Path::new("/b/root,1.ext4")),
+            vec![
+                "-drive",
+                "file=/b/root,,1.ext4,format=raw,if=virtio,cache=writeback"
+            ]
+        );
     }
 }

@@ -12,6 +12,10 @@ use guest_image::GuestAssets;
 pub const L1_INIT: &str = include_str!("../guest/init-l1.sh");
 /// Modules L1 loads to get `/dev/kvm` (closure: irqbypass, kvm, ccp, kvm-amd).
 pub const L1_MODULES: &[&str] = &["kvm_amd"];
+/// Modules L1 loads when the harness attaches disks to it.
+pub const L1_DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+/// Seconds L1 waits for its disks before running the payload anyway.
+pub const DISK_WAIT_SECS: u32 = 10;
 /// Paths inside the L1 image.
 pub const L2_KERNEL: &str = "/l2/vmlinuz";
 pub const L2_INITRD: &str = "/l2/initrd.gz";
@@ -81,6 +85,29 @@ fn exec_line(program: &str, args: &[String]) -> String {
     line
 }
 
+/// L1's device for its `index`th virtio disk: `/dev/vda`, `/dev/vdb`, ...
+pub fn disk_device(index: usize) -> String {
+    let letter = b"abcdefghijklmnopqrstuvwxyz"
+        .get(index)
+        .map(|&b| b as char)
+        .unwrap_or('z');
+    format!("/dev/vd{letter}")
+}
+
+/// Shell lines waiting (bounded) until L1's first `disks` virtio disks exist.
+fn wait_for_disks(disks: usize) -> String {
+    let tries = DISK_WAIT_SECS * 10;
+    (0..disks)
+        .map(disk_device)
+        .map(|dev| {
+            format!(
+                "i=0; while [ ! -b {dev} ] && [ $i -lt {tries} ]; do sleep 0.1; i=$((i + 1)); done\n\
+                 [ -b {dev} ] || echo \"L1-NO-DISK {dev}\"\n"
+            )
+        })
+        .collect()
+}
+
 /// Adds QEMU, its libraries (at their own paths) and firmware.
 fn add_qemu(img: &mut Initramfs, binary: &Path) -> Result<(), InitramfsError> {
     img.add_host_binary(binary, "usr/bin/qemu-system-x86_64")?;
@@ -96,15 +123,22 @@ fn add_qemu(img: &mut Initramfs, binary: &Path) -> Result<(), InitramfsError> {
     Ok(())
 }
 
-/// Builds the L1 image in memory.
+/// Builds the L1 image in memory; with `disks` > 0 it loads virtio-blk and
+/// the payload starts once that many disks are there.
 pub fn build(
     assets: &GuestAssets,
     l2_initrd: &Path,
     payload: &L1Payload,
     files: &[FileMapping],
+    disks: usize,
 ) -> Result<Initramfs, InitramfsError> {
     let mut img = base_image(assets)?;
-    img.add_modules(&assets.kernel, L1_MODULES)?;
+    if disks == 0 {
+        img.add_modules(&assets.kernel, L1_MODULES)?;
+    } else {
+        let all: Vec<&str> = L1_MODULES.iter().chain(L1_DISK_MODULES).copied().collect();
+        img.add_modules(&assets.kernel, &all)?;
+    }
     img.add_bytes("init", 0o755, L1_INIT)?;
     img.add_file(&assets.kernel.vmlinuz, L2_KERNEL)?;
     img.add_file(l2_initrd, L2_INITRD)?;
@@ -144,6 +178,7 @@ pub fn build(
             script.clone()
         }
     };
+    let script = format!("{}{script}", wait_for_disks(disks));
     img.add_bytes(PAYLOAD_SCRIPT, 0o755, script)?;
     for f in files {
         img.add_file(&f.src, &f.dst)?;
@@ -155,6 +190,26 @@ pub fn build(
 mod tests {
     use super::*;
     use std::process::Command;
+
+    #[test]
+    fn disk_devices_and_wait_lines() {
+        assert_eq!(disk_device(0), "/dev/vda");
+        assert_eq!(disk_device(2), "/dev/vdc");
+        assert_eq!(wait_for_disks(0), "");
+        let w = wait_for_disks(2);
+        assert!(w.contains("[ ! -b /dev/vda ]") && w.contains("L1-NO-DISK /dev/vdb"));
+        // Bounded: a missing disk costs DISK_WAIT_SECS, not a hang.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(
+                wait_for_disks(1)
+                    .replace("/dev/vda", "/nonexistent/vda")
+                    .replace("sleep 0.1", "true"),
+            )
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("L1-NO-DISK /nonexistent/vda"));
+    }
 
     #[test]
     fn quoting_survives_the_shell() {

@@ -27,6 +27,7 @@ pub mod harness;
 pub mod host;
 pub mod l1;
 pub mod process;
+pub mod rootfs;
 pub mod testing;
 pub mod usb;
 pub mod usb_bench;

@@ -1,7 +1,7 @@
 //! A raw disk image file, with every access routed through its volume.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,8 @@ pub enum RawImageError {
     Io(#[from] io::Error),
 }
 
-/// A raw image file opened for a storage device.
+/// A raw image opened for a storage device: a regular file or a block
+/// device (e.g. a disk of the VMM's own host).
 #[derive(Debug)]
 pub struct RawImage {
     file: File,
@@ -37,6 +38,15 @@ pub struct RawImage {
     size: u64,
     readonly: bool,
     volume: Arc<Volume>,
+}
+
+/// The size of an image: a regular file's length, or a block device's
+/// capacity (whose `st_size` is 0), both as the offset of the end.
+fn image_size(file: &File) -> io::Result<u64> {
+    let mut f = file;
+    let end = f.seek(SeekFrom::End(0))?;
+    f.seek(SeekFrom::Start(0))?;
+    Ok(end)
 }
 
 impl RawImage {
@@ -60,7 +70,7 @@ impl RawImage {
             .write(!readonly)
             .open(path)
             .map_err(open_err)?;
-        let size = file.metadata().map_err(open_err)?.len();
+        let size = image_size(&file).map_err(open_err)?;
         if size % SECTOR_SIZE != 0 {
             return Err(RawImageError::Unaligned {
                 path: path.to_owned(),
@@ -262,6 +272,35 @@ mod tests {
         assert_eq!(all[4095], 0x5a);
         assert_eq!(all[12288], 0x5a);
         assert_eq!(all[32 * 1024 + 1000], 0x5a);
+    }
+
+    /// A block device's `st_size` is 0: the size must come from its end.
+    /// Uses a loop device when this host lets us attach one (root).
+    #[test]
+    fn block_device_size_is_its_capacity() {
+        let (_d, path) = image(1 << 20, 0x11);
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&path)
+            .output();
+        let dev = match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            _ => {
+                eprintln!("skipped: no loop device here (needs root and losetup)");
+                return;
+            }
+        };
+        let checked = RawImage::open(Path::new(&dev), true, "loop").map(|img| {
+            let mut b = [0u8; 4];
+            let read = img.read_at(&mut b, (1 << 20) - 4).map(|()| b);
+            (img.size(), read)
+        });
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status();
+        let (size, tail) = checked.unwrap();
+        assert_eq!(size, 1 << 20);
+        assert_eq!(tail.unwrap(), [0x11; 4]);
     }
 
     #[test]

@@ -161,6 +161,9 @@ pub struct GuestRun {
     pub timeout: Duration,
     /// Copy the console to stdout while running.
     pub echo_console: bool,
+    /// Our stdin becomes the console's input (L1's console, whose input our
+    /// VMM forwards to the guest's serial port).
+    pub interactive: bool,
 }
 
 impl GuestRun {
@@ -188,6 +191,7 @@ impl GuestRun {
             kernel: KernelForm::BzImage,
             timeout,
             echo_console: false,
+            interactive: false,
         }
     }
 
@@ -570,6 +574,7 @@ fn opts(run: &GuestRun) -> RunOptions<'static> {
         timeout: run.timeout,
         echo: run.echo_console,
         markers: MARKERS,
+        inherit_stdin: run.interactive,
     }
 }
 

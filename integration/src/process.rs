@@ -56,6 +56,8 @@ pub struct RunOptions<'a> {
     pub echo: bool,
     /// Substrings whose lines are time-stamped into [`Captured::events`].
     pub markers: &'a [&'a str],
+    /// Give the child our stdin (interactive consoles) instead of none.
+    pub inherit_stdin: bool,
 }
 
 enum Chunk {
@@ -121,13 +123,18 @@ impl Collector<'_> {
     }
 }
 
-/// Runs `cmd` (stdin null, stdout and stderr captured) until it exits or the
+/// Runs `cmd` (stdin null unless `opts.inherit_stdin`, stdout and stderr
+/// captured) until it exits or the
 /// timeout passes; on timeout the child is killed and reaped.
 pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, ProcessError> {
     let name = format!("{:?}", cmd.get_program());
     let start = Instant::now();
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if opts.inherit_stdin {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -213,6 +220,7 @@ mod tests {
             timeout,
             echo: false,
             markers: &["MARK"],
+            inherit_stdin: false,
         }
     }
 

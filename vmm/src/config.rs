@@ -352,7 +352,7 @@ impl UsbStorageConfig {
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialConfig {
-    /// stdout, and stdin becomes the guest's keyboard when it is a terminal.
+    /// stdout, with stdin as the guest's keyboard (raw mode on a terminal).
     Stdout,
     /// Appended to a file.
     File(PathBuf),

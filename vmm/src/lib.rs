@@ -12,6 +12,7 @@ pub mod host;
 pub mod irq;
 pub mod memory;
 pub mod paging;
+pub mod serial_input;
 pub mod usb;
 pub mod vcpu;
 pub mod vm;

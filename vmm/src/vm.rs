@@ -27,6 +27,7 @@ use crate::control::{Control, ControlError, VmFacts, VmHandler};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::{self, HostError};
 use crate::paging;
+use crate::serial_input;
 use crate::vcpu::{self, ExitHandlers, StopReason, Vcpu, VcpuError, VmStop};
 
 /// KVM wants a three-page TSS and a one-page identity map below 4 GiB, out of
@@ -83,6 +84,8 @@ pub enum VmError {
     },
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot start the serial input thread")]
+    SerialInput(#[source] std::io::Error),
     #[error("cannot register {what} on the bus")]
     Bus {
         what: &'static str,
@@ -148,7 +151,15 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     let stop = VmStop::new().map_err(VmError::EventFd)?;
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
-    add_legacy_devices(&vm, &pio, &stop, serial_out)?;
+    let serial = add_legacy_devices(&vm, &pio, &stop, serial_out)?;
+    // The console's keyboard: stdin feeds COM1 (raw mode on a terminal).
+    let (_raw_terminal, serial_input) = match cfg.serial {
+        SerialConfig::Stdout => (
+            Some(serial_input::RawTerminal::enter()),
+            Some(serial_input::start(serial, stop.clone()).map_err(VmError::SerialInput)?),
+        ),
+        _ => (None, None),
+    };
     let devices = DeviceManager::new(
         vm.clone(),
         GuestMemoryAtomic::new(mem.clone()),
@@ -203,6 +214,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     // Wait for the guest, a device, a vCPU or the API to ask for the end.
     control.run_until_stopped(&stop);
     vcpu::stop_and_join(threads);
+    if let Some(t) = serial_input {
+        let _ = t.join();
+    }
     devices.shutdown();
     if let Some(err) = pager.and_then(paging::finish) {
         return Err(VmError::PagerFailed(err));
@@ -290,13 +304,13 @@ fn add_legacy_devices(
     pio: &Bus,
     stop: &Arc<VmStop>,
     serial_out: Box<dyn Write + Send>,
-) -> Result<(), VmError> {
+) -> Result<Arc<Mutex<SerialPort>>, VmError> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     vm.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD (serial)"))?;
     let serial = Arc::new(Mutex::new(SerialPort::new(irq, serial_out)));
     let bus = |what| move |source| VmError::Bus { what, source };
-    pio.insert(serial, COM1_BASE, SERIAL_LEN)
+    pio.insert(serial.clone(), COM1_BASE, SERIAL_LEN)
         .map_err(bus("serial port"))?;
     let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone())));
     pio.insert(i8042, I8042_DATA_PORT, I8042_LEN)
@@ -306,7 +320,7 @@ fn add_legacy_devices(
     let debug_exit = Arc::new(Mutex::new(DebugExit::new(stop.clone())));
     pio.insert(debug_exit, DEBUG_EXIT_PORT, 1)
         .map_err(bus("debug-exit port"))?;
-    Ok(())
+    Ok(serial)
 }
 
 fn create_vcpus(kvm: &Kvm, vm: &VmFd, cpus: u8, entry: u64) -> Result<Vec<Vcpu>, VmError> {

@@ -36,6 +36,11 @@ impl SerialPort {
         }
     }
 
+    /// Free space in the receive FIFO: how many input bytes fit now.
+    pub fn input_room(&self) -> usize {
+        self.inner.fifo_capacity()
+    }
+
     /// Queues bytes typed by the user for the guest to read.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
         self.inner.enqueue_raw_bytes(input).unwrap_or_else(|e| {

@@ -56,8 +56,9 @@ struct Cli {
     /// serial login prompt. Nested or direct mode only.
     #[arg(long)]
     rootfs: bool,
-    /// With --rootfs: stay at the login prompt until the timeout instead of
-    /// rebooting once it is up.
+    /// With --rootfs: stay at the login prompt (stdin is the guest's
+    /// keyboard: log in as root, `reboot` ends the run) instead of rebooting
+    /// once it is up.
     #[arg(long, requires = "rootfs")]
     stay: bool,
 }
@@ -113,6 +114,7 @@ fn boot_rootfs(harness: &Harness, cli: &Cli, mode: Mode) -> Result<ExitCode> {
         .memory_mib(cli.memory)
         .timeout(Duration::from_secs(cli.timeout.unwrap_or(600)));
     run.echo_console = true;
+    run.interactive = cli.stay;
     let extra: &[&str] = if cli.stay { &[] } else { &[AUTOREBOOT_PARAM] };
     let cmdline = boot::cmdline(extra);
     eprintln!(

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use devices::noio::is_thread_noio;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::around::{resolve_around, FAULT_AROUND_PAGES};
 use super::budget::Source;
 use super::pager::Shared;
 use super::pages::{PageKind, PageRef};
@@ -45,7 +46,7 @@ pub struct Fault {
     pub wp: bool,
 }
 
-enum Step {
+pub enum Step {
     Done,
     /// `EAGAIN`: read events, then resolve again.
     Retry,
@@ -91,7 +92,7 @@ impl Deferred {
     }
 }
 
-fn note_source(sh: &Shared, noio: bool, source: Source) {
+pub fn note_source(sh: &Shared, noio: bool, source: Source) {
     let c = &sh.counters;
     if source == Source::Overshoot {
         let n = c.overshoot_events.fetch_add(1, Ordering::Relaxed);
@@ -142,7 +143,7 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
     let mut buf = userfaultfd::EventBuffer::new(EVENT_BATCH);
     let mut events = Vec::with_capacity(EVENT_BATCH);
     let mut retry: Vec<Fault> = Vec::new();
-    let mut staging = vec![0u8; PAGE_SIZE];
+    let mut staging = vec![0u8; FAULT_AROUND_PAGES * PAGE_SIZE];
     loop {
         let mut fds = [
             libc::pollfd {
@@ -223,8 +224,9 @@ fn wake(sh: &Shared, host: usize) -> Result<(), PagerError> {
     Ok(sh.uffd.wake(host, PAGE_SIZE)?)
 }
 
-/// Resolves a fault if that needs no waiting.
-fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerError> {
+/// Resolves a fault if that needs no waiting. `buf` holds
+/// [`FAULT_AROUND_PAGES`] pages.
+fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError> {
     let Some(idx) = sh.pages.index_of_host(f.addr) else {
         log::warn!("pager: fault at {:#x} outside guest RAM", f.addr);
         return Ok(Step::Done);
@@ -236,6 +238,14 @@ fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerE
     if f.wp {
         return write_protect_fault(sh, p, host, noio);
     }
+    if !noio && matches!(p.kind, PageKind::Empty | PageKind::Swapped) {
+        let Some(source) = sh.budget.try_take(false, 0) else {
+            return Ok(Step::Defer);
+        };
+        return resolve_around(sh, f, idx, p, source, buf);
+    }
+    // NOIO faults: one page at a time, from the NOIO sources.
+    let staging = &mut buf[..PAGE_SIZE];
     match p.kind {
         PageKind::Resident => {
             drop(p);
@@ -270,7 +280,7 @@ fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerE
             }
             bump(&c.noio_faults, 1);
             bump(&c.noio_from_free, 1);
-            count_swap_in(sh, past);
+            count_swap_fault(sh, past);
             Ok(Step::Done)
         }
         PageKind::Empty | PageKind::Swapped => {
@@ -327,7 +337,7 @@ fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerE
             }
             note_source(sh, noio, source);
             if swapped {
-                count_swap_in(sh, past);
+                count_swap_fault(sh, past);
             } else {
                 bump(&c.faults_zero, 1);
             }
@@ -336,11 +346,18 @@ fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerE
     }
 }
 
-fn count_swap_in(sh: &Shared, past_quiesce: bool) {
+/// A fault served from swap with one page read.
+fn count_swap_fault(sh: &Shared, past_quiesce: bool) {
+    bump(&sh.counters.faults_swap, 1);
+    bump(&sh.counters.swap_reads, 1);
+    count_swap_in(sh, 1, past_quiesce);
+}
+
+/// `pages` pages read from swap and mapped.
+pub fn count_swap_in(sh: &Shared, pages: u64, past_quiesce: bool) {
     let c = &sh.counters;
-    bump(&c.faults_swap, 1);
-    bump(&c.pages_in, 1);
-    bump(&c.bytes_read, PAGE_SIZE as u64);
+    bump(&c.pages_in, pages);
+    bump(&c.bytes_read, pages * PAGE_SIZE as u64);
     if past_quiesce {
         bump(&c.noio_reads_past_quiesce, 1);
     }
@@ -487,7 +504,7 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
                 Resolve::Done => {
                     p.slot = slot;
                     note_source(sh, false, source);
-                    count_swap_in(sh, false);
+                    count_swap_fault(sh, false);
                     return Ok(());
                 }
                 Resolve::Exists => {

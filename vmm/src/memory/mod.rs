@@ -29,6 +29,7 @@
 //! - Discards should go through [`Pager::discard`]; a REMOVE by anyone else
 //!   empties the pages when it is processed (best effort).
 
+mod around;
 mod budget;
 mod config;
 mod fault;

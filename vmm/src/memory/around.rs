@@ -12,10 +12,16 @@
 //!
 //! Swapped neighbours are mapped write-protected and clean (their copy stays
 //! in its slot), so they cost nothing to drop if the guest never uses them.
-//! Never-written neighbours are mapped like the faulting page: zero and
-//! write-protected for a read, writable (and so dirty) for a write, because
-//! a guest writing fresh memory writes the next pages too and would
-//! otherwise take a write-protect fault on each of them.
+//! Never-written neighbours are zero pages mapped write-protected and clean
+//! too (no slot, dropped for free), except while the guest streams writes
+//! through fresh memory - this write fault on a never-written page lies
+//! within a window of the previous one - when they are mapped writable (and
+//! so dirty): the guest writes them next and would otherwise take a
+//! write-protect fault on each. Linux does no fault-around for anonymous
+//! memory at all; the streaming test keeps scattered first writes from
+//! turning untouched neighbours into dirty pages that must be written back.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::budget::Source;
 use super::fault::{count_swap_in, note_source, Fault, Step};
@@ -29,6 +35,23 @@ use super::{PagerError, PAGE_SIZE};
 /// window of 64 KiB, Linux's default `fault_around_bytes` (mm/memory.c) and
 /// twice its default swap read-ahead cluster (`vm.page-cluster` = 3).
 pub const FAULT_AROUND_PAGES: usize = 16;
+
+/// What fault-around remembers between faults.
+#[derive(Debug, Default)]
+pub struct AroundState {
+    /// Page of the last ordinary write fault on a never-written page, plus one
+    /// (0: none yet).
+    last_fresh_write: AtomicUsize,
+}
+
+impl AroundState {
+    /// Records a write fault on never-written page `idx`; whether it
+    /// continues a stream (the previous one lay within a window of it).
+    fn streaming_write(&self, idx: usize) -> bool {
+        let prev = self.last_fresh_write.swap(idx + 1, Ordering::Relaxed);
+        prev != 0 && (prev - 1).abs_diff(idx) <= FAULT_AROUND_PAGES
+    }
+}
 
 /// Neighbours of `idx` in `range` that are unmapped and idle, nearest first;
 /// stops at the first that is not (or whose lock is held).
@@ -54,6 +77,7 @@ pub fn resolve_around<'a>(
     source: Source,
     buf: &mut [u8],
 ) -> Result<Step, PagerError> {
+    let fresh_stream = f.write && p.kind == PageKind::Empty && sh.around.streaming_write(idx);
     let region = sh.pages.region_pages(idx);
     let window = idx / FAULT_AROUND_PAGES * FAULT_AROUND_PAGES;
     let (win_lo, win_hi) = (
@@ -113,12 +137,18 @@ pub fn resolve_around<'a>(
         }
     }
 
-    // Protection per page: the faulting page as accessed, swapped
-    // neighbours write-protected (clean), fresh ones like the fault.
+    // Protection per page: the faulting page as accessed, neighbours
+    // write-protected (clean) unless fresh ones in a write stream.
     let wp: Vec<bool> = pages
         .iter()
         .enumerate()
-        .map(|(i, q)| (i != fault_pos && q.kind == PageKind::Swapped) || !f.write)
+        .map(|(i, q)| {
+            if i == fault_pos {
+                !f.write
+            } else {
+                q.kind == PageKind::Swapped || !fresh_stream
+            }
+        })
         .collect();
     let host_lo = sh.pages.host_of(lo);
     // Map from the faulting page on, then the pages below it; one copy per
@@ -198,4 +228,20 @@ pub fn resolve_around<'a>(
         Resolve::Retry => Step::Retry,
         _ => Step::Done,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_stream_is_adjacent_fresh_write_faults() {
+        let s = AroundState::default();
+        assert!(!s.streaming_write(100), "first write fault");
+        assert!(s.streaming_write(116), "next window");
+        assert!(s.streaming_write(100), "backwards, one window");
+        assert!(!s.streaming_write(5000), "a jump");
+        assert!(!s.streaming_write(0));
+        assert!(s.streaming_write(1));
+    }
 }

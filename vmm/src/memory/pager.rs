@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::around::AroundState;
 use super::budget::Budget;
 use super::config::PagerConfig;
 use super::fault::{self, Deferred};
@@ -27,6 +28,7 @@ pub struct Shared {
     pub budget: Budget,
     pub counters: Counters,
     pub deferred: Deferred,
+    pub around: AroundState,
     pub wb: WritebackQueue,
     /// Orderly stop requested.
     pub stop: AtomicBool,
@@ -202,6 +204,7 @@ impl Pager {
             budget,
             counters: Counters::default(),
             deferred: Deferred::default(),
+            around: AroundState::default(),
             wb: WritebackQueue::default(),
             stop: AtomicBool::new(false),
             abort: AtomicBool::new(false),

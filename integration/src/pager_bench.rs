@@ -200,6 +200,16 @@ fn med(
     (median(v).map(|ms| ms as f64 / 1000.0), n)
 }
 
+/// Row `i` of the table for one run: a phase, then the workload (all
+/// phases), then the L1 wall time.
+fn row_value(r: &PagerRun, i: usize) -> Option<f64> {
+    match i.checked_sub(PHASES.len()) {
+        None => r.phases.get(i).copied().flatten(),
+        Some(0) => r.phases.iter().copied().sum(),
+        Some(_) => r.wall_s,
+    }
+}
+
 /// The markdown table: per phase, median seconds and MiB/s of each VMM and
 /// ours / QEMU throughput (= QEMU time / our time; the goal is >= 0.8).
 pub fn render_table(runs: &[PagerRun], touch_mib: u32) -> String {
@@ -207,21 +217,11 @@ pub fn render_table(runs: &[PagerRun], touch_mib: u32) -> String {
         "| phase | ours s (runs) | ours MiB/s | QEMU + cgroup s (runs) | QEMU MiB/s | ours / QEMU throughput |\n\
          |---|---|---|---|---|---|\n",
     );
-    let mut rows: Vec<(String, Box<dyn Fn(&PagerRun) -> Option<f64>>)> = PHASES
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _, _))| {
-            let f: Box<dyn Fn(&PagerRun) -> Option<f64>> = Box::new(move |r| r.phases[i]);
-            (name.to_string(), f)
-        })
-        .collect();
-    rows.push((
-        "workload (all three)".into(),
-        Box::new(|r| r.phases.iter().copied().sum::<Option<f64>>()),
-    ));
-    rows.push(("L1 wall time, boot to exit".into(), Box::new(|r| r.wall_s)));
+    let mut rows: Vec<&str> = PHASES.iter().map(|(name, _, _)| *name).collect();
+    rows.extend(["workload (all three)", "L1 wall time, boot to exit"]);
     let phases = PHASES.len();
-    for (i, (name, f)) in rows.iter().enumerate() {
+    for (i, name) in rows.iter().enumerate() {
+        let f = |r: &PagerRun| row_value(r, i);
         let (o, on) = med(runs, "ours", f);
         let (q, qn) = med(runs, "qemu", f);
         // Throughput only for the phases that move `touch_mib`.
@@ -248,7 +248,7 @@ pub fn render_table(runs: &[PagerRun], touch_mib: u32) -> String {
 
 /// The ours / QEMU throughput ratio of the whole workload, if both ran.
 pub fn workload_ratio(runs: &[PagerRun]) -> Option<f64> {
-    let total = |r: &PagerRun| r.phases.iter().copied().sum::<Option<f64>>();
+    let total = |r: &PagerRun| row_value(r, PHASES.len());
     let (o, _) = med(runs, "ours", total);
     let (q, _) = med(runs, "qemu", total);
     Some(q? / o?).filter(|r| r.is_finite())

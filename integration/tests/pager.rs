@@ -94,6 +94,13 @@ fn overcommit(mem_mib: u32, limit_mib: u64, touch_mib: u32, timeout: Duration) {
     let r = harness.run_l1_payload(&run, payload).unwrap();
     let console = &r.console;
     eprintln!("{}", r.summary());
+    // The guest's phase stamps and the pager's counters, pass or fail.
+    for l in console
+        .lines()
+        .filter(|l| l.contains("pager-touch:") || l.contains("pager-stats"))
+    {
+        eprintln!("{}", l.trim());
+    }
     assert!(!r.timed_out, "timed out\n{console}");
     assert_eq!(r.verdict, Verdict::Pass, "scenario failed\n{console}");
     assert_eq!(r.vmm_exit, Some(0), "VMM exit\n{console}");

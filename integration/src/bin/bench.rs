@@ -101,6 +101,10 @@ enum What {
         /// Update this markdown file's "pager" section.
         #[arg(long)]
         write: Option<PathBuf>,
+        /// Tabulate the L1 console saved from an earlier run (the command's
+        /// output) instead of running.
+        #[arg(long)]
+        console: Option<PathBuf>,
     },
 }
 
@@ -200,42 +204,42 @@ fn main() -> Result<()> {
             memory,
             touch,
             write,
-        } => pager(reps, memory, touch, write),
+            console,
+        } => pager(reps, memory, touch, write, console),
     }
 }
 
-fn pager(reps: u32, memory: u32, touch: u32, write: Option<PathBuf>) -> Result<()> {
-    use integration::{pager_bench, usb_bench};
+fn pager(
+    reps: u32,
+    memory: u32,
+    touch: u32,
+    write: Option<PathBuf>,
+    saved: Option<PathBuf>,
+) -> Result<()> {
+    use integration::pager_bench;
     let limit = memory / 2;
     if touch + 64 >= memory {
         bail!("--touch {touch} does not fit a guest of {memory} MiB (its tmpfs holds it)");
     }
-    let harness = Harness::new().context("harness")?;
-    // Boot plus three passes over `touch` MiB at no less than 0.5 MiB/s.
-    let per_run = 300 + u64::from(touch) * 3 * 2;
-    let mut run = GuestRun::new(Scenario::load("pager-touch")?)
-        .cpus(2)
-        .memory_mib(memory)
-        .param("touch_mib", touch)
-        .timeout(Duration::from_secs(per_run * u64::from(2 * reps) + 300));
-    run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
-    let cmdline = run.l2_cmdline()?;
-    let variants = pager_bench::variants(&run, &cmdline, limit);
-    let script = pager_bench::script(reps, per_run, limit, memory, &variants);
-    let payload = L1Payload::VmmScript {
-        binary: host::vmm_binary(true)?,
-        script,
+    let console = match saved {
+        Some(path) => {
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => run_pager(reps, memory, touch, limit)?,
     };
-    eprintln!("bench pager: {reps} rounds of ours and QEMU in one L1 ({memory} MiB guest, limit {limit} MiB, {touch} MiB touched)");
-    let r = harness.run_l1_payload(&run, payload)?;
-    let runs = pager_bench::parse(&r.console);
+    // A saved log may hold the runs twice (the command prints the raw
+    // lines, then the console of failed runs): keep the first copy.
+    let console = match console.match_indices("PAGER-BENCH-SETUP").nth(1) {
+        Some((at, _)) => console[..at].to_string(),
+        None => console,
+    };
+    let runs = pager_bench::parse(&console);
     if runs.is_empty() {
-        bail!("no PAGER-BENCH-END lines; console:\n{}", r.console);
+        bail!("no PAGER-BENCH-END lines; console:\n{console}");
     }
     let table = pager_bench::render_table(&runs, touch);
     println!("{table}");
-    let raw: Vec<&str> = r
-        .console
+    let raw: Vec<&str> = console
         .lines()
         .filter(|l| {
             ["PAGER-BENCH-", "pager-touch:", "pager-stats"]
@@ -246,7 +250,7 @@ fn pager(reps: u32, memory: u32, touch: u32, write: Option<PathBuf>) -> Result<(
         .collect();
     println!("{}", raw.join("\n"));
     if runs.iter().any(|r| !r.ok) {
-        eprintln!("some runs failed; console:\n{}", r.console);
+        eprintln!("some runs failed; console:\n{console}");
     }
     if let Some(file) = write {
         let body = format!(
@@ -271,6 +275,32 @@ fn pager(reps: u32, memory: u32, touch: u32, write: Option<PathBuf>) -> Result<(
         eprintln!("updated {}", file.display());
     }
     Ok(())
+}
+
+/// Runs the pager benchmark in one L1; its console.
+fn run_pager(reps: u32, memory: u32, touch: u32, limit: u32) -> Result<String> {
+    use integration::{pager_bench, usb_bench};
+    let harness = Harness::new().context("harness")?;
+    // Boot plus three passes over `touch` MiB at no less than 0.5 MiB/s.
+    let per_run = 300 + u64::from(touch) * 3 * 2;
+    let mut run = GuestRun::new(Scenario::load("pager-touch")?)
+        .cpus(2)
+        .memory_mib(memory)
+        .param("touch_mib", touch)
+        .timeout(Duration::from_secs(per_run * u64::from(2 * reps) + 300));
+    run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
+    let cmdline = run.l2_cmdline()?;
+    let variants = pager_bench::variants(&run, &cmdline, limit);
+    let script = pager_bench::script(reps, per_run, limit, memory, &variants);
+    let payload = L1Payload::VmmScript {
+        binary: host::vmm_binary(true)?,
+        script,
+    };
+    eprintln!(
+        "bench pager: {reps} rounds of ours and QEMU in one L1 \
+         ({memory} MiB guest, limit {limit} MiB, {touch} MiB touched)"
+    );
+    Ok(harness.run_l1_payload(&run, payload)?.console)
 }
 
 fn disk(

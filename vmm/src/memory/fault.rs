@@ -28,6 +28,13 @@ use super::{PagerError, PAGE_SIZE};
 const EVENT_BATCH: usize = 64;
 /// Poll timeout while resolutions wait for an `EAGAIN` to clear.
 const RETRY_POLL_MS: i32 = 1;
+/// Rounds of `EAGAIN` retries that first yield the CPU instead of sleeping.
+/// The usual cause is a `madvise` whose REMOVE event this thread has just
+/// read: the address space stays "changing" until that thread runs again,
+/// which on a one-CPU host (the nested L1) happens only once this thread
+/// gives up the CPU. Sleeping a timer tick (4 ms at HZ=250) per eviction
+/// batch instead cost the nested benchmark tens of seconds.
+const RETRY_YIELD_ROUNDS: u32 = 8;
 /// Pause of the worker between `EAGAIN` retries.
 const WORKER_RETRY: Duration = Duration::from_micros(200);
 /// How often an idle worker checks the stop flag.
@@ -144,6 +151,7 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
     let mut events = Vec::with_capacity(EVENT_BATCH);
     let mut retry: Vec<Fault> = Vec::new();
     let mut staging = vec![0u8; FAULT_AROUND_PAGES * PAGE_SIZE];
+    let mut retry_rounds = 0u32;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -157,7 +165,16 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
                 revents: 0,
             },
         ];
-        let timeout = if retry.is_empty() { -1 } else { RETRY_POLL_MS };
+        let timeout = if retry.is_empty() {
+            retry_rounds = 0;
+            -1
+        } else if retry_rounds < RETRY_YIELD_ROUNDS {
+            retry_rounds += 1;
+            std::thread::yield_now();
+            0
+        } else {
+            RETRY_POLL_MS
+        };
         // SAFETY: `fds` is a live array of two pollfd structs and its length
         // is passed with it; poll writes only their `revents` fields.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };

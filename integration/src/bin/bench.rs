@@ -17,10 +17,12 @@
 //! L1's tmpfs, plugged into our xHCI (USB 3 port) and into QEMU's
 //! `qemu-xhci` + `usb-storage`, round-robin in one L1.
 //!
-//! `bench pager [--reps 1] [--memory 1024] [--touch 700] [--write BENCHMARKS.md]`
+//! `bench pager [--reps 1] [--memory 1024] [--touch 700] [--write BENCHMARKS.md]
+//! [--console SAVED-OUTPUT]`
 //! runs the `pager-touch` scenario in a guest whose host memory is limited
 //! to half its RAM: ours with `--memory limit=`, QEMU in a cgroup v2 with
-//! `memory.max` and zram swap, round-robin in one L1.
+//! `memory.max` and zram swap, round-robin in one L1. `--console` tabulates
+//! the output of an earlier run instead of running.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -36,8 +36,46 @@ pub struct Shared {
     pub abort: AtomicBool,
     fatal: Mutex<Option<String>>,
     fatal_evt: EventFd,
-    /// Host ranges the pager itself is about to `madvise` away, with counts.
-    own_removes: Mutex<HashMap<(usize, usize), u32>>,
+    /// Host ranges the pager itself is about to `madvise` away.
+    own_removes: OwnRemoves,
+}
+
+/// Host ranges the pager is `madvise`-ing away, with counts.
+#[derive(Debug, Default)]
+struct OwnRemoves(Mutex<HashMap<(usize, usize), u32>>);
+
+impl OwnRemoves {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tag(&self, start: usize, end: usize) {
+        *self.lock().entry((start, end)).or_insert(0) += 1;
+    }
+
+    /// Whether REMOVE `[start, end)` is tagged, consuming the tag. An exact
+    /// match first; should the kernel split a batched range into one event
+    /// per mapping (VMA), each piece lies inside the tagged range and the
+    /// last one, ending where it ends, consumes the tag.
+    fn take(&self, start: usize, end: usize) -> bool {
+        let mut map = self.lock();
+        let exact = map.contains_key(&(start, end)).then_some((start, end));
+        let Some(key) =
+            exact.or_else(|| map.keys().copied().find(|&(s, e)| s <= start && end <= e))
+        else {
+            return false;
+        };
+        if end < key.1 {
+            return true;
+        }
+        match map.get_mut(&key) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                map.remove(&key);
+            }
+        }
+        true
+    }
 }
 
 impl Shared {
@@ -47,8 +85,7 @@ impl Shared {
     /// already moved the page on (swapped, discarded, even faulted back in).
     /// Blocks until the handler reads the event: never call on the handler.
     pub fn drop_range(&self, start: usize, end: usize) -> std::io::Result<()> {
-        let key = (start, end);
-        *self.lock_removes().entry(key).or_insert(0) += 1;
+        self.own_removes.tag(start, end);
         let result = madvise_dontneed(start, end - start);
         if result.is_err() {
             // No event was generated; forget the tag.
@@ -59,22 +96,7 @@ impl Shared {
 
     /// Whether REMOVE `[start, end)` was the pager's own (and consumes the tag).
     pub fn take_own_remove(&self, start: usize, end: usize) -> bool {
-        let mut map = self.lock_removes();
-        match map.get_mut(&(start, end)) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                true
-            }
-            Some(_) => {
-                map.remove(&(start, end));
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn lock_removes(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), u32>> {
-        self.own_removes.lock().unwrap_or_else(|e| e.into_inner())
+        self.own_removes.take(start, end)
     }
 
     /// Records the first fatal error, signals it and releases every waiter.
@@ -210,7 +232,7 @@ impl Pager {
             abort: AtomicBool::new(false),
             fatal: Mutex::new(None),
             fatal_evt: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?,
-            own_removes: Mutex::new(HashMap::new()),
+            own_removes: OwnRemoves::default(),
         });
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?;
         let handler_stop = stop_evt.try_clone().map_err(PagerError::Sys)?;
@@ -389,4 +411,22 @@ fn spawn(
             }
         })
         .map_err(PagerError::Sys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OwnRemoves;
+
+    #[test]
+    fn own_removes_match_exactly_or_by_pieces() {
+        let t = OwnRemoves::default();
+        t.tag(0x1000, 0x5000);
+        t.tag(0x1000, 0x5000);
+        assert!(!t.take(0x6000, 0x7000), "not ours");
+        assert!(t.take(0x1000, 0x5000));
+        // The second tag, delivered as two pieces.
+        assert!(t.take(0x1000, 0x3000));
+        assert!(t.take(0x3000, 0x5000));
+        assert!(!t.take(0x1000, 0x5000), "all tags consumed");
+    }
 }

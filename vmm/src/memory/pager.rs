@@ -53,26 +53,20 @@ impl OwnRemoves {
         *self.lock().entry((start, end)).or_insert(0) += 1;
     }
 
-    /// Whether REMOVE `[start, end)` is tagged, consuming the tag. An exact
-    /// match first; should the kernel split a batched range into one event
-    /// per mapping (VMA), each piece lies inside the tagged range and the
-    /// last one, ending where it ends, consumes the tag.
+    /// Whether REMOVE `[start, end)` is tagged, consuming the tag. Only an
+    /// exact match counts: a tagged range merely containing the event may
+    /// be a concurrent eviction while someone else zaps a page inside it,
+    /// and taking that for ours would leave a zapped page marked mapped.
+    /// (Every range the pager drops lies inside one guest RAM mapping, a
+    /// single VMA, so the kernel reports it as one event.)
     fn take(&self, start: usize, end: usize) -> bool {
         let mut map = self.lock();
-        let exact = map.contains_key(&(start, end)).then_some((start, end));
-        let Some(key) =
-            exact.or_else(|| map.keys().copied().find(|&(s, e)| s <= start && end <= e))
-        else {
-            return false;
-        };
-        if end < key.1 {
-            return true;
-        }
-        match map.get_mut(&key) {
+        match map.get_mut(&(start, end)) {
             Some(n) if *n > 1 => *n -= 1,
-            _ => {
-                map.remove(&key);
+            Some(_) => {
+                map.remove(&(start, end));
             }
+            None => return false,
         }
         true
     }
@@ -418,15 +412,14 @@ mod tests {
     use super::OwnRemoves;
 
     #[test]
-    fn own_removes_match_exactly_or_by_pieces() {
+    fn own_removes_match_exactly_and_count() {
         let t = OwnRemoves::default();
         t.tag(0x1000, 0x5000);
         t.tag(0x1000, 0x5000);
         assert!(!t.take(0x6000, 0x7000), "not ours");
+        assert!(!t.take(0x2000, 0x3000), "inside ours: someone else's");
         assert!(t.take(0x1000, 0x5000));
-        // The second tag, delivered as two pieces.
-        assert!(t.take(0x1000, 0x3000));
-        assert!(t.take(0x3000, 0x5000));
+        assert!(t.take(0x1000, 0x5000));
         assert!(!t.take(0x1000, 0x5000), "all tags consumed");
     }
 }

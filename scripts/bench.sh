@@ -3,6 +3,7 @@
 # BENCHMARKS.md. Usage: scripts/bench.sh boot [--reps 5] [--cpus 1] [--memory 256]
 #        scripts/bench.sh disk [--reps 3] [--cpus 1] [--image-mib 128] [--runtime 10]
 #        scripts/bench.sh usb [--reps 3] [--runtime 10] [--image-mib 128]
+#        scripts/bench.sh pager [--reps 1] [--memory 1024] [--touch 700]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -10,8 +10,10 @@ use guest_image::GuestAssets;
 
 /// The L1 `/init`.
 pub const L1_INIT: &str = include_str!("../guest/init-l1.sh");
-/// Modules L1 loads to get `/dev/kvm` (closure: irqbypass, kvm, ccp, kvm-amd).
-pub const L1_MODULES: &[&str] = &["kvm_amd"];
+/// Modules L1 loads: `kvm_amd` for `/dev/kvm` (closure: irqbypass, kvm, ccp,
+/// kvm-amd), and `zram` (with zsmalloc; its lzo-rle compressor is built in)
+/// for a swap device in L1's RAM, which the pager benchmark gives QEMU.
+pub const L1_MODULES: &[&str] = &["kvm_amd", "zram"];
 /// Modules L1 loads when the harness attaches disks to it.
 pub const L1_DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
 /// Seconds L1 waits for its disks before running the payload anyway.

@@ -16,6 +16,13 @@
 //! runs fio in the guest (scenario `usb-bench`) on the same raw image in
 //! L1's tmpfs, plugged into our xHCI (USB 3 port) and into QEMU's
 //! `qemu-xhci` + `usb-storage`, round-robin in one L1.
+//!
+//! `bench pager [--reps 1] [--memory 1024] [--touch 700] [--write BENCHMARKS.md]
+//! [--console SAVED-OUTPUT]`
+//! runs the `pager-touch` scenario in a guest whose host memory is limited
+//! to half its RAM: ours with `--memory limit=`, QEMU in a cgroup v2 with
+//! `memory.max` and zram swap, round-robin in one L1. `--console` tabulates
+//! the output of an earlier run instead of running.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,6 +88,25 @@ enum What {
         /// Update this markdown file's "usb" section.
         #[arg(long)]
         write: Option<PathBuf>,
+    },
+    /// Overcommitted guest memory: ours (pager) vs QEMU under a cgroup
+    /// memory.max with zram swap, limit = half the guest's RAM.
+    Pager {
+        #[arg(long, default_value_t = 1)]
+        reps: u32,
+        /// Guest memory in MiB (the limit is half of it).
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// MiB the guest writes and checksums twice.
+        #[arg(long, default_value_t = 700)]
+        touch: u32,
+        /// Update this markdown file's "pager" section.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        /// Tabulate the L1 console saved from an earlier run (the command's
+        /// output) instead of running.
+        #[arg(long)]
+        console: Option<PathBuf>,
     },
 }
 
@@ -177,7 +203,108 @@ fn main() -> Result<()> {
             image_mib,
             write,
         } => usb(reps, runtime, image_mib, write),
+        What::Pager {
+            reps,
+            memory,
+            touch,
+            write,
+            console,
+        } => pager(reps, memory, touch, write, console),
     }
+}
+
+fn pager(
+    reps: u32,
+    memory: u32,
+    touch: u32,
+    write: Option<PathBuf>,
+    saved: Option<PathBuf>,
+) -> Result<()> {
+    use integration::pager_bench;
+    let limit = memory / 2;
+    if touch + 64 >= memory {
+        bail!("--touch {touch} does not fit a guest of {memory} MiB (its tmpfs holds it)");
+    }
+    let console = match saved {
+        Some(path) => {
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => run_pager(reps, memory, touch, limit)?,
+    };
+    // A saved log may hold the runs twice (the command prints the raw
+    // lines, then the console of failed runs): keep the first copy.
+    let console = match console.match_indices("PAGER-BENCH-SETUP").nth(1) {
+        Some((at, _)) => console[..at].to_string(),
+        None => console,
+    };
+    let runs = pager_bench::parse(&console);
+    if runs.is_empty() {
+        bail!("no PAGER-BENCH-END lines; console:\n{console}");
+    }
+    let table = pager_bench::render_table(&runs, touch);
+    println!("{table}");
+    let raw: Vec<&str> = console
+        .lines()
+        .filter(|l| {
+            ["PAGER-BENCH-", "pager-touch:", "pager-stats"]
+                .iter()
+                .any(|m| l.contains(m))
+        })
+        .map(str::trim)
+        .collect();
+    println!("{}", raw.join("\n"));
+    if runs.iter().any(|r| !r.ok) {
+        eprintln!("some runs failed; console:\n{console}");
+    }
+    if let Some(file) = write {
+        let body = format!(
+            "## Overcommitted guest memory (pager)\n\n\
+             Command: `scripts/bench.sh pager --reps {reps} --memory {memory} --touch {touch}`\n\n\
+             Guest: Debian's kernel with a busybox initramfs, 2 vCPUs, {memory} MiB; scenario \
+             `pager-touch`: `dd` of {touch} MiB from `/dev/urandom` into the guest's tmpfs \
+             (write), then `md5sum` of it twice (checksum 1 and 2), timed by the guest's uptime \
+             stamps. Host-side limit: {limit} MiB (half the guest's RAM). Ours: `--memory \
+             size={memory}M,limit={limit}M,swap={}` (swap file in L1's tmpfs; the pager's \
+             reserve of limit/64 comes on top). QEMU: `-M pc -accel kvm -cpu host -m {memory}` \
+             run in a cgroup v2 with `memory.max={limit}M` (which also charges QEMU's own \
+             memory), swapping to a {memory} MiB zram device in the same L1 (lzo-rle; the data \
+             is random, so zram stores it uncompressed after trying). Both swap stores are RAM \
+             of one L1 (QEMU TCG, one vCPU, `kvm_amd` nested, 2 GiB). Medians of {reps} \
+             round(s) run round-robin in that L1. Ratio: ours / QEMU throughput (= QEMU time / \
+             our time; the goal is >= 0.8).\n\n{table}\nRaw lines:\n\n```\n{}\n```\n",
+            pager_bench::SWAP_FILE,
+            raw.join("\n")
+        );
+        bench::update_section(&file, "pager", &body)?;
+        eprintln!("updated {}", file.display());
+    }
+    Ok(())
+}
+
+/// Runs the pager benchmark in one L1; its console.
+fn run_pager(reps: u32, memory: u32, touch: u32, limit: u32) -> Result<String> {
+    use integration::{pager_bench, usb_bench};
+    let harness = Harness::new().context("harness")?;
+    // Boot plus three passes over `touch` MiB at no less than 0.5 MiB/s.
+    let per_run = 300 + u64::from(touch) * 3 * 2;
+    let mut run = GuestRun::new(Scenario::load("pager-touch")?)
+        .cpus(2)
+        .memory_mib(memory)
+        .param("touch_mib", touch)
+        .timeout(Duration::from_secs(per_run * u64::from(2 * reps) + 300));
+    run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
+    let cmdline = run.l2_cmdline()?;
+    let variants = pager_bench::variants(&run, &cmdline, limit);
+    let script = pager_bench::script(reps, per_run, limit, memory, &variants);
+    let payload = L1Payload::VmmScript {
+        binary: host::vmm_binary(true)?,
+        script,
+    };
+    eprintln!(
+        "bench pager: {reps} rounds of ours and QEMU in one L1 \
+         ({memory} MiB guest, limit {limit} MiB, {touch} MiB touched)"
+    );
+    Ok(harness.run_l1_payload(&run, payload)?.console)
 }
 
 fn disk(

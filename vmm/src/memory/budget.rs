@@ -151,6 +151,22 @@ impl Budget {
         Some(source)
     }
 
+    /// Charges up to `max` frames for pages mapped around a fault, only from
+    /// free budget under the limit (never the reserve, never for NOIO);
+    /// returns how many. Give back unused ones with [`Budget::release`].
+    pub fn try_take_extra(&self, max: usize) -> usize {
+        let mut a = self.lock();
+        let n = max.min(self.limit.saturating_sub(a.charged));
+        if n > 0 {
+            a.charged += n;
+            a.peak = a.peak.max(a.charged);
+            if a.charged > self.high {
+                self.kick.notify_one();
+            }
+        }
+        n
+    }
+
     /// Charges a frame, waiting until the charge is under the limit. Gives up
     /// waiting when `abort` is set and charges anyway (an overshoot), so no
     /// faulting thread hangs once the pager failed or is stopping.
@@ -214,10 +230,11 @@ impl Budget {
         }
     }
 
-    /// Whether reclaim has reached its low watermark.
-    pub fn satisfied(&self) -> bool {
+    /// Whether reclaim has reached its low watermark once `pending` more
+    /// clean pages (collected for a batch, not yet dropped) are released.
+    pub fn satisfied(&self, pending: usize) -> bool {
         let a = self.lock();
-        a.charged <= self.low && a.promised_clean == 0
+        a.charged.saturating_sub(pending) <= self.low && a.promised_clean <= pending
     }
 
     /// Blocks the reclaim thread until there is work or `timeout` passes.
@@ -266,6 +283,19 @@ mod tests {
         assert_eq!(b.try_take(false, 0), Some(Source::Discarded));
         b.untake(Source::Discarded);
         assert_eq!(b.try_take(false, 0), Some(Source::Discarded));
+    }
+
+    #[test]
+    fn extra_frames_come_only_from_free_budget() {
+        let b = Budget::new(8, 4, 6, 4);
+        assert_eq!(b.try_take(false, 0), Some(Source::Free));
+        assert_eq!(b.try_take_extra(16), 7, "capped by the limit");
+        assert_eq!(b.try_take_extra(1), 0, "never the reserve");
+        assert_eq!(b.charged(), 8);
+        b.release(3, false, false);
+        assert!(!b.satisfied(0));
+        assert!(b.satisfied(1));
+        assert_eq!(b.try_take_extra(2), 2);
     }
 
     #[test]

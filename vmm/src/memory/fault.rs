@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use devices::noio::is_thread_noio;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::around::{resolve_around, FAULT_AROUND_PAGES};
 use super::budget::Source;
 use super::pager::Shared;
 use super::pages::{PageKind, PageRef};
@@ -27,6 +28,13 @@ use super::{PagerError, PAGE_SIZE};
 const EVENT_BATCH: usize = 64;
 /// Poll timeout while resolutions wait for an `EAGAIN` to clear.
 const RETRY_POLL_MS: i32 = 1;
+/// Rounds of `EAGAIN` retries that first yield the CPU instead of sleeping.
+/// The usual cause is a `madvise` whose REMOVE event this thread has just
+/// read: the address space stays "changing" until that thread runs again,
+/// which on a one-CPU host (the nested L1) happens only once this thread
+/// gives up the CPU. Sleeping a timer tick (4 ms at HZ=250) per eviction
+/// batch instead cost the nested benchmark tens of seconds.
+const RETRY_YIELD_ROUNDS: u32 = 8;
 /// Pause of the worker between `EAGAIN` retries.
 const WORKER_RETRY: Duration = Duration::from_micros(200);
 /// How often an idle worker checks the stop flag.
@@ -45,7 +53,7 @@ pub struct Fault {
     pub wp: bool,
 }
 
-enum Step {
+pub enum Step {
     Done,
     /// `EAGAIN`: read events, then resolve again.
     Retry,
@@ -91,7 +99,7 @@ impl Deferred {
     }
 }
 
-fn note_source(sh: &Shared, noio: bool, source: Source) {
+pub fn note_source(sh: &Shared, noio: bool, source: Source) {
     let c = &sh.counters;
     if source == Source::Overshoot {
         let n = c.overshoot_events.fetch_add(1, Ordering::Relaxed);
@@ -142,7 +150,8 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
     let mut buf = userfaultfd::EventBuffer::new(EVENT_BATCH);
     let mut events = Vec::with_capacity(EVENT_BATCH);
     let mut retry: Vec<Fault> = Vec::new();
-    let mut staging = vec![0u8; PAGE_SIZE];
+    let mut staging = vec![0u8; FAULT_AROUND_PAGES * PAGE_SIZE];
+    let mut retry_rounds = 0u32;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -156,7 +165,16 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
                 revents: 0,
             },
         ];
-        let timeout = if retry.is_empty() { -1 } else { RETRY_POLL_MS };
+        let timeout = if retry.is_empty() {
+            retry_rounds = 0;
+            -1
+        } else if retry_rounds < RETRY_YIELD_ROUNDS {
+            retry_rounds += 1;
+            std::thread::yield_now();
+            0
+        } else {
+            RETRY_POLL_MS
+        };
         // SAFETY: `fds` is a live array of two pollfd structs and its length
         // is passed with it; poll writes only their `revents` fields.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
@@ -223,8 +241,9 @@ fn wake(sh: &Shared, host: usize) -> Result<(), PagerError> {
     Ok(sh.uffd.wake(host, PAGE_SIZE)?)
 }
 
-/// Resolves a fault if that needs no waiting.
-fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerError> {
+/// Resolves a fault if that needs no waiting. `buf` holds
+/// [`FAULT_AROUND_PAGES`] pages.
+fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError> {
     let Some(idx) = sh.pages.index_of_host(f.addr) else {
         log::warn!("pager: fault at {:#x} outside guest RAM", f.addr);
         return Ok(Step::Done);
@@ -236,6 +255,14 @@ fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerE
     if f.wp {
         return write_protect_fault(sh, p, host, noio);
     }
+    if !noio && matches!(p.kind, PageKind::Empty | PageKind::Swapped) {
+        let Some(source) = sh.budget.try_take(false, 0) else {
+            return Ok(Step::Defer);
+        };
+        return resolve_around(sh, f, idx, p, source, buf);
+    }
+    // NOIO faults: one page at a time, from the NOIO sources.
+    let staging = &mut buf[..PAGE_SIZE];
     match p.kind {
         PageKind::Resident => {
             drop(p);
@@ -270,7 +297,7 @@ fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerE
             }
             bump(&c.noio_faults, 1);
             bump(&c.noio_from_free, 1);
-            count_swap_in(sh, past);
+            count_swap_fault(sh, past);
             Ok(Step::Done)
         }
         PageKind::Empty | PageKind::Swapped => {
@@ -327,7 +354,7 @@ fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerE
             }
             note_source(sh, noio, source);
             if swapped {
-                count_swap_in(sh, past);
+                count_swap_fault(sh, past);
             } else {
                 bump(&c.faults_zero, 1);
             }
@@ -336,11 +363,18 @@ fn resolve_now(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<Step, PagerE
     }
 }
 
-fn count_swap_in(sh: &Shared, past_quiesce: bool) {
+/// A fault served from swap with one page read.
+fn count_swap_fault(sh: &Shared, past_quiesce: bool) {
+    bump(&sh.counters.faults_swap, 1);
+    bump(&sh.counters.swap_reads, 1);
+    count_swap_in(sh, 1, past_quiesce);
+}
+
+/// `pages` pages read from swap and mapped.
+pub fn count_swap_in(sh: &Shared, pages: u64, past_quiesce: bool) {
     let c = &sh.counters;
-    bump(&c.faults_swap, 1);
-    bump(&c.pages_in, 1);
-    bump(&c.bytes_read, PAGE_SIZE as u64);
+    bump(&c.pages_in, pages);
+    bump(&c.bytes_read, pages * PAGE_SIZE as u64);
     if past_quiesce {
         bump(&c.noio_reads_past_quiesce, 1);
     }
@@ -487,7 +521,7 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
                 Resolve::Done => {
                     p.slot = slot;
                     note_source(sh, false, source);
-                    count_swap_in(sh, false);
+                    count_swap_fault(sh, false);
                     return Ok(());
                 }
                 Resolve::Exists => {

@@ -8,12 +8,16 @@
 //!   when the volume flows, write-protect removal), serves NOIO faults from
 //!   I/O-free sources, records REMOVE events. Never blocks on I/O, on reclaim
 //!   or on a quiesced volume, and never touches guest memory itself.
+//!   Ordinary missing faults map the page's idle neighbours with it
+//!   ([`around`]: fault-around and swap read-around, one ioctl per run).
 //! - **waiting worker** (`pager-wait`): resolves ordinary faults that must
 //!   wait for a frame or for a quiesced volume.
 //! - **reclaim** (`pager-reclaim`, [`reclaim`]): keeps the charge between the
-//!   watermarks; drops clean pages (no I/O) and queues dirty ones.
+//!   watermarks; drops clean pages (no I/O, one `madvise` per run of
+//!   adjacent pages) and queues dirty ones (one write-protect per run).
 //! - **writeback** (`pager-writeback`): writes queued pages to swap through
-//!   the volume (waiting while it is quiesced) and marks them clean.
+//!   the volume (waiting while it is quiesced; one `pwritev` per run of
+//!   consecutive slots) and marks them clean.
 //!
 //! Hazards written down where they bite:
 //! - `madvise(MADV_DONTNEED)` on guest RAM blocks until the handler reads its
@@ -29,6 +33,7 @@
 //! - Discards should go through [`Pager::discard`]; a REMOVE by anyone else
 //!   empties the pages when it is processed (best effort).
 
+mod around;
 mod budget;
 mod config;
 mod fault;

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::around::AroundState;
 use super::budget::Budget;
 use super::config::PagerConfig;
 use super::fault::{self, Deferred};
@@ -27,6 +28,7 @@ pub struct Shared {
     pub budget: Budget,
     pub counters: Counters,
     pub deferred: Deferred,
+    pub around: AroundState,
     pub wb: WritebackQueue,
     /// Orderly stop requested.
     pub stop: AtomicBool,
@@ -34,8 +36,40 @@ pub struct Shared {
     pub abort: AtomicBool,
     fatal: Mutex<Option<String>>,
     fatal_evt: EventFd,
-    /// Host ranges the pager itself is about to `madvise` away, with counts.
-    own_removes: Mutex<HashMap<(usize, usize), u32>>,
+    /// Host ranges the pager itself is about to `madvise` away.
+    own_removes: OwnRemoves,
+}
+
+/// Host ranges the pager is `madvise`-ing away, with counts.
+#[derive(Debug, Default)]
+struct OwnRemoves(Mutex<HashMap<(usize, usize), u32>>);
+
+impl OwnRemoves {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tag(&self, start: usize, end: usize) {
+        *self.lock().entry((start, end)).or_insert(0) += 1;
+    }
+
+    /// Whether REMOVE `[start, end)` is tagged, consuming the tag. Only an
+    /// exact match counts: a tagged range merely containing the event may
+    /// be a concurrent eviction while someone else zaps a page inside it,
+    /// and taking that for ours would leave a zapped page marked mapped.
+    /// (Every range the pager drops lies inside one guest RAM mapping, a
+    /// single VMA, so the kernel reports it as one event.)
+    fn take(&self, start: usize, end: usize) -> bool {
+        let mut map = self.lock();
+        match map.get_mut(&(start, end)) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                map.remove(&(start, end));
+            }
+            None => return false,
+        }
+        true
+    }
 }
 
 impl Shared {
@@ -45,8 +79,7 @@ impl Shared {
     /// already moved the page on (swapped, discarded, even faulted back in).
     /// Blocks until the handler reads the event: never call on the handler.
     pub fn drop_range(&self, start: usize, end: usize) -> std::io::Result<()> {
-        let key = (start, end);
-        *self.lock_removes().entry(key).or_insert(0) += 1;
+        self.own_removes.tag(start, end);
         let result = madvise_dontneed(start, end - start);
         if result.is_err() {
             // No event was generated; forget the tag.
@@ -57,22 +90,7 @@ impl Shared {
 
     /// Whether REMOVE `[start, end)` was the pager's own (and consumes the tag).
     pub fn take_own_remove(&self, start: usize, end: usize) -> bool {
-        let mut map = self.lock_removes();
-        match map.get_mut(&(start, end)) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                true
-            }
-            Some(_) => {
-                map.remove(&(start, end));
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn lock_removes(&self) -> std::sync::MutexGuard<'_, HashMap<(usize, usize), u32>> {
-        self.own_removes.lock().unwrap_or_else(|e| e.into_inner())
+        self.own_removes.take(start, end)
     }
 
     /// Records the first fatal error, signals it and releases every waiter.
@@ -202,12 +220,13 @@ impl Pager {
             budget,
             counters: Counters::default(),
             deferred: Deferred::default(),
+            around: AroundState::default(),
             wb: WritebackQueue::default(),
             stop: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             fatal: Mutex::new(None),
             fatal_evt: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?,
-            own_removes: Mutex::new(HashMap::new()),
+            own_removes: OwnRemoves::default(),
         });
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?;
         let handler_stop = stop_evt.try_clone().map_err(PagerError::Sys)?;
@@ -386,4 +405,21 @@ fn spawn(
             }
         })
         .map_err(PagerError::Sys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OwnRemoves;
+
+    #[test]
+    fn own_removes_match_exactly_and_count() {
+        let t = OwnRemoves::default();
+        t.tag(0x1000, 0x5000);
+        t.tag(0x1000, 0x5000);
+        assert!(!t.take(0x6000, 0x7000), "not ours");
+        assert!(!t.take(0x2000, 0x3000), "inside ours: someone else's");
+        assert!(t.take(0x1000, 0x5000));
+        assert!(t.take(0x1000, 0x5000));
+        assert!(!t.take(0x1000, 0x5000), "all tags consumed");
+    }
 }

@@ -178,6 +178,31 @@ impl PageTable {
         }
     }
 
+    /// Locks a page unless another thread holds it.
+    pub fn try_lock(&self, idx: usize) -> Option<PageRef<'_>> {
+        let guard = match self.pages.get(idx)?.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let was_clean = guard.is_clean();
+        Some(PageRef {
+            guard,
+            was_clean,
+            clean: &self.clean,
+        })
+    }
+
+    /// The page-index range `[first, end)` of the region holding page `idx`:
+    /// pages in it are contiguous in host memory (one mapping).
+    pub fn region_pages(&self, idx: usize) -> std::ops::Range<usize> {
+        self.regions
+            .iter()
+            .map(|m| m.first_page..m.first_page + m.region.len / PAGE_SIZE)
+            .find(|r| r.contains(&idx))
+            .unwrap_or(idx..idx + 1)
+    }
+
     /// The page index holding host address `addr`, if it is guest RAM.
     pub fn index_of_host(&self, addr: usize) -> Option<usize> {
         self.regions.iter().find_map(|m| {
@@ -264,6 +289,19 @@ mod tests {
         assert_eq!(t.index_of_host(0x80_1000), Some(5));
         assert_eq!(t.host_of(4), 0x80_0000);
         assert_eq!(t.host_of(3), 0x10_3000);
+    }
+
+    #[test]
+    fn region_pages_and_try_lock() {
+        let t = table();
+        assert_eq!(t.region_pages(2), 0..4);
+        assert_eq!(t.region_pages(5), 4..6);
+        let held = t.lock(1);
+        assert!(t.try_lock(1).is_none());
+        assert!(t.try_lock(2).is_some());
+        assert!(t.try_lock(6).is_none(), "out of range");
+        drop(held);
+        assert!(t.try_lock(1).is_some());
     }
 
     #[test]

@@ -18,6 +18,15 @@
 //! faults be served from clean pages. The writeback thread waits on the
 //! volume; when a write lands and the page was not written again meanwhile,
 //! the page is clean and the next hand pass drops it.
+//!
+//! Batching: the hand collects runs of adjacent pages. Clean ones are
+//! dropped by one `madvise` per run (one REMOVE event, one wake); dirty ones
+//! are write-protected by one ioctl per run, copied to one staging buffer and
+//! given consecutive swap slots, and the writeback thread writes what is
+//! queued with one `pwritev` per run of consecutive slots. Lock rule: the
+//! dirty run is collected with its page locks held (ascending, as the hand
+//! moves), so it is always queued before a clean run is dropped: `madvise`
+//! waits for the fault handler, which may be waiting for one of those locks.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,16 +41,21 @@ use super::stats::bump;
 use super::uffd::Resolve;
 use super::{PagerError, PAGE_SIZE};
 
-/// Pages queued or being written at once (staging memory: 256 KiB).
-const WRITEBACK_QUEUE_PAGES: usize = 64;
+/// Pages queued or being written at once (staging memory: 1 MiB).
+const WRITEBACK_QUEUE_PAGES: usize = 256;
+/// Most clean pages dropped by one `madvise` (1 MiB).
+const EVICT_BATCH_PAGES: usize = 256;
+/// Most dirty pages staged by one write-protect (256 KiB).
+const WRITEBACK_BATCH_PAGES: usize = 64;
 /// Idle reclaim rechecks the watermarks this often.
 const RECLAIM_IDLE: Duration = Duration::from_millis(100);
 /// After a pass that freed nothing, wait this long for writeback progress.
 const NO_PROGRESS_WAIT: Duration = Duration::from_millis(5);
 
+/// Adjacent dirty pages staged together: `data` holds their copies in order.
 pub struct WritebackJob {
-    idx: usize,
-    slot: u32,
+    /// `(page index, swap slot)` of each page.
+    pages: Vec<(usize, u32)>,
     data: Box<[u8]>,
 }
 
@@ -62,19 +76,20 @@ impl WritebackQueue {
     }
 
     fn push(&self, job: WritebackJob) {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.fetch_add(job.pages.len(), Ordering::SeqCst);
         self.lock().push_back(job);
         self.ready.notify_one();
     }
 
-    fn pop(&self, sh: &Shared) -> Option<WritebackJob> {
+    /// Takes every queued job, waiting for one.
+    fn pop_all(&self, sh: &Shared) -> Option<Vec<WritebackJob>> {
         let mut q = self.lock();
         loop {
             if sh.stop.load(Ordering::SeqCst) {
                 return None;
             }
-            if let Some(job) = q.pop_front() {
-                return Some(job);
+            if !q.is_empty() {
+                return Some(q.drain(..).collect());
             }
             q = self
                 .ready
@@ -84,8 +99,8 @@ impl WritebackQueue {
         }
     }
 
-    fn finished(&self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    fn finished(&self, pages: usize) {
+        self.in_flight.fetch_sub(pages, Ordering::SeqCst);
         let _q = self.lock();
         self.done.notify_all();
     }
@@ -135,16 +150,33 @@ pub fn run_reclaim(sh: &Shared) -> Result<(), PagerError> {
     Ok(())
 }
 
+/// Clean pages marked `Evicting`, adjacent, waiting for one `madvise`.
+#[derive(Default)]
+struct EvictRun {
+    first: usize,
+    len: usize,
+}
+
 /// One pass of up to two hand revolutions; whether it dropped any page.
 fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
     let n = sh.pages.len();
     let mut progress = false;
+    let mut evicting = EvictRun::default();
+    // Adjacent dirty pages, locked, from index `dirty_first` on.
+    let mut dirty: Vec<PageRef<'_>> = Vec::new();
+    let mut dirty_first = 0;
     for _ in 0..2 * n {
-        if sh.budget.satisfied() || sh.stop.load(Ordering::SeqCst) {
+        if sh.budget.satisfied(evicting.len) || sh.stop.load(Ordering::SeqCst) {
             break;
         }
         let idx = *hand;
         *hand = (*hand + 1) % n;
+        if idx == 0 {
+            // The hand wrapped: nothing adjacent follows, and a locked dirty
+            // page must not be met again.
+            start_writeback(sh, dirty_first, &mut dirty)?;
+            progress |= evict_run(sh, &mut evicting)?;
+        }
         let mut p = sh.pages.lock(idx);
         if p.kind != PageKind::Resident || p.writeback {
             continue;
@@ -153,106 +185,185 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
             p.referenced = false;
             continue;
         }
+        let region = sh.pages.region_pages(idx);
         if p.is_clean() {
             p.kind = PageKind::Evicting;
             drop(p);
-            evict(sh, idx)?;
-            progress = true;
-        } else if sh.wb.in_flight() < WRITEBACK_QUEUE_PAGES && !sh.abort.load(Ordering::SeqCst) {
-            start_writeback(sh, idx, p)?;
+            let adjacent = evicting.len > 0
+                && evicting.first + evicting.len == idx
+                && region.contains(&evicting.first);
+            if !adjacent || evicting.len == EVICT_BATCH_PAGES {
+                start_writeback(sh, dirty_first, &mut dirty)?;
+                progress |= evict_run(sh, &mut evicting)?;
+                evicting.first = idx;
+            }
+            evicting.len += 1;
+        } else if sh.wb.in_flight() + dirty.len() < WRITEBACK_QUEUE_PAGES
+            && !sh.abort.load(Ordering::SeqCst)
+        {
+            let adjacent = !dirty.is_empty()
+                && dirty_first + dirty.len() == idx
+                && region.contains(&dirty_first);
+            if !adjacent || dirty.len() == WRITEBACK_BATCH_PAGES {
+                start_writeback(sh, dirty_first, &mut dirty)?;
+                dirty_first = idx;
+            }
+            dirty.push(p);
         }
     }
+    start_writeback(sh, dirty_first, &mut dirty)?;
+    progress |= evict_run(sh, &mut evicting)?;
     Ok(progress)
 }
 
-/// Write-protects a dirty page, copies it to staging and queues the write.
-fn start_writeback(sh: &Shared, idx: usize, mut p: PageRef<'_>) -> Result<(), PagerError> {
-    let host = sh.pages.host_of(idx);
-    let slot = match p.slot() {
-        Some(slot) => slot,
-        None => sh.swap.alloc()?,
-    };
-    if sh.uffd.protect(host, PAGE_SIZE)? == Resolve::Retry {
-        // A REMOVE event is unread; try this page on a later pass.
-        if p.slot == NO_SLOT {
-            sh.swap.free(slot);
-        }
+/// Queues the locked adjacent dirty pages from `first` on for writeback:
+/// fresh consecutive slots, one write-protect, one copy to staging. Empties
+/// `pages` (unlocking them).
+fn start_writeback(
+    sh: &Shared,
+    first: usize,
+    pages: &mut Vec<PageRef<'_>>,
+) -> Result<(), PagerError> {
+    if pages.is_empty() {
         return Ok(());
     }
-    let mut data = vec![0u8; PAGE_SIZE].into_boxed_slice();
-    // SAFETY: the page is `Resident` under its lock, so it is mapped (every
-    // zap of guest RAM changes the state under this lock first) and reading
-    // it cannot fault; it is write-protected, so no thread changes it while
-    // it is copied. `data` is a separate heap buffer of PAGE_SIZE bytes.
-    unsafe { std::ptr::copy_nonoverlapping(host as *const u8, data.as_mut_ptr(), PAGE_SIZE) };
-    p.slot = slot;
-    p.wp = true;
-    p.dirty = false;
-    p.writeback = true;
-    drop(p);
-    sh.wb.push(WritebackJob { idx, slot, data });
+    let n = pages.len();
+    let host = sh.pages.host_of(first);
+    // The old copies are stale: give their slots back and take a run, so
+    // that the pages read back together too.
+    for p in pages.iter_mut() {
+        if let Some(slot) = p.slot() {
+            sh.swap.free(slot);
+            p.slot = NO_SLOT;
+        }
+    }
+    let mut slots = Vec::with_capacity(n);
+    while slots.len() < n {
+        let (start, count) = sh.swap.alloc_run((n - slots.len()) as u32)?;
+        slots.extend(start..start + count);
+    }
+    if sh.uffd.protect(host, n * PAGE_SIZE)? == Resolve::Retry {
+        // A REMOVE event is unread; try these pages on a later pass.
+        slots.into_iter().for_each(|slot| sh.swap.free(slot));
+        pages.clear();
+        return Ok(());
+    }
+    let mut data = vec![0u8; n * PAGE_SIZE].into_boxed_slice();
+    // SAFETY: the pages are `Resident` under their locks, so they are mapped
+    // (every zap of guest RAM changes the state under this lock first) and
+    // reading them cannot fault; they are adjacent pages of one mapping and
+    // write-protected, so no thread changes them while they are copied.
+    // `data` is a separate heap buffer of the same length.
+    unsafe { std::ptr::copy_nonoverlapping(host as *const u8, data.as_mut_ptr(), n * PAGE_SIZE) };
+    let mut job = WritebackJob {
+        pages: Vec::with_capacity(n),
+        data,
+    };
+    for (i, (mut p, slot)) in pages.drain(..).zip(slots).enumerate() {
+        p.slot = slot;
+        p.wp = true;
+        p.dirty = false;
+        p.writeback = true;
+        job.pages.push((first + i, slot));
+    }
+    sh.wb.push(job);
     Ok(())
 }
 
-/// Drops a clean page already marked `Evicting`; no I/O.
-fn evict(sh: &Shared, idx: usize) -> Result<(), PagerError> {
-    let host = sh.pages.host_of(idx);
-    if let Err(e) = sh.drop_range(host, host + PAGE_SIZE) {
-        let mut p = sh.pages.lock(idx);
-        p.kind = PageKind::Resident;
-        p.discarded = false;
+/// Drops a run of clean pages already marked `Evicting` with one `madvise`;
+/// no I/O. Empties the run; whether it dropped any page.
+fn evict_run(sh: &Shared, run: &mut EvictRun) -> Result<bool, PagerError> {
+    let EvictRun { first, len: n } = std::mem::take(run);
+    if n == 0 {
+        return Ok(false);
+    }
+    let host = sh.pages.host_of(first);
+    if let Err(e) = sh.drop_range(host, host + n * PAGE_SIZE) {
+        for idx in first..first + n {
+            let mut p = sh.pages.lock(idx);
+            p.kind = PageKind::Resident;
+            p.discarded = false;
+        }
         return Err(PagerError::Sys(e));
     }
-    let mut p = sh.pages.lock(idx);
-    let slot = p.slot;
-    let discarded = p.discarded;
-    if discarded || slot == NO_SLOT {
-        if discarded && slot != NO_SLOT {
-            sh.swap.free(slot);
+    let mut discarded_pages = 0;
+    for idx in first..first + n {
+        let mut p = sh.pages.lock(idx);
+        let slot = p.slot;
+        let discarded = p.discarded;
+        if discarded || slot == NO_SLOT {
+            if discarded && slot != NO_SLOT {
+                sh.swap.free(slot);
+            }
+            p.reset(PageKind::Empty);
+        } else {
+            p.reset(PageKind::Swapped);
+            p.slot = slot;
         }
-        p.reset(PageKind::Empty);
-    } else {
-        p.reset(PageKind::Swapped);
-        p.slot = slot;
+        discarded_pages += usize::from(discarded);
     }
-    drop(p);
-    sh.budget.release(1, true, discarded);
-    bump(&sh.counters.clean_drops, 1);
-    // Threads that faulted on the page while it was being dropped.
-    sh.uffd.wake(host, PAGE_SIZE)?;
-    Ok(())
+    sh.budget.release(n - discarded_pages, true, false);
+    sh.budget.release(discarded_pages, true, true);
+    bump(&sh.counters.clean_drops, n as u64);
+    bump(&sh.counters.evict_batches, 1);
+    // Threads that faulted on the pages while they were being dropped.
+    sh.uffd.wake(host, n * PAGE_SIZE)?;
+    Ok(true)
 }
 
-/// The writeback thread.
+/// The writeback thread: writes whatever is queued, one `pwritev` per run
+/// of consecutive slots.
 pub fn run_writeback(sh: &Shared) -> Result<(), PagerError> {
-    while let Some(job) = sh.wb.pop(sh) {
-        let result = sh.swap.write(job.slot, &job.data, &sh.abort);
-        let written = result.is_ok();
-        if written {
-            bump(&sh.counters.pages_out, 1);
-            bump(&sh.counters.bytes_written, PAGE_SIZE as u64);
-        }
-        complete(sh, &job, written);
-        sh.wb.finished();
-        sh.budget.kick();
-        if let Err(e) = result {
-            if !sh.abort.load(Ordering::SeqCst) {
-                sh.fail(format!("swap writeback of page {} failed: {e}", job.idx));
+    while let Some(jobs) = sh.wb.pop_all(sh) {
+        let mut pages: Vec<(u32, usize, &[u8])> = jobs
+            .iter()
+            .flat_map(|job| {
+                job.pages
+                    .iter()
+                    .zip(job.data.chunks_exact(PAGE_SIZE))
+                    .map(|(&(idx, slot), data)| (slot, idx, data))
+            })
+            .collect();
+        pages.sort_unstable_by_key(|&(slot, _, _)| slot);
+        let mut rest = pages.as_slice();
+        while !rest.is_empty() {
+            let len = 1 + rest.windows(2).take_while(|w| w[1].0 == w[0].0 + 1).count();
+            let (run, tail) = rest.split_at(len);
+            rest = tail;
+            let bufs: Vec<&[u8]> = run.iter().map(|&(_, _, data)| data).collect();
+            let result = sh.swap.write_run(run[0].0, &bufs, &sh.abort);
+            if let Ok(calls) = result {
+                bump(&sh.counters.pages_out, len as u64);
+                bump(&sh.counters.bytes_written, (len * PAGE_SIZE) as u64);
+                bump(&sh.counters.swap_writes, calls);
+            }
+            for &(slot, idx, _) in run {
+                complete(sh, idx, slot, result.is_ok());
+            }
+            sh.wb.finished(len);
+            sh.budget.kick();
+            if let Err(e) = result {
+                if !sh.abort.load(Ordering::SeqCst) {
+                    sh.fail(format!(
+                        "swap writeback of pages {:?} failed: {e}",
+                        run.iter().map(|r| r.1).collect::<Vec<_>>()
+                    ));
+                }
             }
         }
     }
     Ok(())
 }
 
-fn complete(sh: &Shared, job: &WritebackJob, written: bool) {
-    let mut p = sh.pages.lock(job.idx);
-    if p.kind == PageKind::Resident && p.writeback && p.slot == job.slot {
+fn complete(sh: &Shared, idx: usize, slot: u32, written: bool) {
+    let mut p = sh.pages.lock(idx);
+    if p.kind == PageKind::Resident && p.writeback && p.slot == slot {
         p.writeback = false;
         if !written {
             p.dirty = true;
         }
     } else {
         // The page let go of the slot (discarded) while the write was in flight.
-        sh.swap.free(job.slot);
+        sh.swap.free(slot);
     }
 }

@@ -49,6 +49,15 @@ counters! {
     bytes_written,
     /// Clean pages dropped without I/O.
     clean_drops,
+    /// `madvise` calls that dropped clean pages (one per contiguous run).
+    evict_batches,
+    /// `pwritev` calls that wrote pages to swap (one per run of slots).
+    swap_writes,
+    /// `pread` calls that read pages from swap (one per run of slots).
+    swap_reads,
+    /// Neighbours of a faulting page mapped with it (swap read-around and
+    /// zero fault-around), by the same `UFFDIO_COPY`.
+    fault_around_pages,
     /// Pages written again during their writeback (stay dirty).
     redirtied_in_writeback,
     /// Pages dropped by `Pager::discard` (balloon, free page reporting).

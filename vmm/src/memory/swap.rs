@@ -1,5 +1,9 @@
 //! The swap store: a file of page-sized slots whose I/O goes through a volume.
 //!
+//! Slots are handed out in runs (next fit over an allocation bitmap), so a
+//! batch of pages written together lands in consecutive slots: one `pwritev`
+//! writes it and one `pread` reads it back around a fault.
+//!
 //! Writes always go through [`Volume::begin_io`] and so wait while the volume
 //! is quiesced. Reads have three entries: waiting (ordinary faults), trying
 //! (the fault handler, which must not block), and the NOIO read, which does
@@ -12,6 +16,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +29,8 @@ use super::PAGE_SIZE;
 
 /// How long a blocked swap I/O sleeps between checks of the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(20);
+/// Most buffers one `pwritev` takes (`IOV_MAX`, POSIX `<limits.h>`; 1024 on Linux).
+const IOV_MAX: usize = 1024;
 
 #[derive(Debug, Error)]
 pub enum SwapError {
@@ -48,13 +55,42 @@ pub enum SwapError {
 
 #[derive(Debug)]
 struct Slots {
-    /// Slots freed and ready for reuse.
-    free: Vec<u32>,
-    /// Slots `[next, total)` were never used.
-    next: u32,
+    /// Where the next-fit search for a free slot starts.
+    cursor: u32,
     used: u32,
-    /// One bit per slot: allocated. Catches double frees.
+    /// One bit per slot: allocated. Also catches double frees.
     allocated: Vec<u64>,
+}
+
+impl Slots {
+    fn is_free(&self, slot: u32) -> bool {
+        self.allocated[slot as usize / 64] & (1 << (slot % 64)) == 0
+    }
+
+    fn set(&mut self, slot: u32) {
+        self.allocated[slot as usize / 64] |= 1 << (slot % 64);
+    }
+
+    /// The first free slot at or after `from` (wrapping), word by word.
+    fn find_free(&self, from: u32, total: u32) -> Option<u32> {
+        let words = self.allocated.len();
+        let start_word = from as usize / 64;
+        for step in 0..=words {
+            let w = (start_word + step) % words;
+            let mut bits = !self.allocated[w];
+            if step == 0 {
+                // Skip slots of the first word before `from`.
+                bits &= u64::MAX << (from % 64);
+            }
+            if bits != 0 {
+                let slot = (w * 64) as u32 + bits.trailing_zeros();
+                if slot < total {
+                    return Some(slot);
+                }
+            }
+        }
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -86,8 +122,7 @@ impl SwapStore {
             volume,
             total: slots,
             slots: Mutex::new(Slots {
-                free: Vec::new(),
-                next: 0,
+                cursor: 0,
                 used: 0,
                 allocated: vec![0; (slots as usize).div_ceil(64)],
             }),
@@ -111,19 +146,25 @@ impl SwapStore {
         self.lock().used
     }
 
+    #[cfg(test)]
     pub fn alloc(&self) -> Result<u32, SwapError> {
+        self.alloc_run(1).map(|(slot, _)| slot)
+    }
+
+    /// Allocates up to `max` (at least one) consecutive slots: `(first, count)`.
+    pub fn alloc_run(&self, max: u32) -> Result<(u32, u32), SwapError> {
         let mut s = self.lock();
-        let slot = match s.free.pop() {
-            Some(slot) => slot,
-            None if s.next < self.total => {
-                s.next += 1;
-                s.next - 1
-            }
-            None => return Err(SwapError::Full { slots: self.total }),
-        };
-        s.allocated[slot as usize / 64] |= 1 << (slot % 64);
-        s.used += 1;
-        Ok(slot)
+        let first = s
+            .find_free(s.cursor, self.total)
+            .ok_or(SwapError::Full { slots: self.total })?;
+        let mut count = 0;
+        while count < max.max(1) && first + count < self.total && s.is_free(first + count) {
+            s.set(first + count);
+            count += 1;
+        }
+        s.used += count;
+        s.cursor = (first + count) % self.total;
+        Ok((first, count))
     }
 
     pub fn free(&self, slot: u32) {
@@ -135,13 +176,13 @@ impl SwapStore {
         }
         s.allocated[word] &= !bit;
         s.used -= 1;
-        s.free.push(slot);
     }
 
     fn offset(slot: u32) -> u64 {
         u64::from(slot) * PAGE_SIZE as u64
     }
 
+    /// Reads `buf.len()` bytes (whole pages) from consecutive slots from `slot` on.
     fn pread(&self, slot: u32, buf: &mut [u8]) -> Result<(), SwapError> {
         self.file
             .read_exact_at(buf, Self::offset(slot))
@@ -152,16 +193,28 @@ impl SwapStore {
             })
     }
 
-    /// Writes a page to `slot`, waiting while the volume is quiesced.
-    pub fn write(&self, slot: u32, buf: &[u8], stop: &AtomicBool) -> Result<(), SwapError> {
+    /// Writes `pages` (each one page) to the consecutive slots from `first`
+    /// on, in as few `pwritev` calls as `IOV_MAX` allows, waiting while the
+    /// volume is quiesced. Returns the number of `pwritev` calls.
+    pub fn write_run(
+        &self,
+        first: u32,
+        pages: &[&[u8]],
+        stop: &AtomicBool,
+    ) -> Result<u64, SwapError> {
         let _io = self.begin_io_stoppable(stop)?;
-        self.file
-            .write_all_at(buf, Self::offset(slot))
-            .map_err(|source| SwapError::Io {
-                op: "write",
-                slot,
-                source,
-            })
+        let mut calls = 0;
+        for (n, chunk) in pages.chunks(IOV_MAX).enumerate() {
+            let slot = first + (n * IOV_MAX) as u32;
+            calls += pwritev_all(&self.file, Self::offset(slot), chunk).map_err(|source| {
+                SwapError::Io {
+                    op: "write",
+                    slot,
+                    source,
+                }
+            })?;
+        }
+        Ok(calls)
     }
 
     /// Reads `slot`, waiting while the volume is quiesced.
@@ -172,10 +225,32 @@ impl SwapStore {
 
     /// Reads `slot` if the volume takes I/O right now; `Ok(false)` if quiesced.
     pub fn try_read(&self, slot: u32, buf: &mut [u8]) -> Result<bool, SwapError> {
-        match self.volume.try_begin_io() {
-            Some(_io) => self.pread(slot, buf).map(|()| true),
-            None => Ok(false),
+        self.try_read_runs(buf, &[(slot, 0, buf.len())])
+    }
+
+    /// Reads several runs of consecutive slots into `buf` under one volume
+    /// entry, if the volume takes I/O right now (`Ok(false)` if quiesced).
+    /// Each run is `(first slot, offset in buf, bytes)`, whole pages.
+    pub fn try_read_runs(
+        &self,
+        buf: &mut [u8],
+        runs: &[(u32, usize, usize)],
+    ) -> Result<bool, SwapError> {
+        let Some(_io) = self.volume.try_begin_io() else {
+            return Ok(false);
+        };
+        for &(slot, off, len) in runs {
+            let dst = off
+                .checked_add(len)
+                .and_then(|end| buf.get_mut(off..end))
+                .ok_or_else(|| SwapError::Io {
+                    op: "read",
+                    slot,
+                    source: io::Error::from(io::ErrorKind::InvalidInput),
+                })?;
+            self.pread(slot, dst)?;
         }
+        Ok(true)
     }
 
     /// The NOIO read: through the volume when it flows, past the quiesce when
@@ -197,6 +272,64 @@ impl SwapStore {
             }
         }
     }
+}
+
+/// `pwritev` of `bufs` at `offset`, continuing after short writes; the
+/// number of calls made.
+fn pwritev_all(file: &File, mut offset: u64, bufs: &[&[u8]]) -> io::Result<u64> {
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut done = 0;
+    let mut calls = 0;
+    while done < iovs.len() {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let rest = &iovs[done..];
+        // SAFETY: every iovec points into a slice of `bufs`, alive and
+        // unchanged for the call (the kernel only reads them); `rest.len()`
+        // is at most IOV_MAX (the caller chunks) and fits in a c_int.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                rest.as_ptr(),
+                rest.len() as libc::c_int,
+                off,
+            )
+        };
+        calls += 1;
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        // Skip what was written; a partly written buffer is trimmed in place.
+        let mut n = n as usize;
+        offset += n as u64;
+        while n > 0 && done < iovs.len() {
+            let iov = &mut iovs[done];
+            if n >= iov.iov_len {
+                n -= iov.iov_len;
+                done += 1;
+            } else {
+                // SAFETY: `n < iov_len`, so the advanced pointer stays inside
+                // the same buffer.
+                iov.iov_base = unsafe { (iov.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                iov.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(calls)
 }
 
 #[cfg(test)]
@@ -229,11 +362,58 @@ mod tests {
     }
 
     #[test]
+    fn runs_are_consecutive_and_stop_at_used_slots() {
+        let (s, path) = store(200);
+        assert_eq!(s.alloc_run(64).unwrap(), (0, 64));
+        assert_eq!(s.alloc_run(64).unwrap(), (64, 64));
+        s.free(10);
+        s.free(11);
+        // Next fit continues after the last run, then wraps to the hole.
+        assert_eq!(s.alloc_run(100).unwrap(), (128, 72));
+        assert_eq!(s.alloc_run(5).unwrap(), (10, 2));
+        assert!(matches!(
+            s.alloc_run(1),
+            Err(SwapError::Full { slots: 200 })
+        ));
+        assert_eq!(s.used_slots(), 200);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn vectored_writes_read_back_as_one_run() {
+        let (s, path) = store(8);
+        let stop = AtomicBool::new(false);
+        let pages: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i + 1; PAGE_SIZE]).collect();
+        let refs: Vec<&[u8]> = pages.iter().map(|p| p.as_slice()).collect();
+        assert_eq!(s.write_run(2, &refs, &stop).unwrap(), 1);
+        let mut buf = vec![0u8; 6 * PAGE_SIZE];
+        // Slots 2..5 into pages 0..3 of buf, slot 6 into page 5.
+        assert!(s
+            .try_read_runs(
+                &mut buf,
+                &[(2, 0, 4 * PAGE_SIZE), (6, 5 * PAGE_SIZE, PAGE_SIZE)]
+            )
+            .unwrap());
+        for (i, page) in buf.chunks(PAGE_SIZE).enumerate() {
+            let want = match i {
+                0..=3 => i as u8 + 1,
+                4 => 0,
+                _ => 5,
+            };
+            assert!(page.iter().all(|&b| b == want), "page {i}");
+        }
+        assert!(s
+            .try_read_runs(&mut buf, &[(7, 5 * PAGE_SIZE, 2 * PAGE_SIZE)])
+            .is_err());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn quiesced_volume_blocks_reads_but_not_noio_reads() {
         let (s, path) = store(2);
         let stop = AtomicBool::new(false);
         let page = vec![0x5au8; PAGE_SIZE];
-        s.write(1, &page, &stop).unwrap();
+        s.write_run(1, &[&page], &stop).unwrap();
         s.volume().quiesce();
         let mut buf = vec![0u8; PAGE_SIZE];
         assert!(!s.try_read(1, &mut buf).unwrap());

@@ -157,29 +157,52 @@ impl Uffd {
     /// wakes the threads waiting on it.
     pub fn copy_page(&self, dst: usize, src: &[u8], wp: bool) -> Result<Resolve, UffdError> {
         debug_assert_eq!(src.len(), PAGE_SIZE);
+        Ok(self.copy_range(dst, src, wp)?.1)
+    }
+
+    /// Maps a copy of `src` (whole pages) at `dst..dst + src.len()`,
+    /// write-protected if `wp`, and wakes the threads waiting there. Returns
+    /// how many leading pages were mapped and what stopped the rest: `Done`
+    /// when all were; `Exists` or `Retry` for the first page not mapped.
+    pub fn copy_range(
+        &self,
+        dst: usize,
+        src: &[u8],
+        wp: bool,
+    ) -> Result<(usize, Resolve), UffdError> {
+        debug_assert_eq!(src.len() % PAGE_SIZE, 0);
         debug_assert_eq!(dst % PAGE_SIZE, 0);
+        let pages = src.len() / PAGE_SIZE;
         let mut arg = UffdioCopy {
             dst: dst as u64,
             src: src.as_ptr() as u64,
-            len: PAGE_SIZE as u64,
+            len: src.len() as u64,
             mode: if wp { UFFDIO_COPY_MODE_WP } else { 0 },
             copy: 0,
         };
         // SAFETY: `arg` is a valid uffdio_copy that lives across the call; the
-        // kernel reads PAGE_SIZE bytes from `src`, a live slice of that length,
-        // and writes only `arg.copy` and the registered page `dst`, which no
-        // Rust reference covers (guest RAM is accessed through raw pointers).
+        // kernel reads `src.len()` bytes from `src`, a live slice of that
+        // length, and writes only `arg.copy` and the registered pages at
+        // `dst`, which no Rust reference covers (guest RAM is accessed
+        // through raw pointers).
         let ret = unsafe { libc::ioctl(self.inner.as_raw_fd(), UFFDIO_COPY, &mut arg) };
         if ret == 0 {
-            return Ok(Resolve::Done);
+            return Ok((pages, Resolve::Done));
         }
         let err = io::Error::last_os_error();
+        // A partial copy reports the bytes copied (and wakes only those);
+        // a failure of the first page reports -errno.
+        let done = usize::try_from(arg.copy).unwrap_or(0) / PAGE_SIZE;
+        if done >= pages {
+            return Ok((pages, Resolve::Done));
+        }
         match err.raw_os_error() {
-            Some(libc::EEXIST) => Ok(Resolve::Exists),
-            Some(libc::EAGAIN) if arg.copy == PAGE_SIZE as i64 => Ok(Resolve::Done),
-            Some(libc::EAGAIN) => Ok(Resolve::Retry),
+            Some(libc::EEXIST) if done == 0 => Ok((0, Resolve::Exists)),
+            // Partly copied: the next page hit EEXIST or EAGAIN; trying
+            // again tells which.
+            Some(libc::EEXIST | libc::EAGAIN) => Ok((done, Resolve::Retry)),
             _ => Err(UffdError::Copy {
-                addr: dst,
+                addr: dst + done * PAGE_SIZE,
                 source: err,
             }),
         }

@@ -1,0 +1,247 @@
+//! Fault-around: an ordinary missing fault is served together with the
+//! unmapped neighbours of its page, in one aligned window, with one
+//! `UFFDIO_COPY` per run of equal protection and one `pread` per run of
+//! consecutive swap slots (swap read-around, as Linux's swap read-ahead).
+//!
+//! Bounds: the neighbours get frames only from free budget under the limit
+//! ([`Budget::try_take_extra`](super::budget::Budget::try_take_extra)), never
+//! the reserve; NOIO faults are served one page at a time as before, so the
+//! NOIO sources stay as they were. Neighbours are locked with `try_lock`
+//! only: the handler never waits for a second page lock, so it cannot take
+//! part in a lock cycle with the reclaim thread, which holds runs of locks.
+//!
+//! Swapped neighbours are mapped write-protected and clean (their copy stays
+//! in its slot), so they cost nothing to drop if the guest never uses them.
+//! Never-written neighbours are zero pages mapped write-protected and clean
+//! too (no slot, dropped for free), except while the guest streams writes
+//! through fresh memory - this write fault on a never-written page lies
+//! within a window of the previous one - when they are mapped writable (and
+//! so dirty): the guest writes them next and would otherwise take a
+//! write-protect fault on each. Linux does no fault-around for anonymous
+//! memory at all; the streaming test keeps scattered first writes from
+//! turning untouched neighbours into dirty pages that must be written back.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::budget::Source;
+use super::fault::{count_swap_in, note_source, Fault, Step};
+use super::pager::Shared;
+use super::pages::{PageKind, PageRef, NO_SLOT};
+use super::stats::bump;
+use super::uffd::Resolve;
+use super::{PagerError, PAGE_SIZE};
+
+/// Pages mapped per fault at most, the faulting one included: an aligned
+/// window of 64 KiB, Linux's default `fault_around_bytes` (mm/memory.c) and
+/// twice its default swap read-ahead cluster (`vm.page-cluster` = 3).
+pub const FAULT_AROUND_PAGES: usize = 16;
+
+/// What fault-around remembers between faults.
+#[derive(Debug, Default)]
+pub struct AroundState {
+    /// Page of the last ordinary write fault on a never-written page, plus one
+    /// (0: none yet).
+    last_fresh_write: AtomicUsize,
+}
+
+impl AroundState {
+    /// Records a write fault on never-written page `idx`; whether it
+    /// continues a stream (the previous one lay within a window of it).
+    fn streaming_write(&self, idx: usize) -> bool {
+        let prev = self.last_fresh_write.swap(idx + 1, Ordering::Relaxed);
+        prev != 0 && (prev - 1).abs_diff(idx) <= FAULT_AROUND_PAGES
+    }
+}
+
+/// Neighbours of `idx` in `range` that are unmapped and idle, nearest first;
+/// stops at the first that is not (or whose lock is held).
+fn neighbours<'a>(sh: &'a Shared, range: impl Iterator<Item = usize>) -> Vec<PageRef<'a>> {
+    let mut out = Vec::new();
+    for j in range {
+        match sh.pages.try_lock(j) {
+            Some(q) if matches!(q.kind, PageKind::Empty | PageKind::Swapped) => out.push(q),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Serves fault `f` on page `idx` (locked in `p`, `Empty` or `Swapped`, a
+/// frame charged from `source`) and as many neighbours as the budget allows.
+/// `buf` holds [`FAULT_AROUND_PAGES`] pages.
+pub fn resolve_around<'a>(
+    sh: &'a Shared,
+    f: Fault,
+    idx: usize,
+    p: PageRef<'a>,
+    source: Source,
+    buf: &mut [u8],
+) -> Result<Step, PagerError> {
+    let fresh_stream = f.write && p.kind == PageKind::Empty && sh.around.streaming_write(idx);
+    let region = sh.pages.region_pages(idx);
+    let window = idx / FAULT_AROUND_PAGES * FAULT_AROUND_PAGES;
+    let (win_lo, win_hi) = (
+        window.max(region.start),
+        (window + FAULT_AROUND_PAGES).min(region.end),
+    );
+    let mut above = neighbours(sh, idx + 1..win_hi);
+    let mut below = neighbours(sh, (win_lo..idx).rev());
+    let extra = sh.budget.try_take_extra(above.len() + below.len());
+    // Forward first: sequential access is the common pattern.
+    above.truncate(extra);
+    below.truncate(extra - above.len());
+    below.reverse();
+    let lo = idx - below.len();
+    let fault_pos = below.len();
+    let mut pages = below;
+    pages.push(p);
+    pages.append(&mut above);
+    let n = pages.len();
+    let buf = &mut buf[..n * PAGE_SIZE];
+
+    // Contents: zeroes, or read in runs of consecutive slots.
+    let mut reads: Vec<(u32, usize, usize)> = Vec::new();
+    for (i, q) in pages.iter().enumerate() {
+        let off = i * PAGE_SIZE;
+        if q.kind != PageKind::Swapped {
+            buf[off..off + PAGE_SIZE].fill(0);
+            continue;
+        }
+        match reads.last_mut() {
+            Some((slot, start, len))
+                if *start + *len == off
+                    && u64::from(*slot) + (*len / PAGE_SIZE) as u64 == u64::from(q.slot) =>
+            {
+                *len += PAGE_SIZE
+            }
+            _ => reads.push((q.slot, off, PAGE_SIZE)),
+        }
+    }
+    let give_back = |mapped_extra: usize| {
+        sh.budget.release(extra - mapped_extra, false, false);
+    };
+    if !reads.is_empty() {
+        match sh.swap.try_read_runs(buf, &reads) {
+            Ok(true) => bump(&sh.counters.swap_reads, reads.len() as u64),
+            Ok(false) => {
+                sh.budget.untake(source);
+                give_back(0);
+                return Ok(Step::Defer);
+            }
+            Err(e) => {
+                sh.budget.untake(source);
+                give_back(0);
+                sh.fail(format!("swap-in of pages {lo}..{} failed: {e}", lo + n));
+                return Ok(Step::Done);
+            }
+        }
+    }
+
+    // Protection per page: the faulting page as accessed, neighbours
+    // write-protected (clean) unless fresh ones in a write stream.
+    let wp: Vec<bool> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            if i == fault_pos {
+                !f.write
+            } else {
+                q.kind == PageKind::Swapped || !fresh_stream
+            }
+        })
+        .collect();
+    let host_lo = sh.pages.host_of(lo);
+    // Map from the faulting page on, then the pages below it; one copy per
+    // run of equal protection. The first copy starts at the faulting page,
+    // so its failure is the fault's own.
+    let mut mapped = vec![false; n];
+    let mut fault_result = Resolve::Done;
+    'segments: for (seg_lo, seg_hi) in [(fault_pos, n), (0, fault_pos)] {
+        let mut start = seg_lo;
+        while start < seg_hi {
+            let end = (start..seg_hi)
+                .find(|&i| wp[i] != wp[start])
+                .unwrap_or(seg_hi);
+            let (done, res) = sh.uffd.copy_range(
+                host_lo + start * PAGE_SIZE,
+                &buf[start * PAGE_SIZE..end * PAGE_SIZE],
+                wp[start],
+            )?;
+            mapped[start..start + done].fill(true);
+            if res != Resolve::Done {
+                if start + done == fault_pos {
+                    fault_result = res;
+                }
+                // A neighbour mapped behind our back or an address space
+                // change: leave the rest to their own faults.
+                break 'segments;
+            }
+            start = end;
+        }
+    }
+
+    let mut swapped_in: u64 = 0;
+    let mut mapped_extra = 0;
+    for (i, mut q) in pages.into_iter().enumerate() {
+        if !mapped[i] {
+            continue;
+        }
+        let slot = if q.kind == PageKind::Swapped {
+            swapped_in += 1;
+            q.slot
+        } else {
+            NO_SLOT
+        };
+        q.reset(PageKind::Resident);
+        q.slot = slot;
+        q.wp = wp[i];
+        q.dirty = !wp[i];
+        // Only the faulting page is known to be in use.
+        q.referenced = i == fault_pos;
+        mapped_extra += usize::from(i != fault_pos);
+    }
+    give_back(mapped_extra);
+    bump(&sh.counters.fault_around_pages, mapped_extra as u64);
+    let fault_swapped = reads
+        .iter()
+        .any(|&(_, off, len)| (off..off + len).contains(&(fault_pos * PAGE_SIZE)));
+    match fault_result {
+        Resolve::Done => {
+            note_source(sh, false, source);
+            if !fault_swapped {
+                bump(&sh.counters.faults_zero, 1);
+            }
+        }
+        Resolve::Exists => {
+            sh.budget.untake(source);
+            sh.uffd.wake(f.addr, PAGE_SIZE)?;
+        }
+        Resolve::Retry => sh.budget.untake(source),
+    }
+    if swapped_in > 0 {
+        if fault_result == Resolve::Done && fault_swapped {
+            bump(&sh.counters.faults_swap, 1);
+        }
+        count_swap_in(sh, swapped_in, false);
+    }
+    Ok(match fault_result {
+        Resolve::Retry => Step::Retry,
+        _ => Step::Done,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_stream_is_adjacent_fresh_write_faults() {
+        let s = AroundState::default();
+        assert!(!s.streaming_write(100), "first write fault");
+        assert!(s.streaming_write(116), "next window");
+        assert!(s.streaming_write(100), "backwards, one window");
+        assert!(!s.streaming_write(5000), "a jump");
+        assert!(!s.streaming_write(0));
+        assert!(s.streaming_write(1));
+    }
+}

@@ -11,8 +11,9 @@ use devices::pci::{
     BarListener, BarMove, PciBarRegion, PciBus, PciConfigIo, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
 };
 use devices::virtio::block::{Block, BlockOptions};
-use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions};
-use devices::xhci::{XhciConfig, XhciPci};
+use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions, WorkerHost};
+use devices::xhci::pci::XHCI_BAR;
+use devices::xhci::{doorbell_events, DoorbellWorker, XhciConfig, XhciPci};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -49,10 +50,34 @@ pub enum DeviceError {
     },
 }
 
-/// The ioeventfds of one device, kept so they can follow a BAR move.
-type Ioeventfds = Vec<(u64, EventFd)>;
-/// virtio devices by PCI device number, with their BAR 0 ioeventfds.
-type VirtioDevices = Arc<Mutex<BTreeMap<u8, (Arc<Mutex<VirtioPciDevice>>, Ioeventfds)>>>;
+/// One KVM ioeventfd on a device's BAR 0, kept so it can follow a BAR move.
+struct Ioeventfd {
+    addr: u64,
+    fd: Arc<EventFd>,
+    /// `None`: any write to `addr` signals; `Some(v)`: only a 4-byte write of `v`.
+    datamatch: Option<u32>,
+}
+
+impl Ioeventfd {
+    fn register(&self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+        let addr = IoEventAddress::Mmio(self.addr);
+        match self.datamatch {
+            None => vm.register_ioevent(&self.fd, &addr, NoDatamatch),
+            Some(v) => vm.register_ioevent(&self.fd, &addr, v),
+        }
+    }
+
+    fn unregister(&self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+        let addr = IoEventAddress::Mmio(self.addr);
+        match self.datamatch {
+            None => vm.unregister_ioevent(&self.fd, &addr, NoDatamatch),
+            Some(v) => vm.unregister_ioevent(&self.fd, &addr, v),
+        }
+    }
+}
+
+/// BAR 0 ioeventfds of the PCI devices, by PCI device number.
+type BarIoeventfds = Arc<Mutex<BTreeMap<u8, Vec<Ioeventfd>>>>;
 
 pub struct DeviceManager {
     vm: Arc<VmFd>,
@@ -62,8 +87,11 @@ pub struct DeviceManager {
     event_loop: Arc<EventLoop>,
     /// I/O volumes of the disks, by disk id (`swap_volume=ID` shares one).
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
-    /// virtio devices by PCI device number, with their BAR 0 ioeventfds.
-    virtio: VirtioDevices,
+    /// BAR 0 ioeventfds (virtio queue notifies, xHCI doorbells) by PCI
+    /// device number.
+    ioeventfds: BarIoeventfds,
+    /// The event loop running the xHCI controller's doorbell work.
+    xhci_loop: Mutex<Option<Arc<EventLoop>>>,
 }
 
 impl DeviceManager {
@@ -84,11 +112,11 @@ impl DeviceManager {
             PCI_CONFIG_IO_BASE,
             PCI_CONFIG_IO_LEN,
         )?;
-        let virtio = Arc::new(Mutex::new(BTreeMap::new()));
+        let ioeventfds = Arc::new(Mutex::new(BTreeMap::new()));
         pci.set_bar_listener(Arc::new(BarMover {
             vm: vm.clone(),
             mmio: mmio.clone(),
-            virtio: virtio.clone(),
+            ioeventfds: ioeventfds.clone(),
         }));
         Ok(Self {
             routing: Arc::new(GsiRouting::new(vm.clone())),
@@ -97,7 +125,8 @@ impl DeviceManager {
             pci,
             event_loop: EventLoop::spawn("virtio")?,
             volumes: Mutex::new(BTreeMap::new()),
-            virtio,
+            ioeventfds,
+            xhci_loop: Mutex::new(None),
         })
     }
 
@@ -145,27 +174,22 @@ impl DeviceManager {
             }
             mmio.insert(Arc::new(Mutex::new(b.region)), b.address, b.size)?;
         }
-        let fds = match bar0 {
-            Some(addr) => {
-                let fds = lock(&dev)
-                    .ioeventfds(addr)
-                    .map_err(|source| DeviceError::Io {
-                        what: "ioeventfds",
-                        source,
-                    })?;
-                for (addr, fd) in &fds {
-                    self.vm
-                        .register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
-                        .map_err(|e| DeviceError::Io {
-                            what: "KVM_IOEVENTFD",
-                            source: std::io::Error::from_raw_os_error(e.errno()),
-                        })?;
-                }
-                fds
-            }
-            None => Vec::new(),
-        };
-        lock(&self.virtio).insert(devnum, (dev, fds));
+        if let Some(addr) = bar0 {
+            let fds = lock(&dev)
+                .ioeventfds(addr)
+                .map_err(|source| DeviceError::Io {
+                    what: "ioeventfds",
+                    source,
+                })?
+                .into_iter()
+                .map(|(addr, fd)| Ioeventfd {
+                    addr,
+                    fd: Arc::new(fd),
+                    datamatch: None,
+                })
+                .collect();
+            self.add_ioeventfds(devnum, fds)?;
+        }
         lock(&self.volumes).insert(cfg.id.clone(), volume);
         log::info!(
             "disk {}: {} ({}) on PCI 00:{devnum:02x}.0, {num_queues} queue(s)",
@@ -202,16 +226,68 @@ impl DeviceManager {
             .map_err(|e| DeviceError::Usb(e.into()))?;
         let dev = Arc::new(Mutex::new(dev));
         let (devnum, bars) = self.pci.attach(dev.clone())?;
+        let mut bar0 = None;
         for b in bars {
+            if b.index == XHCI_BAR {
+                bar0 = Some(b.address);
+            }
             mmio.insert(Arc::new(Mutex::new(b.region)), b.address, b.size)?;
+        }
+        if let Some(bar0) = bar0 {
+            self.start_doorbell_worker(&dev, devnum, bar0, config)?;
         }
         log::info!("xHCI controller on PCI 00:{devnum:02x}.0");
         Ok((dev, devnum))
     }
 
+    /// Routes the controller's doorbell writes through ioeventfds to a worker
+    /// on its own event loop, so ring work leaves the vCPU thread. Doorbells
+    /// of slots past one per root port keep the synchronous MMIO path.
+    fn start_doorbell_worker(
+        &self,
+        dev: &Arc<Mutex<XhciPci>>,
+        devnum: u8,
+        bar0: u64,
+        config: XhciConfig,
+    ) -> Result<(), DeviceError> {
+        let io = |what| move |source| DeviceError::Io { what, source };
+        let slots = config.usb2_ports.saturating_add(config.usb3_ports);
+        let events = doorbell_events(slots).map_err(io("doorbell eventfds"))?;
+        let fds = events
+            .iter()
+            .map(|e| Ioeventfd {
+                addr: bar0 + e.bar_offset(),
+                fd: e.fd.clone(),
+                datamatch: Some(e.datamatch()),
+            })
+            .collect();
+        let event_loop = EventLoop::spawn("xhci")?;
+        event_loop.start(Box::new(DoorbellWorker::new(dev.clone(), events)))?;
+        *lock(&self.xhci_loop) = Some(event_loop);
+        self.add_ioeventfds(devnum, fds)
+    }
+
+    /// Registers `fds` with KVM and remembers them for BAR moves.
+    fn add_ioeventfds(&self, devnum: u8, fds: Vec<Ioeventfd>) -> Result<(), DeviceError> {
+        for f in &fds {
+            f.register(&self.vm).map_err(|e| DeviceError::Io {
+                what: "KVM_IOEVENTFD",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        }
+        lock(&self.ioeventfds)
+            .entry(devnum)
+            .or_default()
+            .extend(fds);
+        Ok(())
+    }
+
     /// Stops the device event loop (after the vCPUs have stopped).
     pub fn shutdown(&self) {
         self.event_loop.shutdown();
+        if let Some(l) = lock(&self.xhci_loop).take() {
+            l.shutdown();
+        }
     }
 }
 
@@ -219,12 +295,12 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Follows the guest when it reprograms a BAR: moves the MMIO range and, for
-/// a virtio BAR 0, its queue-notify ioeventfds.
+/// Follows the guest when it reprograms a BAR: moves the MMIO range and the
+/// ioeventfds of BAR 0 (virtio queue notifies, xHCI doorbells).
 struct BarMover {
     vm: Arc<VmFd>,
     mmio: Arc<Bus>,
-    virtio: VirtioDevices,
+    ioeventfds: BarIoeventfds,
 }
 
 impl BarListener for BarMover {
@@ -248,21 +324,16 @@ impl BarListener for BarMover {
         if mv.index != 0 {
             return;
         }
-        let mut virtio = lock(&self.virtio);
-        let Some((_, fds)) = virtio.get_mut(&devnum) else {
+        let mut all = lock(&self.ioeventfds);
+        let Some(fds) = all.get_mut(&devnum) else {
             return;
         };
-        for (addr, fd) in fds.iter_mut() {
-            let _ = self
-                .vm
-                .unregister_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch);
-            *addr = *addr - mv.old + mv.new;
-            if let Err(e) = self
-                .vm
-                .register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
-            {
-                // Notifies still work through the BAR's MMIO path, just slower.
-                log::warn!("cannot move ioeventfd to {:#x}: {e}", *addr);
+        for f in fds.iter_mut() {
+            let _ = f.unregister(&self.vm);
+            f.addr = f.addr - mv.old + mv.new;
+            if let Err(e) = f.register(&self.vm) {
+                // The write still reaches the BAR's MMIO path, just slower.
+                log::warn!("cannot move ioeventfd to {:#x}: {e}", f.addr);
             }
         }
     }

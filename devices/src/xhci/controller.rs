@@ -258,6 +258,13 @@ impl Xhci {
         }
     }
 
+    /// A doorbell ring signalled outside the MMIO path (an ioeventfd on the
+    /// doorbell register of `slot`, value `target`): the same work as the
+    /// register write.
+    pub fn ring_doorbell(&mut self, slot: u8, target: u8) {
+        self.write_doorbell(usize::from(slot), u32::from(target));
+    }
+
     fn write_doorbell(&mut self, slot: usize, value: u32) {
         if !self.running() {
             return;

@@ -438,6 +438,8 @@ impl Xhci {
                 };
                 drop(mem);
                 if raise {
+                    // IP was asserted again (section 5.4.2: EINT follows IP).
+                    self.usbsts |= op::STS_EINT;
                     self.signal();
                 }
             }

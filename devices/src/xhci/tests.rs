@@ -778,11 +778,17 @@ fn erdp_write_with_pending_events_reraises_the_interrupt() {
     let e0: Trb = d.mem.read_obj(GuestAddress(EVENT_RING)).unwrap();
     assert_eq!(e0.parameter, a);
     d.w32(RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE | rt::IMAN_IP);
+    // The handler acknowledged EINT before reading the ring (xhci_irq)...
+    d.w32(OP_BASE + op::USBSTS, op::STS_EINT);
+    assert_eq!(d.r32(OP_BASE + op::USBSTS) & op::STS_EINT, 0);
     d.w64(
         RT_BASE + rt::IR0 + rt::ERDP_LO,
         (EVENT_RING + 16) | rt::ERDP_EHB,
     );
     assert_eq!(d.irq.0.load(Ordering::SeqCst), base + 2);
+    // ...and the re-raised interrupt sets it again, or Linux's handler
+    // would see EINT clear and return IRQ_NONE.
+    assert_ne!(d.r32(OP_BASE + op::USBSTS) & op::STS_EINT, 0);
     d.ev_index = 1;
     let evs = d.drain();
     assert_eq!(evs.len(), 1);

@@ -13,6 +13,7 @@ use devices::pci::{
 use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions, WorkerHost};
 use devices::xhci::pci::XHCI_BAR;
+use devices::xhci::regs::DEFERRABLE_WRITES;
 use devices::xhci::{doorbell_events, DoorbellWorker, XhciConfig, XhciPci};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
@@ -78,6 +79,10 @@ impl Ioeventfd {
 
 /// BAR 0 ioeventfds of the PCI devices, by PCI device number.
 type BarIoeventfds = Arc<Mutex<BTreeMap<u8, Vec<Ioeventfd>>>>;
+/// BAR 0 coalesced MMIO zones (address, size) by PCI device number.
+type BarCoalesced = Arc<Mutex<BTreeMap<u8, Vec<(u64, u32)>>>>;
+/// Size of every coalesced register (the xHCI's are dwords).
+const COALESCED_REG_SIZE: u32 = 4;
 
 pub struct DeviceManager {
     vm: Arc<VmFd>,
@@ -90,17 +95,22 @@ pub struct DeviceManager {
     /// BAR 0 ioeventfds (virtio queue notifies, xHCI doorbells) by PCI
     /// device number.
     ioeventfds: BarIoeventfds,
+    /// Coalesced MMIO zones on BAR 0, when KVM has coalesced MMIO.
+    coalesced: Option<BarCoalesced>,
     /// The event loop running the xHCI controller's doorbell work.
     xhci_loop: Mutex<Option<Arc<EventLoop>>>,
 }
 
 impl DeviceManager {
-    /// Puts the PCI bus on `pio` and BAR moves on `mmio`.
+    /// Puts the PCI bus on `pio` and BAR moves on `mmio`. With
+    /// `coalesced_mmio`, registers whose writes may be applied late are
+    /// batched through KVM's coalesced MMIO ring (the vCPUs drain it).
     pub fn new(
         vm: Arc<VmFd>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         pio: &Bus,
         mmio: Arc<Bus>,
+        coalesced_mmio: bool,
     ) -> Result<Self, DeviceError> {
         // BARs go between the start of the hole and the IOAPIC.
         let pci = Arc::new(PciBus::new(
@@ -113,10 +123,12 @@ impl DeviceManager {
             PCI_CONFIG_IO_LEN,
         )?;
         let ioeventfds = Arc::new(Mutex::new(BTreeMap::new()));
+        let coalesced = coalesced_mmio.then(|| Arc::new(Mutex::new(BTreeMap::new())));
         pci.set_bar_listener(Arc::new(BarMover {
             vm: vm.clone(),
             mmio: mmio.clone(),
             ioeventfds: ioeventfds.clone(),
+            coalesced: coalesced.clone(),
         }));
         Ok(Self {
             routing: Arc::new(GsiRouting::new(vm.clone())),
@@ -126,6 +138,7 @@ impl DeviceManager {
             event_loop: EventLoop::spawn("virtio")?,
             volumes: Mutex::new(BTreeMap::new()),
             ioeventfds,
+            coalesced,
             xhci_loop: Mutex::new(None),
         })
     }
@@ -235,6 +248,11 @@ impl DeviceManager {
         }
         if let Some(bar0) = bar0 {
             self.start_doorbell_worker(&dev, devnum, bar0, config)?;
+            let zones: Vec<_> = DEFERRABLE_WRITES
+                .iter()
+                .map(|off| (bar0 + off, COALESCED_REG_SIZE))
+                .collect();
+            self.add_coalesced(devnum, zones)?;
         }
         log::info!("xHCI controller on PCI 00:{devnum:02x}.0");
         Ok((dev, devnum))
@@ -265,6 +283,24 @@ impl DeviceManager {
         event_loop.start(Box::new(DoorbellWorker::new(dev.clone(), events)))?;
         *lock(&self.xhci_loop) = Some(event_loop);
         self.add_ioeventfds(devnum, fds)
+    }
+
+    /// Registers coalesced MMIO `zones` (when KVM has coalesced MMIO) and
+    /// remembers them for BAR moves.
+    fn add_coalesced(&self, devnum: u8, zones: Vec<(u64, u32)>) -> Result<(), DeviceError> {
+        let Some(all) = &self.coalesced else {
+            return Ok(());
+        };
+        for &(addr, size) in &zones {
+            self.vm
+                .register_coalesced_mmio(IoEventAddress::Mmio(addr), size)
+                .map_err(|e| DeviceError::Io {
+                    what: "KVM_REGISTER_COALESCED_MMIO",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?;
+        }
+        lock(all).entry(devnum).or_default().extend(zones);
+        Ok(())
     }
 
     /// Registers `fds` with KVM and remembers them for BAR moves.
@@ -301,6 +337,30 @@ struct BarMover {
     vm: Arc<VmFd>,
     mmio: Arc<Bus>,
     ioeventfds: BarIoeventfds,
+    coalesced: Option<BarCoalesced>,
+}
+
+impl BarMover {
+    fn move_coalesced(&self, devnum: u8, mv: &BarMove) {
+        let Some(all) = &self.coalesced else { return };
+        let mut all = lock(all);
+        let Some(zones) = all.get_mut(&devnum) else {
+            return;
+        };
+        for (addr, size) in zones.iter_mut() {
+            let _ = self
+                .vm
+                .unregister_coalesced_mmio(IoEventAddress::Mmio(*addr), *size);
+            *addr = *addr - mv.old + mv.new;
+            if let Err(e) = self
+                .vm
+                .register_coalesced_mmio(IoEventAddress::Mmio(*addr), *size)
+            {
+                // Writes there then exit as ordinary MMIO.
+                log::warn!("cannot move coalesced MMIO zone to {:#x}: {e}", *addr);
+            }
+        }
+    }
 }
 
 impl BarListener for BarMover {
@@ -324,6 +384,7 @@ impl BarListener for BarMover {
         if mv.index != 0 {
             return;
         }
+        self.move_coalesced(devnum, &mv);
         let mut all = lock(&self.ioeventfds);
         let Some(fds) = all.get_mut(&devnum) else {
             return;

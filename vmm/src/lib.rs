@@ -5,6 +5,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod coalesced;
 pub mod config;
 pub mod control;
 pub mod device_manager;

@@ -367,8 +367,8 @@ mod tests {
     fn vectored_io_moves_data_between_the_image_and_scattered_memory() {
         let (_d, path) = image(8192, 0x11);
         let img = RawImage::open(&path, false, "d0").unwrap();
-        let mut a = vec![0u8; 100];
-        let mut b = vec![0u8; 0];
+        let mut a = [0u8; 100];
+        let mut b = [0u8; 0];
         let mut c = vec![0u8; 412];
         {
             let slices = [

@@ -13,7 +13,7 @@ use devices::pci::{
 use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions, WorkerHost};
 use devices::xhci::pci::XHCI_BAR;
-use devices::xhci::regs::DEFERRABLE_WRITES;
+use devices::xhci::regs::{DEFERRABLE_WRITES, MMIO_SIZE, READS_ZERO_START};
 use devices::xhci::{doorbell_events, DoorbellWorker, XhciConfig, XhciPci};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::{IOAPIC_START, MMIO_HOLE_START};
 use crate::config::DiskConfig;
 use crate::irq::{GsiRouting, KvmMsiRouter};
+use crate::zero_slot::{ZeroSlot, DEVICE_SLOT_BASE};
 
 /// Virtqueue size offered for disks.
 const DISK_QUEUE_SIZE: u16 = 256;
@@ -83,6 +84,17 @@ type BarIoeventfds = Arc<Mutex<BTreeMap<u8, Vec<Ioeventfd>>>>;
 type BarCoalesced = Arc<Mutex<BTreeMap<u8, Vec<(u64, u32)>>>>;
 /// Size of every coalesced register (the xHCI's are dwords).
 const COALESCED_REG_SIZE: u32 = 4;
+/// Read-as-zero slots on BAR 0 (offset in the BAR, slot) by PCI device number.
+type BarZeroSlots = Arc<Mutex<BTreeMap<u8, (u64, Arc<ZeroSlot>)>>>;
+
+/// What this KVM offers that the device manager can use to save exits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KvmFeatures {
+    /// KVM_CAP_COALESCED_MMIO: batch writes that may take effect late.
+    pub coalesced_mmio: bool,
+    /// KVM_CAP_READONLY_MEM: serve read-as-zero registers from memory.
+    pub readonly_mem: bool,
+}
 
 pub struct DeviceManager {
     vm: Arc<VmFd>,
@@ -97,20 +109,24 @@ pub struct DeviceManager {
     ioeventfds: BarIoeventfds,
     /// Coalesced MMIO zones on BAR 0, when KVM has coalesced MMIO.
     coalesced: Option<BarCoalesced>,
+    /// Read-only zero memory over read-as-zero BAR 0 ranges, when KVM has
+    /// read-only memory slots.
+    zero_slots: Option<BarZeroSlots>,
     /// The event loop running the xHCI controller's doorbell work.
     xhci_loop: Mutex<Option<Arc<EventLoop>>>,
 }
 
 impl DeviceManager {
     /// Puts the PCI bus on `pio` and BAR moves on `mmio`. With
-    /// `coalesced_mmio`, registers whose writes may be applied late are
-    /// batched through KVM's coalesced MMIO ring (the vCPUs drain it).
+    /// `kvm.coalesced_mmio`, registers whose writes may be applied late are
+    /// batched through KVM's coalesced MMIO ring (the vCPUs drain it); with
+    /// `kvm.readonly_mem`, read-as-zero ranges are backed by zero memory.
     pub fn new(
         vm: Arc<VmFd>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         pio: &Bus,
         mmio: Arc<Bus>,
-        coalesced_mmio: bool,
+        kvm: KvmFeatures,
     ) -> Result<Self, DeviceError> {
         // BARs go between the start of the hole and the IOAPIC.
         let pci = Arc::new(PciBus::new(
@@ -123,12 +139,18 @@ impl DeviceManager {
             PCI_CONFIG_IO_LEN,
         )?;
         let ioeventfds = Arc::new(Mutex::new(BTreeMap::new()));
-        let coalesced = coalesced_mmio.then(|| Arc::new(Mutex::new(BTreeMap::new())));
+        let coalesced = kvm
+            .coalesced_mmio
+            .then(|| Arc::new(Mutex::new(BTreeMap::new())));
+        let zero_slots = kvm
+            .readonly_mem
+            .then(|| Arc::new(Mutex::new(BTreeMap::new())));
         pci.set_bar_listener(Arc::new(BarMover {
             vm: vm.clone(),
             mmio: mmio.clone(),
             ioeventfds: ioeventfds.clone(),
             coalesced: coalesced.clone(),
+            zero_slots: zero_slots.clone(),
         }));
         Ok(Self {
             routing: Arc::new(GsiRouting::new(vm.clone())),
@@ -139,6 +161,7 @@ impl DeviceManager {
             volumes: Mutex::new(BTreeMap::new()),
             ioeventfds,
             coalesced,
+            zero_slots,
             xhci_loop: Mutex::new(None),
         })
     }
@@ -253,6 +276,7 @@ impl DeviceManager {
                 .map(|off| (bar0 + off, COALESCED_REG_SIZE))
                 .collect();
             self.add_coalesced(devnum, zones)?;
+            self.add_zero_slot(devnum, bar0, READS_ZERO_START, MMIO_SIZE - READS_ZERO_START);
         }
         log::info!("xHCI controller on PCI 00:{devnum:02x}.0");
         Ok((dev, devnum))
@@ -303,6 +327,26 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Backs `[bar0 + offset, + len)` with read-only zeroes (when KVM can),
+    /// so guest reads there cost no exit. Optional: on failure the reads
+    /// keep going through the MMIO path.
+    fn add_zero_slot(&self, devnum: u8, bar0: u64, offset: u64, len: u64) {
+        let Some(all) = &self.zero_slots else { return };
+        let mut all = lock(all);
+        let slot = DEVICE_SLOT_BASE + all.len() as u32;
+        let made = ZeroSlot::new(slot, len as usize).and_then(|z| {
+            z.map_at(&self.vm, bar0 + offset)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            Ok(z)
+        });
+        match made {
+            Ok(z) => {
+                all.insert(devnum, (offset, Arc::new(z)));
+            }
+            Err(e) => log::warn!("PCI 00:{devnum:02x}.0: no read-only zero slot: {e}"),
+        }
+    }
+
     /// Registers `fds` with KVM and remembers them for BAR moves.
     fn add_ioeventfds(&self, devnum: u8, fds: Vec<Ioeventfd>) -> Result<(), DeviceError> {
         for f in &fds {
@@ -338,9 +382,25 @@ struct BarMover {
     mmio: Arc<Bus>,
     ioeventfds: BarIoeventfds,
     coalesced: Option<BarCoalesced>,
+    zero_slots: Option<BarZeroSlots>,
 }
 
 impl BarMover {
+    fn move_zero_slot(&self, devnum: u8, mv: &BarMove) {
+        let Some(all) = &self.zero_slots else { return };
+        let all = lock(all);
+        let Some((offset, slot)) = all.get(&devnum) else {
+            return;
+        };
+        if let Err(e) = slot.map_at(&self.vm, mv.new + offset) {
+            // Reads there then exit as ordinary MMIO.
+            log::warn!(
+                "cannot move the read-only zero slot to {:#x}: {e}",
+                mv.new + offset
+            );
+        }
+    }
+
     fn move_coalesced(&self, devnum: u8, mv: &BarMove) {
         let Some(all) = &self.coalesced else { return };
         let mut all = lock(all);
@@ -385,6 +445,7 @@ impl BarListener for BarMover {
             return;
         }
         self.move_coalesced(devnum, &mv);
+        self.move_zero_slot(devnum, &mv);
         let mut all = lock(&self.ioeventfds);
         let Some(fds) = all.get_mut(&devnum) else {
             return;

@@ -16,3 +16,4 @@ pub mod paging;
 pub mod usb;
 pub mod vcpu;
 pub mod vm;
+pub mod zero_slot;

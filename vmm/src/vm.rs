@@ -24,7 +24,7 @@ use crate::config::{
     check_disk_ids, ConfigError, DiskConfig, MemoryConfig, SerialConfig, UsbStorageConfig,
 };
 use crate::control::{Control, ControlError, VmFacts, VmHandler};
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, KvmFeatures};
 use crate::host::{self, HostError};
 use crate::paging;
 use crate::vcpu::{self, ExitHandlers, StopReason, Vcpu, VcpuError, VmStop};
@@ -154,12 +154,16 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     // Batching deferrable register writes needs the ring page every vCPU
     // maps (see coalesced.rs).
     let coalesced_mmio = kvm.check_extension(Cap::CoalescedMmio);
+    let features = KvmFeatures {
+        coalesced_mmio,
+        readonly_mem: kvm.check_extension(Cap::ReadonlyMem),
+    };
     let devices = DeviceManager::new(
         vm.clone(),
         GuestMemoryAtomic::new(mem.clone()),
         &pio,
         mmio.clone(),
-        coalesced_mmio,
+        features,
     )?;
     for disk in &cfg.disks {
         devices.add_disk(disk, &mmio, cfg.cpus)?;

@@ -200,3 +200,11 @@ pub mod xcap {
 /// Not deferrable: doorbells (they start work; they go by ioeventfd),
 /// USBCMD, CRCR, PORTSC, IMAN, ERDP low (they take effect at once).
 pub const DEFERRABLE_WRITES: [u64; 2] = [OP_BASE + op::USBSTS, RT_BASE + rt::IR0 + rt::ERDP_HI];
+
+/// Start of the part of the BAR that always reads as zero: the Doorbell
+/// Array (section 5.6: "reads of a Doorbell Register return 0") and the
+/// unused space after it, to the end of the BAR. Linux reads a doorbell back
+/// after every write (to flush the posted write), so the VMM may back this
+/// range with a read-only page of zeroes: reads then cost no exit at all,
+/// while writes still trap (into KVM's ioeventfds, or the MMIO path).
+pub const READS_ZERO_START: u64 = DB_BASE;

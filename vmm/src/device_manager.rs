@@ -13,7 +13,7 @@ use devices::pci::{
 use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions, WorkerHost};
 use devices::xhci::pci::XHCI_BAR;
-use devices::xhci::regs::{DEFERRABLE_WRITES, MMIO_SIZE, READS_ZERO_START};
+use devices::xhci::regs::{DEFERRABLE_WRITES, MMIO_SIZE, READ_BACKED_START};
 use devices::xhci::{doorbell_events, DoorbellWorker, XhciConfig, XhciPci};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::{IOAPIC_START, MMIO_HOLE_START};
 use crate::config::DiskConfig;
 use crate::irq::{GsiRouting, KvmMsiRouter};
-use crate::zero_slot::{ZeroSlot, DEVICE_SLOT_BASE};
+use crate::read_slot::{ReadSlot, DEVICE_SLOT_BASE};
 
 /// Virtqueue size offered for disks.
 const DISK_QUEUE_SIZE: u16 = 256;
@@ -84,15 +84,15 @@ type BarIoeventfds = Arc<Mutex<BTreeMap<u8, Vec<Ioeventfd>>>>;
 type BarCoalesced = Arc<Mutex<BTreeMap<u8, Vec<(u64, u32)>>>>;
 /// Size of every coalesced register (the xHCI's are dwords).
 const COALESCED_REG_SIZE: u32 = 4;
-/// Read-as-zero slots on BAR 0 (offset in the BAR, slot) by PCI device number.
-type BarZeroSlots = Arc<Mutex<BTreeMap<u8, (u64, Arc<ZeroSlot>)>>>;
+/// Read-only memory slots over BAR 0 by PCI device number.
+type BarReadSlots = Arc<Mutex<BTreeMap<u8, Arc<ReadSlot>>>>;
 
 /// What this KVM offers that the device manager can use to save exits.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KvmFeatures {
     /// KVM_CAP_COALESCED_MMIO: batch writes that may take effect late.
     pub coalesced_mmio: bool,
-    /// KVM_CAP_READONLY_MEM: serve read-as-zero registers from memory.
+    /// KVM_CAP_READONLY_MEM: serve register reads from memory.
     pub readonly_mem: bool,
 }
 
@@ -109,9 +109,9 @@ pub struct DeviceManager {
     ioeventfds: BarIoeventfds,
     /// Coalesced MMIO zones on BAR 0, when KVM has coalesced MMIO.
     coalesced: Option<BarCoalesced>,
-    /// Read-only zero memory over read-as-zero BAR 0 ranges, when KVM has
-    /// read-only memory slots.
-    zero_slots: Option<BarZeroSlots>,
+    /// Read-only memory over BAR 0 ranges whose reads the device answers
+    /// ahead of time, when KVM has read-only memory slots.
+    read_slots: Option<BarReadSlots>,
     /// The event loop running the xHCI controller's doorbell work.
     xhci_loop: Mutex<Option<Arc<EventLoop>>>,
 }
@@ -120,7 +120,8 @@ impl DeviceManager {
     /// Puts the PCI bus on `pio` and BAR moves on `mmio`. With
     /// `kvm.coalesced_mmio`, registers whose writes may be applied late are
     /// batched through KVM's coalesced MMIO ring (the vCPUs drain it); with
-    /// `kvm.readonly_mem`, read-as-zero ranges are backed by zero memory.
+    /// `kvm.readonly_mem`, reads of the xHCI runtime registers and doorbells
+    /// are served from memory.
     pub fn new(
         vm: Arc<VmFd>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -142,7 +143,7 @@ impl DeviceManager {
         let coalesced = kvm
             .coalesced_mmio
             .then(|| Arc::new(Mutex::new(BTreeMap::new())));
-        let zero_slots = kvm
+        let read_slots = kvm
             .readonly_mem
             .then(|| Arc::new(Mutex::new(BTreeMap::new())));
         pci.set_bar_listener(Arc::new(BarMover {
@@ -150,7 +151,7 @@ impl DeviceManager {
             mmio: mmio.clone(),
             ioeventfds: ioeventfds.clone(),
             coalesced: coalesced.clone(),
-            zero_slots: zero_slots.clone(),
+            read_slots: read_slots.clone(),
         }));
         Ok(Self {
             routing: Arc::new(GsiRouting::new(vm.clone())),
@@ -161,7 +162,7 @@ impl DeviceManager {
             volumes: Mutex::new(BTreeMap::new()),
             ioeventfds,
             coalesced,
-            zero_slots,
+            read_slots,
             xhci_loop: Mutex::new(None),
         })
     }
@@ -276,7 +277,9 @@ impl DeviceManager {
                 .map(|off| (bar0 + off, COALESCED_REG_SIZE))
                 .collect();
             self.add_coalesced(devnum, zones)?;
-            self.add_zero_slot(devnum, bar0, READS_ZERO_START, MMIO_SIZE - READS_ZERO_START);
+            if let Some(slot) = self.add_read_slot(devnum, bar0, READ_BACKED_START, MMIO_SIZE) {
+                lock(&dev).set_read_shadow(slot);
+            }
         }
         log::info!("xHCI controller on PCI 00:{devnum:02x}.0");
         Ok((dev, devnum))
@@ -327,23 +330,28 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Backs `[bar0 + offset, + len)` with read-only zeroes (when KVM can),
-    /// so guest reads there cost no exit. Optional: on failure the reads
-    /// keep going through the MMIO path.
-    fn add_zero_slot(&self, devnum: u8, bar0: u64, offset: u64, len: u64) {
-        let Some(all) = &self.zero_slots else { return };
+    /// Maps `[bar0 + start, bar0 + end)` read-only from memory (when KVM
+    /// can), so guest reads there cost no exit; the device keeps the memory
+    /// current through the returned slot. Optional: on failure the reads keep
+    /// going through the MMIO path.
+    fn add_read_slot(&self, devnum: u8, bar0: u64, start: u64, end: u64) -> Option<Arc<ReadSlot>> {
+        let all = self.read_slots.as_ref()?;
         let mut all = lock(all);
         let slot = DEVICE_SLOT_BASE + all.len() as u32;
-        let made = ZeroSlot::new(slot, len as usize).and_then(|z| {
-            z.map_at(&self.vm, bar0 + offset)
+        let made = ReadSlot::new(slot, start, (end - start) as usize).and_then(|s| {
+            s.map_at(&self.vm, bar0 + start)
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-            Ok(z)
+            Ok(Arc::new(s))
         });
         match made {
-            Ok(z) => {
-                all.insert(devnum, (offset, Arc::new(z)));
+            Ok(s) => {
+                all.insert(devnum, s.clone());
+                Some(s)
             }
-            Err(e) => log::warn!("PCI 00:{devnum:02x}.0: no read-only zero slot: {e}"),
+            Err(e) => {
+                log::warn!("PCI 00:{devnum:02x}.0: no read-only register slot: {e}");
+                None
+            }
         }
     }
 
@@ -382,22 +390,20 @@ struct BarMover {
     mmio: Arc<Bus>,
     ioeventfds: BarIoeventfds,
     coalesced: Option<BarCoalesced>,
-    zero_slots: Option<BarZeroSlots>,
+    read_slots: Option<BarReadSlots>,
 }
 
 impl BarMover {
-    fn move_zero_slot(&self, devnum: u8, mv: &BarMove) {
-        let Some(all) = &self.zero_slots else { return };
+    fn move_read_slot(&self, devnum: u8, mv: &BarMove) {
+        let Some(all) = &self.read_slots else { return };
         let all = lock(all);
-        let Some((offset, slot)) = all.get(&devnum) else {
+        let Some(slot) = all.get(&devnum) else {
             return;
         };
-        if let Err(e) = slot.map_at(&self.vm, mv.new + offset) {
+        let at = mv.new + slot.bar_offset();
+        if let Err(e) = slot.map_at(&self.vm, at) {
             // Reads there then exit as ordinary MMIO.
-            log::warn!(
-                "cannot move the read-only zero slot to {:#x}: {e}",
-                mv.new + offset
-            );
+            log::warn!("cannot move the read-only register slot to {at:#x}: {e}");
         }
     }
 
@@ -445,7 +451,7 @@ impl BarListener for BarMover {
             return;
         }
         self.move_coalesced(devnum, &mv);
-        self.move_zero_slot(devnum, &mv);
+        self.move_read_slot(devnum, &mv);
         let mut all = lock(&self.ioeventfds);
         let Some(fds) = all.get_mut(&devnum) else {
             return;

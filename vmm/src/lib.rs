@@ -13,7 +13,7 @@ pub mod host;
 pub mod irq;
 pub mod memory;
 pub mod paging;
+pub mod read_slot;
 pub mod usb;
 pub mod vcpu;
 pub mod vm;
-pub mod zero_slot;

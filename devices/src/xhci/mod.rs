@@ -22,6 +22,7 @@ pub mod pci;
 pub mod port;
 pub mod regs;
 pub mod ring;
+pub mod shadow;
 pub mod slot;
 pub mod transfer;
 pub mod trb;
@@ -36,6 +37,7 @@ pub use doorbell::{doorbell_events, DoorbellEvent, DoorbellWorker};
 pub use pci::{XhciPci, XhciPciError};
 pub use port::PortProtocol;
 pub use regs::MMIO_SIZE;
+pub use shadow::ReadShadow;
 
 /// Errors of the host-side API (attach/detach/construction).
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -134,6 +134,12 @@ impl XhciPci {
         &self.msix
     }
 
+    /// Serves guest reads of the runtime registers from `shadow` (see
+    /// [`crate::xhci::shadow`]).
+    pub fn set_read_shadow(&mut self, shadow: Arc<dyn super::ReadShadow>) {
+        self.xhci.set_read_shadow(shadow);
+    }
+
     /// A doorbell write that arrived by ioeventfd: dropped, as the BAR write
     /// would be, while the function does not decode memory (D3hot, Memory
     /// Space disabled).

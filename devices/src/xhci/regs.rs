@@ -201,10 +201,12 @@ pub mod xcap {
 /// USBCMD, CRCR, PORTSC, IMAN, ERDP low (they take effect at once).
 pub const DEFERRABLE_WRITES: [u64; 2] = [OP_BASE + op::USBSTS, RT_BASE + rt::IR0 + rt::ERDP_HI];
 
-/// Start of the part of the BAR that always reads as zero: the Doorbell
-/// Array (section 5.6: "reads of a Doorbell Register return 0") and the
-/// unused space after it, to the end of the BAR. Linux reads a doorbell back
-/// after every write (to flush the posted write), so the VMM may back this
-/// range with a read-only page of zeroes: reads then cost no exit at all,
-/// while writes still trap (into KVM's ioeventfds, or the MMIO path).
-pub const READS_ZERO_START: u64 = DB_BASE;
+/// Start of the part of the BAR whose guest reads a VMM may serve from a
+/// read-only memory mapping instead of trapping them (writes still trap):
+/// the runtime registers page, kept current through
+/// [`ReadShadow`](super::shadow::ReadShadow), then the Doorbell Array
+/// (section 5.6: "reads of a Doorbell Register return 0") and the unused
+/// space after it, which always read 0. Linux reads ERDP (two dwords) in
+/// every interrupt and reads each doorbell back after writing it; served
+/// from memory, those reads cost no exit.
+pub const READ_BACKED_START: u64 = RT_BASE;

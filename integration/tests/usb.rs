@@ -313,6 +313,52 @@ fn port_reset_during_io_keeps_data() {
     }
 }
 
+/// Hot-detach while the guest has O_DIRECT I/O in flight on the disk: the
+/// I/O fails in the guest instead of hanging, the disk goes away, the VMM
+/// keeps running (the guest powers off, the VMM exits 0), and the block
+/// written and synced before the detach is intact in the image.
+#[test]
+fn hot_detach_with_io_in_flight_keeps_synced_data() {
+    if !nested() {
+        return;
+    }
+    let run = usb_run("usb-detach-io")
+        .param("det_serial", "det")
+        .param("det_wait", 120);
+    let script = UsbScript {
+        disks: vec![UsbDisk::new("det", 32).port(5)],
+        driver: format!(
+            r#"wait_console "USB-DETACH-WANT" 600 || echo "{MARK_L1_ABORT}: guest did not start its I/O"
+ctl usb.detach '{{"id":"det"}}' || echo "{MARK_L1_ABORT}: detach failed"
+echo "L1-USB-DETACHED"
+"#
+        ),
+        exit_wait_s: 600,
+        after: vec![Md5Range::of("det-kept", "det", 0, 4)],
+        ..Default::default()
+    };
+    let r = run_script(run, script);
+    check_passed(&r);
+    check(
+        r.console.contains("L1-USB-DETACHED"),
+        "L1 did not detach",
+        &r,
+    );
+    let loops: Option<u32> =
+        field(&r.console, "USB-DETACH-IO-END ", "loops").and_then(|v| v.parse().ok());
+    check(
+        loops.is_some_and(|n| n < 100_000),
+        "the guest's I/O loop did not end with a failed command",
+        &r,
+    );
+    check(
+        r.console.contains("USB-DETACH-DONE io=failed"),
+        "guest did not finish",
+        &r,
+    );
+    check_md5(&r, "det-kept", "det-kept");
+}
+
 /// Smoke run of the `usb-bench` scenario (fio on a USB 3 disk) on our VMM
 /// only, short jobs: the scenario works and prints one result per job.
 /// Not the benchmark (that compares with QEMU in the same L1); ignored by

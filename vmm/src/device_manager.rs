@@ -11,8 +11,10 @@ use devices::pci::{
     BarListener, BarMove, PciBarRegion, PciBus, PciConfigIo, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
 };
 use devices::virtio::block::{Block, BlockOptions};
-use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions};
-use devices::xhci::{XhciConfig, XhciPci};
+use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions, WorkerHost};
+use devices::xhci::pci::XHCI_BAR;
+use devices::xhci::regs::{DEFERRABLE_WRITES, MMIO_SIZE, READ_BACKED_START};
+use devices::xhci::{doorbell_events, DoorbellWorker, XhciConfig, XhciPci};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -21,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::{IOAPIC_START, MMIO_HOLE_START};
 use crate::config::DiskConfig;
 use crate::irq::{GsiRouting, KvmMsiRouter};
+use crate::read_slot::{ReadSlot, DEVICE_SLOT_BASE};
 
 /// Virtqueue size offered for disks.
 const DISK_QUEUE_SIZE: u16 = 256;
@@ -49,10 +52,49 @@ pub enum DeviceError {
     },
 }
 
-/// The ioeventfds of one device, kept so they can follow a BAR move.
-type Ioeventfds = Vec<(u64, EventFd)>;
-/// virtio devices by PCI device number, with their BAR 0 ioeventfds.
-type VirtioDevices = Arc<Mutex<BTreeMap<u8, (Arc<Mutex<VirtioPciDevice>>, Ioeventfds)>>>;
+/// One KVM ioeventfd on a device's BAR 0, kept so it can follow a BAR move.
+struct Ioeventfd {
+    addr: u64,
+    fd: Arc<EventFd>,
+    /// `None`: any write to `addr` signals; `Some(v)`: only a 4-byte write of `v`.
+    datamatch: Option<u32>,
+}
+
+impl Ioeventfd {
+    fn register(&self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+        let addr = IoEventAddress::Mmio(self.addr);
+        match self.datamatch {
+            None => vm.register_ioevent(&self.fd, &addr, NoDatamatch),
+            Some(v) => vm.register_ioevent(&self.fd, &addr, v),
+        }
+    }
+
+    fn unregister(&self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+        let addr = IoEventAddress::Mmio(self.addr);
+        match self.datamatch {
+            None => vm.unregister_ioevent(&self.fd, &addr, NoDatamatch),
+            Some(v) => vm.unregister_ioevent(&self.fd, &addr, v),
+        }
+    }
+}
+
+/// BAR 0 ioeventfds of the PCI devices, by PCI device number.
+type BarIoeventfds = Arc<Mutex<BTreeMap<u8, Vec<Ioeventfd>>>>;
+/// BAR 0 coalesced MMIO zones (address, size) by PCI device number.
+type BarCoalesced = Arc<Mutex<BTreeMap<u8, Vec<(u64, u32)>>>>;
+/// Size of every coalesced register (the xHCI's are dwords).
+const COALESCED_REG_SIZE: u32 = 4;
+/// Read-only memory slots over BAR 0 by PCI device number.
+type BarReadSlots = Arc<Mutex<BTreeMap<u8, Arc<ReadSlot>>>>;
+
+/// What this KVM offers that the device manager can use to save exits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KvmFeatures {
+    /// KVM_CAP_COALESCED_MMIO: batch writes that may take effect late.
+    pub coalesced_mmio: bool,
+    /// KVM_CAP_READONLY_MEM: serve register reads from memory.
+    pub readonly_mem: bool,
+}
 
 pub struct DeviceManager {
     vm: Arc<VmFd>,
@@ -62,17 +104,30 @@ pub struct DeviceManager {
     event_loop: Arc<EventLoop>,
     /// I/O volumes of the disks, by disk id (`swap_volume=ID` shares one).
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
-    /// virtio devices by PCI device number, with their BAR 0 ioeventfds.
-    virtio: VirtioDevices,
+    /// BAR 0 ioeventfds (virtio queue notifies, xHCI doorbells) by PCI
+    /// device number.
+    ioeventfds: BarIoeventfds,
+    /// Coalesced MMIO zones on BAR 0, when KVM has coalesced MMIO.
+    coalesced: Option<BarCoalesced>,
+    /// Read-only memory over BAR 0 ranges whose reads the device answers
+    /// ahead of time, when KVM has read-only memory slots.
+    read_slots: Option<BarReadSlots>,
+    /// The event loop running the xHCI controller's doorbell work.
+    xhci_loop: Mutex<Option<Arc<EventLoop>>>,
 }
 
 impl DeviceManager {
-    /// Puts the PCI bus on `pio` and BAR moves on `mmio`.
+    /// Puts the PCI bus on `pio` and BAR moves on `mmio`. With
+    /// `kvm.coalesced_mmio`, registers whose writes may be applied late are
+    /// batched through KVM's coalesced MMIO ring (the vCPUs drain it); with
+    /// `kvm.readonly_mem`, reads of the xHCI runtime registers and doorbells
+    /// are served from memory.
     pub fn new(
         vm: Arc<VmFd>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         pio: &Bus,
         mmio: Arc<Bus>,
+        kvm: KvmFeatures,
     ) -> Result<Self, DeviceError> {
         // BARs go between the start of the hole and the IOAPIC.
         let pci = Arc::new(PciBus::new(
@@ -84,11 +139,19 @@ impl DeviceManager {
             PCI_CONFIG_IO_BASE,
             PCI_CONFIG_IO_LEN,
         )?;
-        let virtio = Arc::new(Mutex::new(BTreeMap::new()));
+        let ioeventfds = Arc::new(Mutex::new(BTreeMap::new()));
+        let coalesced = kvm
+            .coalesced_mmio
+            .then(|| Arc::new(Mutex::new(BTreeMap::new())));
+        let read_slots = kvm
+            .readonly_mem
+            .then(|| Arc::new(Mutex::new(BTreeMap::new())));
         pci.set_bar_listener(Arc::new(BarMover {
             vm: vm.clone(),
             mmio: mmio.clone(),
-            virtio: virtio.clone(),
+            ioeventfds: ioeventfds.clone(),
+            coalesced: coalesced.clone(),
+            read_slots: read_slots.clone(),
         }));
         Ok(Self {
             routing: Arc::new(GsiRouting::new(vm.clone())),
@@ -97,7 +160,10 @@ impl DeviceManager {
             pci,
             event_loop: EventLoop::spawn("virtio")?,
             volumes: Mutex::new(BTreeMap::new()),
-            virtio,
+            ioeventfds,
+            coalesced,
+            read_slots,
+            xhci_loop: Mutex::new(None),
         })
     }
 
@@ -145,27 +211,22 @@ impl DeviceManager {
             }
             mmio.insert(Arc::new(Mutex::new(b.region)), b.address, b.size)?;
         }
-        let fds = match bar0 {
-            Some(addr) => {
-                let fds = lock(&dev)
-                    .ioeventfds(addr)
-                    .map_err(|source| DeviceError::Io {
-                        what: "ioeventfds",
-                        source,
-                    })?;
-                for (addr, fd) in &fds {
-                    self.vm
-                        .register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
-                        .map_err(|e| DeviceError::Io {
-                            what: "KVM_IOEVENTFD",
-                            source: std::io::Error::from_raw_os_error(e.errno()),
-                        })?;
-                }
-                fds
-            }
-            None => Vec::new(),
-        };
-        lock(&self.virtio).insert(devnum, (dev, fds));
+        if let Some(addr) = bar0 {
+            let fds = lock(&dev)
+                .ioeventfds(addr)
+                .map_err(|source| DeviceError::Io {
+                    what: "ioeventfds",
+                    source,
+                })?
+                .into_iter()
+                .map(|(addr, fd)| Ioeventfd {
+                    addr,
+                    fd: Arc::new(fd),
+                    datamatch: None,
+                })
+                .collect();
+            self.add_ioeventfds(devnum, fds)?;
+        }
         lock(&self.volumes).insert(cfg.id.clone(), volume);
         log::info!(
             "disk {}: {} ({}) on PCI 00:{devnum:02x}.0, {num_queues} queue(s)",
@@ -202,16 +263,119 @@ impl DeviceManager {
             .map_err(|e| DeviceError::Usb(e.into()))?;
         let dev = Arc::new(Mutex::new(dev));
         let (devnum, bars) = self.pci.attach(dev.clone())?;
+        let mut bar0 = None;
         for b in bars {
+            if b.index == XHCI_BAR {
+                bar0 = Some(b.address);
+            }
             mmio.insert(Arc::new(Mutex::new(b.region)), b.address, b.size)?;
+        }
+        if let Some(bar0) = bar0 {
+            self.start_doorbell_worker(&dev, devnum, bar0, config)?;
+            let zones: Vec<_> = DEFERRABLE_WRITES
+                .iter()
+                .map(|off| (bar0 + off, COALESCED_REG_SIZE))
+                .collect();
+            self.add_coalesced(devnum, zones)?;
+            if let Some(slot) = self.add_read_slot(devnum, bar0, READ_BACKED_START, MMIO_SIZE) {
+                lock(&dev).set_read_shadow(slot);
+            }
         }
         log::info!("xHCI controller on PCI 00:{devnum:02x}.0");
         Ok((dev, devnum))
     }
 
+    /// Routes the controller's doorbell writes through ioeventfds to a worker
+    /// on its own event loop, so ring work leaves the vCPU thread. Doorbells
+    /// of slots past one per root port keep the synchronous MMIO path.
+    fn start_doorbell_worker(
+        &self,
+        dev: &Arc<Mutex<XhciPci>>,
+        devnum: u8,
+        bar0: u64,
+        config: XhciConfig,
+    ) -> Result<(), DeviceError> {
+        let io = |what| move |source| DeviceError::Io { what, source };
+        let slots = config.usb2_ports.saturating_add(config.usb3_ports);
+        let events = doorbell_events(slots).map_err(io("doorbell eventfds"))?;
+        let fds = events
+            .iter()
+            .map(|e| Ioeventfd {
+                addr: bar0 + e.bar_offset(),
+                fd: e.fd.clone(),
+                datamatch: Some(e.datamatch()),
+            })
+            .collect();
+        let event_loop = EventLoop::spawn("xhci")?;
+        event_loop.start(Box::new(DoorbellWorker::new(dev.clone(), events)))?;
+        *lock(&self.xhci_loop) = Some(event_loop);
+        self.add_ioeventfds(devnum, fds)
+    }
+
+    /// Registers coalesced MMIO `zones` (when KVM has coalesced MMIO) and
+    /// remembers them for BAR moves.
+    fn add_coalesced(&self, devnum: u8, zones: Vec<(u64, u32)>) -> Result<(), DeviceError> {
+        let Some(all) = &self.coalesced else {
+            return Ok(());
+        };
+        for &(addr, size) in &zones {
+            self.vm
+                .register_coalesced_mmio(IoEventAddress::Mmio(addr), size)
+                .map_err(|e| DeviceError::Io {
+                    what: "KVM_REGISTER_COALESCED_MMIO",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?;
+        }
+        lock(all).entry(devnum).or_default().extend(zones);
+        Ok(())
+    }
+
+    /// Maps `[bar0 + start, bar0 + end)` read-only from memory (when KVM
+    /// can), so guest reads there cost no exit; the device keeps the memory
+    /// current through the returned slot. Optional: on failure the reads keep
+    /// going through the MMIO path.
+    fn add_read_slot(&self, devnum: u8, bar0: u64, start: u64, end: u64) -> Option<Arc<ReadSlot>> {
+        let all = self.read_slots.as_ref()?;
+        let mut all = lock(all);
+        let slot = DEVICE_SLOT_BASE + all.len() as u32;
+        let made = ReadSlot::new(slot, start, (end - start) as usize).and_then(|s| {
+            s.map_at(&self.vm, bar0 + start)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            Ok(Arc::new(s))
+        });
+        match made {
+            Ok(s) => {
+                all.insert(devnum, s.clone());
+                Some(s)
+            }
+            Err(e) => {
+                log::warn!("PCI 00:{devnum:02x}.0: no read-only register slot: {e}");
+                None
+            }
+        }
+    }
+
+    /// Registers `fds` with KVM and remembers them for BAR moves.
+    fn add_ioeventfds(&self, devnum: u8, fds: Vec<Ioeventfd>) -> Result<(), DeviceError> {
+        for f in &fds {
+            f.register(&self.vm).map_err(|e| DeviceError::Io {
+                what: "KVM_IOEVENTFD",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        }
+        lock(&self.ioeventfds)
+            .entry(devnum)
+            .or_default()
+            .extend(fds);
+        Ok(())
+    }
+
     /// Stops the device event loop (after the vCPUs have stopped).
     pub fn shutdown(&self) {
         self.event_loop.shutdown();
+        if let Some(l) = lock(&self.xhci_loop).take() {
+            l.shutdown();
+        }
     }
 }
 
@@ -219,12 +383,50 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Follows the guest when it reprograms a BAR: moves the MMIO range and, for
-/// a virtio BAR 0, its queue-notify ioeventfds.
+/// Follows the guest when it reprograms a BAR: moves the MMIO range and the
+/// ioeventfds of BAR 0 (virtio queue notifies, xHCI doorbells).
 struct BarMover {
     vm: Arc<VmFd>,
     mmio: Arc<Bus>,
-    virtio: VirtioDevices,
+    ioeventfds: BarIoeventfds,
+    coalesced: Option<BarCoalesced>,
+    read_slots: Option<BarReadSlots>,
+}
+
+impl BarMover {
+    fn move_read_slot(&self, devnum: u8, mv: &BarMove) {
+        let Some(all) = &self.read_slots else { return };
+        let all = lock(all);
+        let Some(slot) = all.get(&devnum) else {
+            return;
+        };
+        let at = mv.new + slot.bar_offset();
+        if let Err(e) = slot.map_at(&self.vm, at) {
+            // Reads there then exit as ordinary MMIO.
+            log::warn!("cannot move the read-only register slot to {at:#x}: {e}");
+        }
+    }
+
+    fn move_coalesced(&self, devnum: u8, mv: &BarMove) {
+        let Some(all) = &self.coalesced else { return };
+        let mut all = lock(all);
+        let Some(zones) = all.get_mut(&devnum) else {
+            return;
+        };
+        for (addr, size) in zones.iter_mut() {
+            let _ = self
+                .vm
+                .unregister_coalesced_mmio(IoEventAddress::Mmio(*addr), *size);
+            *addr = *addr - mv.old + mv.new;
+            if let Err(e) = self
+                .vm
+                .register_coalesced_mmio(IoEventAddress::Mmio(*addr), *size)
+            {
+                // Writes there then exit as ordinary MMIO.
+                log::warn!("cannot move coalesced MMIO zone to {:#x}: {e}", *addr);
+            }
+        }
+    }
 }
 
 impl BarListener for BarMover {
@@ -248,21 +450,18 @@ impl BarListener for BarMover {
         if mv.index != 0 {
             return;
         }
-        let mut virtio = lock(&self.virtio);
-        let Some((_, fds)) = virtio.get_mut(&devnum) else {
+        self.move_coalesced(devnum, &mv);
+        self.move_read_slot(devnum, &mv);
+        let mut all = lock(&self.ioeventfds);
+        let Some(fds) = all.get_mut(&devnum) else {
             return;
         };
-        for (addr, fd) in fds.iter_mut() {
-            let _ = self
-                .vm
-                .unregister_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch);
-            *addr = *addr - mv.old + mv.new;
-            if let Err(e) = self
-                .vm
-                .register_ioevent(fd, &IoEventAddress::Mmio(*addr), NoDatamatch)
-            {
-                // Notifies still work through the BAR's MMIO path, just slower.
-                log::warn!("cannot move ioeventfd to {:#x}: {e}", *addr);
+        for f in fds.iter_mut() {
+            let _ = f.unregister(&self.vm);
+            f.addr = f.addr - mv.old + mv.new;
+            if let Err(e) = f.register(&self.vm) {
+                // The write still reaches the BAR's MMIO path, just slower.
+                log::warn!("cannot move ioeventfd to {:#x}: {e}", f.addr);
             }
         }
     }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod arch;
 pub mod boot;
+pub mod coalesced;
 pub mod config;
 pub mod control;
 pub mod device_manager;
@@ -12,6 +13,7 @@ pub mod host;
 pub mod irq;
 pub mod memory;
 pub mod paging;
+pub mod read_slot;
 pub mod serial_input;
 pub mod usb;
 pub mod vcpu;

@@ -13,7 +13,7 @@ use devices::legacy::{
 };
 use kvm_bindings::KVM_PIT_SPEAKER_DUMMY;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -24,7 +24,7 @@ use crate::config::{
     check_disk_ids, ConfigError, DiskConfig, MemoryConfig, SerialConfig, UsbStorageConfig,
 };
 use crate::control::{Control, ControlError, VmFacts, VmHandler};
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, KvmFeatures};
 use crate::host::{self, HostError};
 use crate::paging;
 use crate::serial_input;
@@ -46,6 +46,8 @@ pub enum VmError {
     Host(#[from] HostError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("cannot map the coalesced MMIO ring")]
+    CoalescedRing(#[source] std::io::Error),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -160,11 +162,19 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         ),
         _ => (None, None),
     };
+    // Batching deferrable register writes needs the ring page every vCPU
+    // maps (see coalesced.rs).
+    let coalesced_mmio = kvm.check_extension(Cap::CoalescedMmio);
+    let features = KvmFeatures {
+        coalesced_mmio,
+        readonly_mem: kvm.check_extension(Cap::ReadonlyMem),
+    };
     let devices = DeviceManager::new(
         vm.clone(),
         GuestMemoryAtomic::new(mem.clone()),
         &pio,
         mmio.clone(),
+        features,
     )?;
     for disk in &cfg.disks {
         devices.add_disk(disk, &mmio, cfg.cpus)?;
@@ -188,11 +198,18 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     )?;
 
     let vcpus = create_vcpus(&kvm, &vm, cfg.cpus, entry)?;
+    let coalesced = match (coalesced_mmio, vcpus.first()) {
+        (true, Some(v)) => Some(Arc::new(
+            v.map_coalesced_ring().map_err(VmError::CoalescedRing)?,
+        )),
+        _ => None,
+    };
     vcpu::install_kick_handler()?;
     let handlers = ExitHandlers {
         pio,
         mmio,
         stop: stop.clone(),
+        coalesced,
     };
     let mut threads = Vec::with_capacity(vcpus.len());
     for v in vcpus {

@@ -11,6 +11,7 @@ pub mod descriptor;
 pub mod mass_storage;
 
 use thiserror::Error;
+use vm_memory::VolatileSlice;
 
 /// Standard request codes (USB 3.2 section 9.4, table 9-5).
 pub mod request {
@@ -166,6 +167,15 @@ pub trait TransferBuffer {
 
     /// Copies `src` into the IN buffer at `offset`.
     fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), BufferError>;
+
+    /// `[offset, offset + len)` as slices of guest memory, for vectored
+    /// image I/O straight into or out of the guest's buffers. `None` when the
+    /// range is not all plain guest memory (immediate data, out of range):
+    /// the caller then copies through [`read_at`](Self::read_at) /
+    /// [`write_at`](Self::write_at), which report the error.
+    fn guest_slices(&self, _offset: usize, _len: usize) -> Option<Vec<VolatileSlice<'_>>> {
+        None
+    }
 }
 
 /// A [`TransferBuffer`] in host memory (tests, control requests).

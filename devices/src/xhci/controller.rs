@@ -10,6 +10,7 @@ use super::event::{Interrupter, Posted};
 use super::port::{Port, PortProtocol};
 use super::regs::{self, cap, op, rt, DB_BASE, MAX_SLOTS, OP_BASE, PORT_BASE, RT_BASE, XECP_BASE};
 use super::ring::RingCursor;
+use super::shadow::{ReadShadow, SHADOWED};
 use super::slot::{EpState, Slot};
 use super::trb::{CompletionCode, Trb};
 use super::{XhciConfig, XhciError};
@@ -39,6 +40,9 @@ pub struct Xhci {
     /// Index = slot ID - 1.
     pub(super) slots: Vec<Slot>,
     started: Instant,
+    /// Where guest reads of the runtime registers are served, if the VMM
+    /// maps them (see `shadow.rs`).
+    shadow: Option<Arc<dyn ReadShadow>>,
 }
 
 impl Xhci {
@@ -73,6 +77,7 @@ impl Xhci {
             ports,
             slots: vec![Slot::default(); MAX_SLOTS],
             started: Instant::now(),
+            shadow: None,
         })
     }
 
@@ -121,6 +126,7 @@ impl Xhci {
         if event {
             self.port_event(port);
         }
+        self.publish();
         Ok(())
     }
 
@@ -140,6 +146,7 @@ impl Xhci {
         if event {
             self.port_event(port);
         }
+        self.publish();
         Ok(dev)
     }
 
@@ -169,7 +176,25 @@ impl Xhci {
         }
     }
 
+    /// Serves guest reads of the runtime registers from `shadow` from now
+    /// on (the VMM maps it read-only over the runtime page).
+    pub fn set_read_shadow(&mut self, shadow: Arc<dyn ReadShadow>) {
+        self.shadow = Some(shadow);
+        self.publish();
+    }
+
+    /// Brings the read shadow up to date.
+    fn publish(&self) {
+        if let Some(s) = &self.shadow {
+            for off in SHADOWED {
+                s.store(off, self.read_dword(off));
+            }
+        }
+    }
+
     fn signal(&self) {
+        // The handler reads the registers the shadow serves: publish first.
+        self.publish();
         if self.usbcmd & op::CMD_INTE != 0 && self.interrupter.asserted() {
             self.irq.trigger(INTERRUPTER_VECTOR);
         }
@@ -181,6 +206,7 @@ impl Xhci {
         self.usbcmd &= !op::CMD_RUN;
         self.cmd_running = false;
         if self.usbcmd & op::CMD_HSEE != 0 {
+            self.publish();
             self.irq.trigger(INTERRUPTER_VECTOR);
         }
     }
@@ -258,6 +284,14 @@ impl Xhci {
         }
     }
 
+    /// A doorbell ring signalled outside the MMIO path (an ioeventfd on the
+    /// doorbell register of `slot`, value `target`): the same work as the
+    /// register write.
+    pub fn ring_doorbell(&mut self, slot: u8, target: u8) {
+        self.write_doorbell(usize::from(slot), u32::from(target));
+        self.publish();
+    }
+
     fn write_doorbell(&mut self, slot: usize, value: u32) {
         if !self.running() {
             return;
@@ -317,7 +351,7 @@ impl Xhci {
         }
     }
 
-    fn read_dword(&mut self, offset: u64) -> u32 {
+    fn read_dword(&self, offset: u64) -> u32 {
         match offset {
             o if o < OP_BASE => self.cap_read(o),
             o if (OP_BASE..PORT_BASE).contains(&o) => match o - OP_BASE {
@@ -431,6 +465,8 @@ impl Xhci {
                 };
                 drop(mem);
                 if raise {
+                    // IP was asserted again (section 5.4.2: EINT follows IP).
+                    self.usbsts |= op::STS_EINT;
                     self.signal();
                 }
             }
@@ -473,6 +509,7 @@ impl Xhci {
             }
             _ => log::debug!("xhci: ignored {}-byte write at {offset:#x}", data.len()),
         }
+        self.publish();
     }
 
     /// Slot `id` (1-based) if it exists.

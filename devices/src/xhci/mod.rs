@@ -7,19 +7,22 @@
 //! (device slots and endpoints), `command` (command ring), `transfer`
 //! (transfer rings) and [`controller`] (the register file tying them together).
 //!
-//! All work runs synchronously inside the MMIO write that rings a doorbell,
-//! with bounded work per doorbell. Every guest-supplied pointer is accessed
+//! Ring work runs when a doorbell is rung, with bounded work per doorbell:
+//! on an event-loop thread when the VMM routes doorbell writes through
+//! ioeventfds ([`doorbell`]), else synchronously inside the MMIO write. Every guest-supplied pointer is accessed
 //! through vm-memory with bounds checks; a bad ring or context ends in the
 //! protocol's error completion, a halted endpoint or (for a broken command
 //! or event ring) Host System Error, never a panic or an endless loop.
 
 mod command;
 pub mod controller;
+pub mod doorbell;
 pub mod event;
 pub mod pci;
 pub mod port;
 pub mod regs;
 pub mod ring;
+pub mod shadow;
 pub mod slot;
 pub mod transfer;
 pub mod trb;
@@ -30,9 +33,11 @@ mod tests;
 use thiserror::Error;
 
 pub use controller::{Xhci, INTERRUPTER_VECTOR};
+pub use doorbell::{doorbell_events, DoorbellEvent, DoorbellWorker};
 pub use pci::{XhciPci, XhciPciError};
 pub use port::PortProtocol;
 pub use regs::MMIO_SIZE;
+pub use shadow::ReadShadow;
 
 /// Errors of the host-side API (attach/detach/construction).
 #[derive(Debug, Error, PartialEq, Eq)]

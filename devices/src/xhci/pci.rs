@@ -134,6 +134,21 @@ impl XhciPci {
         &self.msix
     }
 
+    /// Serves guest reads of the runtime registers from `shadow` (see
+    /// [`crate::xhci::shadow`]).
+    pub fn set_read_shadow(&mut self, shadow: Arc<dyn super::ReadShadow>) {
+        self.xhci.set_read_shadow(shadow);
+    }
+
+    /// A doorbell write that arrived by ioeventfd: dropped, as the BAR write
+    /// would be, while the function does not decode memory (D3hot, Memory
+    /// Space disabled).
+    pub fn doorbell(&mut self, slot: u8, target: u8) {
+        if self.function.bar_access_allowed() {
+            self.xhci.ring_doorbell(slot, target);
+        }
+    }
+
     /// Plugs `device` into 1-based root hub `port` (hotplug).
     pub fn attach(&mut self, port: u8, device: Box<dyn UsbDevice>) -> Result<(), XhciError> {
         self.xhci.attach(port, device)?;
@@ -414,5 +429,71 @@ mod tests {
         assert_eq!(cfg16(&mut d, p) & (PMCSR_PME_STATUS | 3), 0);
         assert!(d.xhci().running());
         assert_eq!(d.xhci().portsc(1).unwrap() & 1, 1);
+    }
+
+    const CMD_RING: u64 = 0x5000;
+
+    /// Queues a No Op command (cycle 1) and points CRCR at it.
+    fn queue_noop_command(d: &mut XhciPci, mem: &GuestMemoryMmap) {
+        let trb = Trb {
+            parameter: 0,
+            status: 0,
+            control: 1,
+        }
+        .with_type(trb_type::NOOP_COMMAND);
+        mem.write_obj(trb, GuestAddress(CMD_RING)).unwrap();
+        d.bar_write(
+            XHCI_BAR,
+            OP_BASE + op::CRCR_LO,
+            &(CMD_RING | op::CRCR_RCS).to_le_bytes(),
+        );
+    }
+
+    fn first_event(mem: &GuestMemoryMmap) -> Trb {
+        mem.read_obj(GuestAddress(EVENT_RING)).unwrap()
+    }
+
+    #[test]
+    fn doorbell_eventfd_runs_the_command_ring_on_the_worker() {
+        let (mut d, router, mem) = device();
+        start(&mut d, &mem);
+        queue_noop_command(&mut d, &mem);
+        let dev = Arc::new(std::sync::Mutex::new(d));
+        let events = crate::xhci::doorbell_events(4).unwrap();
+        assert_eq!(events.len(), 1 + 4 * 31);
+        let cmd = events
+            .iter()
+            .position(|e| e.slot == 0 && e.target == 0)
+            .unwrap();
+        assert_eq!(events[cmd].bar_offset(), crate::xhci::regs::DB_BASE);
+        assert_eq!(events[5].bar_offset(), crate::xhci::regs::DB_BASE + 4);
+        assert_eq!(events[5].datamatch(), 5);
+        events[cmd].fd.write(1).unwrap();
+        let mut worker = crate::xhci::DoorbellWorker::new(dev.clone(), events.clone());
+        worker.ring(cmd);
+        let ev = first_event(&mem);
+        assert_eq!(ev.trb_type(), trb_type::COMMAND_COMPLETION);
+        assert_eq!(ev.parameter, CMD_RING);
+        assert_eq!(ev.completion_code(), 1, "Success");
+        assert_eq!(router.take_fired(), vec![0], "interrupt from the worker");
+        // The eventfd was reset: a second read finds nothing.
+        assert!(events[cmd].fd.read().is_err());
+        // Out-of-range index: ignored.
+        worker.ring(usize::MAX);
+    }
+
+    #[test]
+    fn doorbell_eventfd_is_dropped_while_the_function_is_in_d3hot() {
+        let (mut d, router, mem) = device();
+        start(&mut d, &mem);
+        queue_noop_command(&mut d, &mem);
+        let p = find_cap(&mut d, CAP_ID_POWER_MANAGEMENT).unwrap() + PM_PMCSR;
+        d.config_write(p, &3u16.to_le_bytes());
+        d.doorbell(0, 0);
+        assert_eq!(first_event(&mem).control & 1, 0, "no event in D3hot");
+        assert!(router.take_fired().is_empty());
+        d.config_write(p, &0u16.to_le_bytes());
+        d.doorbell(0, 0);
+        assert_eq!(first_event(&mem).trb_type(), trb_type::COMMAND_COMPLETION);
     }
 }

@@ -173,3 +173,40 @@ pub mod xcap {
     /// Length of one Supported Protocol capability without PSIs, in dwords.
     pub const SUPPORTED_PROTOCOL_DWORDS: u32 = 4;
 }
+
+/// Registers whose guest writes may take effect late, as BAR offsets of
+/// 4-byte registers: the VMM may batch them with KVM coalesced MMIO, so the
+/// write costs no exit to userspace and is applied, in order, before the
+/// guest's next trapped access (any vCPU exit drains the batch first). Each
+/// entry is safe because nothing but the guest itself observes the write,
+/// and every guest read of these registers is a trapped access:
+///
+/// - USBSTS (section 5.4.2) only has RW1C bits to write (HCH, SSS, RSS, CNR
+///   are read-only). Linux's interrupt handler writes it once per interrupt
+///   to acknowledge EINT, then reads ERDP (trapped, so the acknowledgement
+///   is applied there) before writing ERDP. An event the controller posts
+///   in between either is consumed by that handler or is still pending when
+///   ERDP is written, and that write re-raises the interrupt and sets EINT
+///   again (see the ERDP handling in `controller.rs`), so no interrupt is
+///   ever seen without EINT. The controller never bases a decision on
+///   EINT/PCD/SRE, and HSE is checked only in a USBCMD write (trapped).
+/// - ERDP high dword (section 5.5.2.3.3): Linux writes ERDP as low dword
+///   then high dword. The low write (trapped) moves the dequeue pointer and
+///   clears EHB, which is what re-arms interrupts; the high dword is the
+///   same on every write once the event ring is set up (a segment never
+///   crosses a 4 GiB boundary), so applying it late changes nothing the
+///   controller relies on; it is set up before USBCMD.Run (trapped).
+///
+/// Not deferrable: doorbells (they start work; they go by ioeventfd),
+/// USBCMD, CRCR, PORTSC, IMAN, ERDP low (they take effect at once).
+pub const DEFERRABLE_WRITES: [u64; 2] = [OP_BASE + op::USBSTS, RT_BASE + rt::IR0 + rt::ERDP_HI];
+
+/// Start of the part of the BAR whose guest reads a VMM may serve from a
+/// read-only memory mapping instead of trapping them (writes still trap):
+/// the runtime registers page, kept current through
+/// [`ReadShadow`](super::shadow::ReadShadow), then the Doorbell Array
+/// (section 5.6: "reads of a Doorbell Register return 0") and the unused
+/// space after it, which always read 0. Linux reads ERDP (two dwords) in
+/// every interrupt and reads each doorbell back after writing it; served
+/// from memory, those reads cost no exit.
+pub const READ_BACKED_START: u64 = RT_BASE;

@@ -6,7 +6,9 @@
 //! first TRB's cycle bit last), so an incomplete TD waits for the next
 //! doorbell without being consumed.
 
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
+};
 
 use super::controller::Xhci;
 use super::ring::RingCursor;
@@ -134,6 +136,31 @@ impl TransferBuffer for GuestSg<'_> {
                 .is_ok(),
             Segment::Immediate { .. } => false,
         })
+    }
+
+    fn guest_slices(&self, offset: usize, len: usize) -> Option<Vec<VolatileSlice<'_>>> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len)?;
+        let mut out = Vec::with_capacity(self.segments.len());
+        let mut seg_start = 0usize;
+        for seg in &self.segments {
+            let seg_end = seg_start + seg.len();
+            let (from, to) = (offset.max(seg_start), end.min(seg_end));
+            if from < to {
+                let Segment::Guest { addr, .. } = seg else {
+                    return None;
+                };
+                let start = addr.checked_add((from - seg_start) as u64)?;
+                // get_slices splits at region boundaries and bounds-checks.
+                for s in self.mem.get_slices(GuestAddress(start), to - from) {
+                    out.push(s.ok()?);
+                }
+            }
+            seg_start = seg_end;
+            if seg_start >= end {
+                break;
+            }
+        }
+        Some(out)
     }
 }
 
@@ -535,5 +562,52 @@ impl Xhci {
                 true,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        // Two regions so a segment can straddle a region boundary.
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+            .unwrap()
+    }
+
+    #[test]
+    fn guest_slices_cover_the_range_across_segments_and_regions() {
+        let m = mem();
+        let mut sg = GuestSg::new(&m);
+        sg.push(Segment::Guest {
+            addr: 0x800,
+            len: 0x1000,
+        }); // crosses 0x1000
+        sg.push(Segment::Guest {
+            addr: 0x1f00,
+            len: 0x100,
+        });
+        let s = sg.guest_slices(0x10, 0x1000).unwrap();
+        let lens: Vec<usize> = s.iter().map(|v| v.len()).collect();
+        assert_eq!(lens, vec![0x7f0, 0x800, 0x10]);
+        m.write_slice(&[7u8; 4], GuestAddress(0x1f00)).unwrap();
+        let mut b = [0u8; 4];
+        s[2].copy_to(&mut b[..]);
+        assert_eq!(b, [7; 4]);
+        assert!(sg.guest_slices(0x1000, 0x101).is_none(), "past the end");
+        assert!(sg.guest_slices(usize::MAX, 2).is_none(), "overflow");
+    }
+
+    #[test]
+    fn guest_slices_refuse_immediate_data() {
+        let m = mem();
+        let mut sg = GuestSg::new(&m);
+        sg.push(Segment::Guest { addr: 0, len: 16 });
+        sg.push(Segment::Immediate {
+            data: [1; 8],
+            len: 8,
+        });
+        assert_eq!(sg.guest_slices(0, 16).map(|v| v.len()), Some(1));
+        assert!(sg.guest_slices(8, 16).is_none());
     }
 }

@@ -339,7 +339,15 @@ impl Bot {
                 }
             }
             Plan::Read { offset, .. } => {
-                while done < want {
+                // Straight from the image into the guest's buffers when they
+                // are plain guest memory; else through the bounce buffer.
+                if let Some(slices) = buf.guest_slices(0, want) {
+                    match disk.read_vectored(&slices, offset + moved) {
+                        Ok(()) => done = want,
+                        Err(_) => status = CswStatus::Failed,
+                    }
+                }
+                while done < want && status != CswStatus::Failed {
                     let n = (want - done).min(CHUNK);
                     let pos = offset + moved + done as u64;
                     let mut chunk = self.take_bounce(n);
@@ -404,7 +412,13 @@ impl Bot {
         let mut done = 0usize;
         let mut status = status;
         let mut buffer_failed = false;
-        while done < want {
+        if let Some(slices) = buf.guest_slices(0, want) {
+            match disk.write_vectored(&slices, offset + moved) {
+                Ok(()) => done = want,
+                Err(_) => status = CswStatus::Failed,
+            }
+        }
+        while done < want && status != CswStatus::Failed {
             let n = (want - done).min(CHUNK);
             let mut chunk = self.take_bounce(n);
             let read = buf.read_at(done, &mut chunk[..n]);

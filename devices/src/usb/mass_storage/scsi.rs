@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use crate::block::{RawImage, RawImageError, SECTOR_SIZE};
+use vm_memory::VolatileSlice;
 
 /// SCSI operation codes (SPC-4 / SBC-3).
 pub mod opcode {
@@ -374,9 +375,40 @@ impl Disk {
         })
     }
 
+    /// [`read`](Self::read) straight into guest memory (vectored, no copy).
+    pub fn read_vectored(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), RawImageError> {
+        self.image.read_vectored_at(bufs, offset).inspect_err(|e| {
+            log::warn!("usb-storage: read at {offset:#x} failed: {e}");
+            self.sense = Sense::UNRECOVERED_READ_ERROR;
+        })
+    }
+
+    /// [`write`](Self::write) straight from guest memory (vectored, no copy).
+    pub fn write_vectored(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), RawImageError> {
+        let r = self.image.write_vectored_at(bufs, offset);
+        self.note_write(r, offset)
+    }
+
     /// Writes image bytes for a planned WRITE; an error sets MEDIUM ERROR sense.
     pub fn write(&mut self, buf: &[u8], offset: u64) -> Result<(), RawImageError> {
-        self.image.write_at(buf, offset).inspect_err(|e| {
+        let r = self.image.write_at(buf, offset);
+        self.note_write(r, offset)
+    }
+
+    fn note_write(
+        &mut self,
+        r: Result<(), RawImageError>,
+        offset: u64,
+    ) -> Result<(), RawImageError> {
+        r.inspect_err(|e| {
             log::warn!("usb-storage: write at {offset:#x} failed: {e}");
             self.sense = match e {
                 RawImageError::ReadOnly => Sense::WRITE_PROTECTED,

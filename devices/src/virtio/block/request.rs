@@ -4,7 +4,7 @@
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 use super::*;
 use crate::block::{RawImage, SECTOR_SIZE};
@@ -362,14 +362,8 @@ impl Request {
 
     /// Runs the request. Returns the status and how many bytes were written
     /// into guest buffers (for the used ring), status byte excluded.
-    pub fn execute(
-        &self,
-        disk: &RawImage,
-        mem: &GuestMemoryMmap,
-        id: &[u8],
-        buf: &mut Vec<u8>,
-    ) -> (u8, u32) {
-        match self.run(disk, mem, id, buf) {
+    pub fn execute(&self, disk: &RawImage, mem: &GuestMemoryMmap, id: &[u8]) -> (u8, u32) {
+        match self.run(disk, mem, id) {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(e) => {
                 log::warn!("virtio-blk: request failed: {e}");
@@ -378,44 +372,17 @@ impl Request {
         }
     }
 
-    fn run(
-        &self,
-        disk: &RawImage,
-        mem: &GuestMemoryMmap,
-        id: &[u8],
-        buf: &mut Vec<u8>,
-    ) -> Result<u32, RunError> {
-        let mut pos = self.sector * SECTOR_SIZE;
+    fn run(&self, disk: &RawImage, mem: &GuestMemoryMmap, id: &[u8]) -> Result<u32, RunError> {
+        let pos = self.sector * SECTOR_SIZE;
         match &self.kind {
             RequestKind::In => {
-                for seg in &self.data {
-                    let mut done = 0u64;
-                    while done < u64::from(seg.len) {
-                        let n = (u64::from(seg.len) - done).min(IO_CHUNK) as usize;
-                        buf.resize(n, 0);
-                        disk.read_at(&mut buf[..n], pos)?;
-                        mem.write_slice(&buf[..n], seg.addr.unchecked_add(done))
-                            .map_err(|_| RunError::Memory)?;
-                        done += n as u64;
-                        pos += n as u64;
-                    }
-                }
+                // Straight from the image into the guest's buffers.
+                disk.read_vectored_at(&guest_slices(mem, &self.data)?, pos)?;
                 // data_len < 2^32: virtio-queue stops chains at 4 GiB total.
                 Ok(self.data_len as u32)
             }
             RequestKind::Out => {
-                for seg in &self.data {
-                    let mut done = 0u64;
-                    while done < u64::from(seg.len) {
-                        let n = (u64::from(seg.len) - done).min(IO_CHUNK) as usize;
-                        buf.resize(n, 0);
-                        mem.read_slice(&mut buf[..n], seg.addr.unchecked_add(done))
-                            .map_err(|_| RunError::Memory)?;
-                        disk.write_at(&buf[..n], pos)?;
-                        done += n as u64;
-                        pos += n as u64;
-                    }
-                }
+                disk.write_vectored_at(&guest_slices(mem, &self.data)?, pos)?;
                 Ok(0)
             }
             RequestKind::Flush => {
@@ -456,8 +423,20 @@ impl Request {
     }
 }
 
-/// Bounce buffer chunk for data transfers.
-const IO_CHUNK: u64 = 1 << 20;
+/// The data segments as host memory slices for vectored I/O (vm-memory
+/// checks each range and splits it at region boundaries).
+fn guest_slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    segs: &[Segment],
+) -> Result<Vec<VolatileSlice<'m>>, RunError> {
+    let mut out = Vec::with_capacity(segs.len());
+    for s in segs {
+        for slice in mem.get_slices(s.addr, s.len as usize) {
+            out.push(slice.map_err(|_| RunError::Memory)?);
+        }
+    }
+    Ok(out)
+}
 
 #[derive(Debug, Error)]
 enum RunError {

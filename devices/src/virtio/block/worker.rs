@@ -31,7 +31,6 @@ pub struct BlockWorker {
     queues: Vec<ActivatedQueue>,
     info: DiskInfo,
     id: [u8; VIRTIO_BLK_ID_BYTES],
-    buf: Vec<u8>,
 }
 
 impl BlockWorker {
@@ -48,7 +47,6 @@ impl BlockWorker {
             queues: a.queues,
             info,
             id,
-            buf: Vec::new(),
         }
     }
 
@@ -73,8 +71,7 @@ impl BlockWorker {
                 let head = chain.head_index();
                 let used_len = match Request::parse(chain, &mem, &self.info) {
                     Ok(req) => {
-                        let (status, written) =
-                            req.execute(&self.disk, &mem, &self.id, &mut self.buf);
+                        let (status, written) = req.execute(&self.disk, &mem, &self.id);
                         match mem.write_obj(status, req.status) {
                             Ok(()) => written + 1,
                             Err(_) => written,

@@ -48,4 +48,6 @@ for spec in $(param usb_ro "" | tr ',' ' '); do
     fi
     echo "USB-GUEST-MD5 $serial-head $(usb_md5 "/dev/$d" bs=1M count=1 iflag=direct)"
 done
+# How the controller interrupts (PCI-MSI-X, or IO-APIC with pci=nomsi).
+echo "USB-IRQ $(grep xhci /proc/interrupts | tr -s ' ')" >&2
 echo "usb-disks: ok"

@@ -21,8 +21,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::{IOAPIC_START, MMIO_HOLE_START};
+use crate::arch::mptable;
 use crate::config::DiskConfig;
-use crate::irq::{GsiRouting, KvmMsiRouter};
+use crate::irq::{GsiRouting, KvmIrqLine, KvmMsiRouter};
 use crate::read_slot::{ReadSlot, DEVICE_SLOT_BASE};
 
 /// Virtqueue size offered for disks.
@@ -263,6 +264,16 @@ impl DeviceManager {
             .map_err(|e| DeviceError::Usb(e.into()))?;
         let dev = Arc::new(Mutex::new(dev));
         let (devnum, bars) = self.pci.attach(dev.clone())?;
+        // INTx fallback for guests that leave MSI-X off: INTA# on the IOAPIC
+        // input the MP table names for this device number.
+        let irq = mptable::pci_intx_irq(devnum);
+        let line = KvmIrqLine::new(self.vm.clone(), u32::from(irq));
+        lock(&dev).add_intx(irq, Arc::new(line));
+        // INTx fallback for guests that leave MSI-X off: INTA# on the IOAPIC
+        // input the MP table names for this device number.
+        let irq = mptable::pci_intx_irq(devnum);
+        let line = KvmIrqLine::new(self.vm.clone(), u32::from(irq));
+        lock(&dev).add_intx(irq, Arc::new(line));
         let mut bar0 = None;
         for b in bars {
             if b.index == XHCI_BAR {

@@ -108,6 +108,12 @@ impl Xhci {
         self.usbcmd & op::CMD_RUN != 0 && self.usbsts & op::STS_HCH == 0
     }
 
+    /// Replaces how interrupter 0 is delivered (the PCI wrapper adds an
+    /// INTx fallback to MSI-X once it knows the controller's pin wiring).
+    pub fn set_interrupt(&mut self, irq: Arc<dyn Interrupt>) {
+        self.irq = irq;
+    }
+
     /// Whether the interrupt line is asserted (for INTx: IMAN.IP && IE && INTE).
     pub fn interrupt_asserted(&self) -> bool {
         self.interrupter.asserted() && self.usbcmd & op::CMD_INTE != 0

@@ -6,9 +6,11 @@
 //! | 0   | 16 KiB | the xHCI register space ([`Xhci::mmio_read`]) |
 //! | 1   | 4 KiB  | MSI-X table (0x000) and PBA (0x800)           |
 //!
-//! One MSI-X vector serves interrupter 0. There is no INTx fallback: the
-//! interrupt pin reads 0, so a guest without MSI-X support cannot use the
-//! controller (Linux's xhci-pci prefers MSI-X and finds it). A PCI power
+//! One MSI-X vector serves interrupter 0. With [`XhciPci::add_intx`] the
+//! controller also has an INTA# pin, used while the guest leaves MSI-X off
+//! (`pci=nomsi`, or a driver without MSI-X): the pin follows the
+//! interrupter's condition (IMAN.IP && IMAN.IE && USBCMD.INTE) and drops
+//! when the guest acknowledges it. Without it the interrupt pin reads 0. A PCI power
 //! management capability advertises D3hot with PME from D3hot and
 //! No_Soft_Reset, which Linux needs before it runtime-suspends the function
 //! (see `shared/reference/linux-guest-usb-pm.md`); the controller keeps its
@@ -23,8 +25,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use super::{Xhci, XhciConfig, XhciError, MMIO_SIZE};
 use crate::pci::msix::MsixLayout;
 use crate::pci::{
-    BarKind, BarSpec, MsiRouter, Msix, PciConfig, PciDevice, PciError, PciFunction, PciIds,
-    PmOptions, PowerState,
+    BarKind, BarSpec, IntxPin, IrqLevel, MsiRouter, Msix, PciConfig, PciDevice, PciError,
+    PciFunction, PciIds, PciInterrupt, PmOptions, PowerState,
 };
 use crate::usb::UsbDevice;
 
@@ -67,6 +69,7 @@ pub struct XhciPci {
     function: PciFunction,
     xhci: Xhci,
     msix: Msix,
+    intx: Option<Arc<IntxPin>>,
 }
 
 impl XhciPci {
@@ -119,7 +122,27 @@ impl XhciPci {
             function,
             xhci,
             msix,
+            intx: None,
         })
+    }
+
+    /// Gives the controller an INTA# pin wired to interrupt input `irq`
+    /// through `line` (the INTx fallback; see the module docs).
+    pub fn add_intx(&mut self, irq: u8, line: Arc<dyn IrqLevel>) {
+        let pin = self.function.add_intx(irq, line);
+        self.xhci
+            .set_interrupt(PciInterrupt::new(self.msix.clone(), Some(pin.clone())));
+        self.intx = Some(pin);
+    }
+
+    /// Drives the INTx pin from the interrupter's condition after a register
+    /// write may have changed it (IMAN.IP acknowledged, INTE cleared).
+    fn sync_intx(&self) {
+        if let Some(pin) = &self.intx {
+            if !self.msix.enabled() {
+                pin.set_pending(self.xhci.interrupt_asserted());
+            }
+        }
     }
 
     pub fn xhci(&self) -> &Xhci {
@@ -196,7 +219,10 @@ impl PciDevice for XhciPci {
 
     fn bar_write(&mut self, index: u8, offset: u64, data: &[u8]) {
         match index {
-            XHCI_BAR if offset < MMIO_SIZE => self.xhci.mmio_write(offset, data),
+            XHCI_BAR if offset < MMIO_SIZE => {
+                self.xhci.mmio_write(offset, data);
+                self.sync_intx();
+            }
             MSIX_BAR => {
                 self.msix.bar_write(index, offset, data);
             }
@@ -329,13 +355,21 @@ mod tests {
 
     /// Enables MSI-X vector 0 and the controller with a one-segment event ring.
     fn start(d: &mut XhciPci, mem: &GuestMemoryMmap) {
+        start_with(d, mem, true)
+    }
+
+    /// Programs the controller as Linux does, with MSI-X or (`msix` false)
+    /// leaving it off as `pci=nomsi` does.
+    fn start_with(d: &mut XhciPci, mem: &GuestMemoryMmap, msix: bool) {
         let cmd = COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER;
         d.config_write(COMMAND, &cmd.to_le_bytes());
-        let m = find_cap(d, CAP_ID_MSIX).unwrap();
-        d.config_write(m + 2, &MSIX_CTRL_ENABLE.to_le_bytes());
-        bar_w32(d, MSIX_BAR, 0, 0xfee0_0000);
-        bar_w32(d, MSIX_BAR, 8, 0x41);
-        bar_w32(d, MSIX_BAR, 12, 0); // unmask
+        if msix {
+            let m = find_cap(d, CAP_ID_MSIX).unwrap();
+            d.config_write(m + 2, &MSIX_CTRL_ENABLE.to_le_bytes());
+            bar_w32(d, MSIX_BAR, 0, 0xfee0_0000);
+            bar_w32(d, MSIX_BAR, 8, 0x41);
+            bar_w32(d, MSIX_BAR, 12, 0); // unmask
+        }
         let entry = ErstEntry {
             base: EVENT_RING,
             size: 16,
@@ -361,6 +395,59 @@ mod tests {
             op::CMD_RUN | op::CMD_INTE,
         );
         assert!(d.xhci().running());
+    }
+
+    #[test]
+    fn intx_pin_follows_the_interrupter_when_msix_is_off() {
+        use crate::pci::intx::tests::RecordingLine;
+        use crate::pci::intx::PIN_INTA;
+        let (mut d, router, mem) = device();
+        let line = Arc::new(RecordingLine::default());
+        d.add_intx(18, line.clone());
+        let mut pin = [0u8; 2];
+        d.config_read(crate::pci::INTERRUPT_LINE, &mut pin);
+        assert_eq!(pin, [18, PIN_INTA]);
+        start_with(&mut d, &mem, false);
+        let img = TempImage::new(64);
+        let disk = MassStorage::new(img.open(false), MassStorageConfig::default());
+        d.attach(3, Box::new(disk)).unwrap();
+        assert!(router.take_fired().is_empty(), "no MSI-X while it is off");
+        assert_eq!(
+            *line.0.lock().unwrap(),
+            vec![true],
+            "port change asserts INTA#"
+        );
+        let status = cfg16(&mut d, crate::pci::STATUS);
+        assert_ne!(status & crate::pci::intx::STATUS_INTERRUPT, 0);
+        // The handler acknowledges IMAN.IP (RW1C): the pin drops.
+        bar_w32(
+            &mut d,
+            XHCI_BAR,
+            RT_BASE + rt::IR0 + rt::IMAN,
+            rt::IMAN_IE | rt::IMAN_IP,
+        );
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
+        d.bar_write(
+            XHCI_BAR,
+            RT_BASE + rt::IR0 + rt::ERDP_LO,
+            &((EVENT_RING + 16) | rt::ERDP_EHB).to_le_bytes(),
+        );
+        bar_w32(
+            &mut d,
+            XHCI_BAR,
+            PORT_BASE + 2 * 0x10,
+            PORTSC_PP | PORTSC_CSC,
+        );
+        // Command.Interrupt Disable holds the next one back until cleared.
+        let cmd = COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER;
+        d.config_write(
+            COMMAND,
+            &(cmd | crate::pci::COMMAND_INTX_DISABLE).to_le_bytes(),
+        );
+        d.detach(3).unwrap();
+        assert_eq!(line.0.lock().unwrap().len(), 2, "disabled: no edge");
+        d.config_write(COMMAND, &cmd.to_le_bytes());
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false, true]);
     }
 
     #[test]

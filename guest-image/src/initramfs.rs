@@ -319,7 +319,7 @@ impl Initramfs {
             return Ok(out);
         }
         self.write_gz(&out)?;
-        prune(dir, stem, KEEP_CACHED);
+        crate::cache::prune(dir, stem, ".cpio.gz", KEEP_CACHED);
         Ok(out)
     }
 }
@@ -352,26 +352,6 @@ fn parse_ldd(text: &str) -> Vec<PathBuf> {
 
 /// Cached images kept per stem by [`Initramfs::write_cached`].
 const KEEP_CACHED: usize = 4;
-
-/// Deletes all but the `keep` newest `<stem>-<16 hex>.cpio.gz` files.
-fn prune(dir: &Path, stem: &str, keep: usize) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = rd
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix(stem)
-                .and_then(|r| r.strip_prefix('-'))
-                .and_then(|r| r.strip_suffix(".cpio.gz"))
-                .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
-    found.sort_by_key(|f| std::cmp::Reverse(f.0));
-    for (_, path) in found.into_iter().skip(keep) {
-        let _ = fs::remove_file(path);
-    }
-}
 
 #[cfg(test)]
 mod tests {

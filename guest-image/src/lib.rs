@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod assets;
+pub mod cache;
 pub mod cmdline;
 pub mod cpio;
 pub mod debian;

@@ -22,27 +22,34 @@ pub struct Variant {
     pub argv: Vec<String>,
 }
 
+/// Our VMM's argv inside L1: `run` booting `kernel` (an L1 path).
+pub fn ours_argv(run: &GuestRun, cmdline: &str, kernel: &str) -> Vec<String> {
+    let mut argv = vec![VMM_PATH.to_string()];
+    argv.extend(vmm_args_with(run, cmdline, kernel, L2_INITRD));
+    argv
+}
+
+/// QEMU's argv inside L1: machine `machine` booting `kernel` with `run`'s
+/// resources on L1's KVM.
+pub fn qemu_argv(run: &GuestRun, cmdline: &str, machine: &str, kernel: &str) -> Vec<String> {
+    let mut argv = vec![
+        QEMU_PATH.to_string(),
+        "-L".into(),
+        QEMU_FIRMWARE_PATH.into(),
+        "-M".into(),
+        machine.into(),
+    ];
+    argv.extend(qemu_l2_args(run, kernel, L2_INITRD, cmdline, "kvm"));
+    argv
+}
+
 /// The boot variants: our VMM with the uncompressed kernel and with the
 /// bzImage, QEMU's default machine with each, and QEMU microvm (bzImage).
 /// `vmlinux` is the ELF's path inside L1 (QEMU boots it through its PVH
 /// entry note, our VMM through its ELF entry point).
 pub fn boot_variants(run: &GuestRun, cmdline: &str, vmlinux: &str) -> Vec<Variant> {
-    let ours = |kernel: &str| {
-        let mut argv = vec![VMM_PATH.to_string()];
-        argv.extend(vmm_args_with(run, cmdline, kernel, L2_INITRD));
-        argv
-    };
-    let qemu = |machine: &str, kernel: &str| {
-        let mut argv = vec![
-            QEMU_PATH.to_string(),
-            "-L".into(),
-            QEMU_FIRMWARE_PATH.into(),
-            "-M".into(),
-            machine.into(),
-        ];
-        argv.extend(qemu_l2_args(run, kernel, L2_INITRD, cmdline, "kvm"));
-        argv
-    };
+    let ours = |kernel: &str| ours_argv(run, cmdline, kernel);
+    let qemu = |machine: &str, kernel: &str| qemu_argv(run, cmdline, machine, kernel);
     vec![
         Variant {
             name: "ours-vmlinux",
@@ -78,18 +85,10 @@ pub const QEMU_DISK_CACHE: &str = "cache=writeback,aio=threads";
 /// The disk variants: our VMM and QEMU `-M pc`, each with `image` as a
 /// virtio-blk-pci disk (one queue per vCPU on both).
 pub fn disk_variants(run: &GuestRun, cmdline: &str, image: &str) -> Vec<Variant> {
-    let mut ours = vec![VMM_PATH.to_string()];
-    ours.extend(vmm_args_with(run, cmdline, L2_KERNEL, L2_INITRD));
+    let mut ours = ours_argv(run, cmdline, L2_KERNEL);
     ours.push("--disk".into());
     ours.push(format!("path={image},id=bench"));
-    let mut qemu = vec![
-        QEMU_PATH.to_string(),
-        "-L".into(),
-        QEMU_FIRMWARE_PATH.into(),
-        "-M".into(),
-        "pc".into(),
-    ];
-    qemu.extend(qemu_l2_args(run, L2_KERNEL, L2_INITRD, cmdline, "kvm"));
+    let mut qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
     qemu.extend([
         "-drive".into(),
         format!("file={image},if=none,id=d0,format=raw,{QEMU_DISK_CACHE}"),

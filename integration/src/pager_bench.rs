@@ -13,9 +13,9 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::median;
-use crate::harness::{qemu_l2_args, vmm_args_with, GuestRun};
-use crate::l1::{sh_quote, L2_INITRD, L2_KERNEL, QEMU_FIRMWARE_PATH, QEMU_PATH, VMM_PATH};
+use crate::bench::{median, ours_argv, qemu_argv};
+use crate::harness::GuestRun;
+use crate::l1::{sh_quote, L2_KERNEL};
 
 /// Our swap file, in L1's tmpfs.
 pub const SWAP_FILE: &str = "/tmp/guest.swap";
@@ -43,16 +43,8 @@ pub struct Variant {
 pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
     let mut paged = run.clone();
     paged.memory_opts = Some(format!("limit={limit_mib}M,swap={SWAP_FILE}"));
-    let mut ours = vec![VMM_PATH.to_string()];
-    ours.extend(vmm_args_with(&paged, cmdline, L2_KERNEL, L2_INITRD));
-    let mut qemu = vec![
-        QEMU_PATH.to_string(),
-        "-L".into(),
-        QEMU_FIRMWARE_PATH.into(),
-        "-M".into(),
-        "pc".into(),
-    ];
-    qemu.extend(qemu_l2_args(run, L2_KERNEL, L2_INITRD, cmdline, "kvm"));
+    let ours = ours_argv(&paged, cmdline, L2_KERNEL);
+    let qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
     vec![
         Variant {
             name: "ours",

@@ -11,11 +11,10 @@ use std::path::Path;
 use guest_image::initramfs::InitramfsError;
 use guest_image::scenario::FileMapping;
 
-use crate::bench::median;
-use crate::harness::{qemu_l2_args, vmm_args_with, GuestRun};
+use crate::bench::{median, ours_argv, qemu_argv};
+use crate::harness::GuestRun;
 use crate::l1::{
-    sh_quote, L2_INITRD, L2_KERNEL, QEMU_FIRMWARE, QEMU_FIRMWARE_DIRS, QEMU_FIRMWARE_PATH,
-    QEMU_PATH, VMM_PATH,
+    sh_quote, L2_KERNEL, QEMU_FIRMWARE, QEMU_FIRMWARE_DIRS, QEMU_FIRMWARE_PATH, QEMU_PATH,
 };
 use crate::usb::host_binary_files;
 
@@ -40,20 +39,12 @@ pub struct Variant {
 
 /// Ours (USB 3 port 5) and QEMU `-M pc` with `qemu-xhci` + `usb-storage`.
 pub fn variants(run: &GuestRun, cmdline: &str) -> Vec<Variant> {
-    let mut ours = vec![VMM_PATH.to_string()];
-    ours.extend(vmm_args_with(run, cmdline, L2_KERNEL, L2_INITRD));
+    let mut ours = ours_argv(run, cmdline, L2_KERNEL);
     ours.extend([
         "--usb-storage".to_string(),
         format!("path={IMAGE},port=5,id={SERIAL}"),
     ]);
-    let mut qemu = vec![
-        QEMU_PATH.to_string(),
-        "-L".into(),
-        QEMU_FIRMWARE_PATH.into(),
-        "-M".into(),
-        "pc".into(),
-    ];
-    qemu.extend(qemu_l2_args(run, L2_KERNEL, L2_INITRD, cmdline, "kvm"));
+    let mut qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
     qemu.extend([
         "-device".into(),
         "qemu-xhci,id=xhci".into(),

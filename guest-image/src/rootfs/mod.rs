@@ -235,7 +235,7 @@ pub fn build(build: &Path, kernel: &Kernel, spec: &RootfsSpec) -> Result<Rootfs,
         .and_then(|()| mkfs(&staging, &image, spec.size_mib));
     let _ = fs::remove_dir_all(&staging);
     result?;
-    prune(&dir, &stem, KEEP_IMAGES);
+    crate::cache::prune(&dir, &stem, ".ext4", KEEP_IMAGES);
     Ok(done(true))
 }
 
@@ -317,26 +317,6 @@ fn du_mib(path: &Path) -> Result<u64, RootfsError> {
         .unwrap_or(0))
 }
 
-/// Deletes all but the `keep` newest `<stem>-<16 hex>.ext4` images.
-fn prune(dir: &Path, stem: &str, keep: usize) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = rd
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix(stem)
-                .and_then(|r| r.strip_prefix('-'))
-                .and_then(|r| r.strip_suffix(".ext4"))
-                .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .collect();
-    found.sort_by_key(|f| std::cmp::Reverse(f.0));
-    for (_, path) in found.into_iter().skip(keep) {
-        let _ = fs::remove_file(path);
-    }
-}
-
 /// Copies an image sparsely (`cp --sparse=always`), e.g. before booting it
 /// so the cached image stays pristine.
 pub fn copy_image(src: &Path, dst: &Path) -> Result<(), RootfsError> {
@@ -398,7 +378,7 @@ mod tests {
                 .unwrap();
         }
         fs::write(dir.join("other.ext4"), "").unwrap();
-        prune(&dir, "debian-x", 2);
+        crate::cache::prune(&dir, "debian-x", ".ext4", 2);
         let mut left: Vec<_> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

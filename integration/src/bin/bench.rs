@@ -175,9 +175,12 @@ fn main() -> Result<()> {
                      time from spawning the VMM to the guest's init printing `GUEST-INIT`, \
                      median of {reps} rounds run round-robin in the same nested L1 \
                      (QEMU TCG, one vCPU, `kvm_amd` nested). QEMU: `-accel kvm -cpu host -nic none`, \
-                     direct kernel boot. Memory: peak RSS outside the largest mapping (guest RAM), \
-                     sampled every 100 ms. Ratios: ours divided by the row's value (below 1 = ours is \
-                     faster / smaller).\n\n{table}\nRaw runs:\n\n```\n{}\n```\n",
+                     direct kernel boot. Kernels: `ours-vmlinux` boots the uncompressed ELF that \
+                     `guest-image vmlinux` extracts from the same Debian bzImage, `qemu-pc-vmlinux` \
+                     boots that ELF through its PVH entry note, the others boot the bzImage. \
+                     Memory: peak RSS outside the largest mapping (guest RAM), \
+                     sampled every 100 ms. Ratios: the first row divided by the row's value (below 1 = \
+                     ours is faster / smaller).\n\n{table}\nRaw runs:\n\n```\n{}\n```\n",
                     r.console
                         .lines()
                         .filter(|l| l.contains("BENCH-RUN"))

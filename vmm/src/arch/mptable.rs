@@ -24,10 +24,11 @@ const CPU_BSP: u8 = 2;
 const INT_TYPE_INT: u8 = 0;
 const INT_TYPE_NMI: u8 = 1;
 const INT_TYPE_EXTINT: u8 = 3;
-const ISA_BUS_ID: u8 = 0;
-/// The MP bus id of PCI bus 0 (Linux numbers PCI buses in the order their
-/// bus entries appear).
-const PCI_BUS_ID: u8 = 1;
+/// Linux looks PCI interrupts up by MP bus id = PCI bus number, so PCI bus
+/// 0 takes id 0 and ISA the next one (as SeaBIOS lays it out).
+const ISA_BUS_ID: u8 = 1;
+/// The MP bus id of PCI bus 0.
+const PCI_BUS_ID: u8 = 0;
 /// PCI interrupts are level-triggered, active low (MP spec table 4-10:
 /// polarity bits 1:0 = 11b, trigger bits 3:2 = 11b).
 const IRQ_FLAGS_LEVEL_LOW: u16 = 0x000f;
@@ -57,10 +58,10 @@ pub fn build(cpus: u8, at: u64) -> Vec<u8> {
         entries.extend_from_slice(&[0u8; 8]);
         count += 1;
     }
-    entries.extend_from_slice(&[ENTRY_BUS, ISA_BUS_ID]);
-    entries.extend_from_slice(b"ISA   ");
     entries.extend_from_slice(&[ENTRY_BUS, PCI_BUS_ID]);
     entries.extend_from_slice(b"PCI   ");
+    entries.extend_from_slice(&[ENTRY_BUS, ISA_BUS_ID]);
+    entries.extend_from_slice(b"ISA   ");
     count += 2;
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());

@@ -229,7 +229,10 @@ mod tests {
         let c = run_bounded(
             Command::new("sh").args([
                 "-c",
-                "echo hello; echo MARK one >&2; echo tail-no-newline | tr -d '\\n'; exit 7",
+                // stdout and stderr reach the console in either order (two
+                // pipes); only whole lines go to stderr so the marker line
+                // cannot merge with a partial line from the other pipe.
+                "echo hello; echo MARK one; echo on-stderr >&2; echo tail-no-newline | tr -d '\\n'; exit 7",
             ]),
             &opts(Duration::from_secs(10)),
         )
@@ -237,7 +240,7 @@ mod tests {
         assert!(!c.timed_out);
         assert_eq!(c.status.and_then(|s| s.code()), Some(7));
         assert!(c.console.contains("hello\n"));
-        assert!(c.console.contains("MARK one"));
+        assert!(c.console.contains("on-stderr"));
         assert!(c.console.contains("tail-no-newline"));
         assert_eq!(c.events.len(), 1);
         assert_eq!(c.events[0].line, "MARK one");

@@ -30,13 +30,21 @@ mod tests {
     #[test]
     fn keeps_the_newest_matching_files_only() {
         let dir = std::env::temp_dir().join(format!("gi-prune-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        for i in 0..4 {
-            fs::write(dir.join(format!("img-{i:016x}.ext4")), b"x").unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        for i in 0..4u64 {
+            let p = dir.join(format!("img-{i:016x}.ext4"));
+            fs::write(&p, "").unwrap();
+            let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i);
+            fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
         }
-        fs::write(dir.join("img-notahash.ext4"), b"x").unwrap();
-        fs::write(dir.join(format!("img-{:016x}.cpio.gz", 9)), b"x").unwrap();
+        fs::write(dir.join("img-notahash.ext4"), "").unwrap();
+        fs::write(dir.join(format!("img-{:016x}.cpio.gz", 9)), "").unwrap();
         prune(&dir, "img", ".ext4", 2);
         let mut left: Vec<String> = fs::read_dir(&dir)
             .unwrap()

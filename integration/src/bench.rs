@@ -43,6 +43,20 @@ pub fn qemu_argv(run: &GuestRun, cmdline: &str, machine: &str, kernel: &str) -> 
     argv
 }
 
+/// Our VMM (`ours`) and one peer, in that order.
+pub fn ours_vs(ours: Vec<String>, peer: &'static str, peer_argv: Vec<String>) -> Vec<Variant> {
+    vec![
+        Variant {
+            name: "ours",
+            argv: ours,
+        },
+        Variant {
+            name: peer,
+            argv: peer_argv,
+        },
+    ]
+}
+
 /// The boot variants: our VMM with the uncompressed kernel and with the
 /// bzImage, QEMU's default machine with each, and QEMU microvm (bzImage).
 /// `vmlinux` is the ELF's path inside L1 (QEMU boots it through its PVH
@@ -98,16 +112,7 @@ pub fn disk_variants(run: &GuestRun, cmdline: &str, image: &str) -> Vec<Variant>
             run.cpus
         ),
     ]);
-    vec![
-        Variant {
-            name: "ours",
-            argv: ours,
-        },
-        Variant {
-            name: "qemu-pc",
-            argv: qemu,
-        },
-    ]
+    ours_vs(ours, "qemu-pc", qemu)
 }
 
 /// One `FIO-RESULT` line, attributed to the `BENCH-START` before it.

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::{median, ours_argv, qemu_argv};
+use crate::bench::{median, ours_argv, ours_vs, qemu_argv, Variant};
 use crate::harness::GuestRun;
 use crate::l1::{sh_quote, L2_KERNEL};
 
@@ -31,13 +31,6 @@ pub const PHASES: &[(&str, &str, &str)] = &[
     ("checksum 2", "] first pass md5", "] second pass md5"),
 ];
 
-/// One way of running the guest: a name and its argv inside L1.
-#[derive(Clone, Debug)]
-pub struct Variant {
-    pub name: &'static str,
-    pub argv: Vec<String>,
-}
-
 /// Ours with the pager (limit `limit_mib`) and QEMU `-M pc` (its limit is
 /// the cgroup's, set by [`script`]). `run.memory_opts` is ignored.
 pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
@@ -45,16 +38,7 @@ pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
     paged.memory_opts = Some(format!("limit={limit_mib}M,swap={SWAP_FILE}"));
     let ours = ours_argv(&paged, cmdline, L2_KERNEL);
     let qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
-    vec![
-        Variant {
-            name: "ours",
-            argv: ours,
-        },
-        Variant {
-            name: "qemu",
-            argv: qemu,
-        },
-    ]
+    ours_vs(ours, "qemu", qemu)
 }
 
 /// The L1 script: zram swap and the cgroup hierarchy once, then `reps`

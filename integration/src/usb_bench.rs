@@ -11,7 +11,7 @@ use std::path::Path;
 use guest_image::initramfs::InitramfsError;
 use guest_image::scenario::FileMapping;
 
-use crate::bench::{median, ours_argv, qemu_argv};
+use crate::bench::{median, ours_argv, ours_vs, qemu_argv, Variant};
 use crate::harness::GuestRun;
 use crate::l1::{
     sh_quote, L2_KERNEL, QEMU_FIRMWARE, QEMU_FIRMWARE_DIRS, QEMU_FIRMWARE_PATH, QEMU_PATH,
@@ -30,13 +30,6 @@ pub const QEMU_DRIVE_OPTS: &str = "format=raw,cache=writeback,aio=threads";
 /// Marks the start of one run in the console.
 pub const MARK_RUN: &str = "USB-BENCH-RUN";
 
-/// One way of running the guest: a name and its argv inside L1.
-#[derive(Clone, Debug)]
-pub struct Variant {
-    pub name: &'static str,
-    pub argv: Vec<String>,
-}
-
 /// Ours (USB 3 port 5) and QEMU `-M pc` with `qemu-xhci` + `usb-storage`.
 pub fn variants(run: &GuestRun, cmdline: &str) -> Vec<Variant> {
     let mut ours = ours_argv(run, cmdline, L2_KERNEL);
@@ -53,16 +46,7 @@ pub fn variants(run: &GuestRun, cmdline: &str) -> Vec<Variant> {
         "-device".into(),
         format!("usb-storage,bus=xhci.0,drive=d0,serial={SERIAL}"),
     ]);
-    vec![
-        Variant {
-            name: "ours",
-            argv: ours,
-        },
-        Variant {
-            name: "qemu",
-            argv: qemu,
-        },
-    ]
+    ours_vs(ours, "qemu", qemu)
 }
 
 /// QEMU, its libraries and firmware as L1 files (QEMU at [`QEMU_PATH`]).

@@ -397,6 +397,28 @@ mod tests {
         assert!(d.xhci().running());
     }
 
+    /// The interrupt handler's IMAN write: IP acknowledged (RW1C), IE kept.
+    fn ack_interrupt(d: &mut XhciPci) {
+        bar_w32(
+            d,
+            XHCI_BAR,
+            RT_BASE + rt::IR0 + rt::IMAN,
+            rt::IMAN_IE | rt::IMAN_IP,
+        );
+    }
+
+    /// The driver consumes the first event (ERDP past it, EHB cleared) and
+    /// acknowledges port 3's connect change (PP kept, CSC cleared), so a
+    /// disconnect raises a new change.
+    fn consume_event_and_ack_port_3(d: &mut XhciPci) {
+        d.bar_write(
+            XHCI_BAR,
+            RT_BASE + rt::IR0 + rt::ERDP_LO,
+            &((EVENT_RING + 16) | rt::ERDP_EHB).to_le_bytes(),
+        );
+        bar_w32(d, XHCI_BAR, PORT_BASE + 2 * 0x10, PORTSC_PP | PORTSC_CSC);
+    }
+
     #[test]
     fn intx_pin_follows_the_interrupter_when_msix_is_off() {
         use crate::pci::intx::tests::RecordingLine;
@@ -420,24 +442,9 @@ mod tests {
         let status = cfg16(&mut d, crate::pci::STATUS);
         assert_ne!(status & crate::pci::intx::STATUS_INTERRUPT, 0);
         // The handler acknowledges IMAN.IP (RW1C): the pin drops.
-        bar_w32(
-            &mut d,
-            XHCI_BAR,
-            RT_BASE + rt::IR0 + rt::IMAN,
-            rt::IMAN_IE | rt::IMAN_IP,
-        );
+        ack_interrupt(&mut d);
         assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
-        d.bar_write(
-            XHCI_BAR,
-            RT_BASE + rt::IR0 + rt::ERDP_LO,
-            &((EVENT_RING + 16) | rt::ERDP_EHB).to_le_bytes(),
-        );
-        bar_w32(
-            &mut d,
-            XHCI_BAR,
-            PORT_BASE + 2 * 0x10,
-            PORTSC_PP | PORTSC_CSC,
-        );
+        consume_event_and_ack_port_3(&mut d);
         // Command.Interrupt Disable holds the next one back until cleared.
         let cmd = COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER;
         d.config_write(
@@ -469,25 +476,8 @@ mod tests {
         assert_eq!(portsc & 1, 1, "CCS on port 3");
         // Masked vector: the next event sets the pending bit instead.
         bar_w32(&mut d, MSIX_BAR, 12, 1);
-        bar_w32(
-            &mut d,
-            XHCI_BAR,
-            RT_BASE + rt::IR0 + rt::IMAN,
-            rt::IMAN_IE | rt::IMAN_IP,
-        );
-        d.bar_write(
-            XHCI_BAR,
-            RT_BASE + rt::IR0 + rt::ERDP_LO,
-            &((EVENT_RING + 16) | rt::ERDP_EHB).to_le_bytes(),
-        );
-        // The driver acknowledges the connect change (PP kept, CSC cleared),
-        // so the disconnect raises a new change.
-        bar_w32(
-            &mut d,
-            XHCI_BAR,
-            PORT_BASE + 2 * 0x10,
-            PORTSC_PP | PORTSC_CSC,
-        );
+        ack_interrupt(&mut d);
+        consume_event_and_ack_port_3(&mut d);
         d.detach(3).unwrap();
         assert!(router.take_fired().is_empty());
         assert_eq!(bar_r32(&mut d, MSIX_BAR, MSIX_PBA_OFFSET) & 1, 1);

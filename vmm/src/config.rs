@@ -360,6 +360,31 @@ pub enum SerialConfig {
     Off,
 }
 
+/// Which thread runs the USB controller's transfers (`--usb-io`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UsbIo {
+    /// On the vCPU thread whose doorbell write started them: the guest gets
+    /// the completion interrupt as it resumes, before it can go idle.
+    #[default]
+    Vcpu,
+    /// On the controller's own I/O thread (doorbells by ioeventfd): a slow
+    /// image never holds a vCPU, at the cost of a thread switch per transfer.
+    Thread,
+}
+
+impl UsbIo {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "vcpu" => Ok(Self::Vcpu),
+            "thread" => Ok(Self::Thread),
+            _ => Err(invalid(
+                "usb-io",
+                format!("'{text}' is neither vcpu nor thread"),
+            )),
+        }
+    }
+}
+
 impl SerialConfig {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         match text {
@@ -376,6 +401,15 @@ impl SerialConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usb_io_option() {
+        assert_eq!(UsbIo::parse("vcpu").unwrap(), UsbIo::Vcpu);
+        assert_eq!(UsbIo::parse("thread").unwrap(), UsbIo::Thread);
+        assert_eq!(UsbIo::default(), UsbIo::Vcpu);
+        let e = UsbIo::parse("worker").unwrap_err().to_string();
+        assert!(e.contains("--usb-io") && e.contains("'worker'"), "{e}");
+    }
 
     #[test]
     fn sizes() {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::config::{DiskConfig, MemoryConfig, SerialConfig, UsbStorageConfig};
+use vmm::config::{DiskConfig, MemoryConfig, SerialConfig, UsbIo, UsbStorageConfig};
 use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE};
 
 /// Boots a Linux kernel (bzImage or vmlinux) on KVM with a serial console.
@@ -55,6 +55,14 @@ struct Cli {
     #[arg(long = "usb-storage", value_name = "OPTIONS", value_parser = UsbStorageConfig::parse)]
     usb_storage: Vec<UsbStorageConfig>,
 
+    /// Where USB transfers run: vcpu (on the vCPU thread that rang the
+    /// doorbell, so the guest has its completion as soon as it resumes) or
+    /// thread (on the controller's own I/O thread, so a slow image never
+    /// holds a vCPU, at the cost of a thread switch and a guest idle cycle
+    /// per transfer).
+    #[arg(long, value_name = "vcpu|thread", default_value = "vcpu", value_parser = UsbIo::parse)]
+    usb_io: UsbIo,
+
     /// Serve the control API (newline-delimited JSON, see docs/api.md) on
     /// this Unix socket; drive it with vmm-ctl. Also adds the USB controller
     /// so that disks can be hot-plugged.
@@ -93,6 +101,7 @@ fn main() -> ExitCode {
         usb: cli.usb_storage,
         api_socket: cli.api_socket,
         allow_pvm: cli.allow_pvm,
+        usb_io: cli.usb_io,
     };
     match vm::run(&cfg) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

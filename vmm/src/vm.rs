@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{layout, mptable};
 use crate::boot::{BootError, BootPlan};
 use crate::config::{
-    check_disk_ids, ConfigError, DiskConfig, MemoryConfig, SerialConfig, UsbStorageConfig,
+    check_disk_ids, ConfigError, DiskConfig, MemoryConfig, SerialConfig, UsbIo, UsbStorageConfig,
 };
 use crate::control::{Control, ControlError, VmFacts, VmHandler};
 use crate::device_manager::{DeviceError, DeviceManager, KvmFeatures};
@@ -112,6 +112,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Try to run on a PVM /dev/kvm anyway (stock kernels hang there).
     pub allow_pvm: bool,
+    /// Which thread runs USB transfers.
+    pub usb_io: UsbIo,
 }
 
 /// The default guest command line: serial console, reboot through the
@@ -125,6 +127,8 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     if cfg.cpus == 0 {
         return Err(VmError::NoCpus);
     }
+    let started = std::time::Instant::now();
+    let phase = |name: &str| log::debug!("startup: {name} done after {:?}", started.elapsed());
     // Everything that can be checked without KVM comes first.
     let plan = BootPlan::new(
         &cfg.kernel,
@@ -134,6 +138,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     )?;
     let serial_out = serial_writer(&cfg.serial)?;
     check_disk_ids(&cfg.disks)?;
+    phase("checking the kernel and initramfs");
 
     let kvm = host::open_kvm(cfg.allow_pvm)?;
     let max = kvm.get_max_vcpus().min(usize::from(MAX_CPUS));
@@ -146,8 +151,10 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     let mem = create_guest_memory(&vm, cfg.memory.size)?;
     setup_irqchip(&vm)?;
+    phase("creating the VM and its memory");
 
     let entry = plan.load(&mem)?;
+    phase("loading the kernel");
     mptable::write(&mem, cfg.cpus, layout::MPTABLE_START).map_err(VmError::MpTable)?;
 
     let stop = VmStop::new().map_err(VmError::EventFd)?;
@@ -168,6 +175,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     let features = KvmFeatures {
         coalesced_mmio,
         readonly_mem: kvm.check_extension(Cap::ReadonlyMem),
+        usb_io: cfg.usb_io,
     };
     let devices = DeviceManager::new(
         vm.clone(),
@@ -197,6 +205,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         VmHandler::new(usb, stop.clone(), facts),
     )?;
 
+    phase("adding the devices");
     let vcpus = create_vcpus(&kvm, &vm, cfg.cpus, entry)?;
     let coalesced = match (coalesced_mmio, vcpus.first()) {
         (true, Some(v)) => Some(Arc::new(

@@ -29,19 +29,10 @@ pub const MARK_GUEST_MD5: &str = "USB-GUEST-MD5";
 pub const MARK_HOST_VMM_RC: &str = "HOST-VMM-RC=";
 /// Printed by the script when its driver gave up (a wait ran out).
 pub const MARK_L1_ABORT: &str = "L1-USB-ABORT";
-/// Guest modules for USB disks. `crc64_rocksoft_generic` and
-/// `crct10dif_generic` are not in sd_mod's modules.dep closure: t10-pi's
-/// helpers `crc64-rocksoft` and `crc-t10dif` ask the crypto API for
-/// "crc64-rocksoft" / "crct10dif" at init, which would `request_module`
-/// the provider through modprobe — absent in the initramfs. Loading the
-/// generic providers first (the closure keeps this order) makes that work.
-pub const GUEST_MODULES: &[&str] = &[
-    "xhci-pci",
-    "crct10dif_generic",
-    "crc64_rocksoft_generic",
-    "usb-storage",
-    "sd_mod",
-];
+/// Guest modules for USB disks. The closure brings what sd_mod's CRC
+/// libraries ask the crypto API for at load time (see
+/// `guest_image::modules`).
+pub const GUEST_MODULES: &[&str] = &["xhci-pci", "usb-storage", "sd_mod"];
 /// Where the scenarios' helper file goes in the L2 image.
 pub const GUEST_USB_LIB: &str = "lib/guest/usb.sh";
 

@@ -362,6 +362,16 @@ alias crc64-rocksoft crc64_rocksoft_generic
         .unwrap()
     }
 
+    fn soft_db(dep: &str, softdep: &str, alias: &str) -> ModuleDb {
+        ModuleDb::parse(&DepmodFiles {
+            dep,
+            softdep,
+            alias,
+            ..DepmodFiles::default()
+        })
+        .unwrap()
+    }
+
     fn db(dep: &str, builtin: &str) -> ModuleDb {
         ModuleDb::parse(&DepmodFiles {
             dep,
@@ -525,13 +535,11 @@ alias crc64-rocksoft crc64_rocksoft_generic
     /// places each module once and stops.
     #[test]
     fn soft_dependency_cycles_terminate() {
-        let db = ModuleDb::parse(&DepmodFiles {
-            dep: "a.ko:\nb.ko:\nc.ko: a.ko\n",
-            softdep: "softdep a pre: alias-b\nsoftdep b pre: c post: a\nsoftdep c post: b\n",
-            alias: "alias alias-b b\n",
-            ..DepmodFiles::default()
-        })
-        .unwrap();
+        let db = soft_db(
+            "a.ko:\nb.ko:\nc.ko: a.ko\n",
+            "softdep a pre: alias-b\nsoftdep b pre: c post: a\nsoftdep c post: b\n",
+            "alias alias-b b\n",
+        );
         let c = db.closure(&["a", "b", "c"]).unwrap();
         let names = names(&c.paths);
         assert_eq!(names.len(), 3, "{names:?}");
@@ -543,13 +551,11 @@ alias crc64-rocksoft crc64_rocksoft_generic
 
     #[test]
     fn undeclared_entry_is_not_duplicated() {
-        let db = ModuleDb::parse(&DepmodFiles {
-            dep: "crc64-rocksoft.ko:\nx_generic.ko:\n",
-            softdep: "softdep crc64_rocksoft pre: crypto_crc64_rocksoft\n",
-            alias: "alias crypto-crc64-rocksoft x_generic\n",
-            ..DepmodFiles::default()
-        })
-        .unwrap();
+        let db = soft_db(
+            "crc64-rocksoft.ko:\nx_generic.ko:\n",
+            "softdep crc64_rocksoft pre: crypto_crc64_rocksoft\n",
+            "alias crypto-crc64-rocksoft x_generic\n",
+        );
         assert_eq!(db.softdeps["crc64_rocksoft"].pre.len(), 1);
         let order = db.closure(&["crc64_rocksoft"]).unwrap().paths;
         assert_eq!(names(&order), ["x_generic", "crc64_rocksoft"]);

@@ -194,6 +194,19 @@ mod tests {
     }
 
     #[test]
+    fn shell_md5_helpers_agree() {
+        // md5 of one MiB of zeroes, read buffered from /dev/zero and from a
+        // file holding them.
+        let (rc, out) = sh(
+            "",
+            "f=/tmp/gi-md5-$$; dd if=/dev/zero of=$f bs=1M count=1 2>/dev/null; \
+             md5_range /dev/zero 0 1 buffered; md5_of $f; md5_range $f 0 1 buffered; rm -f $f",
+        );
+        assert_eq!(rc, 0, "{out}");
+        assert_eq!(out, "b6d81b360a5672d80c27430f39153e2c\n".repeat(3));
+    }
+
+    #[test]
     fn fail_scenario_exits_with_its_status() {
         let s = Scenario::load("fail").unwrap();
         let (rc, out) = sh("", &s.script.replace(". /lib/guest/lib.sh", ""));

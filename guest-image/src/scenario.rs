@@ -23,6 +23,8 @@ pub const SCENARIO_PATH: &str = "scenario.sh";
 pub const MARK_PASS: &str = "SCENARIO-PASS";
 pub const MARK_FAIL: &str = "SCENARIO-FAIL";
 pub const MARK_GUEST_INIT: &str = "GUEST-INIT";
+/// Printed by the L2 init for a module `insmod` could not load.
+pub const MARK_INSMOD_FAIL: &str = "GUEST-INSMOD-FAIL";
 
 #[derive(Debug, Error)]
 pub enum ScenarioError {

@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use guest_image::scenario::FileMapping;
+use guest_image::scenario::{FileMapping, MARK_INSMOD_FAIL};
 use guest_image::Scenario;
 use integration::disk::{
     tagged, DiskImage, Md5Range, MARK_GUEST_MD5_USB as MARK_GUEST_MD5, MARK_HOST_MD5,
@@ -27,6 +27,13 @@ use integration::{host, GuestRun, Harness, Mode, RunResult, Verdict};
 const TIMEOUT: Duration = Duration::from_secs(1200);
 /// Hotplug cycles in one boot.
 const HOT_CYCLES: u32 = 20;
+/// The CRC libraries under sd_mod and the crypto drivers they must use: the
+/// generic providers the module closure loads before them (no "fallback",
+/// which is what a failed runtime `request_module` leaves).
+const CRC_TRANSFORMS: &[(&str, &str)] = &[
+    ("crc_t10dif", "crct10dif-generic"),
+    ("crc64_rocksoft", "crc64-rocksoft-generic"),
+];
 
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
@@ -107,6 +114,11 @@ fn check_passed(r: &RunResult) {
     );
     check(r.verdict == Verdict::Pass, "scenario did not pass", r);
     check(
+        !r.console.contains(MARK_INSMOD_FAIL),
+        "a guest module failed to load",
+        r,
+    );
+    check(
         r.console.contains(&format!("{MARK_HOST_VMM_RC}0")),
         "VMM did not exit 0",
         r,
@@ -181,6 +193,14 @@ fn disks_on_usb3_and_usb2_ports_keep_their_data() {
     );
     check_md5(&r, "ro-head", "ro-head");
     check_md5(&r, "ro-head", "ro-head-before");
+    for (lib, driver) in CRC_TRANSFORMS {
+        let got = field(&r.console, "USB-CRC ", lib);
+        check(
+            got.as_deref() == Some(*driver),
+            &format!("{lib} uses {got:?}, expected {driver}"),
+            &r,
+        );
+    }
 }
 
 /// With `pci=nomsi` the guest leaves MSI-X off and the controller falls

@@ -600,7 +600,7 @@ alias crc64-rocksoft crc64_rocksoft_generic
         for accelerated in ["crct10dif_pclmul", "crc32c_intel"] {
             assert!(!names(&sd.paths).contains(&accelerated.to_string()));
         }
-        let ext4 = db.closure(&["virtio_blk", "ext4"]).unwrap();
+        let ext4 = db.closure(crate::rootfs::boot::MODULES).unwrap();
         assert!(pos(&ext4.paths, "crc32c_generic") < pos(&ext4.paths, "ext4"));
         let all: Vec<&String> = db.modules.keys().collect();
         let whole = db.closure(&all).unwrap();

@@ -12,7 +12,7 @@
 //! The initramfs has no `modprobe` with this metadata, so a request the
 //! kernel makes at run time fails; the closure therefore loads soft
 //! dependencies ahead of time, resolved the way `modprobe` would: a module
-//! name first, then built-in, then an exact alias.
+//! name first, then an exact alias, then built in.
 
 mod alias;
 mod softdep;
@@ -162,15 +162,12 @@ impl ModuleDb {
             .map(|(p, _)| p.as_str())
     }
 
-    /// A module name, else built in, else an exact alias (a built-in
-    /// provider first: then nothing needs loading).
+    /// In kmod's lookup order: a module name, else an exact alias, else
+    /// built in (a module name or a built-in module's alias).
     fn resolve(&self, name: &str) -> Resolved<'_> {
         let canon = module_name(name);
         if let Some((key, _)) = self.modules.get_key_value(&canon) {
             return Resolved::Modules(vec![key.as_str()]);
-        }
-        if self.builtin.contains(&canon) || self.aliases.is_builtin(name) {
-            return Resolved::Builtin;
         }
         let chosen: Vec<&str> = self
             .aliases
@@ -178,10 +175,12 @@ impl ModuleDb {
             .into_iter()
             .filter_map(|m| self.modules.get_key_value(m).map(|(k, _)| k.as_str()))
             .collect();
-        if chosen.is_empty() {
-            Resolved::Missing
-        } else {
+        if !chosen.is_empty() {
             Resolved::Modules(chosen)
+        } else if self.builtin.contains(&canon) || self.aliases.is_builtin(name) {
+            Resolved::Builtin
+        } else {
+            Resolved::Missing
         }
     }
 
@@ -330,6 +329,8 @@ kernel/drivers/vfio/vfio.ko:
 kernel/drivers/vfio/vfio_iommu_type1.ko: kernel/drivers/vfio/vfio.ko
 kernel/fs/nfsd/nfsd.ko:
 kernel/drivers/spi/spi-pxa2xx-platform.ko:
+kernel/fs/f2fs/f2fs.ko:
+kernel/crypto/crc32_generic.ko:
 ";
     const SD_SOFTDEP: &str = "\
 # Soft dependencies extracted from modules themselves.
@@ -338,6 +339,7 @@ softdep crc64_rocksoft pre: crc64
 softdep vfio post: vfio_iommu_type1
 softdep nfsd pre: crypto-md5
 softdep spi_pxa2xx_platform pre: dw_dmac
+softdep f2fs pre: crc32
 ";
     const SD_ALIAS: &str = "\
 alias crypto-crct10dif-pclmul crct10dif_pclmul
@@ -348,12 +350,14 @@ alias crypto-crct10dif crct10dif_generic
 alias crct10dif crct10dif_generic
 alias crypto-crc64-rocksoft crc64_rocksoft_generic
 alias crc64-rocksoft crc64_rocksoft_generic
+alias crc32 crc32_generic
 ";
     const SD_MODINFO: &str = "md5.alias=crypto-md5\0md5.alias=md5\0";
 
     fn sd_db() -> ModuleDb {
         ModuleDb::parse(&DepmodFiles {
             dep: SD_DEP,
+            builtin: "kernel/lib/crc32.ko\nkernel/crypto/md5.ko\n",
             softdep: SD_SOFTDEP,
             alias: SD_ALIAS,
             builtin_modinfo: SD_MODINFO,
@@ -524,6 +528,11 @@ alias crc64-rocksoft crc64_rocksoft_generic
                 name: "dw_dmac".into(),
             }]
         );
+        // An alias comes before a built-in of that name, as in kmod: the
+        // built-in crc32 library is not the "crc32" crypto algorithm.
+        let c = db.closure(&["f2fs"]).unwrap();
+        assert_eq!(names(&c.paths), ["crc32_generic", "f2fs"]);
+        assert!(db.is_builtin("crc32"));
         // Asked for by name, the same missing module is an error.
         assert_eq!(
             db.closure(&["dw_dmac"]),

@@ -361,7 +361,6 @@ alias crc32 crc32_generic
             softdep: SD_SOFTDEP,
             alias: SD_ALIAS,
             builtin_modinfo: SD_MODINFO,
-            ..DepmodFiles::default()
         })
         .unwrap()
     }

@@ -46,6 +46,35 @@ report_status() {
     printf "\\$(printf %03o "$b")" | dd of=/dev/port bs=1 seek=244 count=1 conv=notrunc 2>/dev/null
 }
 
+# md5_of FILE: md5 of a file's content.
+md5_of() {
+    md5sum < "$1" | cut -d' ' -f1
+}
+
+# md5_range DEV OFF_MIB LEN_MIB [buffered]: md5 of LEN_MIB MiB at OFF_MIB,
+# read with O_DIRECT unless "buffered" (needed for /dev/zero and files).
+md5_range() {
+    if [ "${4:-direct}" = buffered ]; then
+        dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum | cut -d' ' -f1
+    else
+        dd if="$1" bs=1M skip="$2" count="$3" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1
+    fi
+}
+
+# drop_caches: write back, then drop the page cache (reads hit the device).
+drop_caches() {
+    sync
+    echo 3 > /proc/sys/vm/drop_caches
+}
+
+# put_random DEV OFF_MIB LEN_MIB FILE: LEN_MIB MiB of random data to FILE
+# and to DEV at OFF_MIB (O_DIRECT, fsync'd); fails the scenario on error.
+put_random() {
+    dd if=/dev/urandom of="$4" bs=1M count="$3" 2>/dev/null || fail "no random data for $4"
+    dd if="$4" of="$1" bs=1M seek="$2" oflag=direct conv=notrunc,fsync 2>/dev/null ||
+        fail "writing $3 MiB at $2 MiB to $1 failed"
+}
+
 # fio_job DEVICE NAME RW BS IODEPTH: one time-based fio job (libaio, O_DIRECT)
 # on /dev/DEVICE using $FIO, $size (MiB) and $runtime (s); prints
 # "FIO-RESULT job=NAME iops=N bw_kib=N" for the benchmark parsers.

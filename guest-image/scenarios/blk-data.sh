@@ -23,23 +23,8 @@ wz_mib=$(require_param wz_mib) || exit 1
 dev=/dev/vda
 q=/sys/block/vda/queue
 
-# md5 DEV OFF_MIB LEN_MIB [FLAG]: md5 of a range, O_DIRECT unless FLAG=buffered.
-md5() {
-    if [ "${4:-direct}" = buffered ]; then
-        dd if="$1" bs=1M skip="$2" count="$3" 2>/dev/null | md5sum | cut -d' ' -f1
-    else
-        dd if="$1" bs=1M skip="$2" count="$3" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1
-    fi
-}
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 # stat_field N: field N (1-based) of /sys/block/vda/stat.
 stat_field() { awk -v n="$1" '{ print $n }' /sys/block/vda/stat; }
-# put_random OFF_MIB LEN_MIB FILE: random data to FILE and to the disk.
-put_random() {
-    dd if=/dev/urandom of="$3" bs=1M count="$2" 2>/dev/null || fail "urandom"
-    dd if="$3" of=$dev bs=1M seek="$1" oflag=direct conv=notrunc,fsync 2>/dev/null ||
-        fail "writing $2 MiB at $1 MiB failed"
-}
 
 [ -b $dev ] || fail "no $dev; block devices: $(ls /sys/block)"
 got=$(blockdev --getsize64 $dev)
@@ -63,11 +48,11 @@ echo "blk: write_cache=$wc_mode ro=$(cat /sys/block/vda/ro)"
 
 # --- random pattern, O_DIRECT, read back after dropping caches ---
 flushes0=$(stat_field 16)
-put_random "$pat_off" "$pat_mib" /tmp/pat
-want=$(md5sum /tmp/pat | cut -d' ' -f1)
+put_random $dev "$pat_off" "$pat_mib" /tmp/pat
+want=$(md5_of /tmp/pat)
 drop_caches
-direct=$(md5 $dev "$pat_off" "$pat_mib")
-buffered=$(md5 $dev "$pat_off" "$pat_mib" buffered)
+direct=$(md5_range $dev "$pat_off" "$pat_mib")
+buffered=$(md5_range $dev "$pat_off" "$pat_mib" buffered)
 echo "blk: pattern $pat_mib MiB at $pat_off MiB: wrote $want read direct $direct buffered $buffered"
 [ "$direct" = "$want" ] || fail "O_DIRECT read-back differs from the pattern"
 [ "$buffered" = "$want" ] || fail "buffered read-back differs from the pattern"
@@ -75,15 +60,15 @@ flushes1=$(stat_field 16)
 echo "blk: flush requests $flushes0 -> $flushes1"
 [ "$flushes1" -gt "$flushes0" ] || fail "fsync sent no FLUSH to the device"
 
-zero_disc=$(dd if=/dev/zero bs=1M count="$disc_mib" 2>/dev/null | md5sum | cut -d' ' -f1)
-zero_wz=$(dd if=/dev/zero bs=1M count="$wz_mib" 2>/dev/null | md5sum | cut -d' ' -f1)
+zero_disc=$(md5_range /dev/zero 0 "$disc_mib" buffered)
+zero_wz=$(md5_range /dev/zero 0 "$wz_mib" buffered)
 
 # --- DISCARD ---
 dmax=$(cat $q/discard_max_bytes)
 echo "blk: discard_max_bytes=$dmax discard_granularity=$(cat $q/discard_granularity)"
 [ "$dmax" -gt 0 ] || fail "the disk offers no discard"
-put_random "$disc_off" "$disc_mib" /tmp/disc
-[ "$(md5 $dev "$disc_off" "$disc_mib")" = "$(md5sum < /tmp/disc | cut -d' ' -f1)" ] ||
+put_random $dev "$disc_off" "$disc_mib" /tmp/disc
+[ "$(md5_range $dev "$disc_off" "$disc_mib")" = "$(md5_of /tmp/disc)" ] ||
     fail "data before discard did not land"
 d_ios0=$(stat_field 12)
 d_sec0=$(stat_field 14)
@@ -91,7 +76,7 @@ blkdiscard -o $((disc_off << 20)) -l $((disc_mib << 20)) $dev || fail "blkdiscar
 d_ios1=$(stat_field 12)
 d_sec1=$(stat_field 14)
 drop_caches
-got=$(md5 $dev "$disc_off" "$disc_mib")
+got=$(md5_range $dev "$disc_off" "$disc_mib")
 echo "blk: discard $disc_mib MiB at $disc_off MiB: requests $d_ios0->$d_ios1 sectors $d_sec0->$d_sec1 md5 $got zeroes $zero_disc"
 [ $((d_sec1 - d_sec0)) -eq $((disc_mib * 2048)) ] || fail "discard sectors counted $((d_sec1 - d_sec0))"
 [ "$got" = "$zero_disc" ] || fail "discarded range does not read back as zeroes"
@@ -102,12 +87,12 @@ echo "blk: discard $disc_mib MiB at $disc_off MiB: requests $d_ios0->$d_ios1 sec
 wmax=$(cat $q/write_zeroes_max_bytes)
 echo "blk: write_zeroes_max_bytes=$wmax"
 [ "$wmax" -gt 0 ] || fail "the disk offers no WRITE_ZEROES"
-put_random "$wz_off" "$wz_mib" /tmp/wz
-[ "$(md5 $dev "$wz_off" "$wz_mib")" = "$(md5sum < /tmp/wz | cut -d' ' -f1)" ] ||
+put_random $dev "$wz_off" "$wz_mib" /tmp/wz
+[ "$(md5_range $dev "$wz_off" "$wz_mib")" = "$(md5_of /tmp/wz)" ] ||
     fail "data before write-zeroes did not land"
 $ZEROOUT -z -o $((wz_off << 20)) -l $((wz_mib << 20)) $dev || fail "blkdiscard -z failed"
 drop_caches
-got=$(md5 $dev "$wz_off" "$wz_mib")
+got=$(md5_range $dev "$wz_off" "$wz_mib")
 wmax2=$(cat $q/write_zeroes_max_bytes)
 echo "blk: write-zeroes $wz_mib MiB at $wz_off MiB: md5 $got zeroes $zero_wz; write_zeroes_max_bytes after=$wmax2"
 [ "$got" = "$zero_wz" ] || fail "write-zeroed range does not read back as zeroes"
@@ -116,7 +101,7 @@ echo "blk: write-zeroes $wz_mib MiB at $wz_off MiB: md5 $got zeroes $zero_wz; wr
 
 # --- neighbours intact, no I/O errors ---
 drop_caches
-again=$(md5 $dev "$pat_off" "$pat_mib")
+again=$(md5_range $dev "$pat_off" "$pat_mib")
 [ "$again" = "$want" ] || fail "pattern changed after discard/write-zeroes"
 if dmesg | grep -E 'I/O error|blk_update_request|critical (target|medium)'; then
     fail "the kernel logged block I/O errors"

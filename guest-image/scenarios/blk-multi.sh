@@ -18,8 +18,6 @@ pat_mib=$(require_param pat_mib) || exit 1
 # Bound on waiting for a disk to go or come back, in 0.2 s steps.
 WAIT_STEPS=300
 
-md5() { dd if="$1" bs=1M skip="$2" count="$3" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1; }
-drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 # disk_by_serial SERIAL: the vdX name whose serial is SERIAL (or nothing).
 disk_by_serial() {
     for ds_d in /sys/block/vd*; do
@@ -64,7 +62,7 @@ check_disk "$rw" "$rw_serial" "$rw_bytes" 0
 check_disk "$ro" "$ro_serial" "$ro_bytes" 1
 
 # --- the read-only disk refuses writes and keeps its data ---
-ro_md5=$(md5 /dev/$ro 0 "$ro_mib")
+ro_md5=$(md5_range /dev/$ro 0 "$ro_mib")
 echo "BLK-GUEST-MD5 ro $ro_md5"
 if dd if=/dev/zero of=/dev/$ro bs=4096 count=1 oflag=direct conv=notrunc 2>/tmp/ro.err; then
     fail "a write to read-only $ro succeeded"
@@ -75,13 +73,11 @@ if blkdiscard -o 0 -l 1048576 /dev/$ro 2>/tmp/ro.err; then
 fi
 echo "blk: discard on $ro refused: $(cat /tmp/ro.err | head -n 1)"
 drop_caches
-[ "$(md5 /dev/$ro 0 "$ro_mib")" = "$ro_md5" ] || fail "read-only disk changed"
+[ "$(md5_range /dev/$ro 0 "$ro_mib")" = "$ro_md5" ] || fail "read-only disk changed"
 
 # --- data written before a PCI remove + rescan survives it ---
-dd if=/dev/urandom of=/tmp/before bs=1M count="$pat_mib" 2>/dev/null
-before=$(md5sum < /tmp/before | cut -d' ' -f1)
-dd if=/tmp/before of=/dev/$rw bs=1M oflag=direct conv=notrunc,fsync 2>/dev/null ||
-    fail "writing the pattern to $rw failed"
+put_random /dev/$rw 0 "$pat_mib" /tmp/before
+before=$(md5_of /tmp/before)
 echo "BLK-GUEST-MD5 before $before"
 bdf=$(pci_of "$rw")
 [ -e /sys/bus/pci/devices/$bdf/remove ] || fail "no PCI device $bdf for $rw"
@@ -94,7 +90,7 @@ echo 1 > /sys/bus/pci/rescan || fail "PCI rescan failed"
 wait_disk "$rw_serial" present
 rw=$(disk_by_serial "$rw_serial")
 check_disk "$rw" "$rw_serial" "$rw_bytes" 0
-got=$(md5 /dev/$rw 0 "$pat_mib")
+got=$(md5_range /dev/$rw 0 "$pat_mib")
 echo "blk: after rescan $rw ($(pci_of "$rw")) reads $got, wrote $before"
 [ "$got" = "$before" ] || fail "data changed across PCI remove + rescan"
 
@@ -107,23 +103,21 @@ wait_disk "$rw_serial" absent
 echo "$bdf" > /sys/bus/pci/drivers/$drv/bind || fail "bind failed"
 wait_disk "$rw_serial" present
 rw=$(disk_by_serial "$rw_serial")
-got=$(md5 /dev/$rw 0 "$pat_mib")
+got=$(md5_range /dev/$rw 0 "$pat_mib")
 echo "blk: after rebind $rw reads $got"
 [ "$got" = "$before" ] || fail "data changed across unbind + bind"
 
 # --- the re-probed disk still writes ---
-dd if=/dev/urandom of=/tmp/after bs=1M count="$pat_mib" 2>/dev/null
-after=$(md5sum < /tmp/after | cut -d' ' -f1)
-dd if=/tmp/after of=/dev/$rw bs=1M seek="$pat_mib" oflag=direct conv=notrunc,fsync 2>/dev/null ||
-    fail "writing after rebind failed"
+put_random /dev/$rw "$pat_mib" "$pat_mib" /tmp/after
+after=$(md5_of /tmp/after)
 drop_caches
-got=$(md5 /dev/$rw "$pat_mib" "$pat_mib")
+got=$(md5_range /dev/$rw "$pat_mib" "$pat_mib")
 [ "$got" = "$after" ] || fail "data written after rebind reads back as $got, wrote $after"
 echo "BLK-GUEST-MD5 after $after"
 
 # The other disk was untouched by all of this.
 ro=$(disk_by_serial "$ro_serial") || fail "read-only disk vanished"
-[ "$(md5 /dev/$ro 0 "$ro_mib")" = "$ro_md5" ] || fail "read-only disk reads differently now"
+[ "$(md5_range /dev/$ro 0 "$ro_mib")" = "$ro_md5" ] || fail "read-only disk reads differently now"
 if dmesg | grep -E 'I/O error|blk_update_request' | grep -v "$ro"; then
     fail "the kernel logged block I/O errors on the writable disk"
 fi

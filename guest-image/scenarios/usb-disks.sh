@@ -1,7 +1,8 @@
 # USB mass-storage disks plugged at start: each appears as /dev/sdX with the
 # right size on the expected port speed; random data written with O_DIRECT
 # reads back the same; a read-only disk refuses writes and reads what the
-# host put there. Prints USB-GUEST-MD5 <serial> <md5> for the host to check.
+# host put there. Prints USB-GUEST-MD5 <serial> <md5> for the host to check
+# and USB-CRC <library>=<crypto driver> for the CRC libraries under sd_mod.
 # Parameters:
 #   usb_rw=SERIAL:SPEED:MIB[,...]  read-write disks (SPEED 480 or 5000)
 #   usb_ro=SERIAL:SPEED:MIB[,...]  read-only disks with data at their head
@@ -48,6 +49,10 @@ for spec in $(param usb_ro "" | tr ',' ' '); do
     fi
     echo "USB-GUEST-MD5 $serial-head $(usb_md5 "/dev/$d" bs=1M count=1 iflag=direct)"
 done
+# The crypto drivers sd_mod's CRC libraries (via t10-pi) use: a provider
+# loaded before them, or "fallback" when their runtime request for one
+# failed (no modprobe here).
+echo "USB-CRC crc_t10dif=$(cat /sys/module/crc_t10dif/parameters/transform) crc64_rocksoft=$(cat /sys/module/crc64_rocksoft/parameters/transform)"
 # How the controller interrupts (PCI-MSI-X, or IO-APIC with pci=nomsi).
 echo "USB-IRQ $(grep xhci /proc/interrupts | tr -s ' ')" >&2
 echo "usb-disks: ok"

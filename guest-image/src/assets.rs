@@ -1,5 +1,5 @@
-//! The guest's building blocks from Debian: the kernel (image + modules with a
-//! rebuilt `modules.dep`) and a static busybox.
+//! The guest's building blocks from Debian: the kernel (image + modules with
+//! rebuilt depmod files) and a static busybox.
 
 use std::fs;
 use std::io::Read;
@@ -9,7 +9,7 @@ use std::process::Command;
 use thiserror::Error;
 
 use crate::debian::{self, io_err, DebianError};
-use crate::modules::{ModuleDb, ModulesError};
+use crate::modules::{DepmodFiles, ModuleDb, ModulesError};
 use crate::progress;
 use crate::vmlinux::{self, VmlinuxError};
 
@@ -69,7 +69,7 @@ pub struct GuestAssets {
 }
 
 /// Locates `lib/modules/<kver>` (or `usr/lib/modules/<kver>`) in a root.
-fn find_kver(root: &Path) -> Result<(String, PathBuf), AssetError> {
+pub(crate) fn find_kver(root: &Path) -> Result<(String, PathBuf), AssetError> {
     for base in ["lib/modules", "usr/lib/modules"] {
         let dir = root.join(base);
         let Ok(rd) = fs::read_dir(&dir) else { continue };
@@ -84,6 +84,34 @@ fn find_kver(root: &Path) -> Result<(String, PathBuf), AssetError> {
         }
     }
     Err(AssetError::NoModulesDir(root.to_path_buf()))
+}
+
+/// Parses the depmod files in `lib/modules/<kver>`: `modules.dep`,
+/// `modules.softdep` and `modules.alias` (all written by the `depmod -b`
+/// [`fetch_kernel`] runs, so required), `modules.builtin` and
+/// `modules.builtin.modinfo` (shipped by the kernel package; optional).
+pub fn read_module_db(modules_dir: &Path) -> Result<ModuleDb, AssetError> {
+    let required = |name: &str| {
+        let path = modules_dir.join(name);
+        fs::read_to_string(&path).map_err(io_err(&path))
+    };
+    let optional = |name: &str| {
+        fs::read(modules_dir.join(name))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let dep = required("modules.dep")?;
+    let softdep = required("modules.softdep")?;
+    let alias = required("modules.alias")?;
+    let builtin = optional("modules.builtin");
+    let builtin_modinfo = optional("modules.builtin.modinfo");
+    Ok(ModuleDb::parse(&DepmodFiles {
+        dep: &dep,
+        builtin: &builtin,
+        softdep: &softdep,
+        alias: &alias,
+        builtin_modinfo: &builtin_modinfo,
+    })?)
 }
 
 /// Fetches (or finds in the cache) the kernel `linux-image-amd64` depends on,
@@ -151,13 +179,9 @@ pub fn fetch_assets(build: &Path) -> Result<GuestAssets, AssetError> {
 }
 
 impl Kernel {
-    /// Parses this kernel's `modules.dep` and `modules.builtin`.
+    /// Parses this kernel's depmod files (see [`read_module_db`]).
     pub fn module_db(&self) -> Result<ModuleDb, AssetError> {
-        let dep_path = self.modules_dir.join("modules.dep");
-        let dep = fs::read_to_string(&dep_path).map_err(io_err(&dep_path))?;
-        let builtin =
-            fs::read_to_string(self.modules_dir.join("modules.builtin")).unwrap_or_default();
-        Ok(ModuleDb::parse(&dep, &builtin)?)
+        read_module_db(&self.modules_dir)
     }
 
     /// Reads a module (path relative to the modules dir), decompressing

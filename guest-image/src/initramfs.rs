@@ -222,7 +222,8 @@ impl Initramfs {
         Ok(())
     }
 
-    /// Adds the modules asked for and their dependency closure under
+    /// Adds the modules asked for and their closure (dependencies and soft
+    /// dependencies, see [`crate::modules`]) under
     /// `lib/modules/<kver>/`, and [`MODULES_ORDER`]: their absolute paths in
     /// `insmod` order. Returns that list.
     pub fn add_modules<S: AsRef<str>>(
@@ -232,8 +233,8 @@ impl Initramfs {
     ) -> Result<Vec<String>, InitramfsError> {
         let db = kernel.module_db()?;
         let closure = db.closure(wanted).map_err(AssetError::from)?;
-        let mut order = Vec::with_capacity(closure.len());
-        for rel in &closure {
+        let mut order = Vec::with_capacity(closure.paths.len());
+        for rel in &closure.paths {
             let (rel_plain, data) = kernel.module_bytes(rel)?;
             let dst = format!("lib/modules/{}/{rel_plain}", kernel.kver);
             if !self.contains(&dst) {

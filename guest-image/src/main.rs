@@ -32,9 +32,10 @@ enum Cmd {
     Vmlinux,
     /// Fetch busybox-static; print the binary's path.
     Busybox,
-    /// Print the insmod order (dependency closure) of the given modules.
+    /// Print the insmod order of the given modules and their closure
+    /// (modules.dep dependencies and soft dependencies).
     Modules {
-        /// Comma-separated module names (e.g. virtio_blk,kvm-amd).
+        /// Comma-separated module names or aliases (e.g. virtio_blk,kvm-amd).
         #[arg(value_delimiter = ',', required = true)]
         names: Vec<String>,
     },
@@ -93,7 +94,7 @@ fn main() -> Result<()> {
         }
         Cmd::Modules { names } => {
             let k = fetch_kernel(&build)?;
-            for m in k.module_db()?.closure(&names)? {
+            for m in k.module_db()?.closure(&names)?.paths {
                 println!("{m}");
             }
         }

@@ -23,6 +23,8 @@ pub const SCENARIO_PATH: &str = "scenario.sh";
 pub const MARK_PASS: &str = "SCENARIO-PASS";
 pub const MARK_FAIL: &str = "SCENARIO-FAIL";
 pub const MARK_GUEST_INIT: &str = "GUEST-INIT";
+/// Printed by the L2 init for a module `insmod` could not load.
+pub const MARK_INSMOD_FAIL: &str = "GUEST-INSMOD-FAIL";
 
 #[derive(Debug, Error)]
 pub enum ScenarioError {
@@ -191,6 +193,19 @@ mod tests {
         let (rc, out) = sh("", "for r in 0 1 3 255 256 -2; do status_byte $r; done");
         assert_eq!(rc, 0);
         assert_eq!(out, "0\n1\n3\n255\n255\n1\n");
+    }
+
+    #[test]
+    fn shell_md5_helpers_agree() {
+        // md5 of one MiB of zeroes, read buffered from /dev/zero and from a
+        // file holding them.
+        let (rc, out) = sh(
+            "",
+            "f=/tmp/gi-md5-$$; dd if=/dev/zero of=$f bs=1M count=1 2>/dev/null; \
+             md5_range /dev/zero 0 1 buffered; md5_of $f; md5_range $f 0 1 buffered; rm -f $f",
+        );
+        assert_eq!(rc, 0, "{out}");
+        assert_eq!(out, "b6d81b360a5672d80c27430f39153e2c\n".repeat(3));
     }
 
     #[test]

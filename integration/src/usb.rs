@@ -6,7 +6,7 @@
 //!
 //! Guest scenarios (`guest-image/scenarios/usb-*.sh`, helpers in
 //! `usb-lib.sh`) print `USB-GUEST-MD5 <tag> <md5>`; the script prints
-//! `HOST-MD5 <tag> <md5>`; [`tagged`] reads both back off the console.
+//! `HOST-MD5 <tag> <md5>`; the images and checksums are [`crate::disk`]'s.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use guest_image::initramfs::InitramfsError;
 use guest_image::scenario::{scenarios_dir, FileMapping};
 
+use crate::disk::{vmm_disk_args, DiskImage, Md5Range, MARK_HOST_VMM_RC, OPT_USB_STORAGE};
 use crate::l1::sh_quote;
 use guest_image::initramfs::shared_libs;
 
@@ -21,27 +22,12 @@ use guest_image::initramfs::shared_libs;
 pub const SCRATCH: &str = "/tmp/usb";
 /// Where `vmm-ctl` lives in the L1 image.
 pub const VMM_CTL_PATH: &str = "/vmm-ctl";
-/// Host-side checksum line: `HOST-MD5 <tag> <md5>`.
-pub const MARK_HOST_MD5: &str = "HOST-MD5";
-/// Guest-side checksum line printed by the `usb-*` scenarios.
-pub const MARK_GUEST_MD5: &str = "USB-GUEST-MD5";
-/// The VMM's exit status as the script saw it.
-pub const MARK_HOST_VMM_RC: &str = "HOST-VMM-RC=";
 /// Printed by the script when its driver gave up (a wait ran out).
 pub const MARK_L1_ABORT: &str = "L1-USB-ABORT";
-/// Guest modules for USB disks. `crc64_rocksoft_generic` and
-/// `crct10dif_generic` are not in sd_mod's modules.dep closure: t10-pi's
-/// helpers `crc64-rocksoft` and `crc-t10dif` ask the crypto API for
-/// "crc64-rocksoft" / "crct10dif" at init, which would `request_module`
-/// the provider through modprobe — absent in the initramfs. Loading the
-/// generic providers first (the closure keeps this order) makes that work.
-pub const GUEST_MODULES: &[&str] = &[
-    "xhci-pci",
-    "crct10dif_generic",
-    "crc64_rocksoft_generic",
-    "usb-storage",
-    "sd_mod",
-];
+/// Guest modules for USB disks. The closure brings what sd_mod's CRC
+/// libraries ask the crypto API for at load time (see
+/// `guest_image::modules`).
+pub const GUEST_MODULES: &[&str] = &["xhci-pci", "usb-storage", "sd_mod"];
 /// Where the scenarios' helper file goes in the L2 image.
 pub const GUEST_USB_LIB: &str = "lib/guest/usb.sh";
 
@@ -79,109 +65,6 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// One raw image in [`SCRATCH`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UsbDisk {
-    /// The USB serial and API id; the image is `<id>.img`.
-    pub id: String,
-    pub size_mib: u64,
-    /// Root hub port (1-4 USB 2, 5-8 USB 3); `None`: the VMM chooses.
-    pub port: Option<u8>,
-    pub readonly: bool,
-    /// MiB of random data written at offset 0 before the VMM starts.
-    pub random_head_mib: u64,
-}
-
-impl UsbDisk {
-    pub fn new(id: &str, size_mib: u64) -> Self {
-        Self {
-            id: id.into(),
-            size_mib,
-            port: None,
-            readonly: false,
-            random_head_mib: 0,
-        }
-    }
-
-    pub fn port(mut self, port: u8) -> Self {
-        self.port = Some(port);
-        self
-    }
-
-    pub fn readonly(mut self) -> Self {
-        self.readonly = true;
-        self
-    }
-
-    pub fn random_head(mut self, mib: u64) -> Self {
-        self.random_head_mib = mib;
-        self
-    }
-
-    /// The image path in L1.
-    pub fn path(&self) -> String {
-        self.path_in(SCRATCH)
-    }
-
-    fn path_in(&self, dir: &str) -> String {
-        format!("{dir}/{}.img", self.id)
-    }
-
-    /// The value of `--usb-storage`.
-    pub fn vmm_arg(&self) -> String {
-        self.vmm_arg_in(SCRATCH)
-    }
-
-    fn vmm_arg_in(&self, dir: &str) -> String {
-        let mut s = format!("path={}", self.path_in(dir));
-        if let Some(p) = self.port {
-            let _ = write!(s, ",port={p}");
-        }
-        if self.readonly {
-            s.push_str(",readonly=on");
-        }
-        let _ = write!(s, ",id={}", self.id);
-        s
-    }
-
-    /// Shell lines creating the image.
-    fn create(&self, dir: &str) -> String {
-        crate::disk::create_image_lines(&self.path_in(dir), self.size_mib, self.random_head_mib)
-    }
-}
-
-/// A MiB-aligned range of a disk image whose md5 the script prints as
-/// `HOST-MD5 <tag> <md5>`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Md5Range {
-    pub tag: String,
-    /// The disk's id.
-    pub disk: String,
-    pub off_mib: u64,
-    pub len_mib: u64,
-}
-
-impl Md5Range {
-    pub fn of(tag: &str, disk: &str, off_mib: u64, len_mib: u64) -> Self {
-        Self {
-            tag: tag.into(),
-            disk: disk.into(),
-            off_mib,
-            len_mib,
-        }
-    }
-
-    fn line(&self, dir: &str) -> String {
-        format!(
-            "echo \"{MARK_HOST_MD5} {} $(dd if={} bs=1M skip={} count={} 2>/dev/null | md5sum | cut -d' ' -f1)\"\n",
-            self.tag,
-            sh_quote(&format!("{dir}/{}.img", self.disk)),
-            self.off_mib,
-            self.len_mib
-        )
-    }
-}
-
 /// Shell functions the driver part of a script can use:
 /// `wait_console TEXT SECONDS` (bounded poll of the console log; fails
 /// early when the VMM is gone), `ctl ARGS...` (vmm-ctl on the socket),
@@ -203,10 +86,11 @@ ctl() { /vmm-ctl --socket "$D/api.sock" --timeout 60 "$@"; }
 /// The L1 script of a USB run.
 #[derive(Clone, Debug, Default)]
 pub struct UsbScript {
-    /// Disks plugged at start (`--usb-storage`).
-    pub disks: Vec<UsbDisk>,
+    /// Disks plugged at start (`--usb-storage`), usually
+    /// [`DiskImage::with_id`].
+    pub disks: Vec<DiskImage>,
     /// Images made but not plugged (for `usb.attach`).
-    pub spare: Vec<UsbDisk>,
+    pub spare: Vec<DiskImage>,
     /// The VMM and its arguments (without disks and API socket).
     pub vmm_argv: Vec<String>,
     /// Shell run while the VMM runs (may use the driver functions).
@@ -233,18 +117,14 @@ impl UsbScript {
             sh_quote(dir)
         );
         for d in self.disks.iter().chain(&self.spare) {
-            s.push_str(&d.create(dir));
+            s.push_str(&d.create_lines(dir));
         }
         for r in &self.before {
-            let mut r = r.clone();
-            r.tag.push_str("-before");
-            s.push_str(&r.line(dir));
+            s.push_str(&r.line(dir, "-before"));
         }
         let mut argv = self.vmm_argv.clone();
         argv.extend(["--api-socket".to_string(), format!("{dir}/api.sock")]);
-        for d in &self.disks {
-            argv.extend(["--usb-storage".to_string(), d.vmm_arg_in(dir)]);
-        }
+        argv.extend(vmm_disk_args(OPT_USB_STORAGE, dir, &self.disks));
         let line: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
         // The subshell records the VMM's status; tee copies the console
         // (and the VMM's log) to the L1 console and to the log the driver
@@ -276,20 +156,11 @@ echo "{MARK_HOST_VMM_RC}$rc"
             secs = self.exit_wait_s
         );
         for r in &self.after {
-            s.push_str(&r.line(dir));
+            s.push_str(&r.line(dir, ""));
         }
         s.push_str("exit $rc\n");
         s
     }
-}
-
-/// The word after `<mark> <tag> ` on the last console line carrying it.
-pub fn tagged(console: &str, mark: &str, tag: &str) -> Option<String> {
-    let key = format!("{mark} {tag} ");
-    console.lines().rev().find_map(|l| {
-        let rest = &l[l.find(&key)? + key.len()..];
-        rest.split_whitespace().next().map(str::to_string)
-    })
 }
 
 /// The value of `key=` (up to whitespace or `;`) on the last line holding
@@ -311,15 +182,8 @@ pub fn field(console: &str, line_mark: &str, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::{tagged, MARK_GUEST_MD5_USB, MARK_HOST_MD5};
     use std::process::Command;
-
-    #[test]
-    fn disk_args() {
-        let d = UsbDisk::new("three", 64).port(5);
-        assert_eq!(d.vmm_arg(), "path=/tmp/usb/three.img,port=5,id=three");
-        let r = UsbDisk::new("ro", 16).readonly();
-        assert_eq!(r.vmm_arg(), "path=/tmp/usb/ro.img,readonly=on,id=ro");
-    }
 
     #[test]
     fn console_fields() {
@@ -328,7 +192,7 @@ mod tests {
         assert_eq!(field(c, "USB-DISK", "speed").as_deref(), Some("480"));
         assert_eq!(field(c, "USB-HOT-CYCLE", "n").as_deref(), Some("3"));
         assert_eq!(field(c, "USB-HOT-CYCLE", "missing"), None);
-        assert_eq!(tagged(c, MARK_GUEST_MD5, "two").as_deref(), Some("abc"));
+        assert_eq!(tagged(c, MARK_GUEST_MD5_USB, "two").as_deref(), Some("abc"));
         assert_eq!(tagged(c, MARK_HOST_MD5, "tw"), None);
     }
 
@@ -345,8 +209,8 @@ mod tests {
     #[test]
     fn script_runs_driver_and_reports() {
         let script = UsbScript {
-            disks: vec![UsbDisk::new("a", 2).random_head(1)],
-            spare: vec![UsbDisk::new("b", 1)],
+            disks: vec![DiskImage::with_id("a", 2).random_head(1)],
+            spare: vec![DiskImage::with_id("b", 1)],
             vmm_argv: vec![
                 "sh".into(),
                 "-c".into(),
@@ -356,8 +220,8 @@ mod tests {
                      [ -f $D/b.img ] && echo SPARE-MADE\n"
                 .into(),
             exit_wait_s: 10,
-            before: vec![Md5Range::of("a", "a", 0, 1)],
-            after: vec![Md5Range::of("a", "a", 0, 1)],
+            before: vec![Md5Range::of("a", "a.img", 0, 1)],
+            after: vec![Md5Range::of("a", "a.img", 0, 1)],
         };
         let dir = std::env::temp_dir().join(format!("usb-script-{}", std::process::id()));
         let text = script.render_in(&dir.display().to_string());

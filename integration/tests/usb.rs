@@ -10,13 +10,16 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use guest_image::scenario::FileMapping;
+use guest_image::scenario::{FileMapping, MARK_INSMOD_FAIL};
 use guest_image::Scenario;
+use integration::disk::{
+    tagged, DiskImage, Md5Range, MARK_GUEST_MD5_USB as MARK_GUEST_MD5, MARK_HOST_MD5,
+    MARK_HOST_VMM_RC,
+};
 use integration::harness::vmm_args_with;
 use integration::l1::{L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
 use integration::usb::{
-    field, find_program, guest_usb_lib, tagged, Md5Range, UsbDisk, UsbScript, GUEST_MODULES,
-    MARK_GUEST_MD5, MARK_HOST_MD5, MARK_HOST_VMM_RC, MARK_L1_ABORT, VMM_CTL_PATH,
+    field, find_program, guest_usb_lib, UsbScript, GUEST_MODULES, MARK_L1_ABORT, VMM_CTL_PATH,
 };
 use integration::{host, GuestRun, Harness, Mode, RunResult, Verdict};
 
@@ -24,6 +27,13 @@ use integration::{host, GuestRun, Harness, Mode, RunResult, Verdict};
 const TIMEOUT: Duration = Duration::from_secs(1200);
 /// Hotplug cycles in one boot.
 const HOT_CYCLES: u32 = 20;
+/// The CRC libraries under sd_mod and the crypto drivers they must use: the
+/// generic providers the module closure loads before them (no "fallback",
+/// which is what a failed runtime `request_module` leaves).
+const CRC_TRANSFORMS: &[(&str, &str)] = &[
+    ("crc_t10dif", "crct10dif-generic"),
+    ("crc64_rocksoft", "crc64-rocksoft-generic"),
+];
 
 fn harness() -> &'static Harness {
     static H: OnceLock<Harness> = OnceLock::new();
@@ -104,6 +114,11 @@ fn check_passed(r: &RunResult) {
     );
     check(r.verdict == Verdict::Pass, "scenario did not pass", r);
     check(
+        !r.console.contains(MARK_INSMOD_FAIL),
+        "a guest module failed to load",
+        r,
+    );
+    check(
         r.console.contains(&format!("{MARK_HOST_VMM_RC}0")),
         "VMM did not exit 0",
         r,
@@ -139,16 +154,19 @@ fn disks_on_usb3_and_usb2_ports_keep_their_data() {
         .param("usb_len_mib", 8);
     let script = UsbScript {
         disks: vec![
-            UsbDisk::new("three", 64).port(5),
-            UsbDisk::new("two", 32).port(1),
-            UsbDisk::new("ro", 16).port(2).readonly().random_head(1),
+            DiskImage::with_id("three", 64).port(5),
+            DiskImage::with_id("two", 32).port(1),
+            DiskImage::with_id("ro", 16)
+                .port(2)
+                .readonly()
+                .random_head(1),
         ],
         exit_wait_s: 900,
-        before: vec![Md5Range::of("ro-head", "ro", 0, 1)],
+        before: vec![Md5Range::of("ro-head", "ro.img", 0, 1)],
         after: vec![
-            Md5Range::of("three", "three", 1, 8),
-            Md5Range::of("two", "two", 1, 8),
-            Md5Range::of("ro-head", "ro", 0, 1),
+            Md5Range::of("three", "three.img", 1, 8),
+            Md5Range::of("two", "two.img", 1, 8),
+            Md5Range::of("ro-head", "ro.img", 0, 1),
         ],
         ..Default::default()
     };
@@ -175,6 +193,14 @@ fn disks_on_usb3_and_usb2_ports_keep_their_data() {
     );
     check_md5(&r, "ro-head", "ro-head");
     check_md5(&r, "ro-head", "ro-head-before");
+    for (lib, driver) in CRC_TRANSFORMS {
+        let got = field(&r.console, "USB-CRC ", lib);
+        check(
+            got.as_deref() == Some(*driver),
+            &format!("{lib} uses {got:?}, expected {driver}"),
+            &r,
+        );
+    }
 }
 
 /// With `pci=nomsi` the guest leaves MSI-X off and the controller falls
@@ -191,9 +217,9 @@ fn usb_disk_works_over_intx_without_msix() {
         .param("usb_off_mib", 1)
         .param("usb_len_mib", 4);
     let script = UsbScript {
-        disks: vec![UsbDisk::new("intx", 16).port(5)],
+        disks: vec![DiskImage::with_id("intx", 16).port(5)],
         exit_wait_s: 900,
-        after: vec![Md5Range::of("intx", "intx", 1, 4)],
+        after: vec![Md5Range::of("intx", "intx.img", 1, 4)],
         ..Default::default()
     };
     let r = run_script(run, script);
@@ -245,14 +271,14 @@ fn hotplug_cycles_attach_and_detach_with_io() {
         .param("hot_wait", 120)
         .param("base_serial", "base");
     let script = UsbScript {
-        disks: vec![UsbDisk::new("base", 16).port(1).random_head(1)],
-        spare: vec![UsbDisk::new("hot", 32)],
+        disks: vec![DiskImage::with_id("base", 16).port(1).random_head(1)],
+        spare: vec![DiskImage::with_id("hot", 32)],
         driver: hotplug_driver(HOT_CYCLES),
         exit_wait_s: 600,
-        before: vec![Md5Range::of("base-head", "base", 0, 1)],
+        before: vec![Md5Range::of("base-head", "base.img", 0, 1)],
         after: vec![
-            Md5Range::of("base-head", "base", 0, 1),
-            Md5Range::of("hot-all", "hot", 1, u64::from(HOT_CYCLES)),
+            Md5Range::of("base-head", "base.img", 0, 1),
+            Md5Range::of("hot-all", "hot.img", 1, u64::from(HOT_CYCLES)),
         ],
         ..Default::default()
     };
@@ -320,13 +346,13 @@ fn port_reset_during_io_keeps_data() {
     run.modules.push("sg".into());
     let script = UsbScript {
         disks: vec![
-            UsbDisk::new("rs3", 64).port(5),
-            UsbDisk::new("rs2", 64).port(1),
+            DiskImage::with_id("rs3", 64).port(5),
+            DiskImage::with_id("rs2", 64).port(1),
         ],
         exit_wait_s: 900,
         after: vec![
-            Md5Range::of("rs3", "rs3", 0, 32),
-            Md5Range::of("rs2", "rs2", 0, 32),
+            Md5Range::of("rs3", "rs3.img", 0, 32),
+            Md5Range::of("rs2", "rs2.img", 0, 32),
         ],
         ..Default::default()
     };
@@ -373,7 +399,7 @@ fn detach_with_io_in_flight(usb_io: &str) {
         .param("det_wait", 120)
         .vmm_arg(format!("--usb-io={usb_io}"));
     let script = UsbScript {
-        disks: vec![UsbDisk::new("det", 32).port(5)],
+        disks: vec![DiskImage::with_id("det", 32).port(5)],
         driver: format!(
             r#"wait_console "USB-DETACH-WANT" 600 || echo "{MARK_L1_ABORT}: guest did not start its I/O"
 ctl usb.detach '{{"id":"det"}}' || echo "{MARK_L1_ABORT}: detach failed"
@@ -381,7 +407,7 @@ echo "L1-USB-DETACHED"
 "#
         ),
         exit_wait_s: 600,
-        after: vec![Md5Range::of("det-kept", "det", 0, 4)],
+        after: vec![Md5Range::of("det-kept", "det.img", 0, 4)],
         ..Default::default()
     };
     let r = run_script(run, script);
@@ -423,7 +449,7 @@ fn usb_bench_scenario_runs_on_our_vmm() {
         .param("fio_size_mib", 64)
         .l2_binary(fio, "usr/local/bin/fio");
     let script = UsbScript {
-        disks: vec![UsbDisk::new("bench", 64).port(5).random_head(64)],
+        disks: vec![DiskImage::with_id("bench", 64).port(5).random_head(64)],
         exit_wait_s: 900,
         ..Default::default()
     };

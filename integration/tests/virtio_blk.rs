@@ -7,7 +7,10 @@
 //! (copied into the guest for `blkdiscard -z`, i.e. BLKZEROOUT).
 
 use guest_image::Scenario;
-use integration::disk::{self, Disk, Md5Range, MARK_GUEST_MD5, MARK_HOST_BLOCKS, MARK_HOST_MD5};
+use integration::disk::{
+    self, DiskImage, Md5Range, MARK_GUEST_MD5_BLK as MARK_GUEST_MD5, MARK_HOST_BLOCKS,
+    MARK_HOST_MD5,
+};
 use integration::harness::vmm_args_with;
 use integration::testing::{check, harness, mode};
 use integration::{GuestRun, RunResult, Verdict};
@@ -23,7 +26,7 @@ const GUEST_BLKDISCARD: &str = "usr/local/sbin/blkdiscard";
 /// `after` ranges once the VMM has exited.
 fn run_with_disks(
     run: &GuestRun,
-    disks: &[Disk],
+    disks: &[DiskImage],
     before: &[Md5Range],
     after: &[Md5Range],
 ) -> RunResult {
@@ -34,7 +37,7 @@ fn run_with_disks(
         .run_vmm_script(run, mode(), |p| {
             let mut argv = vec![p.vmm.clone()];
             argv.extend(vmm_args_with(run, &cmdline, &p.kernel, &p.initrd));
-            disk::script(&p.scratch, disks, before, &argv, after)
+            disk::blk_script(&p.scratch, disks, before, &argv, after)
         })
         .unwrap_or_else(|e| panic!("cannot run the guest: {e}"));
     eprintln!("{}", r.summary());
@@ -95,7 +98,7 @@ fn data_round_trips_to_the_image_file() {
         .param("disc_mib", DISC_MIB)
         .param("wz_off", WZ_OFF)
         .param("wz_mib", WZ_MIB);
-    let disks = [Disk::new("data.img", DATA_MIB).id("blk-data-0")];
+    let disks = [DiskImage::new("data.img", DATA_MIB).id("blk-data-0")];
     let r = run_with_disks(
         &run,
         &disks,
@@ -166,8 +169,8 @@ fn two_disks_read_only_and_pci_rescan() {
         .param("ro_mib", RO_HEAD_MIB)
         .param("pat_mib", MULTI_PAT_MIB);
     let disks = [
-        Disk::new("rw.img", RW_MIB).id("blk-rw"),
-        Disk::new("ro.img", RO_MIB)
+        DiskImage::new("rw.img", RW_MIB).id("blk-rw"),
+        DiskImage::new("ro.img", RO_MIB)
             .id("blk-ro")
             .readonly()
             .random_head(RO_HEAD_MIB),

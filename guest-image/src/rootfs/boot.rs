@@ -14,8 +14,8 @@ use super::recipe::ROOT_DEVICE;
 /// The initramfs `/init`.
 pub const INIT: &str = include_str!("../../guest/init-rootfs.sh");
 /// Modules the initramfs loads (closure added): the disk on virtio-pci and
-/// ext4, whose checksums need a crc32c implementation it cannot modprobe.
-pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
+/// ext4 (whose soft dependency brings the crc32c its checksums need).
+pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "ext4"];
 /// Where e2fsck may live on the host (Debian 12: /usr/sbin, older: /sbin).
 const HOST_E2FSCK: &[&str] = &["/usr/sbin/e2fsck", "/sbin/e2fsck"];
 

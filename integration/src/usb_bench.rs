@@ -31,11 +31,11 @@ pub const QEMU_DRIVE_OPTS: &str = "format=raw,cache=writeback,aio=threads";
 pub const MARK_RUN: &str = "USB-BENCH-RUN";
 
 /// Our variants, each compared with QEMU in the table: the default
-/// (transfers on the vCPU thread) and `--usb-io thread`.
-pub const OURS: &[(&str, &str)] = &[("ours", "ours"), ("ours-thread", "ours --usb-io thread")];
+/// (transfers on the controller's I/O thread) and `--usb-io vcpu`.
+pub const OURS: &[(&str, &str)] = &[("ours", "ours"), ("ours-vcpu", "ours --usb-io vcpu")];
 
-/// Ours (USB 3 port 5; default, and with transfers on the controller's I/O
-/// thread) and QEMU `-M pc` with `qemu-xhci` + `usb-storage`.
+/// Ours (USB 3 port 5; default, and with transfers on the vCPU thread) and
+/// QEMU `-M pc` with `qemu-xhci` + `usb-storage`.
 pub fn variants(run: &GuestRun, cmdline: &str) -> Vec<Variant> {
     let mut ours = ours_argv(run, cmdline, L2_KERNEL);
     ours.extend([
@@ -51,12 +51,12 @@ pub fn variants(run: &GuestRun, cmdline: &str) -> Vec<Variant> {
         "-device".into(),
         format!("usb-storage,bus=xhci.0,drive=d0,serial={SERIAL}"),
     ]);
-    let mut thread = ours.clone();
-    thread.push("--usb-io=thread".into());
+    let mut vcpu = ours.clone();
+    vcpu.push("--usb-io=vcpu".into());
     let mut all = ours_vs(ours, "qemu", qemu);
     all.push(Variant {
         name: OURS[1].0,
-        argv: thread,
+        argv: vcpu,
     });
     all
 }
@@ -219,7 +219,7 @@ FIO-RESULT job=read-1m-qd8 iops=10 bw_kib=10000
 USB-BENCH-RUN variant=ours rep=1
 FIO-RESULT job=randread-4k-qd32 iops=300 bw_kib=1200
 FIO-RESULT job=bad iops=x bw_kib=1
-USB-BENCH-RUN variant=ours-thread rep=0
+USB-BENCH-RUN variant=ours-vcpu rep=0
 FIO-RESULT job=randread-4k-qd32 iops=75 bw_kib=300
 ";
         let r = parse(c);
@@ -233,7 +233,7 @@ FIO-RESULT job=randread-4k-qd32 iops=75 bw_kib=300
         );
         assert!(
             t.contains(
-                "| randread-4k-qd32 | IOPS | ours --usb-io thread | 75 (1) | 50 (1) | 1.50x |"
+                "| randread-4k-qd32 | IOPS | ours --usb-io vcpu | 75 (1) | 50 (1) | 1.50x |"
             ),
             "{t}"
         );
@@ -259,8 +259,8 @@ FIO-RESULT job=randread-4k-qd32 iops=75 bw_kib=300
             .iter()
             .any(|a| a.starts_with(&format!("file={IMAGE},"))));
         assert!(v[1].argv.contains(&"qemu-xhci,id=xhci".to_string()));
-        assert_eq!(v[2].name, "ours-thread");
-        assert!(v[2].argv.contains(&"--usb-io=thread".to_string()));
+        assert_eq!(v[2].name, "ours-vcpu");
+        assert!(v[2].argv.contains(&"--usb-io=vcpu".to_string()));
         let s = script(8, 2, 60, &v);
         assert!(s.contains("timeout 60 '/vmm'"));
         assert!(s.contains("USB-BENCH-RUN variant=qemu rep=$r"));

@@ -302,9 +302,9 @@ impl DeviceManager {
         Ok((dev, devnum))
     }
 
-    /// Starts the controller's event loop and, with `--usb-io thread`, routes
-    /// its doorbell writes through ioeventfds to a worker on that loop, so
-    /// ring work leaves the vCPU thread (doorbells of slots past one per root
+    /// Starts the controller's event loop and, with `--usb-io thread` (the
+    /// default), routes its doorbell writes through ioeventfds to a worker on
+    /// that loop, so ring work leaves the vCPU thread (doorbells of slots past one per root
     /// port keep the synchronous MMIO path). With `--usb-io vcpu` the
     /// doorbell write exits to the vCPU thread, which runs the rings there:
     /// Bulk-Only storage runs one transfer at a time and the guest waits for

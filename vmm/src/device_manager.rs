@@ -269,11 +269,6 @@ impl DeviceManager {
         let irq = mptable::pci_intx_irq(devnum);
         let line = KvmIrqLine::new(self.vm.clone(), u32::from(irq));
         lock(&dev).add_intx(irq, Arc::new(line));
-        // INTx fallback for guests that leave MSI-X off: INTA# on the IOAPIC
-        // input the MP table names for this device number.
-        let irq = mptable::pci_intx_irq(devnum);
-        let line = KvmIrqLine::new(self.vm.clone(), u32::from(irq));
-        lock(&dev).add_intx(irq, Arc::new(line));
         let mut bar0 = None;
         for b in bars {
             if b.index == XHCI_BAR {
@@ -318,7 +313,9 @@ impl DeviceManager {
             })
             .collect();
         let event_loop = EventLoop::spawn("xhci")?;
-        event_loop.start(Box::new(DoorbellWorker::new(dev.clone(), events)))?;
+        let worker =
+            DoorbellWorker::new(dev.clone(), events).map_err(io("xhci moderation timer"))?;
+        event_loop.start(Box::new(worker))?;
         *lock(&self.xhci_loop) = Some(event_loop);
         self.add_ioeventfds(devnum, fds)
     }

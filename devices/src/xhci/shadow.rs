@@ -11,7 +11,9 @@
 //! The one register that changes on its own is MFINDEX (the microframe
 //! index): in the shadow it advances only when something is published.
 //! Linux reads it for isochronous scheduling and frame numbers, which the
-//! mass-storage devices here never use.
+//! mass-storage devices here never use. Likewise IMOD's down-counter
+//! (IMODC, see `moderation.rs`) shows its value at the last publish; Linux
+//! reads IMOD only at initialisation, before any interrupt loads it.
 
 use super::regs::{rt, RT_BASE};
 

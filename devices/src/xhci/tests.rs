@@ -1228,3 +1228,191 @@ fn read_shadow_matches_register_reads_and_is_current_when_the_interrupt_fires() 
         "EHB cleared by the handler's ERDP write"
     );
 }
+
+/// A clock the test moves by hand.
+struct ManualClock(std::sync::Mutex<std::time::Instant>);
+
+impl moderation::Clock for ManualClock {
+    fn now(&self) -> std::time::Instant {
+        *self.0.lock().unwrap()
+    }
+}
+
+impl ManualClock {
+    fn advance(&self, d: std::time::Duration) {
+        *self.0.lock().unwrap() += d;
+    }
+}
+
+/// Records every arm of the moderation timer.
+#[derive(Default)]
+struct RecordingTimer(std::sync::Mutex<Vec<std::time::Instant>>);
+
+impl moderation::ModerationTimer for RecordingTimer {
+    fn arm(&self, at: std::time::Instant) {
+        self.0.lock().unwrap().push(at);
+    }
+}
+
+/// A started driver with moderation on and IMODI = `imodi` (Linux: 160).
+fn moderated_driver(imodi: u32) -> (Driver, Arc<ManualClock>, Arc<RecordingTimer>) {
+    let mut d = Driver::new(0, 1);
+    let clock = Arc::new(ManualClock(
+        std::sync::Mutex::new(std::time::Instant::now()),
+    ));
+    let timer = Arc::new(RecordingTimer::default());
+    d.xhci.set_moderation(timer.clone(), clock.clone());
+    d.start();
+    d.w32(RT_BASE + rt::IR0 + rt::IMOD, imodi);
+    (d, clock, timer)
+}
+
+impl Driver {
+    fn irqs(&self) -> u32 {
+        self.irq.0.load(Ordering::SeqCst)
+    }
+
+    /// Rings the command doorbell for one No Op command.
+    fn noop(&mut self) -> u64 {
+        let mem = self.mem.clone();
+        let addr = self
+            .cmd
+            .push(&mem, Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+        self.w32(DB_BASE, 0);
+        addr
+    }
+}
+
+#[test]
+fn moderation_defers_the_second_interrupt_until_the_interval_has_passed() {
+    let (mut d, clock, timer) = moderated_driver(160); // 40 us
+    let t0 = clock.now();
+    let base = d.irqs();
+    let a = d.noop();
+    assert_eq!(d.irqs(), base + 1, "the first interrupt is not delayed");
+    assert_eq!(
+        d.r32(RT_BASE + rt::IR0 + rt::IMOD),
+        160 | (160 << 16),
+        "IMODC loaded"
+    );
+    assert_eq!(
+        d.drain().iter().map(|e| e.parameter).collect::<Vec<_>>(),
+        vec![a]
+    );
+    // 10 us later the next event is due 30 us early: no interrupt, no IP,
+    // and the timer is armed for the end of the interval.
+    clock.advance(std::time::Duration::from_micros(10));
+    let b = d.noop();
+    assert_eq!(d.irqs(), base + 1);
+    assert_eq!(d.r32(RT_BASE + rt::IR0 + rt::IMAN) & rt::IMAN_IP, 0);
+    assert_eq!(
+        d.r32(RT_BASE + rt::IR0 + rt::IMOD) >> 16,
+        120,
+        "IMODC counts down"
+    );
+    let due = t0 + std::time::Duration::from_micros(40);
+    assert_eq!(d.xhci.next_interrupt_deadline(), Some(due));
+    assert_eq!(*timer.0.lock().unwrap(), vec![due]);
+    // A third event in the same window neither interrupts nor re-arms.
+    let c = d.noop();
+    assert_eq!((d.irqs(), timer.0.lock().unwrap().len()), (base + 1, 1));
+    // A timer that fires early (or late work) delivers nothing before the deadline.
+    clock.advance(std::time::Duration::from_micros(29));
+    d.xhci.on_moderation_timer();
+    assert_eq!(d.irqs(), base + 1);
+    assert_eq!(
+        timer.0.lock().unwrap().len(),
+        2,
+        "re-armed for the same deadline"
+    );
+    clock.advance(std::time::Duration::from_micros(1));
+    d.xhci.on_moderation_timer();
+    assert_eq!(d.irqs(), base + 2, "delivered at the deadline");
+    assert_ne!(d.r32(RT_BASE + rt::IR0 + rt::IMAN) & rt::IMAN_IP, 0);
+    assert_ne!(d.r32(OP_BASE + op::USBSTS) & op::STS_EINT, 0);
+    assert_eq!(d.xhci.next_interrupt_deadline(), None);
+    let got: Vec<_> = d.drain().iter().map(|e| e.parameter).collect();
+    assert_eq!(got, vec![b, c], "both deferred events in one interrupt");
+    // A second timer call has nothing left to deliver.
+    d.xhci.on_moderation_timer();
+    assert_eq!(d.irqs(), base + 2);
+    // Once the interval has passed, the next event interrupts at once.
+    clock.advance(std::time::Duration::from_micros(40));
+    d.noop();
+    assert_eq!(d.irqs(), base + 3);
+}
+
+#[test]
+fn moderation_off_with_imodi_zero_and_ehb_still_gates() {
+    let (mut d, clock, timer) = moderated_driver(0);
+    let base = d.irqs();
+    d.noop();
+    d.drain();
+    d.noop();
+    assert_eq!(d.irqs(), base + 2, "IMODI = 0: every interrupt at once");
+    assert_eq!(d.xhci.next_interrupt_deadline(), None);
+    // EHB: the handler has not written ERDP yet, so a further event neither
+    // interrupts nor defers, whatever the interval.
+    d.w32(RT_BASE + rt::IR0 + rt::IMOD, 160);
+    clock.advance(std::time::Duration::from_millis(1));
+    d.noop();
+    assert_eq!(d.irqs(), base + 2);
+    assert_eq!(d.xhci.next_interrupt_deadline(), None);
+    assert!(timer.0.lock().unwrap().is_empty());
+    // Deferred at the ERDP write (events left, counter running), then
+    // delivered by the timer only while EHB is clear.
+    let evs = d.drain();
+    assert_eq!(evs.len(), 2);
+    assert_eq!(d.irqs(), base + 2);
+    let e = d.noop();
+    assert_eq!(d.irqs(), base + 3, "counter was 0: at once");
+    // Leave the event unconsumed and clear EHB: the re-raise is moderated.
+    d.w32(RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE | rt::IMAN_IP);
+    d.w64(
+        RT_BASE + rt::IR0 + rt::ERDP_LO,
+        (EVENT_RING + u64::from(d.ev_index) * 16) | rt::ERDP_EHB,
+    );
+    assert_eq!(d.irqs(), base + 3);
+    assert!(d.xhci.next_interrupt_deadline().is_some());
+    clock.advance(std::time::Duration::from_micros(40));
+    d.xhci.on_moderation_timer();
+    assert_eq!(d.irqs(), base + 4);
+    assert_eq!(d.drain()[0].parameter, e);
+}
+
+#[test]
+fn run_stop_and_hcrst_drop_a_deferred_interrupt() {
+    let (mut d, clock, _timer) = moderated_driver(160);
+    let base = d.irqs();
+    d.noop();
+    d.drain();
+    d.noop();
+    assert!(d.xhci.next_interrupt_deadline().is_some());
+    d.w32(OP_BASE + op::USBCMD, op::CMD_INTE);
+    assert_eq!(
+        d.xhci.next_interrupt_deadline(),
+        None,
+        "Run/Stop cleared it"
+    );
+    clock.advance(std::time::Duration::from_micros(40));
+    d.xhci.on_moderation_timer();
+    assert_eq!(d.irqs(), base + 1, "halted: nothing delivered");
+    // Running again: the halt also reset the counter, so the first
+    // interrupt is immediate and the one after it deferred again...
+    d.w32(OP_BASE + op::USBCMD, op::CMD_RUN | op::CMD_INTE);
+    d.drain();
+    d.noop();
+    assert_eq!(d.irqs(), base + 2);
+    d.drain();
+    d.noop();
+    assert_eq!(d.irqs(), base + 2);
+    assert!(d.xhci.next_interrupt_deadline().is_some());
+    // ...until HCRST drops it.
+    d.w32(OP_BASE + op::USBCMD, op::CMD_HCRST);
+    assert_eq!(d.xhci.next_interrupt_deadline(), None, "HCRST cleared it");
+    assert_eq!(d.r32(RT_BASE + rt::IR0 + rt::IMOD), moderation::IMODI_RESET);
+    let before = d.irqs();
+    clock.advance(std::time::Duration::from_millis(1));
+    d.xhci.on_moderation_timer();
+    assert_eq!(d.irqs(), before);
+}

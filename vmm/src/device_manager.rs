@@ -121,8 +121,8 @@ impl DeviceManager {
     /// Puts the PCI bus on `pio` and BAR moves on `mmio`. With
     /// `kvm.coalesced_mmio`, registers whose writes may be applied late are
     /// batched through KVM's coalesced MMIO ring (the vCPUs drain it); with
-    /// `kvm.readonly_mem`, reads of the xHCI runtime registers and doorbells
-    /// are served from memory.
+    /// `kvm.readonly_mem`, reads of the xHCI registers and doorbells are
+    /// served from memory.
     pub fn new(
         vm: Arc<VmFd>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,

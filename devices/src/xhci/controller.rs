@@ -11,7 +11,7 @@ use super::moderation::{Clock, ModerationTimer};
 use super::port::{Port, PortProtocol};
 use super::regs::{self, cap, op, rt, DB_BASE, MAX_SLOTS, OP_BASE, PORT_BASE, RT_BASE, XECP_BASE};
 use super::ring::RingCursor;
-use super::shadow::{ReadShadow, SHADOWED};
+use super::shadow::{self, ReadShadow};
 use super::slot::{EpState, Slot};
 use super::trb::{CompletionCode, Trb};
 use super::{XhciConfig, XhciError};
@@ -41,8 +41,8 @@ pub struct Xhci {
     /// Index = slot ID - 1.
     pub(super) slots: Vec<Slot>,
     started: Instant,
-    /// Where guest reads of the runtime registers are served, if the VMM
-    /// maps them (see `shadow.rs`).
+    /// Where guest reads of the registers are served, if the VMM maps
+    /// them (see `shadow.rs`).
     shadow: Option<Arc<dyn ReadShadow>>,
     /// Interrupt moderation, when the VMM runs a timer for it.
     moderation: Option<ModerationHooks>,
@@ -201,6 +201,7 @@ impl Xhci {
         let deadline = self.interrupter.moderation.deadline();
         if let (Some(m), Some(at)) = (self.moderation.as_mut(), deadline) {
             if m.armed != Some(at) {
+                log::debug!("xhci: interrupt deferred by moderation");
                 m.armed = Some(at);
                 m.timer.arm(at);
             }
@@ -245,9 +246,12 @@ impl Xhci {
         }
     }
 
-    /// Serves guest reads of the runtime registers from `shadow` from now
-    /// on (the VMM maps it read-only over the runtime page).
+    /// Serves guest reads of the registers from `shadow` from now on (the
+    /// VMM maps it read-only over the BAR).
     pub fn set_read_shadow(&mut self, shadow: Arc<dyn ReadShadow>) {
+        for off in shadow::constant() {
+            shadow.store(off, self.read_dword(off));
+        }
         self.shadow = Some(shadow);
         self.publish();
     }
@@ -255,7 +259,7 @@ impl Xhci {
     /// Brings the read shadow up to date.
     fn publish(&self) {
         if let Some(s) = &self.shadow {
-            for off in SHADOWED {
+            for off in shadow::changing(self.ports.len()) {
                 s.store(off, self.read_dword(off));
             }
         }

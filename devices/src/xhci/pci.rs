@@ -157,7 +157,7 @@ impl XhciPci {
         &self.msix
     }
 
-    /// Serves guest reads of the runtime registers from `shadow` (see
+    /// Serves guest reads of the registers from `shadow` (see
     /// [`crate::xhci::shadow`]).
     pub fn set_read_shadow(&mut self, shadow: Arc<dyn super::ReadShadow>) {
         self.xhci.set_read_shadow(shadow);

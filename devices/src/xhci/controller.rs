@@ -220,6 +220,9 @@ impl Xhci {
         if running && self.interrupter.moderation_expired(m.clock.as_ref()) {
             self.usbsts |= op::STS_EINT;
             self.signal();
+        } else {
+            // IP may have been asserted without a delivery (IE clear).
+            self.publish();
         }
         self.arm_moderation_timer();
     }

@@ -1510,3 +1510,23 @@ fn read_shadow_of_the_whole_register_space_follows_every_kind_of_change() {
     assert_eq!(sh.get(OP_BASE + op::USBSTS), op::STS_HCH);
     assert_shadow_current(&mut d, &sh, "reset");
 }
+
+#[test]
+fn moderation_timer_keeps_the_read_shadow_current_with_ie_clear() {
+    let (mut d, clock, _timer) = moderated_driver(160);
+    let sh = Arc::new(MapShadow::default());
+    d.xhci.set_read_shadow(sh.clone());
+    let base = d.irqs();
+    d.noop();
+    d.drain();
+    // IE off: the deferred assertion sets IP (polling drivers see it) but
+    // delivers nothing; the shadow shows it all the same.
+    d.w32(RT_BASE + rt::IR0 + rt::IMAN, 0);
+    d.noop();
+    assert!(d.xhci.next_interrupt_deadline().is_some());
+    clock.advance(std::time::Duration::from_micros(40));
+    d.xhci.on_moderation_timer();
+    assert_eq!(d.irqs(), base + 1);
+    assert_eq!(sh.get(RT_BASE + rt::IR0 + rt::IMAN), rt::IMAN_IP);
+    assert_shadow_current(&mut d, &sh, "after the moderation timer");
+}

@@ -126,8 +126,8 @@ impl DeviceManager {
     /// Puts the PCI bus on `pio` and BAR moves on `mmio`. With
     /// `kvm.coalesced_mmio`, registers whose writes may be applied late are
     /// batched through KVM's coalesced MMIO ring (the vCPUs drain it); with
-    /// `kvm.readonly_mem`, reads of the xHCI runtime registers and doorbells
-    /// are served from memory.
+    /// `kvm.readonly_mem`, reads of the xHCI registers and doorbells are
+    /// served from memory.
     pub fn new(
         vm: Arc<VmFd>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -275,11 +275,6 @@ impl DeviceManager {
         let irq = mptable::pci_intx_irq(devnum);
         let line = KvmIrqLine::new(self.vm.clone(), u32::from(irq));
         lock(&dev).add_intx(irq, Arc::new(line));
-        // INTx fallback for guests that leave MSI-X off: INTA# on the IOAPIC
-        // input the MP table names for this device number.
-        let irq = mptable::pci_intx_irq(devnum);
-        let line = KvmIrqLine::new(self.vm.clone(), u32::from(irq));
-        lock(&dev).add_intx(irq, Arc::new(line));
         let mut bar0 = None;
         for b in bars {
             if b.index == XHCI_BAR {
@@ -302,8 +297,9 @@ impl DeviceManager {
         Ok((dev, devnum))
     }
 
-    /// Starts the controller's event loop and, with `--usb-io thread` (the
-    /// default), routes its doorbell writes through ioeventfds to a worker on
+    /// Starts the controller's event loop (its worker also runs the
+    /// interrupt moderation timer, in both modes) and, with `--usb-io
+    /// thread` (the default), routes its doorbell writes through ioeventfds to a worker on
     /// that loop, so ring work leaves the vCPU thread (doorbells of slots past one per root
     /// port keep the synchronous MMIO path). With `--usb-io vcpu` the
     /// doorbell write exits to the vCPU thread, which runs the rings there:
@@ -330,7 +326,9 @@ impl DeviceManager {
             })
             .collect();
         let event_loop = EventLoop::spawn("xhci")?;
-        event_loop.start(Box::new(DoorbellWorker::new(dev.clone(), events)))?;
+        let worker =
+            DoorbellWorker::new(dev.clone(), events).map_err(io("xhci moderation timer"))?;
+        event_loop.start(Box::new(worker))?;
         *lock(&self.xhci_loop) = Some(event_loop);
         match self.usb_io {
             UsbIo::Thread => self.add_ioeventfds(devnum, fds),

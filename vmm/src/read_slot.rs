@@ -1,5 +1,5 @@
 //! A read-only KVM memory slot over an MMIO range whose reads the device
-//! model can answer ahead of time (the xHCI runtime registers, published
+//! model can answer ahead of time (the xHCI register space, published
 //! through `ReadShadow`, and the doorbell array, which reads 0): guest reads
 //! are served from the mapping with no exit, and writes still exit because
 //! the slot is KVM_MEM_READONLY (KVM treats them as MMIO: ioeventfds first,

@@ -7,10 +7,11 @@ use std::time::Instant;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::event::{Interrupter, Posted};
+use super::moderation::{Clock, ModerationTimer};
 use super::port::{Port, PortProtocol};
 use super::regs::{self, cap, op, rt, DB_BASE, MAX_SLOTS, OP_BASE, PORT_BASE, RT_BASE, XECP_BASE};
 use super::ring::RingCursor;
-use super::shadow::{ReadShadow, SHADOWED};
+use super::shadow::{self, ReadShadow};
 use super::slot::{EpState, Slot};
 use super::trb::{CompletionCode, Trb};
 use super::{XhciConfig, XhciError};
@@ -40,9 +41,19 @@ pub struct Xhci {
     /// Index = slot ID - 1.
     pub(super) slots: Vec<Slot>,
     started: Instant,
-    /// Where guest reads of the runtime registers are served, if the VMM
-    /// maps them (see `shadow.rs`).
+    /// Where guest reads of the registers are served, if the VMM maps
+    /// them (see `shadow.rs`).
     shadow: Option<Arc<dyn ReadShadow>>,
+    /// Interrupt moderation, when the VMM runs a timer for it.
+    moderation: Option<ModerationHooks>,
+}
+
+/// The timer and clock interrupt moderation runs on (see `moderation.rs`).
+struct ModerationHooks {
+    timer: Arc<dyn ModerationTimer>,
+    clock: Arc<dyn Clock>,
+    /// The deadline the timer was last armed for.
+    armed: Option<Instant>,
 }
 
 impl Xhci {
@@ -78,6 +89,7 @@ impl Xhci {
             slots: vec![Slot::default(); MAX_SLOTS],
             started: Instant::now(),
             shadow: None,
+            moderation: None,
         })
     }
 
@@ -164,10 +176,65 @@ impl Xhci {
         }
     }
 
+    /// Turns on interrupt moderation: from now on an interrupt due before
+    /// IMODC runs out is deferred, `timer` is armed for it and the owner
+    /// calls [`Xhci::on_moderation_timer`] when it fires.
+    pub fn set_moderation(&mut self, timer: Arc<dyn ModerationTimer>, clock: Arc<dyn Clock>) {
+        self.moderation = Some(ModerationHooks {
+            timer,
+            clock,
+            armed: None,
+        });
+    }
+
+    fn clock(&self) -> Option<&dyn Clock> {
+        self.moderation.as_ref().map(|m| m.clock.as_ref())
+    }
+
+    /// When a deferred (moderated) interrupt is due, if one is.
+    pub fn next_interrupt_deadline(&self) -> Option<Instant> {
+        self.interrupter.moderation.deadline()
+    }
+
+    /// Arms the moderation timer for a newly deferred interrupt.
+    fn arm_moderation_timer(&mut self) {
+        let deadline = self.interrupter.moderation.deadline();
+        if let (Some(m), Some(at)) = (self.moderation.as_mut(), deadline) {
+            if m.armed != Some(at) {
+                log::debug!("xhci: interrupt deferred by moderation");
+                m.armed = Some(at);
+                m.timer.arm(at);
+            }
+        }
+    }
+
+    /// The moderation timer fired: delivers the deferred interrupt if it is
+    /// due and still wanted (events pending, EHB clear, running), else arms
+    /// the timer again for a deadline that moved.
+    pub fn on_moderation_timer(&mut self) {
+        let running = self.running();
+        let Some(m) = self.moderation.as_mut() else {
+            return;
+        };
+        m.armed = None;
+        if running && self.interrupter.moderation_expired(m.clock.as_ref()) {
+            self.usbsts |= op::STS_EINT;
+            self.signal();
+        } else {
+            // IP may have been asserted without a delivery (IE clear).
+            self.publish();
+        }
+        self.arm_moderation_timer();
+    }
+
     /// Posts an event on interrupter 0 and raises the interrupt if due.
     pub(super) fn post_event(&mut self, trb: Trb, raise: bool) {
         let mem = self.mem.memory();
-        match self.interrupter.post(&mem, trb, raise) {
+        let clock = self.moderation.as_ref().map(|m| m.clock.as_ref());
+        let posted = self.interrupter.post(&mem, trb, raise, clock);
+        drop(mem);
+        self.arm_moderation_timer();
+        match posted {
             Posted::Written(irq) => {
                 self.usbsts |= op::STS_EINT;
                 if irq {
@@ -182,9 +249,12 @@ impl Xhci {
         }
     }
 
-    /// Serves guest reads of the runtime registers from `shadow` from now
-    /// on (the VMM maps it read-only over the runtime page).
+    /// Serves guest reads of the registers from `shadow` from now on (the
+    /// VMM maps it read-only over the BAR).
     pub fn set_read_shadow(&mut self, shadow: Arc<dyn ReadShadow>) {
+        for off in shadow::constant() {
+            shadow.store(off, self.read_dword(off));
+        }
         self.shadow = Some(shadow);
         self.publish();
     }
@@ -192,7 +262,7 @@ impl Xhci {
     /// Brings the read shadow up to date.
     fn publish(&self) {
         if let Some(s) = &self.shadow {
-            for off in SHADOWED {
+            for off in shadow::changing(self.ports.len()) {
                 s.store(off, self.read_dword(off));
             }
         }
@@ -258,6 +328,8 @@ impl Xhci {
         } else if !run {
             self.usbsts |= op::STS_HCH;
             self.cmd_running = false;
+            // A halted controller signals nothing: no deferred interrupt.
+            self.interrupter.moderation.clear();
         }
         // Save/restore (CSS/CRS, section 4.23.2): our state lives in this
         // struct, so both finish at once and never report SRE.
@@ -390,7 +462,7 @@ impl Xhci {
                     }
                     _ if (rt::IR0..rt::IR0 + 0x20).contains(&r) => match r - rt::IR0 {
                         rt::IMAN => ir.iman,
-                        rt::IMOD => ir.imod,
+                        rt::IMOD => ir.read_imod(self.clock().map(|c| c.now())),
                         rt::ERSTSZ => ir.erstsz,
                         rt::ERSTBA_LO => ir.erstba as u32,
                         rt::ERSTBA_HI => (ir.erstba >> 32) as u32,
@@ -438,11 +510,12 @@ impl Xhci {
                     return;
                 }
                 let mem = self.mem.memory();
+                let clock = self.moderation.as_ref().map(|m| m.clock.as_ref());
                 let ir = &mut self.interrupter;
                 let raise = match r - rt::IR0 {
                     rt::IMAN => ir.write_iman(value),
                     rt::IMOD => {
-                        ir.imod = value;
+                        ir.write_imod(value, clock.map(|c| c.now()));
                         false
                     }
                     rt::ERSTSZ => {
@@ -461,15 +534,16 @@ impl Xhci {
                     }
                     rt::ERDP_LO => {
                         let v = lo(ir.erdp & !rt::ERDP_EHB) | (u64::from(value) & rt::ERDP_EHB);
-                        ir.write_erdp(&mem, v)
+                        ir.write_erdp(&mem, v, clock)
                     }
                     rt::ERDP_HI => {
                         let v = hi(ir.erdp) & !rt::ERDP_EHB;
-                        ir.write_erdp(&mem, v)
+                        ir.write_erdp(&mem, v, clock)
                     }
                     _ => false,
                 };
                 drop(mem);
+                self.arm_moderation_timer();
                 if raise {
                     // IP was asserted again (section 5.4.2: EINT follows IP).
                     self.usbsts |= op::STS_EINT;

@@ -16,13 +16,22 @@
 //! endpoint). Writes no ioeventfd matches (a slot beyond the registered ones,
 //! a Stream ID in bits 31:16, a reserved target) still reach the register
 //! through the MMIO path and run synchronously there.
+//!
+//! The worker also owns the interrupt moderation timer (a timerfd in the
+//! same event loop, see `moderation.rs`): the controller arms it, from
+//! whichever thread defers an interrupt, and the worker delivers the
+//! deferred interrupt when it fires.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
+use super::moderation::{ModerationTimer, SystemClock};
 use super::regs::DB_BASE;
 use super::XhciPci;
 
@@ -76,15 +85,84 @@ pub fn doorbell_events(device_slots: u8) -> io::Result<Vec<DoorbellEvent>> {
     Ok(v)
 }
 
-/// Runs doorbells signalled through eventfds against the shared controller.
+/// Event data of the moderation timer (doorbells use their list index).
+const MODERATION_TIMER_DATA: u32 = u32::MAX;
+
+/// The interrupt moderation timer: a non-blocking one-shot timerfd.
+struct ModerationTimerFd(Mutex<TimerFd>);
+
+impl ModerationTimerFd {
+    fn new() -> io::Result<Self> {
+        let fd = TimerFd::new()?;
+        let raw = fd.as_raw_fd();
+        // SAFETY: fcntl on a descriptor we own, with integer arguments only;
+        // the return values are checked.
+        let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(Mutex::new(fd)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TimerFd> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Consumes an expiry (without blocking if a re-arm raced with it).
+    fn acknowledge(&self) {
+        if let Err(e) = self.lock().wait() {
+            if e.errno() != libc::EAGAIN {
+                log::warn!("xhci: moderation timer: {e}");
+            }
+        }
+    }
+}
+
+impl ModerationTimer for ModerationTimerFd {
+    fn arm(&self, at: Instant) {
+        // A zero duration would disarm the timerfd: at least 1 ns.
+        let left = at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_nanos(1));
+        if let Err(e) = self.lock().reset(left, None) {
+            log::warn!("xhci: cannot arm the moderation timer: {e}");
+        }
+    }
+}
+
+/// Runs doorbells signalled through eventfds against the shared controller,
+/// and the controller's interrupt moderation timer.
 pub struct DoorbellWorker {
     device: Arc<Mutex<XhciPci>>,
     events: Vec<DoorbellEvent>,
+    timer: Arc<ModerationTimerFd>,
 }
 
 impl DoorbellWorker {
-    pub fn new(device: Arc<Mutex<XhciPci>>, events: Vec<DoorbellEvent>) -> Self {
-        Self { device, events }
+    /// A worker for `events`; it turns on the controller's interrupt
+    /// moderation with its timer.
+    pub fn new(device: Arc<Mutex<XhciPci>>, events: Vec<DoorbellEvent>) -> io::Result<Self> {
+        let timer = Arc::new(ModerationTimerFd::new()?);
+        device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_moderation(timer.clone(), Arc::new(SystemClock));
+        Ok(Self {
+            device,
+            events,
+            timer,
+        })
+    }
+
+    /// The moderation timer fired.
+    pub fn moderation_timer(&mut self) {
+        // Reset the expiry before looking: an arm after this fires again.
+        self.timer.acknowledge();
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .on_moderation_timer();
     }
 
     /// Handles the doorbell at `index` of the event list (what `process`
@@ -116,11 +194,20 @@ impl MutEventSubscriber for DoorbellWorker {
                 log::error!("xhci: cannot watch doorbell {}/{}: {e}", ev.slot, ev.target);
             }
         }
+        let timer = self.timer.lock();
+        let ev = Events::with_data(&*timer, MODERATION_TIMER_DATA, EventSet::IN);
+        if let Err(e) = ops.add(ev) {
+            log::error!("xhci: cannot watch the interrupt moderation timer: {e}");
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.event_set().contains(EventSet::IN) {
-            self.ring(events.data() as usize);
+        if !events.event_set().contains(EventSet::IN) {
+            return;
+        }
+        match events.data() {
+            MODERATION_TIMER_DATA => self.moderation_timer(),
+            i => self.ring(i as usize),
         }
     }
 }

@@ -4,12 +4,16 @@
 //! through ERDP. Events that find the ring full wait in a bounded host-side
 //! queue until the guest frees space. Interrupt rules: a new event asserts
 //! IMAN.IP (and EHB) only while EHB is clear; an ERDP write that clears EHB
-//! while events are still pending asserts it again.
+//! while events are still pending asserts it again. With moderation on
+//! ([`Moderation`]) an assertion due before IMODC has run out waits for the
+//! moderation timer instead.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::moderation::{Clock, Moderation, IMODC_SHIFT, IMODI_MASK, IMODI_RESET};
 use super::regs::rt;
 use super::trb::{ErstEntry, Trb, CYCLE};
 
@@ -35,7 +39,9 @@ pub enum Posted {
 #[derive(Debug, Default, Clone)]
 pub struct Interrupter {
     pub iman: u32,
+    /// IMODI (bits 15:0); IMODC lives in `moderation`.
     pub imod: u32,
+    pub moderation: Moderation,
     pub erstsz: u32,
     pub erstba: u64,
     /// ERDP as the guest wrote it (pointer, DESI) with our EHB bit.
@@ -51,7 +57,7 @@ pub struct Interrupter {
 impl Interrupter {
     pub fn new() -> Self {
         Self {
-            imod: 4000, // reset value of IMODI (section 5.5.2.2)
+            imod: IMODI_RESET,
             ..Default::default()
         }
     }
@@ -156,13 +162,20 @@ impl Interrupter {
     }
 
     /// Posts `trb`; `Written(true)` means the interrupt must be signalled
-    /// now. `raise` is false for events of TRBs with BEI (Block Event Interrupt).
-    pub fn post(&mut self, mem: &GuestMemoryMmap, trb: Trb, raise: bool) -> Posted {
+    /// now. `raise` is false for events of TRBs with BEI (Block Event
+    /// Interrupt). `clock` is set when moderation is on.
+    pub fn post(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        trb: Trb,
+        raise: bool,
+        clock: Option<&dyn Clock>,
+    ) -> Posted {
         if !self.overflow.is_empty() {
             return self.queue(trb);
         }
         match self.write(mem, trb) {
-            Posted::Written(_) => Posted::Written(raise && self.assert_if_idle()),
+            Posted::Written(_) => Posted::Written(raise && self.assert_if_idle(clock)),
             Posted::Queued => self.queue(trb),
             Posted::NoRing => Posted::NoRing,
         }
@@ -178,11 +191,20 @@ impl Interrupter {
         Posted::Queued
     }
 
-    /// Sets IP and EHB unless the guest is still handling the last interrupt.
-    /// Returns true if an interrupt should be delivered.
-    fn assert_if_idle(&mut self) -> bool {
+    /// Sets IP and EHB unless the guest is still handling the last interrupt
+    /// or (with `clock`) IMODC has not run out, in which case the deferred
+    /// interrupt's deadline is recorded. Returns true if an interrupt should
+    /// be delivered.
+    fn assert_if_idle(&mut self, clock: Option<&dyn Clock>) -> bool {
         if self.erdp & rt::ERDP_EHB != 0 {
             return false;
+        }
+        if let Some(clock) = clock {
+            let now = clock.now();
+            if !self.moderation.may_assert(now) {
+                return false;
+            }
+            self.moderation.asserted(now, self.imod & IMODI_MASK);
         }
         self.erdp |= rt::ERDP_EHB;
         self.iman |= rt::IMAN_IP;
@@ -191,7 +213,12 @@ impl Interrupter {
 
     /// An ERDP write (section 5.5.2.3.3). Returns true if the interrupt must
     /// be signalled again because events are still pending.
-    pub fn write_erdp(&mut self, mem: &GuestMemoryMmap, value: u64) -> bool {
+    pub fn write_erdp(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        value: u64,
+        clock: Option<&dyn Clock>,
+    ) -> bool {
         let ehb = if value & rt::ERDP_EHB != 0 {
             0 // RW1C
         } else {
@@ -207,7 +234,31 @@ impl Interrupter {
                 _ => break,
             }
         }
-        self.pending() && self.assert_if_idle()
+        self.pending() && self.assert_if_idle(clock)
+    }
+
+    /// The moderation timer fired at `clock`'s now: asserts a deferred
+    /// interrupt if it is due and events are still pending. Returns true if
+    /// an interrupt should be delivered.
+    pub fn moderation_expired(&mut self, clock: &dyn Clock) -> bool {
+        self.moderation.take_expired(clock.now())
+            && self.pending()
+            && self.assert_if_idle(Some(clock))
+    }
+
+    /// IMOD as the guest reads it at `now`.
+    pub fn read_imod(&self, now: Option<Instant>) -> u32 {
+        let counter = now.map_or(0, |n| self.moderation.counter(n));
+        (self.imod & IMODI_MASK) | (counter << IMODC_SHIFT)
+    }
+
+    /// An IMOD write: IMODI is stored, IMODC (with moderation on) reloads
+    /// the counter.
+    pub fn write_imod(&mut self, value: u32, now: Option<Instant>) {
+        self.imod = value & IMODI_MASK;
+        if let Some(now) = now {
+            self.moderation.write_counter(now, value >> IMODC_SHIFT);
+        }
     }
 
     /// IMAN write: IP is RW1C, IE is RW.

@@ -18,6 +18,7 @@ mod command;
 pub mod controller;
 pub mod doorbell;
 pub mod event;
+pub mod moderation;
 pub mod pci;
 pub mod port;
 pub mod regs;
@@ -34,6 +35,7 @@ use thiserror::Error;
 
 pub use controller::{Xhci, INTERRUPTER_VECTOR};
 pub use doorbell::{doorbell_events, DoorbellEvent, DoorbellWorker};
+pub use moderation::{Clock, ModerationTimer, SystemClock};
 pub use pci::{XhciPci, XhciPciError};
 pub use port::PortProtocol;
 pub use regs::MMIO_SIZE;

@@ -157,10 +157,25 @@ impl XhciPci {
         &self.msix
     }
 
-    /// Serves guest reads of the runtime registers from `shadow` (see
+    /// Serves guest reads of the registers from `shadow` (see
     /// [`crate::xhci::shadow`]).
     pub fn set_read_shadow(&mut self, shadow: Arc<dyn super::ReadShadow>) {
         self.xhci.set_read_shadow(shadow);
+    }
+
+    /// Turns on interrupt moderation (see [`crate::xhci::moderation`]).
+    pub fn set_moderation(
+        &mut self,
+        timer: Arc<dyn super::ModerationTimer>,
+        clock: Arc<dyn super::Clock>,
+    ) {
+        self.xhci.set_moderation(timer, clock);
+    }
+
+    /// The moderation timer fired: deliver a deferred interrupt.
+    pub fn on_moderation_timer(&mut self) {
+        self.xhci.on_moderation_timer();
+        self.sync_intx();
     }
 
     /// A doorbell write that arrived by ioeventfd: dropped, as the BAR write
@@ -458,6 +473,40 @@ mod tests {
     }
 
     #[test]
+    fn moderation_timer_of_the_worker_delivers_a_deferred_intx_interrupt() {
+        use crate::pci::intx::tests::RecordingLine;
+        let (mut d, _router, mem) = device();
+        let line = Arc::new(RecordingLine::default());
+        d.add_intx(18, line.clone());
+        start_with(&mut d, &mem, false);
+        // The longest interval (16.4 ms), so the test runs well inside it.
+        bar_w32(&mut d, XHCI_BAR, RT_BASE + rt::IR0 + rt::IMOD, 0xffff);
+        let dev = Arc::new(std::sync::Mutex::new(d));
+        let events = crate::xhci::doorbell_events(1).unwrap();
+        let mut worker = crate::xhci::DoorbellWorker::new(dev.clone(), events).unwrap();
+        let img = TempImage::new(64);
+        let disk = MassStorage::new(img.open(false), MassStorageConfig::default());
+        dev.lock().unwrap().attach(3, Box::new(disk)).unwrap();
+        assert_eq!(*line.0.lock().unwrap(), vec![true], "first one at once");
+        {
+            let mut d = dev.lock().unwrap();
+            ack_interrupt(&mut d);
+            consume_event_and_ack_port_3(&mut d);
+            d.detach(3).unwrap();
+            assert!(d.xhci().next_interrupt_deadline().is_some(), "deferred");
+        }
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
+        // Before the deadline the timer has not fired: reading it does not
+        // block and nothing is delivered.
+        worker.moderation_timer();
+        assert_eq!(line.0.lock().unwrap().len(), 2);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        worker.moderation_timer();
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false, true]);
+        assert_eq!(dev.lock().unwrap().xhci().next_interrupt_deadline(), None);
+    }
+
+    #[test]
     fn hotplug_event_fires_msix_vector_0() {
         let (mut d, router, mem) = device();
         start(&mut d, &mem);
@@ -546,7 +595,7 @@ mod tests {
         assert_eq!(events[5].bar_offset(), crate::xhci::regs::DB_BASE + 4);
         assert_eq!(events[5].datamatch(), 5);
         events[cmd].fd.write(1).unwrap();
-        let mut worker = crate::xhci::DoorbellWorker::new(dev.clone(), events.clone());
+        let mut worker = crate::xhci::DoorbellWorker::new(dev.clone(), events.clone()).unwrap();
         worker.ring(cmd);
         let ev = first_event(&mem);
         assert_eq!(ev.trb_type(), trb_type::COMMAND_COMPLETION);

@@ -179,17 +179,23 @@ pub mod xcap {
 /// write costs no exit to userspace and is applied, in order, before the
 /// guest's next trapped access (any vCPU exit drains the batch first). Each
 /// entry is safe because nothing but the guest itself observes the write,
-/// and every guest read of these registers is a trapped access:
+/// and the guest does not read the register again before a trapped access
+/// applies the write (reads may be served from the read shadow, see
+/// `shadow.rs`, which shows the value before the write until then):
 ///
 /// - USBSTS (section 5.4.2) only has RW1C bits to write (HCH, SSS, RSS, CNR
-///   are read-only). Linux's interrupt handler writes it once per interrupt
-///   to acknowledge EINT, then reads ERDP (trapped, so the acknowledgement
-///   is applied there) before writing ERDP. An event the controller posts
-///   in between either is consumed by that handler or is still pending when
-///   ERDP is written, and that write re-raises the interrupt and sets EINT
-///   again (see the ERDP handling in `controller.rs`), so no interrupt is
-///   ever seen without EINT. The controller never bases a decision on
-///   EINT/PCD/SRE, and HSE is checked only in a USBCMD write (trapped).
+///   are read-only). Linux's interrupt handler reads it once (first thing),
+///   writes it once to acknowledge EINT, then writes ERDP low (trapped, so
+///   the acknowledgement is applied there, and the shadow republished) and
+///   only then can the next interrupt come (EHB blocks it until that ERDP
+///   write). Its other USBSTS reads (halt, reset, suspend handshakes) follow
+///   a trapped USBCMD write. An event the controller posts between the
+///   USBSTS write and the ERDP write either is consumed by that handler or
+///   is still pending when ERDP is written, and that write re-raises the
+///   interrupt and sets EINT again (see the ERDP handling in
+///   `controller.rs`), so no interrupt is ever seen without EINT. The
+///   controller never bases a decision on EINT/PCD/SRE, and HSE is checked
+///   only in a USBCMD write (trapped).
 /// - ERDP high dword (section 5.5.2.3.3): Linux writes ERDP as low dword
 ///   then high dword. The low write (trapped) moves the dequeue pointer and
 ///   clears EHB, which is what re-arms interrupts; the high dword is the
@@ -203,10 +209,10 @@ pub const DEFERRABLE_WRITES: [u64; 2] = [OP_BASE + op::USBSTS, RT_BASE + rt::IR0
 
 /// Start of the part of the BAR whose guest reads a VMM may serve from a
 /// read-only memory mapping instead of trapping them (writes still trap):
-/// the runtime registers page, kept current through
-/// [`ReadShadow`](super::shadow::ReadShadow), then the Doorbell Array
-/// (section 5.6: "reads of a Doorbell Register return 0") and the unused
-/// space after it, which always read 0. Linux reads ERDP (two dwords) in
+/// all of it. The capability, operational and runtime registers are kept
+/// current through [`ReadShadow`](super::shadow::ReadShadow); the Doorbell
+/// Array (section 5.6: "reads of a Doorbell Register return 0") and the
+/// unused space always read 0. Linux reads USBSTS and ERDP (two dwords) in
 /// every interrupt and reads each doorbell back after writing it; served
 /// from memory, those reads cost no exit.
-pub const READ_BACKED_START: u64 = RT_BASE;
+pub const READ_BACKED_START: u64 = 0;

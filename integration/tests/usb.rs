@@ -377,15 +377,14 @@ fn port_reset_during_io_keeps_data() {
 /// I/O fails in the guest instead of hanging, the disk goes away, the VMM
 /// keeps running (the guest powers off, the VMM exits 0), and the block
 /// written and synced before the detach is intact in the image.
-/// Transfers on the vCPU thread (`--usb-io vcpu`): the detach comes from
-/// the control thread while a vCPU may hold the controller.
+/// Transfers on the vCPU thread (`--usb-io vcpu`, the default): the detach
+/// comes from the control thread while a vCPU may hold the controller.
 #[test]
 fn hot_detach_with_io_in_flight_keeps_synced_data() {
     detach_with_io_in_flight("vcpu");
 }
 
-/// The same with transfers on the controller's own I/O thread (the
-/// default).
+/// The same with transfers on the controller's own I/O thread.
 #[test]
 fn hot_detach_with_io_in_flight_on_the_io_thread() {
     detach_with_io_in_flight("thread");

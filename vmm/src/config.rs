@@ -363,14 +363,14 @@ pub enum SerialConfig {
 /// Which thread runs the USB controller's transfers (`--usb-io`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UsbIo {
-    /// On the controller's own I/O thread (doorbells by ioeventfd, as all
-    /// device queue work): a slow image never holds a vCPU, at the cost of a
-    /// thread switch per transfer.
-    #[default]
-    Thread,
     /// On the vCPU thread whose doorbell write started them: the guest gets
     /// the completion interrupt as it resumes, before it can go idle.
+    #[default]
     Vcpu,
+    /// On the controller's own I/O thread (doorbells by ioeventfd, as
+    /// virtio queue work): a slow image never holds a vCPU, at the cost of a
+    /// thread switch and a guest idle cycle per transfer.
+    Thread,
 }
 
 impl UsbIo {
@@ -407,7 +407,7 @@ mod tests {
     fn usb_io_option() {
         assert_eq!(UsbIo::parse("vcpu").unwrap(), UsbIo::Vcpu);
         assert_eq!(UsbIo::parse("thread").unwrap(), UsbIo::Thread);
-        assert_eq!(UsbIo::default(), UsbIo::Thread);
+        assert_eq!(UsbIo::default(), UsbIo::Vcpu);
         let e = UsbIo::parse("worker").unwrap_err().to_string();
         assert!(e.contains("--usb-io") && e.contains("'worker'"), "{e}");
     }

@@ -299,14 +299,15 @@ impl DeviceManager {
 
     /// Starts the controller's event loop (its worker also runs the
     /// interrupt moderation timer, in both modes) and, with `--usb-io
-    /// thread` (the default), routes its doorbell writes through ioeventfds to a worker on
-    /// that loop, so ring work leaves the vCPU thread (doorbells of slots past one per root
-    /// port keep the synchronous MMIO path). With `--usb-io vcpu` the
-    /// doorbell write exits to the vCPU thread, which runs the rings there:
-    /// Bulk-Only storage runs one transfer at a time and the guest waits for
-    /// each, so finishing it before the guest resumes saves the guest an
-    /// idle cycle (HLT, timer reprogramming, wake-up) and L1 a thread switch
-    /// per transfer.
+    /// thread`, routes its doorbell writes through ioeventfds to a worker on
+    /// that loop, so ring work leaves the vCPU thread (doorbells of slots
+    /// past one per root port keep the synchronous MMIO path). With
+    /// `--usb-io vcpu` (the default, departing from DESIGN section 4's
+    /// event-loop queue work on measurement) the doorbell write exits to the
+    /// vCPU thread, which runs the rings there: Bulk-Only storage runs one
+    /// transfer at a time and the guest waits for each, so finishing it
+    /// before the guest resumes saves the guest an idle cycle (HLT, timer
+    /// reprogramming, wake-up) and L1 a thread switch per transfer.
     fn start_doorbell_worker(
         &self,
         dev: &Arc<Mutex<XhciPci>>,

@@ -55,11 +55,11 @@ struct Cli {
     #[arg(long = "usb-storage", value_name = "OPTIONS", value_parser = UsbStorageConfig::parse)]
     usb_storage: Vec<UsbStorageConfig>,
 
-    /// Where USB transfers run: thread (on the controller's own I/O thread,
-    /// so a slow image never holds a vCPU) or vcpu (on the vCPU thread that
-    /// rang the doorbell, so the guest has its completion as soon as it
-    /// resumes instead of idling for it; faster when the host is busy).
-    #[arg(long, value_name = "thread|vcpu", default_value = "thread", value_parser = UsbIo::parse)]
+    /// Where USB transfers run: vcpu (on the vCPU thread that rang the
+    /// doorbell, so the guest has its completion as soon as it resumes
+    /// instead of idling for it) or thread (on the controller's own I/O
+    /// thread, so a slow image file never holds a vCPU).
+    #[arg(long, value_name = "vcpu|thread", default_value = "vcpu", value_parser = UsbIo::parse)]
     usb_io: UsbIo,
 
     /// Serve the control API (newline-delimited JSON, see docs/api.md) on

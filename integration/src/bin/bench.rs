@@ -460,8 +460,9 @@ fn usb(reps: u32, runtime: u64, image_mib: u64, write: Option<PathBuf>) -> Resul
              read (iodepth 32, but Bulk-Only runs one command at a time), 1 MiB sequential read and \
              write (iodepth 8). Medians of {reps} rounds run round-robin in the same L1 (QEMU TCG, \
              one vCPU, `kvm_amd` nested). Ours: `--usb-storage path=IMG,port=5,id=bench` (buffered \
-             I/O on the host page cache), with transfers on the controller's own I/O thread (the \
-             default) and with `--usb-io vcpu` (on the vCPU thread that rang the doorbell). QEMU: `-M pc -accel kvm -cpu host -device qemu-xhci \
+             I/O on the host page cache), with `--usb-io thread` (transfers on the controller's \
+             own I/O thread) and `--usb-io vcpu` (on the vCPU thread that rang the doorbell, the \
+             default). QEMU: `-M pc -accel kvm -cpu host -device qemu-xhci \
              -drive file=IMG,if=none,{} -device usb-storage,drive=d0`. \
              MB/s = 10^6 bytes/s. Ratio above 1 = ours is faster.\n\n{table}\nRaw lines:\n\n```\n{}\n```\n",
             usb_bench::QEMU_DRIVE_OPTS,

@@ -1196,15 +1196,7 @@ fn read_shadow_matches_register_reads_and_is_current_when_the_interrupt_fires() 
     let mut d = Driver::new(0, 1);
     let sh = Arc::new(MapShadow::default());
     let irq = Arc::new(ShadowCheckingIrq(sh.clone(), Default::default()));
-    d.xhci = Xhci::new(
-        XhciConfig {
-            usb2_ports: 0,
-            usb3_ports: 1,
-        },
-        GuestMemoryAtomic::new(d.mem.clone()),
-        irq.clone(),
-    )
-    .unwrap();
+    d.xhci.set_interrupt(irq.clone());
     d.xhci.set_read_shadow(sh.clone());
     d.start();
     let img = TempImage::new(64);
@@ -1444,15 +1436,7 @@ fn read_shadow_of_the_whole_register_space_follows_every_kind_of_change() {
     let mut d = Driver::new(1, 1);
     let sh = Arc::new(MapShadow::default());
     let irq = Arc::new(OperationalCheckingIrq(sh.clone(), 2, Default::default()));
-    d.xhci = Xhci::new(
-        XhciConfig {
-            usb2_ports: 1,
-            usb3_ports: 1,
-        },
-        GuestMemoryAtomic::new(d.mem.clone()),
-        irq.clone(),
-    )
-    .unwrap();
+    d.xhci.set_interrupt(irq.clone());
     d.xhci.set_read_shadow(sh.clone());
     assert_shadow_current(&mut d, &sh, "constants at start");
     assert_ne!(sh.get(cap::HCSPARAMS1), 0);

@@ -95,9 +95,6 @@ pub struct KvmFeatures {
     pub coalesced_mmio: bool,
     /// KVM_CAP_READONLY_MEM: serve register reads from memory.
     pub readonly_mem: bool,
-    /// Which thread runs the xHCI controller's transfers (not a KVM
-    /// capability, but it decides whether doorbells become ioeventfds).
-    pub usb_io: UsbIo,
 }
 
 pub struct DeviceManager {
@@ -127,13 +124,15 @@ impl DeviceManager {
     /// `kvm.coalesced_mmio`, registers whose writes may be applied late are
     /// batched through KVM's coalesced MMIO ring (the vCPUs drain it); with
     /// `kvm.readonly_mem`, reads of the xHCI registers and doorbells are
-    /// served from memory.
+    /// served from memory. `usb_io` decides whether xHCI doorbells become
+    /// ioeventfds.
     pub fn new(
         vm: Arc<VmFd>,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         pio: &Bus,
         mmio: Arc<Bus>,
         kvm: KvmFeatures,
+        usb_io: UsbIo,
     ) -> Result<Self, DeviceError> {
         // BARs go between the start of the hole and the IOAPIC.
         let pci = Arc::new(PciBus::new(
@@ -170,7 +169,7 @@ impl DeviceManager {
             coalesced,
             read_slots,
             xhci_loop: Mutex::new(None),
-            usb_io: kvm.usb_io,
+            usb_io,
         })
     }
 

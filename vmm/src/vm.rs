@@ -175,7 +175,6 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     let features = KvmFeatures {
         coalesced_mmio,
         readonly_mem: kvm.check_extension(Cap::ReadonlyMem),
-        usb_io: cfg.usb_io,
     };
     let devices = DeviceManager::new(
         vm.clone(),
@@ -183,6 +182,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         &pio,
         mmio.clone(),
         features,
+        cfg.usb_io,
     )?;
     for disk in &cfg.disks {
         devices.add_disk(disk, &mmio, cfg.cpus)?;

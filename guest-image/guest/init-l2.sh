@@ -15,8 +15,22 @@ while read -r m; do
     insmod "$m" || echo "GUEST-INSMOD-FAIL $m"
 done < /etc/modules.order
 cd /
+# A scenario that hangs would leave the test that runs it with nothing but
+# a timeout: watchdog=SECONDS (set by the harness inside its own bound)
+# prints the kernel's view of the hang while the scenario runs on.
+# Only the watchdog's sleep is stopped at the end: a report under way
+# finishes.
+watchdog_s=$(param watchdog 0)
+if [ "$watchdog_s" -gt 0 ] 2>/dev/null; then
+    (
+        sleep "$watchdog_s" &
+        echo $! > /tmp/watchdog.pid
+        wait $! && hang_report "$watchdog_s"
+    ) &
+fi
 sh /scenario.sh
 rc=$?
+[ ! -f /tmp/watchdog.pid ] || kill "$(cat /tmp/watchdog.pid)" 2>/dev/null
 if [ "$rc" -eq 0 ]; then
     echo "SCENARIO-PASS"
 else

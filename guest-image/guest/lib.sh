@@ -46,6 +46,23 @@ report_status() {
     printf "\\$(printf %03o "$b")" | dd of=/dev/port bs=1 seek=244 count=1 conv=notrunc 2>/dev/null
 }
 
+# hang_report SECONDS: what the kernel knows while a scenario hangs, for
+# the log of a test that then times out: the tasks blocked in the kernel
+# (sysrq w, into dmesg), the tail of dmesg, interrupt counts, processes.
+# The init's watchdog calls it SECONDS after the scenario started.
+hang_report() {
+    echo "GUEST-WATCHDOG: the scenario still runs after ${1}s; kernel state follows"
+    echo 1 > /proc/sys/kernel/sysrq 2>/dev/null &&
+        echo w > /proc/sysrq-trigger 2>/dev/null
+    echo "--- dmesg (last 120 lines):"
+    dmesg 2>&1 | tail -n 120
+    echo "--- /proc/interrupts:"
+    cat /proc/interrupts 2>&1
+    echo "--- processes:"
+    ps 2>&1
+    echo "GUEST-WATCHDOG: end of report"
+}
+
 # md5_of FILE: md5 of a file's content.
 md5_of() {
     md5sum < "$1" | cut -d' ' -f1

@@ -26,6 +26,11 @@ pub const TIMEOUT_ENV: &str = "VMM_TEST_TIMEOUT";
 pub const L1_MEMORY_MIB: u32 = 2048;
 /// I/O port of the debug-exit device (guest-image `report_status`).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// L2 command-line key of the guest init's hang watchdog, in seconds
+/// (0 = none); see [`GuestRun::l2_cmdline`].
+pub const WATCHDOG_PARAM: &str = "watchdog";
+/// The first line of the guest's hang report.
+pub const MARK_GUEST_WATCHDOG: &str = "GUEST-WATCHDOG";
 
 /// Console markers time-stamped into [`RunResult::events`].
 const MARKERS: &[&str] = &[
@@ -263,9 +268,21 @@ impl GuestRun {
         self
     }
 
-    /// The L2 kernel command line.
+    /// The L2 kernel command line: the base, the run's parameters and,
+    /// unless the run sets one, `watchdog=` at half the run's timeout (the
+    /// guest init then reports a hung scenario's kernel state while the
+    /// test can still show it; see `hang_report` in `guest/lib.sh`).
     pub fn l2_cmdline(&self) -> Result<String, HarnessError> {
-        Ok(cmdline::with_params(cmdline::L2_BASE, &self.params)?)
+        let mut params = self.params.clone();
+        if !params.iter().any(|p| p.key == WATCHDOG_PARAM) {
+            params.push(Param::new(WATCHDOG_PARAM, self.watchdog_secs()));
+        }
+        Ok(cmdline::with_params(cmdline::L2_BASE, &params)?)
+    }
+
+    /// When the guest's watchdog reports: half the timeout, at least 30 s.
+    fn watchdog_secs(&self) -> u64 {
+        (self.timeout.as_secs() / 2).max(30)
     }
 }
 
@@ -708,7 +725,7 @@ mod tests {
             .param("expect_cpus", 2);
         let line = run.l2_cmdline().unwrap();
         assert!(line.starts_with(cmdline::L2_BASE));
-        assert!(line.ends_with(" expect_cpus=2"));
+        assert!(line.contains(" expect_cpus=2"));
         let args = vmm_args(&run, &line);
         assert_eq!(
             args,
@@ -727,6 +744,22 @@ mod tests {
                 "stdout"
             ]
         );
+    }
+
+    #[test]
+    fn guest_watchdog_reports_inside_the_run_timeout() {
+        let run = GuestRun::new(Scenario::inline("t", "true")).timeout(Duration::from_secs(1200));
+        let line = run.l2_cmdline().unwrap();
+        assert_eq!(cmdline::lookup(&line, WATCHDOG_PARAM), Some("600"));
+        let short = run.timeout(Duration::from_secs(20)).l2_cmdline().unwrap();
+        assert_eq!(cmdline::lookup(&short, WATCHDOG_PARAM), Some("30"));
+        // A run's own value wins and is not repeated.
+        let own = GuestRun::new(Scenario::inline("t", "true"))
+            .param(WATCHDOG_PARAM, 0)
+            .l2_cmdline()
+            .unwrap();
+        assert_eq!(own.matches("watchdog=").count(), 1);
+        assert_eq!(cmdline::lookup(&own, WATCHDOG_PARAM), Some("0"));
     }
 
     #[test]

@@ -81,6 +81,12 @@ wait_console() {
     return 1
 }
 ctl() { /vmm-ctl --socket "$D/api.sock" --timeout 60 "$@"; }
+vmm_threads() {
+    for t in /proc/$(cat "$D/vmm.pid")/task/*; do
+        echo "vmm thread $(cat "$t/comm"): $(grep '^State:' "$t/status") wchan=$(cat "$t/wchan" 2>/dev/null)"
+        head -n 6 "$t/stack" 2>/dev/null
+    done
+}
 "#;
 
 /// The L1 script of a USB run.
@@ -113,7 +119,7 @@ impl UsbScript {
     /// The script text, working in `dir`.
     pub fn render_in(&self, dir: &str) -> String {
         let mut s = format!(
-            "D={}\nmkdir -p \"$D\"\nrm -f \"$D/vmm.rc\"\n",
+            "D={}\nmkdir -p \"$D\"\nrm -f \"$D/vmm.rc\" \"$D/vmm.pid\"\n",
             sh_quote(dir)
         );
         for d in self.disks.iter().chain(&self.spare) {
@@ -131,7 +137,7 @@ impl UsbScript {
         // polls.
         let _ = writeln!(
             s,
-            "( {} </dev/null 2>&1; echo $? > \"$D/vmm.rc\" ) | tee \"$D/console.log\" &",
+            "( {} </dev/null 2>&1 & echo $! > \"$D/vmm.pid\"; wait $!; echo $? > \"$D/vmm.rc\" ) | tee \"$D/console.log\" &",
             line.join(" ")
         );
         s.push_str(DRIVER_FUNCTIONS);
@@ -139,20 +145,20 @@ impl UsbScript {
         s.push('\n');
         let _ = write!(
             s,
-            r#"i=0
-while vmm_running && [ "$i" -lt {n} ]; do sleep 0.25; i=$((i + 1)); done
+            r#"deadline=$(($(date +%s) + {secs}))
+while vmm_running && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.25; done
 if vmm_running; then
-    echo "{MARK_L1_ABORT}: VMM still running {secs}s after the driver; vm.shutdown"
+    echo "{MARK_L1_ABORT}: VMM still running {secs}s after the driver; its threads, then vm.shutdown"
+    vmm_threads
     ctl vm.shutdown
     i=0
     while vmm_running && [ "$i" -lt 40 ]; do sleep 0.25; i=$((i + 1)); done
-    vmm_running && kill -9 $(pidof vmm) 2>/dev/null
+    vmm_running && kill -9 "$(cat "$D/vmm.pid")" 2>/dev/null
 fi
 wait
 rc=$(cat "$D/vmm.rc" 2>/dev/null || echo 255)
 echo "{MARK_HOST_VMM_RC}$rc"
 "#,
-            n = self.exit_wait_s * 4,
             secs = self.exit_wait_s
         );
         for r in &self.after {
@@ -236,5 +242,33 @@ mod tests {
         let after = tagged(&text, MARK_HOST_MD5, "a").unwrap();
         assert_eq!(before.len(), 32);
         assert_eq!(before, after);
+    }
+
+    /// A VMM that outlives `exit_wait_s`: the script says so, shows the
+    /// VMM's threads, asks for a shutdown (no vmm-ctl here) and kills it.
+    #[test]
+    fn script_reports_and_kills_a_vmm_that_does_not_exit() {
+        let dir = std::env::temp_dir().join(format!("usb-script-hang-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vmm = dir.join("vmm");
+        std::fs::write(&vmm, "#!/bin/sh\nwhile :; do sleep 1; done\n").unwrap();
+        let script = UsbScript {
+            vmm_argv: vec!["sh".into(), vmm.display().to_string()],
+            exit_wait_s: 1,
+            ..Default::default()
+        };
+        let text = script.render_in(&dir.display().to_string());
+        let started = std::time::Instant::now();
+        let out = Command::new("sh").arg("-c").arg(text).output().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(started.elapsed().as_secs() < 60, "{text}");
+        assert!(
+            text.contains(&format!("{MARK_L1_ABORT}: VMM still running 1s")),
+            "{text}"
+        );
+        assert!(text.contains("vmm thread sh: State:"), "{text}");
+        // Killed: the subshell records 128 + SIGKILL.
+        assert!(text.contains("HOST-VMM-RC=137"), "{text}");
     }
 }

@@ -4,6 +4,7 @@
 //! VMM's exit code. Needs the static VMM (scripts/build-vmm-static.sh).
 
 use guest_image::Scenario;
+use integration::harness::WATCHDOG_PARAM;
 use integration::l1::L1Payload;
 use integration::testing::{check, harness, mode};
 use integration::{GuestRun, Mode, RunResult, Verdict};
@@ -68,7 +69,12 @@ fn boots_the_uncompressed_vmlinux() {
 
 #[test]
 fn failing_scenario_fails_the_run() {
-    let r = run(GuestRun::new(Scenario::load("fail").unwrap()), mode());
+    // The scenario outlives the init's watchdog, which reports the guest's
+    // kernel state and leaves the verdict alone.
+    let guest = GuestRun::new(Scenario::load("fail").unwrap())
+        .param("fail_after", 3)
+        .param(WATCHDOG_PARAM, 1);
+    let r = run(guest, mode());
     check(!r.timed_out, "timed out", &r);
     check(r.verdict == Verdict::Fail, "verdict is not Fail", &r);
     check(r.scenario_rc == Some(3), "scenario status is not 3", &r);
@@ -78,6 +84,17 @@ fn failing_scenario_fails_the_run() {
         &r,
     );
     check(!r.passed(), "a failing scenario counted as passed", &r);
+    for part in [
+        "GUEST-WATCHDOG: the scenario still runs after 1s",
+        "--- /proc/interrupts:",
+        "GUEST-WATCHDOG: end of report",
+    ] {
+        check(
+            r.console.contains(part),
+            &format!("no hang report ({part:?} missing)"),
+            &r,
+        );
+    }
 }
 
 /// The nested environment itself: L1 boots, kvm_amd loads with nested SVM

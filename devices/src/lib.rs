@@ -8,6 +8,8 @@ pub mod interrupt;
 pub mod legacy;
 pub mod noio;
 pub mod pci;
+#[cfg(test)]
+mod test_rng;
 pub mod usb;
 pub mod virtio;
 pub mod xhci;

@@ -15,6 +15,8 @@ use crate::usb::mass_storage::tests::{cbw, TempImage};
 use crate::usb::mass_storage::{MassStorage, MassStorageConfig};
 use crate::usb::{request, SetupPacket, UsbSpeed};
 
+mod random_guest;
+
 const MEM_SIZE: usize = 16 << 20;
 const DCBAA: u64 = 0x1000;
 const CMD_RING: u64 = 0x2000;

@@ -7,6 +7,15 @@ use crate::usb::TransferStatus;
 use std::io::Write;
 use std::path::PathBuf;
 
+mod random_host;
+
+/// Opcodes the device implements (and a few it does not), so that random
+/// CDBs reach the SCSI handlers.
+pub(crate) const SCSI_OPCODES: &[u8] = &[
+    0x00, 0x03, 0x12, 0x1a, 0x1b, 0x1e, 0x23, 0x25, 0x28, 0x2a, 0x2f, 0x35, 0x5a, 0x88, 0x8a, 0x91,
+    0x9e, 0xa0,
+];
+
 /// A throwaway image file removed on drop.
 pub(crate) struct TempImage(pub PathBuf);
 

@@ -373,16 +373,19 @@ impl Request {
     }
 
     fn run(&self, disk: &RawImage, mem: &GuestMemoryMmap, id: &[u8]) -> Result<u32, RunError> {
-        let pos = self.sector * SECTOR_SIZE;
+        // Only reads and writes use the sector, and parsing checked it
+        // against the capacity for them; FLUSH and GET_ID carry whatever
+        // the driver left there, which must not be multiplied.
+        let pos = || self.sector * SECTOR_SIZE;
         match &self.kind {
             RequestKind::In => {
                 // Straight from the image into the guest's buffers.
-                disk.read_vectored_at(&guest_slices(mem, &self.data)?, pos)?;
+                disk.read_vectored_at(&guest_slices(mem, &self.data)?, pos())?;
                 // data_len < 2^32: virtio-queue stops chains at 4 GiB total.
                 Ok(self.data_len as u32)
             }
             RequestKind::Out => {
-                disk.write_vectored_at(&guest_slices(mem, &self.data)?, pos)?;
+                disk.write_vectored_at(&guest_slices(mem, &self.data)?, pos())?;
                 Ok(0)
             }
             RequestKind::Flush => {

@@ -60,6 +60,7 @@ impl BlockWorker {
         };
         let mem = self.mem.memory();
         let budget = u32::from(aq.queue.size());
+        let mut consumed = 0u32;
         let event_idx = aq.queue.event_idx_enabled();
         'outer: loop {
             if event_idx {
@@ -85,11 +86,15 @@ impl BlockWorker {
                         }
                     }
                 };
-                if let Err(e) = aq.queue.add_used(&*mem, head, used_len) {
-                    log::error!("virtio-blk: add_used: {e}");
+                // A head index beyond the queue cannot be returned (the
+                // driver published garbage): the chain is consumed and
+                // counts against the budget, but is not completed.
+                match aq.queue.add_used(&*mem, head, used_len) {
+                    Ok(()) => stats.completed += 1,
+                    Err(e) => log::warn!("virtio-blk: chain {head} not returned: {e}"),
                 }
-                stats.completed += 1;
-                if stats.completed >= budget {
+                consumed += 1;
+                if consumed >= budget {
                     stats.more = true;
                     break 'outer;
                 }

@@ -622,4 +622,61 @@ mod tests {
         d.doorbell(0, 0);
         assert_eq!(first_event(&mem).trb_type(), trb_type::COMMAND_COMPLETION);
     }
+
+    /// Seeded random configuration and BAR accesses of every width and
+    /// offset (power states, command bits, BAR moves, MSI-X table and PBA,
+    /// INTx): nothing panics, the read-only identity stays, the capability
+    /// list still ends, and BAR sizing still reports the BAR sizes.
+    #[test]
+    fn random_config_and_bar_accesses_leave_a_sane_function() {
+        use crate::pci::{BAR0, INTERRUPT_LINE};
+        use crate::test_rng::Rng;
+        let line = Arc::new(crate::pci::intx::tests::RecordingLine::default());
+        for seed in 0..20 {
+            let (mut d, _router, _mem) = device();
+            d.add_intx(18, line.clone());
+            let mut rng = Rng::new(seed);
+            for _ in 0..2000 {
+                let width = rng.pick(&[1usize, 2, 4, 8]);
+                match rng.below(4) {
+                    0 => {
+                        let off = rng.below(260) as usize;
+                        let v = rng.bytes(width);
+                        d.config_write(off, &v);
+                    }
+                    1 => {
+                        let off = rng.below(260) as usize;
+                        d.config_read(off, &mut vec![0; width]);
+                    }
+                    2 => {
+                        let bar = rng.below(3) as u8;
+                        let off = rng.below(MMIO_SIZE + 16);
+                        let v = rng.bytes(width);
+                        d.bar_write(bar, off, &v);
+                    }
+                    _ => {
+                        let bar = rng.below(3) as u8;
+                        let off = rng.below(MMIO_SIZE + 16);
+                        d.bar_read(bar, off, &mut vec![0; width]);
+                    }
+                }
+            }
+            assert_eq!(cfg32(&mut d, 0), 0x000d_1b36, "seed {seed}");
+            assert_eq!(cfg32(&mut d, 0x08), 0x0c03_3001, "seed {seed}");
+            assert!(find_cap(&mut d, CAP_ID_MSIX).is_some(), "seed {seed}");
+            assert!(
+                find_cap(&mut d, CAP_ID_POWER_MANAGEMENT).is_some(),
+                "seed {seed}"
+            );
+            for (bar, size) in [(XHCI_BAR, MMIO_SIZE), (MSIX_BAR, MSIX_BAR_SIZE)] {
+                let off = BAR0 + 4 * usize::from(bar);
+                d.config_write(off, &u32::MAX.to_le_bytes());
+                let mask = cfg32(&mut d, off) & !0xf;
+                assert_eq!(mask, !(size as u32 - 1), "seed {seed} BAR {bar}");
+            }
+            // The interrupt line register is plain read-write storage.
+            d.config_write(INTERRUPT_LINE, &[0x5a]);
+            assert_eq!(cfg16(&mut d, INTERRUPT_LINE) as u8, 0x5a, "seed {seed}");
+        }
+    }
 }

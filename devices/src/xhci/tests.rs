@@ -1407,6 +1407,48 @@ fn run_stop_and_hcrst_drop_a_deferred_interrupt() {
     assert_eq!(d.irqs(), before);
 }
 
+#[test]
+fn host_system_error_drops_a_deferred_interrupt_and_the_timer_stops() {
+    let (mut d, clock, timer) = moderated_driver(160);
+    d.noop();
+    d.drain();
+    d.noop();
+    let due = d.xhci.next_interrupt_deadline().expect("deferred");
+    // The command ring stops (CA) and is pointed outside guest memory: the
+    // next doorbell is a Host System Error, which halts the controller.
+    d.w64(OP_BASE + op::CRCR_LO, op::CRCR_CA);
+    d.w64(OP_BASE + op::CRCR_LO, MEM_SIZE as u64 | op::CRCR_RCS);
+    d.w32(DB_BASE, 0);
+    assert_ne!(d.r32(OP_BASE + op::USBSTS) & op::STS_HSE, 0);
+    assert!(!d.xhci.running());
+    assert_eq!(
+        d.xhci.next_interrupt_deadline(),
+        None,
+        "a halted controller signals nothing"
+    );
+    // The timer armed before the error fires: nothing to deliver, and it is
+    // not armed again (before, it re-armed for the past deadline at every
+    // expiry: the xhci thread spun until the guest halted the controller).
+    let arms = timer.0.lock().unwrap().len();
+    clock.advance(std::time::Duration::from_micros(40));
+    assert!(clock.now() >= due);
+    let irqs = d.irqs();
+    d.xhci.on_moderation_timer();
+    d.xhci.on_moderation_timer();
+    assert_eq!(d.irqs(), irqs);
+    assert_eq!(timer.0.lock().unwrap().len(), arms, "not re-armed");
+    // HCRST and a fresh start work as before.
+    d.w32(OP_BASE + op::USBCMD, op::CMD_HCRST);
+    d.cmd = Producer::new(CMD_RING);
+    d.ev_index = 0;
+    d.ev_cycle = true;
+    d.start();
+    d.w32(RT_BASE + rt::IR0 + rt::IMOD, 160);
+    let base = d.irqs();
+    d.noop();
+    assert_eq!(d.irqs(), base + 1);
+}
+
 /// Every dword of the register space below the doorbells reads the same
 /// from the shadow as through a trapped read (MFINDEX aside: it runs on its
 /// own, see `shadow.rs`).

@@ -1559,7 +1559,19 @@ fn moderation_timer_keeps_the_read_shadow_current_with_ie_clear() {
 
 /// A guest of two vCPUs on the INTx pin, with every VMM feature on (read
 /// shadow, coalesced USBSTS / ERDP-high writes, interrupt moderation),
-/// stepped in a pseudo-random interleaving.
+/// stepped in a pseudo-random interleaving: one vCPU runs Linux 6.1's
+/// xhci_irq for the legacy IRQ (USBSTS read from the shadow, EINT
+/// acknowledged by a coalesced write, IMAN read-modify-write, events, ERDP
+/// read from the shadow and written low (trapped) then high (coalesced),
+/// EOI), the other rings the command doorbell at any point (as the I/O
+/// thread of `--usb-io thread` may post events at any point), the
+/// moderation timer fires when due and any vCPU exit drains the coalesced
+/// ring. The IOAPIC input is level-triggered with Remote IRR. Every event
+/// must reach the handler and the handler must not see an asserted line
+/// without EINT (an interrupt storm, then "nobody cared"). The check fails
+/// if a trapped write stops draining the coalesced ring first, if an ERDP
+/// write stops re-raising for pending events, or if an IMAN acknowledge
+/// stops dropping the pin.
 mod intx_interleaving {
     use std::collections::VecDeque;
     use std::sync::atomic::AtomicBool;
@@ -1883,12 +1895,12 @@ mod intx_interleaving {
 
     #[test]
     fn every_event_reaches_the_handler_in_any_interleaving() {
-        for seed in 0..3000 {
+        for seed in 0..1000 {
             run(seed, 40, false);
         }
         // A slow handler and enough commands to fill the 64-TRB event
         // ring: events wait in the overflow queue too.
-        for seed in 0..300 {
+        for seed in 0..100 {
             run(seed, 300, true);
         }
     }

@@ -217,7 +217,14 @@ impl Xhci {
             return;
         };
         m.armed = None;
-        if running && self.interrupter.moderation_expired(m.clock.as_ref()) {
+        if !running {
+            // A halted controller signals nothing: drop the deferred
+            // interrupt instead of re-arming for its (past) deadline.
+            self.interrupter.moderation.clear();
+            self.publish();
+            return;
+        }
+        if self.interrupter.moderation_expired(m.clock.as_ref()) {
             self.usbsts |= op::STS_EINT;
             self.signal();
         } else {
@@ -281,6 +288,8 @@ impl Xhci {
         self.usbsts |= op::STS_HSE | op::STS_HCH;
         self.usbcmd &= !op::CMD_RUN;
         self.cmd_running = false;
+        // Halted, as after Run/Stop: no deferred interrupt.
+        self.interrupter.moderation.clear();
         if self.usbcmd & op::CMD_HSEE != 0 {
             self.publish();
             self.irq.trigger(INTERRUPTER_VECTOR);

@@ -148,8 +148,9 @@ impl UsbScript {
             r#"deadline=$(($(date +%s) + {secs}))
 while vmm_running && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.25; done
 if vmm_running; then
-    echo "{MARK_L1_ABORT}: VMM still running {secs}s after the driver; its threads, then vm.shutdown"
+    echo "{MARK_L1_ABORT}: VMM still running {secs}s after the driver; its threads and vm.info, then vm.shutdown"
     vmm_threads
+    ctl vm.info
     ctl vm.shutdown
     i=0
     while vmm_running && [ "$i" -lt 40 ]; do sleep 0.25; i=$((i + 1)); done

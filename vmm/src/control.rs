@@ -27,6 +27,9 @@ use crate::vcpu::{StopReason, VmStop};
 
 /// Commands waiting for the VMM thread before clients are told `busy`.
 const QUEUE_DEPTH: usize = 32;
+/// How long `vm.info` waits for the xHCI controller before reporting it
+/// busy (a doorbell's disk I/O holds it for milliseconds).
+const CONTROLLER_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Debug, Error)]
 pub enum ControlError {
@@ -119,6 +122,7 @@ impl VmHandler {
                 "usb2_ports": (1..=USB2_PORTS).collect::<Vec<_>>(),
                 "usb3_ports": (USB2_PORTS + 1..=USB2_PORTS + USB3_PORTS).collect::<Vec<_>>(),
                 "attached": u.list().len(),
+                "controller": u.controller_state(CONTROLLER_WAIT),
             })
         });
         json!({

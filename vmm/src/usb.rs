@@ -9,13 +9,15 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use devices::block::{RawImage, RawImageError, Volume};
 use devices::usb::mass_storage::{MassStorage, MassStorageConfig};
 use devices::usb::UsbSpeed;
-use devices::xhci::{PortProtocol, XhciConfig, XhciError, XhciPci};
+use devices::xhci::{InterruptDelivery, PortProtocol, XhciConfig, XhciError, XhciPci};
 use serde::Serialize;
+use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::api::{ErrorCode, UsbTarget};
@@ -149,6 +151,42 @@ impl UsbManager {
 
     pub fn pci_device(&self) -> u8 {
         self.pci_device
+    }
+
+    /// The controller's interrupt state as JSON, waiting at most `wait` for
+    /// the controller: a vCPU (or the xhci thread) holding it longer is
+    /// itself the answer, `"busy"`, and the caller never hangs on it.
+    pub fn controller_state(&self, wait: Duration) -> Value {
+        let deadline = Instant::now() + wait;
+        let x = loop {
+            match self.xhci.try_lock() {
+                Ok(x) => break x,
+                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return json!("busy: a vCPU or the xhci thread holds the controller")
+                }
+            }
+        };
+        let st = x.xhci().interrupt_state();
+        let delivery = match x.delivery() {
+            InterruptDelivery::Msix => json!("msix"),
+            InterruptDelivery::Intx { asserted } => json!({ "intx_asserted": asserted }),
+            InterruptDelivery::None => json!("none"),
+        };
+        json!({
+            "usbcmd": format!("{:#010x}", st.usbcmd),
+            "usbsts": format!("{:#010x}", st.usbsts),
+            "iman": format!("{:#010x}", st.iman),
+            "erdp": format!("{:#x}", st.erdp),
+            "events_pending": st.events_pending,
+            "events_dropped": st.events_dropped,
+            "interrupt_asserted": st.asserted,
+            "interrupt_deferred": st.deferred,
+            "delivery": delivery,
+        })
     }
 
     /// Picks a free port: USB 3 first (the disk is SuperSpeed), then USB 2.
@@ -381,5 +419,22 @@ mod tests {
             m.attach(&cfg(&img, None, None)).unwrap_err().code(),
             ErrorCode::Conflict
         );
+    }
+
+    #[test]
+    fn controller_state_reports_registers_and_never_waits_on_a_held_lock() {
+        let (m, x) = manager();
+        let st = m.controller_state(Duration::from_millis(100));
+        // Halted after reset (HCH), nothing pending, no MSI-X or pin yet.
+        assert_eq!(st["usbsts"], json!("0x00000001"), "{st}");
+        assert_eq!(st["events_pending"], json!(false), "{st}");
+        assert_eq!(st["interrupt_asserted"], json!(false), "{st}");
+        assert_eq!(st["delivery"], json!("none"), "{st}");
+        let held = x.lock().unwrap();
+        let t = Instant::now();
+        let st = m.controller_state(Duration::from_millis(50));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert!(st.as_str().is_some_and(|s| s.starts_with("busy")), "{st}");
+        drop(held);
     }
 }

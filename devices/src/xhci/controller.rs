@@ -48,6 +48,26 @@ pub struct Xhci {
     moderation: Option<ModerationHooks>,
 }
 
+/// Interrupter 0 and the registers around it, as [`Xhci::interrupt_state`]
+/// reports them: what to look at when a guest waits for an interrupt that
+/// does not come (IMAN.IP/IE, ERDP.EHB, events the guest has not consumed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterruptState {
+    pub usbcmd: u32,
+    pub usbsts: u32,
+    pub iman: u32,
+    /// ERDP with the controller's EHB bit (bit 3).
+    pub erdp: u64,
+    /// Events written past the guest's dequeue pointer (or queued).
+    pub events_pending: bool,
+    /// Events lost to a full event ring.
+    pub events_dropped: u64,
+    /// IMAN.IP && IMAN.IE && USBCMD.INTE.
+    pub asserted: bool,
+    /// An interrupt is deferred by moderation.
+    pub deferred: bool,
+}
+
 /// The timer and clock interrupt moderation runs on (see `moderation.rs`).
 struct ModerationHooks {
     timer: Arc<dyn ModerationTimer>,
@@ -124,6 +144,21 @@ impl Xhci {
     /// INTx fallback to MSI-X once it knows the controller's pin wiring).
     pub fn set_interrupt(&mut self, irq: Arc<dyn Interrupt>) {
         self.irq = irq;
+    }
+
+    /// The interrupt-related state at this moment, for diagnostics.
+    pub fn interrupt_state(&self) -> InterruptState {
+        let ir = &self.interrupter;
+        InterruptState {
+            usbcmd: self.usbcmd,
+            usbsts: self.usbsts,
+            iman: ir.iman,
+            erdp: ir.erdp,
+            events_pending: ir.pending(),
+            events_dropped: ir.dropped,
+            asserted: self.interrupt_asserted(),
+            deferred: ir.moderation.deadline().is_some(),
+        }
     }
 
     /// Whether the interrupt line is asserted (for INTx: IMAN.IP && IE && INTE).

@@ -33,10 +33,10 @@ mod tests;
 
 use thiserror::Error;
 
-pub use controller::{Xhci, INTERRUPTER_VECTOR};
+pub use controller::{InterruptState, Xhci, INTERRUPTER_VECTOR};
 pub use doorbell::{doorbell_events, DoorbellEvent, DoorbellWorker};
 pub use moderation::{Clock, ModerationTimer, SystemClock};
-pub use pci::{XhciPci, XhciPciError};
+pub use pci::{InterruptDelivery, XhciPci, XhciPciError};
 pub use port::PortProtocol;
 pub use regs::MMIO_SIZE;
 pub use shadow::ReadShadow;

@@ -64,6 +64,15 @@ pub enum XhciPciError {
     Xhci(#[from] XhciError),
 }
 
+/// How the controller's interrupt reaches the guest (see
+/// [`XhciPci::delivery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptDelivery {
+    Msix,
+    Intx { asserted: bool },
+    None,
+}
+
 /// An xHCI controller on PCI.
 pub struct XhciPci {
     function: PciFunction,
@@ -142,6 +151,18 @@ impl XhciPci {
             if !self.msix.enabled() {
                 pin.set_pending(self.xhci.interrupt_asserted());
             }
+        }
+    }
+
+    /// How interrupter 0 is delivered right now: MSI-X, or the INTx pin
+    /// and its level (`None` without a pin: nothing is delivered).
+    pub fn delivery(&self) -> InterruptDelivery {
+        match &self.intx {
+            _ if self.msix.enabled() => InterruptDelivery::Msix,
+            Some(pin) => InterruptDelivery::Intx {
+                asserted: pin.asserted(),
+            },
+            None => InterruptDelivery::None,
         }
     }
 
@@ -456,9 +477,18 @@ mod tests {
         );
         let status = cfg16(&mut d, crate::pci::STATUS);
         assert_ne!(status & crate::pci::intx::STATUS_INTERRUPT, 0);
+        // What a hang report shows at this point: the line up, IP and EHB
+        // set, the port change event not consumed.
+        assert_eq!(d.delivery(), InterruptDelivery::Intx { asserted: true });
+        let st = d.xhci().interrupt_state();
+        assert!(st.asserted && st.events_pending && !st.deferred, "{st:?}");
+        assert_eq!(st.iman & 3, 3, "IP and IE: {st:?}");
+        assert_ne!(st.erdp & 8, 0, "EHB: {st:?}");
         // The handler acknowledges IMAN.IP (RW1C): the pin drops.
         ack_interrupt(&mut d);
         assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
+        assert_eq!(d.delivery(), InterruptDelivery::Intx { asserted: false });
+        assert!(!d.xhci().interrupt_state().asserted);
         consume_event_and_ack_port_3(&mut d);
         // Command.Interrupt Disable holds the next one back until cleared.
         let cmd = COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER;
@@ -509,7 +539,9 @@ mod tests {
     #[test]
     fn hotplug_event_fires_msix_vector_0() {
         let (mut d, router, mem) = device();
+        assert_eq!(d.delivery(), InterruptDelivery::None, "no MSI-X, no pin");
         start(&mut d, &mem);
+        assert_eq!(d.delivery(), InterruptDelivery::Msix);
         assert!(router.take_fired().is_empty());
         let img = TempImage::new(64);
         let disk = MassStorage::new(img.open(false), MassStorageConfig::default());

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::pci::msix::test_router::RecordingRouter;
 use crate::pci::{IrqLevel, PciDevice, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY_SPACE};
+use crate::test_rng::Rng;
 use crate::xhci::pci::XHCI_BAR;
 
 const RING: u32 = 64;
@@ -74,7 +75,7 @@ struct Sim {
     unhandled: u32,
     cmd: Producer,
     submitted: usize,
-    rng: u64,
+    rng: Rng,
     /// The handler only gets one step in six (the event ring fills).
     slow_handler: bool,
     trace: Vec<String>,
@@ -116,7 +117,7 @@ impl Sim {
             unhandled: 0,
             cmd: Producer::new(CMD_RING),
             submitted: 0,
-            rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            rng: Rng::new(seed),
             slow_handler: false,
             trace: Vec::new(),
         };
@@ -138,13 +139,6 @@ impl Sim {
         s.trap(RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE);
         s.trap(OP_BASE + op::USBCMD, op::CMD_RUN | op::CMD_INTE);
         s
-    }
-
-    fn rand(&mut self, n: u64) -> u64 {
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.rng % n
     }
 
     /// A write that exits: the vCPU drains the coalesced ring first.
@@ -276,12 +270,12 @@ impl Sim {
     }
 
     fn step(&mut self, submit: bool) {
-        match self.rand(6) {
+        match self.rng.below(6) {
             0 if self.h.is_some() || self.delivered => self.handler_step(),
             1 if submit => self.submit(),
             2 if self.timer_due() => self.fire_timer(),
             3 => {
-                let us = self.rand(30);
+                let us = self.rng.below(30);
                 self.clock.advance(Duration::from_micros(us));
             }
             4 => {

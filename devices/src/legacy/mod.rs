@@ -4,6 +4,8 @@
 mod cmos;
 mod debug_exit;
 mod i8042;
+#[cfg(test)]
+mod random_port_io;
 mod serial;
 
 pub use cmos::{Cmos, CMOS_LEN, CMOS_PORT};

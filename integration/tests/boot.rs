@@ -4,7 +4,7 @@
 //! VMM's exit code. Needs the static VMM (scripts/build-vmm-static.sh).
 
 use guest_image::Scenario;
-use integration::harness::WATCHDOG_PARAM;
+use integration::harness::{MARK_GUEST_WATCHDOG, WATCHDOG_PARAM};
 use integration::l1::L1Payload;
 use integration::testing::{check, harness, mode};
 use integration::{GuestRun, Mode, RunResult, Verdict};
@@ -85,12 +85,12 @@ fn failing_scenario_fails_the_run() {
     );
     check(!r.passed(), "a failing scenario counted as passed", &r);
     for part in [
-        "GUEST-WATCHDOG: the scenario still runs after 1s",
-        "--- /proc/interrupts:",
-        "GUEST-WATCHDOG: end of report",
+        format!("{MARK_GUEST_WATCHDOG}: the scenario still runs after 1s"),
+        "--- /proc/interrupts:".to_string(),
+        format!("{MARK_GUEST_WATCHDOG}: end of report"),
     ] {
         check(
-            r.console.contains(part),
+            r.console.contains(&part),
             &format!("no hang report ({part:?} missing)"),
             &r,
         );

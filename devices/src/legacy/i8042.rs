@@ -146,12 +146,12 @@ impl BusDevice for I8042 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Mutex;
 
     #[derive(Default)]
-    struct Stops(Mutex<Vec<i32>>);
+    pub(crate) struct Stops(pub(crate) Mutex<Vec<i32>>);
     impl StopRequest for Stops {
         fn request_stop(&self, code: i32) {
             self.0.lock().unwrap().push(code);

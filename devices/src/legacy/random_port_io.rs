@@ -4,36 +4,15 @@
 //! does its job: COM1 transmits, the CMOS clock reads as BCD, the i8042
 //! still answers its self-test.
 
-use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::i8042::tests::Stops;
+use super::serial::tests::Sink;
 use super::*;
 use crate::bus::Bus;
 use crate::test_rng::Rng;
-
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Sink {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct Stops(Mutex<Vec<i32>>);
-
-impl StopRequest for Stops {
-    fn request_stop(&self, code: i32) {
-        self.0.lock().unwrap().push(code);
-    }
-}
 
 /// Ports the accesses go to: each device's range and a little around it.
 const AROUND: &[(u64, u64)] = &[

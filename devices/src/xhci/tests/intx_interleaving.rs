@@ -15,25 +15,17 @@
 //! stops dropping the pin.
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::pci::intx::tests::RecordingLine;
 use crate::pci::msix::test_router::RecordingRouter;
-use crate::pci::{IrqLevel, PciDevice, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY_SPACE};
+use crate::pci::{PciDevice, COMMAND, COMMAND_BUS_MASTER, COMMAND_MEMORY_SPACE};
 use crate::test_rng::Rng;
 use crate::xhci::pci::XHCI_BAR;
 
 const RING: u32 = 64;
-
-#[derive(Default)]
-struct Line(AtomicBool);
-impl IrqLevel for Line {
-    fn set_level(&self, asserted: bool) {
-        self.0.store(asserted, Ordering::SeqCst);
-    }
-}
 
 #[derive(Default)]
 struct Timer(Mutex<Option<Instant>>);
@@ -60,7 +52,7 @@ struct Sim {
     dev: XhciPci,
     mem: GuestMemoryMmap,
     sh: Arc<MapShadow>,
-    line: Arc<Line>,
+    line: Arc<RecordingLine>,
     clock: Arc<ManualClock>,
     timer: Arc<Timer>,
     /// KVM's coalesced MMIO ring.
@@ -93,7 +85,7 @@ impl Sim {
             Arc::new(RecordingRouter::default()),
         )
         .unwrap();
-        let line = Arc::new(Line::default());
+        let line = Arc::new(RecordingLine::default());
         dev.add_intx(18, line.clone());
         let sh = Arc::new(MapShadow::default());
         dev.set_read_shadow(sh.clone());
@@ -158,10 +150,15 @@ impl Sim {
     /// KVM's IOAPIC, level-triggered: delivers while the line is high
     /// and Remote IRR is clear.
     fn ioapic(&mut self) {
-        if self.line.0.load(Ordering::SeqCst) && !self.remote_irr {
+        if self.line_level() && !self.remote_irr {
             self.remote_irr = true;
             self.delivered = true;
         }
+    }
+
+    /// The level the pin last drove the IOAPIC input to.
+    fn line_level(&self) -> bool {
+        self.line.0.lock().unwrap().last() == Some(&true)
     }
 
     fn shadow(&self, off: u64) -> u32 {
@@ -302,14 +299,14 @@ fn run(seed: u64, commands: usize, slow_handler: bool) {
     for _ in 0..20_000 {
         s.step(false);
     }
-    let ok = s.consumed.len() == commands && !s.line.0.load(Ordering::SeqCst);
+    let ok = s.consumed.len() == commands && !s.line_level();
     if !ok || s.unhandled > 2 * commands as u32 {
         let tail: Vec<_> = s.trace.iter().rev().take(60).rev().collect();
         panic!(
             "seed {seed}: consumed {} of {commands}, line {}, remote_irr {}, unhandled {}, \
              USBSTS {:#x} IMAN {:#x} ERDP {:#x} (model USBSTS {:#x}), deadline {:?}, fifo {:x?}\n{tail:#?}",
             s.consumed.len(),
-            s.line.0.load(Ordering::SeqCst),
+            s.line_level(),
             s.remote_irr,
             s.unhandled,
             s.shadow(OP_BASE + op::USBSTS),

@@ -30,22 +30,26 @@ struct Outcomes {
     recoveries: u32,
 }
 
+/// CLEAR_FEATURE(ENDPOINT_HALT) on bulk endpoint `ep`.
+fn clear_halt(dev: &mut MassStorage, ep: u8) {
+    let r = control(
+        dev,
+        0x02,
+        request::CLEAR_FEATURE,
+        0,
+        u16::from(ep),
+        &mut vec![],
+    );
+    assert_eq!(r.status, TransferStatus::Completed, "clear halt {ep:#x}");
+}
+
 /// Bulk-Only Mass Storage Reset, then CLEAR_FEATURE(ENDPOINT_HALT) on both
 /// bulk endpoints (BOT 1.0 section 5.3.4).
 fn reset_recovery(dev: &mut MassStorage) {
     let r = control(dev, 0x21, REQ_MASS_STORAGE_RESET, 0, 0, &mut vec![]);
     assert_eq!(r.status, TransferStatus::Completed, "Bulk-Only reset");
-    for ep in [BULK_IN, BULK_OUT] {
-        let r = control(
-            dev,
-            0x02,
-            request::CLEAR_FEATURE,
-            0,
-            u16::from(ep),
-            &mut vec![],
-        );
-        assert_eq!(r.status, TransferStatus::Completed, "clear halt {ep:#x}");
-    }
+    clear_halt(dev, BULK_IN);
+    clear_halt(dev, BULK_OUT);
 }
 
 /// The device works after recovery: INQUIRY answers, and a read-only
@@ -147,8 +151,7 @@ fn command(dev: &mut MassStorage, rng: &mut Rng, out: &mut Outcomes, seed: u64, 
             }
             TransferStatus::Stall => {
                 out.stalls += 1;
-                let r = control(dev, 0x02, request::CLEAR_FEATURE, 0, ep.into(), &mut vec![]);
-                assert_eq!(r.status, TransferStatus::Completed);
+                clear_halt(dev, ep);
                 break;
             }
             // Neither a NAK (the disk is idle) nor an error (host memory).
@@ -160,14 +163,7 @@ fn command(dev: &mut MassStorage, rng: &mut Rng, out: &mut Outcomes, seed: u64, 
     let mut r = dev.bulk(BULK_IN, &mut csw);
     if r.status == TransferStatus::Stall {
         out.stalls += 1;
-        control(
-            dev,
-            0x02,
-            request::CLEAR_FEATURE,
-            0,
-            BULK_IN.into(),
-            &mut vec![],
-        );
+        clear_halt(dev, BULK_IN);
         r = dev.bulk(BULK_IN, &mut csw);
     }
     if r.status != TransferStatus::Completed {

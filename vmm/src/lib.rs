@@ -9,6 +9,7 @@ pub mod coalesced;
 pub mod config;
 pub mod control;
 pub mod device_manager;
+pub mod guest_ram;
 pub mod host;
 pub mod irq;
 pub mod memory;

@@ -25,6 +25,7 @@ use crate::config::{
 };
 use crate::control::{Control, ControlError, VmFacts, VmHandler};
 use crate::device_manager::{DeviceError, DeviceManager, KvmFeatures};
+use crate::guest_ram;
 use crate::host::{self, HostError};
 use crate::paging;
 use crate::serial_input;
@@ -74,7 +75,7 @@ pub enum VmError {
     GuestMemory {
         size_mib: u64,
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: crate::guest_ram::GuestRamError,
     },
     #[error("cannot write the MP table")]
     MpTable(#[source] vm_memory::GuestMemoryError),
@@ -149,7 +150,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         });
     }
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-    let mem = create_guest_memory(&vm, cfg.memory.size)?;
+    let mem = create_guest_memory(&vm, &cfg.memory)?;
     setup_irqchip(&vm)?;
     phase("creating the VM and its memory");
 
@@ -255,10 +256,12 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     })
 }
 
-fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
-    let mem = GuestMemoryMmap::from_ranges(&layout::ram_ranges(size)).map_err(|source| {
+fn create_guest_memory(vm: &VmFd, cfg: &MemoryConfig) -> Result<GuestMemoryMmap, VmError> {
+    // Huge pages for RAM the pager does not manage (it pages in 4 KiB).
+    let huge_pages = cfg.limit.is_none();
+    let mem = guest_ram::map(&layout::ram_ranges(cfg.size), huge_pages).map_err(|source| {
         VmError::GuestMemory {
-            size_mib: size >> 20,
+            size_mib: cfg.size >> 20,
             source,
         }
     })?;

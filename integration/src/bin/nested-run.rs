@@ -48,6 +48,14 @@ struct Cli {
     /// Modules for the guest initramfs (comma-separated).
     #[arg(long, value_delimiter = ',')]
     modules: Vec<String>,
+    /// Extra argument for our VMM, e.g. `--vmm-arg=--log-level=debug`
+    /// (repeatable).
+    #[arg(long = "vmm-arg", allow_hyphen_values = true)]
+    vmm_args: Vec<String>,
+    /// Boot the uncompressed vmlinux (guest-image extracts it from the
+    /// bzImage) instead of the bzImage.
+    #[arg(long)]
+    vmlinux: bool,
     /// Timeout in seconds (default 180; with --rootfs 600).
     #[arg(long)]
     timeout: Option<u64>,
@@ -86,6 +94,10 @@ fn main() -> Result<ExitCode> {
         .timeout(Duration::from_secs(cli.timeout.unwrap_or(180)));
     run.params.extend(cli.params);
     run.modules = cli.modules;
+    run.vmm_args.extend(cli.vmm_args);
+    if cli.vmlinux {
+        run = run.vmlinux();
+    }
     run.echo_console = true;
     eprintln!(
         "[nested-run] mode {mode:?}, scenario {}, {} vCPU(s), {} MiB",

@@ -50,6 +50,12 @@ pub fn map(
     ranges: &[(GuestAddress, usize)],
     huge_pages: bool,
 ) -> Result<GuestMemoryMmap, GuestRamError> {
+    if huge_pages && host_thp_disabled() {
+        log::warn!(
+            "transparent huge pages are disabled on this host ({THP_ENABLED}: never): \
+             guest RAM is mapped in 4 KiB pages, which makes guests slower"
+        );
+    }
     let mut regions = Vec::with_capacity(ranges.len());
     for &(base, len) in ranges {
         if len == 0 || base.0.checked_add(len as u64).is_none() {
@@ -79,6 +85,20 @@ pub fn map(
         regions.push(region);
     }
     Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+/// Where Linux shows the host's transparent huge page mode.
+const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+
+/// Whether the host refuses transparent huge pages even on request.
+fn host_thp_disabled() -> bool {
+    std::fs::read_to_string(THP_ENABLED).is_ok_and(|mode| thp_mode_is_never(&mode))
+}
+
+/// `mode` as the kernel shows it, the active choice in brackets:
+/// "always [madvise] never".
+fn thp_mode_is_never(mode: &str) -> bool {
+    mode.split_whitespace().any(|m| m == "[never]")
 }
 
 /// Maps `len` bytes whose start is `offset` bytes past a 2 MiB boundary:
@@ -170,6 +190,14 @@ mod tests {
         }
         // Fresh anonymous memory reads as zero.
         assert_eq!(mem.read_obj::<u64>(GuestAddress(MIB as u64)).unwrap(), 0);
+    }
+
+    #[test]
+    fn only_the_bracketed_never_mode_counts_as_disabled() {
+        assert!(thp_mode_is_never("always madvise [never]\n"));
+        assert!(!thp_mode_is_never("[always] madvise never\n"));
+        assert!(!thp_mode_is_never("always [madvise] never\n"));
+        assert!(!thp_mode_is_never(""));
     }
 
     #[test]

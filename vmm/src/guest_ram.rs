@@ -20,6 +20,8 @@ use thiserror::Error;
 use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionCollectionError, GuestRegionMmap};
 
+use crate::memory::madvise_hugepage;
+
 /// The huge-page size guest RAM is aligned to.
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
 
@@ -65,9 +67,8 @@ pub fn map(
         let host = map_aligned(len, offset)?;
         if huge_pages {
             // Advice only: without it the mapping still works, in 4 KiB pages.
-            // SAFETY: `host..host + len` is the mapping just created above.
-            if unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) } != 0 {
-                log::debug!("guest RAM: MADV_HUGEPAGE: {}", io::Error::last_os_error());
+            if let Err(e) = madvise_hugepage(host as usize, len) {
+                log::debug!("guest RAM: MADV_HUGEPAGE: {e}");
             }
         }
         // SAFETY: `host` starts a private anonymous read-write mapping of
@@ -134,12 +135,11 @@ fn map_aligned(len: usize, offset: usize) -> Result<*mut u8, GuestRamError> {
 /// The first address at or after `addr` that lies `offset` bytes past a
 /// [`HUGE_PAGE_SIZE`] boundary (`addr` page-aligned, `offset` below 2 MiB).
 fn align_start(addr: usize, offset: usize) -> usize {
-    let boundary = (addr + HUGE_PAGE_SIZE - 1) & !(HUGE_PAGE_SIZE - 1);
-    let candidate = boundary - HUGE_PAGE_SIZE + offset;
-    if candidate >= addr {
-        candidate
+    let start = (addr & !(HUGE_PAGE_SIZE - 1)) + offset;
+    if start >= addr {
+        start
     } else {
-        candidate + HUGE_PAGE_SIZE
+        start + HUGE_PAGE_SIZE
     }
 }
 

@@ -48,6 +48,7 @@ pub use config::{PagerConfig, MIN_LIMIT_PAGES};
 pub use pager::Pager;
 pub use pages::RamRegion;
 pub use stats::{CounterSnapshot, PagerStats};
+pub use uffd::madvise_hugepage;
 
 use thiserror::Error;
 

@@ -291,6 +291,11 @@ pub fn madvise_dontneed(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, libc::MADV_DONTNEED)
 }
 
+/// Asks for transparent huge pages on a range (advice: may be ignored).
+pub fn madvise_hugepage(addr: usize, len: usize) -> io::Result<()> {
+    madvise(addr, len, libc::MADV_HUGEPAGE)
+}
+
 /// Keeps transparent huge pages away from a range paged in 4 KiB units.
 pub fn madvise_nohugepage(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, libc::MADV_NOHUGEPAGE)

@@ -40,10 +40,6 @@ else
     dmesg | tail -n 20
 fi
 sync
-# The VMM exits as soon as the status byte arrives, while the kernel may
-# still be sending the last console lines (SCENARIO-PASS among them) out of
-# the UART: give the transmitter a moment to drain first.
-sleep 1
 report_status "$rc"
 # Still running: the VMM has no debug-exit port; stop through a reset.
 reboot -f

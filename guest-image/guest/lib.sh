@@ -39,9 +39,29 @@ status_byte() {
     fi
 }
 
+# console_drain [SECONDS]: wait (at most SECONDS, 10) until everything
+# written to the console has left the UART. stty re-applies the console's
+# own settings with TCSADRAIN, which returns once the tty buffer and the
+# transmitter are empty. If that times out, the UART's transmit interrupts
+# have stopped: say so through the kernel log, whose console writes poll
+# the UART and so still get out, and fail.
+console_drain() {
+    dev=${CONSOLE_DEV:-/dev/console}
+    mode=$(stty -F "$dev" -g 2>/dev/null) || return 0
+    timeout "${1:-10}" stty -F "$dev" "$mode" 2>/dev/null && return 0
+    {
+        echo "<0>GUEST-CONSOLE-STALL: console output did not drain in ${1:-10}s"
+        echo "<0>GUEST-CONSOLE-STALL: $(grep -i ttyS /proc/interrupts | tr -s ' ')"
+    } > /dev/kmsg 2>/dev/null
+    return 1
+}
+
 # report_status RC: write the status byte to I/O port 0xf4 (244), the
 # VMM's debug-exit port; the VMM exits with that byte as its exit code.
+# The VMM stops at once, so the console is drained first: lines still
+# queued in the guest's tty would be lost.
 report_status() {
+    console_drain
     b=$(status_byte "$1")
     printf "\\$(printf %03o "$b")" | dd of=/dev/port bs=1 seek=244 count=1 conv=notrunc 2>/dev/null
 }

@@ -189,6 +189,14 @@ mod tests {
     }
 
     #[test]
+    fn shell_console_drain_passes_over_a_console_that_is_no_tty() {
+        // Nothing to drain (and no stty settings to re-apply): it returns
+        // at once, successfully, and prints nothing.
+        let (rc, out) = sh("", "CONSOLE_DEV=/dev/null console_drain 1; echo rc=$?");
+        assert_eq!((rc, out.as_str()), (0, "rc=0\n"));
+    }
+
+    #[test]
     fn shell_status_byte_clamps() {
         let (rc, out) = sh("", "for r in 0 1 3 255 256 -2; do status_byte $r; done");
         assert_eq!(rc, 0);

@@ -8,6 +8,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mount -t tmpfs tmpfs /tmp
+. /lib/guest/lib.sh
 echo "L1-INIT uptime=$(cut -d' ' -f1 /proc/uptime)"
 while read -r m; do
     [ -n "$m" ] || continue
@@ -23,6 +24,8 @@ else
     dmesg | grep -i -E 'kvm|svm' | tail -n 10
 fi
 sync
+# Power-off ends QEMU at once: lines still queued in the tty would be lost.
+console_drain
 poweroff -f
 sleep 5
 reboot -f

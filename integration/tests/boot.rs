@@ -127,3 +127,31 @@ fn l1_gets_a_working_dev_kvm() {
     );
     check(r.vmm_exit == Some(0), "L1 payload did not exit 0", &r);
 }
+
+/// Everything the guest writes before it reports its status reaches the
+/// console: the VMM exits as soon as the status byte arrives, so the guest
+/// init first waits for its UART to drain. 300 lines (~24 KiB) written in
+/// one burst right before the end must all arrive, followed by the verdict.
+#[test]
+fn console_output_written_just_before_exit_arrives() {
+    const LINES: usize = 300;
+    let r = run(boot_run(1, 256).param("tail_lines", LINES), mode());
+    check(!r.timed_out, "timed out", &r);
+    let missing: Vec<usize> = (1..=LINES)
+        .filter(|i| {
+            !r.console
+                .contains(&format!("boot: tail line {i} of {LINES} "))
+        })
+        .collect();
+    check(
+        missing.is_empty(),
+        &format!(
+            "{} tail lines missing, first {:?}",
+            missing.len(),
+            missing.first()
+        ),
+        &r,
+    );
+    check(r.verdict == Verdict::Pass, "scenario did not pass", &r);
+    check(r.vmm_exit == Some(0), "VMM exit code is not 0", &r);
+}

@@ -13,7 +13,8 @@ use thiserror::Error;
 
 use crate::host::{self, HostError, KvmKind};
 use crate::l1::{self, L1Payload};
-use crate::process::{self, Event, ProcessError, RunOptions};
+use crate::monitor;
+use crate::process::{self, Event, Probe, ProcessError, RunOptions, Silence};
 use crate::verdict::{self, Verdict};
 
 /// Default bound on one run (L1 boot + L2 boot + scenario + shutdown).
@@ -24,6 +25,10 @@ pub const MODE_ENV: &str = "VMM_TEST_MODE";
 pub const TIMEOUT_ENV: &str = "VMM_TEST_TIMEOUT";
 /// Memory of the L1 QEMU guest, MiB.
 pub const L1_MEMORY_MIB: u32 = 2048;
+/// Silence after which the harness asks L1's QEMU monitor what L1 is doing.
+pub const L1_SILENCE_PROBE: Duration = Duration::from_secs(60);
+/// Gap between the two looks at L1 that must both find it stopped.
+const L1_SECOND_LOOK: Duration = Duration::from_secs(5);
 /// I/O port of the debug-exit device (guest-image `report_status`).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// L2 command-line key of the guest init's hang watchdog, in seconds
@@ -164,6 +169,9 @@ pub struct GuestRun {
     /// The kernel form our VMM boots (QEMU runs always get the bzImage).
     pub kernel: KernelForm,
     pub timeout: Duration,
+    /// Silence after which L1's monitor is asked what L1 is doing
+    /// ([`L1_SILENCE_PROBE`]).
+    pub l1_silence_probe: Duration,
     /// Copy the console to stdout while running.
     pub echo_console: bool,
     /// Our stdin becomes the console's input (L1's console, whose input our
@@ -195,6 +203,7 @@ impl GuestRun {
             memory_opts: None,
             kernel: KernelForm::BzImage,
             timeout,
+            l1_silence_probe: L1_SILENCE_PROBE,
             echo_console: false,
             interactive: false,
         }
@@ -263,6 +272,11 @@ impl GuestRun {
         }
     }
 
+    pub fn l1_silence_probe(mut self, after: Duration) -> Self {
+        self.l1_silence_probe = after;
+        self
+    }
+
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
@@ -301,6 +315,11 @@ pub struct RunResult {
     pub console: String,
     pub wall: Duration,
     pub timed_out: bool,
+    /// L1 stopped for good (halted with no timer armed) and was killed.
+    pub l1_wedged: bool,
+    /// The console of an earlier attempt whose L1 wedged, when the run was
+    /// repeated (runs without L1 disks are repeated once).
+    pub first_attempt: Option<String>,
     /// Time-stamped marker lines (L1-INIT, L1-KVM-READY, GUEST-INIT, ...).
     pub events: Vec<Event>,
 }
@@ -323,13 +342,19 @@ impl RunResult {
     pub fn summary(&self) -> String {
         let no_kvm = self.console.contains(verdict::MARK_L1_NO_KVM);
         format!(
-            "mode={:?} verdict={:?} scenario_rc={:?} vmm_exit={:?} wall={:.1}s{}{}",
+            "mode={:?} verdict={:?} scenario_rc={:?} vmm_exit={:?} wall={:.1}s{}{}{}{}",
             self.mode,
             self.verdict,
             self.scenario_rc,
             self.vmm_exit,
             self.wall.as_secs_f64(),
             if self.timed_out { " TIMED OUT" } else { "" },
+            if self.l1_wedged { " L1 WEDGED" } else { "" },
+            if self.first_attempt.is_some() {
+                " (second attempt: L1 wedged on the first)"
+            } else {
+                ""
+            },
             if no_kvm { " L1 HAS NO /dev/kvm" } else { "" }
         )
     }
@@ -535,12 +560,27 @@ impl Harness {
             });
         }
         let l1_initrd = self.l1_initramfs(l2_initrd, &payload, &files, run.l1_disks.len())?;
-        let cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run))?;
+        let mut cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
+        // An L1 that stopped for good (QEMU TCG's, not ours: see
+        // `monitor`) is the harness failing, not the code under test: run
+        // once more, unless L1 disks carry state from the first attempt.
+        let mut first_attempt = None;
+        if cap.wedged && run.l1_disks.is_empty() {
+            eprintln!(
+                "[harness] L1 wedged after {:.0}s; running {} once more",
+                cap.wall.as_secs_f64(),
+                run.scenario.name
+            );
+            first_attempt = Some(std::mem::take(&mut cap.console));
+            cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
+        }
         let mut vmm_exit = verdict::parse_l1_exit(&cap.console);
         if mode == Mode::NestedQemu {
             vmm_exit = vmm_exit.map(verdict::qemu_debug_exit_to_status);
         }
-        Ok(finish(mode, cap, vmm_exit))
+        let mut r = finish(mode, cap, vmm_exit);
+        r.first_attempt = first_attempt;
+        Ok(r)
     }
 
     /// The kernel file on this host that `run` boots with our VMM.
@@ -566,12 +606,15 @@ impl Harness {
 
     /// Boots an L1 image under QEMU TCG with an SVM-capable CPU, one vCPU
     /// (multi-threaded TCG proved unreliable for nested guests), and `disks`
-    /// as its virtio disks.
+    /// as its virtio disks. When L1 has been silent for `probe_after`, its
+    /// monitor is asked what it is doing (reported on the console); an L1
+    /// found stopped for good is killed ([`process::Captured::wedged`]).
     pub fn boot_l1(
         &self,
         l1_initrd: &Path,
         disks: &[PathBuf],
         opts: &RunOptions,
+        probe_after: Duration,
     ) -> Result<process::Captured, HarnessError> {
         let mut cmd = Command::new(host::qemu_binary()?);
         cmd.args(l1_qemu_args(
@@ -582,7 +625,19 @@ impl Harness {
         for d in disks {
             cmd.args(l1_disk_args(d));
         }
-        Ok(process::run_bounded(&mut cmd, opts)?)
+        let hmp = monitor::socket_path();
+        cmd.args(monitor::qemu_args(&hmp));
+        let probe = || probe_l1(&hmp, probe_after);
+        let opts = RunOptions {
+            silence: Some(Silence {
+                after: probe_after,
+                probe: &probe,
+            }),
+            ..*opts
+        };
+        let cap = process::run_bounded(&mut cmd, &opts);
+        let _ = std::fs::remove_file(&hmp);
+        Ok(cap?)
     }
 }
 
@@ -592,6 +647,38 @@ fn opts(run: &GuestRun) -> RunOptions<'static> {
         echo: run.echo_console,
         markers: MARKERS,
         inherit_stdin: run.interactive,
+        silence: None,
+    }
+}
+
+/// Looks at a silent L1 twice, [`L1_SECOND_LOOK`] apart: wedged when both
+/// looks find it halted with no timer armed.
+fn probe_l1(hmp: &Path, silent_for: Duration) -> Probe {
+    let first = monitor::l1_state(hmp);
+    std::thread::sleep(L1_SECOND_LOOK);
+    let second = monitor::l1_state(hmp);
+    match (first, second) {
+        (Ok((a, _)), Ok((b, lapic))) => {
+            let wedged = a.stopped() && b.stopped();
+            let mut report = format!(
+                "L1 silent for {}s; its vCPU: {}\n{}s later: {}\n",
+                silent_for.as_secs(),
+                a.summary(),
+                L1_SECOND_LOOK.as_secs(),
+                b.summary()
+            );
+            if wedged {
+                report.push_str(
+                    "L1 is halted with no timer armed: nothing will wake it; stopping it\n",
+                );
+                report.push_str(&lapic);
+            }
+            Probe { report, wedged }
+        }
+        (Err(e), _) | (_, Err(e)) => Probe {
+            report: format!("L1 silent for {}s; its monitor: {e}", silent_for.as_secs()),
+            wedged: false,
+        },
     }
 }
 
@@ -605,6 +692,8 @@ fn finish(mode: Mode, cap: process::Captured, vmm_exit: Option<i32>) -> RunResul
         console: cap.console,
         wall: cap.wall,
         timed_out: cap.timed_out,
+        l1_wedged: cap.wedged,
+        first_attempt: None,
         events: cap.events,
     }
 }

@@ -26,6 +26,7 @@ pub mod disk;
 pub mod harness;
 pub mod host;
 pub mod l1;
+pub mod monitor;
 pub mod pager_bench;
 pub mod process;
 pub mod rootfs;

@@ -45,11 +45,30 @@ pub struct Captured {
     pub console: String,
     pub wall: Duration,
     pub timed_out: bool,
+    /// Stopped because a [`Silence`] probe found it wedged.
+    pub wedged: bool,
     /// Lines that contain one of the requested markers, in order.
     pub events: Vec<Event>,
 }
 
+/// What a [`Silence`] probe found out about a child that printed nothing.
+#[derive(Debug, Default)]
+pub struct Probe {
+    /// Appended to the console, one `[harness]` line per line.
+    pub report: String,
+    /// The child can no longer make progress: stop it now.
+    pub wedged: bool,
+}
+
+/// Asked each time the child has been silent for `after`.
+#[derive(Clone, Copy)]
+pub struct Silence<'a> {
+    pub after: Duration,
+    pub probe: &'a dyn Fn() -> Probe,
+}
+
 /// Options for [`run_bounded`].
+#[derive(Clone, Copy)]
 pub struct RunOptions<'a> {
     pub timeout: Duration,
     /// Copy the console to our stdout as it arrives.
@@ -58,6 +77,8 @@ pub struct RunOptions<'a> {
     pub markers: &'a [&'a str],
     /// Give the child our stdin (interactive consoles) instead of none.
     pub inherit_stdin: bool,
+    /// What to ask when the child has printed nothing for a while.
+    pub silence: Option<Silence<'a>>,
 }
 
 enum Chunk {
@@ -111,6 +132,24 @@ impl Collector<'_> {
         }
     }
 
+    /// Adds the harness's own lines (never markers) on lines of their own.
+    fn note(&mut self, text: &str) {
+        let mut out = String::new();
+        if !self.line.is_empty() {
+            out.push('\n');
+        }
+        for l in text.lines() {
+            out.push_str(&format!("[harness] {l}\n"));
+        }
+        if self.opts.echo {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(out.as_bytes());
+            let _ = o.flush();
+        }
+        self.console.extend_from_slice(out.as_bytes());
+        self.line.clear();
+    }
+
     fn end_line(&mut self, at: Instant) {
         let text = String::from_utf8_lossy(&self.line).trim_end().to_string();
         self.line.clear();
@@ -160,10 +199,13 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
     };
     let deadline = start + opts.timeout;
     let mut timed_out = false;
+    let mut wedged = false;
+    let mut heard = start;
     let status = loop {
         while let Ok(chunk) = rx.try_recv() {
             if let Chunk::Data(at, data) = chunk {
                 col.take(at, &data);
+                heard = at;
             }
         }
         match child.try_wait() {
@@ -177,8 +219,24 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
             let _ = child.wait();
             break None;
         }
+        if let Some(silence) = opts.silence {
+            if heard.elapsed() >= silence.after {
+                let probe = (silence.probe)();
+                col.note(&probe.report);
+                heard = Instant::now();
+                if probe.wedged {
+                    wedged = true;
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        }
         match rx.recv_timeout(POLL) {
-            Ok(Chunk::Data(at, data)) => col.take(at, &data),
+            Ok(Chunk::Data(at, data)) => {
+                col.take(at, &data);
+                heard = at;
+            }
             Ok(Chunk::Eof) | Err(_) => {}
         }
     };
@@ -207,6 +265,7 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
         console: String::from_utf8_lossy(&col.console).into_owned(),
         wall,
         timed_out,
+        wedged,
         events: col.events,
     })
 }
@@ -221,7 +280,57 @@ mod tests {
             echo: false,
             markers: &["MARK"],
             inherit_stdin: false,
+            silence: None,
         }
+    }
+
+    #[test]
+    fn a_silent_child_is_probed_and_stopped_when_wedged() {
+        let calls = std::cell::Cell::new(0);
+        let probe = || {
+            calls.set(calls.get() + 1);
+            Probe {
+                report: format!("probe {}", calls.get()),
+                wedged: calls.get() == 2,
+            }
+        };
+        let c = run_bounded(
+            Command::new("sh").args(["-c", "printf partial; exec sleep 30"]),
+            &RunOptions {
+                silence: Some(Silence {
+                    after: Duration::from_millis(300),
+                    probe: &probe,
+                }),
+                ..opts(Duration::from_secs(20))
+            },
+        )
+        .unwrap();
+        assert!(c.wedged && !c.timed_out && c.status.is_none());
+        assert_eq!(calls.get(), 2);
+        assert!(c.wall < Duration::from_secs(10), "took {:?}", c.wall);
+        assert!(
+            c.console
+                .ends_with("partial\n[harness] probe 1\n[harness] probe 2\n"),
+            "{:?}",
+            c.console
+        );
+    }
+
+    #[test]
+    fn a_child_that_keeps_talking_is_never_probed() {
+        let probe = || -> Probe { panic!("probed a child that was talking") };
+        let c = run_bounded(
+            Command::new("sh").args(["-c", "for i in 1 2 3 4 5 6; do echo $i; sleep 0.1; done"]),
+            &RunOptions {
+                silence: Some(Silence {
+                    after: Duration::from_millis(400),
+                    probe: &probe,
+                }),
+                ..opts(Duration::from_secs(20))
+            },
+        )
+        .unwrap();
+        assert!(!c.wedged && c.status.is_some_and(|s| s.success()));
     }
 
     #[test]

@@ -15,11 +15,15 @@ pub fn mode() -> Mode {
     Mode::auto().unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Asserts `ok`, with the run's summary and whole console in the message.
+/// Asserts `ok`, with the run's summary and whole console in the message
+/// (and the console of a first attempt whose L1 wedged).
 pub fn check(ok: bool, what: &str, r: &RunResult) {
+    let first = r.first_attempt.as_ref().map_or(String::new(), |c| {
+        format!("----- first attempt (L1 wedged) -----\n{c}\n")
+    });
     assert!(
         ok,
-        "{what}: {}\n----- console -----\n{}\n----- end console -----",
+        "{what}: {}\n{first}----- console -----\n{}\n----- end console -----",
         r.summary(),
         r.console
     );

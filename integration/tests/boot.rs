@@ -155,3 +155,42 @@ fn console_output_written_just_before_exit_arrives() {
     check(r.verdict == Verdict::Pass, "scenario did not pass", &r);
     check(r.vmm_exit == Some(0), "VMM exit code is not 0", &r);
 }
+
+/// The harness's look at a silent L1 (through QEMU's monitor) reads the
+/// real vCPU and LAPIC state and leaves a merely sleeping L1 running: an
+/// L1 that sleeps 25 s in silence is probed, found with its timer armed,
+/// and finishes its payload.
+#[test]
+fn a_silent_but_sleeping_l1_is_probed_and_left_running() {
+    if mode() != Mode::Nested {
+        eprintln!("not the nested mode here: nothing to check");
+        return;
+    }
+    let r = harness()
+        .run_l1_payload(
+            &GuestRun::new(Scenario::inline("l1quiet", "true"))
+                .l1_silence_probe(std::time::Duration::from_secs(8)),
+            L1Payload::Script("sleep 25; echo L1-AWAKE-AGAIN\n".into()),
+        )
+        .unwrap_or_else(|e| panic!("cannot run L1: {e}"));
+    eprintln!("{}", r.summary());
+    check(!r.timed_out && !r.l1_wedged, "L1 did not finish", &r);
+    check(r.first_attempt.is_none(), "the run was repeated", &r);
+    let probe = r
+        .console
+        .lines()
+        .find(|l| l.starts_with("[harness] L1 silent for 8s; its vCPU: RIP="));
+    check(probe.is_some(), "the silent L1 was not probed", &r);
+    eprintln!("{}", probe.unwrap());
+    check(
+        !probe.unwrap().contains("lapic-timer-count=?"),
+        "the probe could not read the LAPIC timer",
+        &r,
+    );
+    check(
+        r.console.contains("L1-AWAKE-AGAIN"),
+        "payload did not finish",
+        &r,
+    );
+    check(r.vmm_exit == Some(0), "L1 payload did not exit 0", &r);
+}

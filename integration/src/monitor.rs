@@ -1,0 +1,191 @@
+//! The L1 QEMU's human monitor (HMP) on a Unix socket: what the harness
+//! asks when L1 has gone silent, to tell a guest that is busy from an L1
+//! that has stopped (halted with no timer armed, so nothing will ever wake
+//! it: seen on this QEMU 7.2 TCG L1, about once in ten long runs).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The prompt HMP prints after each command's output.
+const PROMPT: &str = "(qemu) ";
+/// Bound on one command's round trip.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A fresh socket path for one QEMU run (unique in this process).
+pub fn socket_path() -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "vmm-l1-{}-{}.hmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// QEMU arguments serving HMP on `path` (without waiting for a client).
+pub fn qemu_args(path: &Path) -> Vec<String> {
+    vec![
+        "-monitor".into(),
+        format!("unix:{},server=on,wait=off", path.display()),
+    ]
+}
+
+/// Runs HMP `commands` on the monitor at `path`; the output of each.
+pub fn query(path: &Path, commands: &[&str]) -> std::io::Result<Vec<String>> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    read_to_prompt(&mut s)?; // the banner
+    commands
+        .iter()
+        .map(|c| {
+            s.write_all(format!("{c}\n").as_bytes())?;
+            Ok(strip_echo(&read_to_prompt(&mut s)?))
+        })
+        .collect()
+}
+
+fn read_to_prompt(s: &mut UnixStream) -> std::io::Result<String> {
+    let end = Instant::now() + REPLY_TIMEOUT;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while !buf.ends_with(PROMPT.as_bytes()) {
+        if Instant::now() >= end {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        match s.read(&mut chunk)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// HMP echoes the command line with terminal redraws before the output:
+/// the output starts after the first CRLF and ends before the prompt.
+fn strip_echo(reply: &str) -> String {
+    let body = reply.split_once("\r\n").map_or("", |(_, b)| b);
+    body.trim_end_matches(PROMPT).replace('\r', "")
+}
+
+/// What L1's vCPU is doing, from `info registers` and `info lapic`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct L1State {
+    pub rip: String,
+    /// Halted (HLT=1): waiting for an interrupt.
+    pub halted: bool,
+    /// The LAPIC timer's current count; 0 when it is not running.
+    pub timer_count: Option<u64>,
+    pub isr: String,
+    pub irr: String,
+}
+
+impl L1State {
+    pub fn parse(registers: &str, lapic: &str) -> Self {
+        let word_after = |text: &str, key: &str| {
+            let at = text.find(key)? + key.len();
+            text[at..].split_whitespace().next().map(str::to_string)
+        };
+        let line_after = |text: &str, key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|r| r.trim().to_string())
+                .unwrap_or_default()
+        };
+        L1State {
+            rip: word_after(registers, "RIP=").unwrap_or_default(),
+            halted: word_after(registers, "HLT=").as_deref() == Some("1"),
+            timer_count: word_after(lapic, "current_count = ").and_then(|c| c.parse().ok()),
+            isr: line_after(lapic, "ISR"),
+            irr: line_after(lapic, "IRR"),
+        }
+    }
+
+    /// Halted with no timer running: nothing inside L1 will wake it.
+    pub fn stopped(&self) -> bool {
+        self.halted && self.timer_count == Some(0)
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "RIP={} halted={} lapic-timer-count={} ISR={} IRR={}",
+            self.rip,
+            self.halted,
+            self.timer_count.map_or("?".into(), |c| c.to_string()),
+            self.isr,
+            self.irr
+        )
+    }
+}
+
+/// Asks the monitor at `path` for L1's state.
+pub fn l1_state(path: &Path) -> std::io::Result<(L1State, String)> {
+    let out = query(path, &["info registers", "info lapic"])?;
+    Ok((L1State::parse(&out[0], &out[1]), out[1].clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REGS: &str = "CPU#0\nRAX=0000000000000000 RBX=0000000000000000\n\
+        RIP=ffffffff81a2b4ce RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\nES =0000\n";
+    const LAPIC: &str = "dumping local APIC state for CPU 0 \n\n\
+        LVTT\t 0x000000ec active-hi edge                 one-shot     Fixed  (vec 236)\n\
+        Timer\t DCR=0x3 (divide by 16) initial_count = 215386 current_count = 0\n\
+        ISR\t 236\nIRR\t (none)\n\nAPR 0x00 TPR 0x10\n";
+
+    #[test]
+    fn parses_a_halted_l1_without_a_timer() {
+        let s = L1State::parse(REGS, LAPIC);
+        assert_eq!(s.rip, "ffffffff81a2b4ce");
+        assert!(s.halted);
+        assert_eq!(s.timer_count, Some(0));
+        assert_eq!(s.isr, "236");
+        assert_eq!(s.irr, "(none)");
+        assert!(s.stopped());
+    }
+
+    #[test]
+    fn a_running_or_timed_l1_is_not_stopped() {
+        let running = L1State::parse(&REGS.replace("HLT=1", "HLT=0"), LAPIC);
+        assert!(!running.halted && !running.stopped());
+        let timed = L1State::parse(
+            REGS,
+            &LAPIC.replace("current_count = 0", "current_count = 116030"),
+        );
+        assert_eq!(timed.timer_count, Some(116030));
+        assert!(!timed.stopped());
+        // Output it cannot read is never taken for a stopped L1.
+        assert!(!L1State::parse("", "").stopped());
+    }
+
+    #[test]
+    fn echo_and_prompt_are_stripped() {
+        let reply = "i\x1b[K\x1b[Dinfo lapic\x1b[K\r\nline one\r\nline two\r\n(qemu) ";
+        assert_eq!(strip_echo(reply), "line one\nline two\n");
+    }
+
+    /// Talks to a stand-in monitor: banner, then one reply per command.
+    #[test]
+    fn query_reads_each_reply_up_to_the_prompt() {
+        let path = socket_path();
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            c.write_all(b"QEMU 7.2 monitor\r\n(qemu) ").unwrap();
+            let mut buf = [0u8; 64];
+            for reply in ["first\r\n", "second\r\n"] {
+                let n = c.read(&mut buf).unwrap();
+                assert!(buf[..n].ends_with(b"\n"));
+                c.write_all(format!("echo\r\n{reply}(qemu) ").as_bytes())
+                    .unwrap();
+            }
+        });
+        let out = query(&path, &["a", "b"]).unwrap();
+        server.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(out, vec!["first\n".to_string(), "second\n".to_string()]);
+    }
+}

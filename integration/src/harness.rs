@@ -315,7 +315,7 @@ pub struct RunResult {
     pub console: String,
     pub wall: Duration,
     pub timed_out: bool,
-    /// L1 stopped for good (halted with no timer armed) and was killed.
+    /// L1 stopped for good (its timer died, see `monitor`) and was killed.
     pub l1_wedged: bool,
     /// The console of an earlier attempt whose L1 wedged, when the run was
     /// repeated (runs without L1 disks are repeated once).
@@ -652,14 +652,14 @@ fn opts(run: &GuestRun) -> RunOptions<'static> {
 }
 
 /// Looks at a silent L1 twice, [`L1_SECOND_LOOK`] apart: wedged when both
-/// looks find it halted with no timer armed.
+/// looks find its one-shot LAPIC timer not running (see `monitor`).
 fn probe_l1(hmp: &Path, silent_for: Duration) -> Probe {
     let first = monitor::l1_state(hmp);
     std::thread::sleep(L1_SECOND_LOOK);
     let second = monitor::l1_state(hmp);
     match (first, second) {
         (Ok((a, _)), Ok((b, lapic))) => {
-            let wedged = a.stopped() && b.stopped();
+            let wedged = a.timer_dead() && b.timer_dead();
             let mut report = format!(
                 "L1 silent for {}s; its vCPU: {}\n{}s later: {}\n",
                 silent_for.as_secs(),
@@ -668,9 +668,8 @@ fn probe_l1(hmp: &Path, silent_for: Duration) -> Probe {
                 b.summary()
             );
             if wedged {
-                report.push_str(
-                    "L1 is halted with no timer armed: nothing will wake it; stopping it\n",
-                );
+                report
+                    .push_str("L1's LAPIC timer is not running: no tick will come; stopping L1\n");
                 report.push_str(&lapic);
             }
             Probe { report, wedged }

@@ -73,6 +73,8 @@ pub enum HarnessError {
     NoDirectKvm(KvmKind),
     #[error("VMM scripts run in the nested or direct mode, not {0:?}")]
     ScriptMode(Mode),
+    #[error(transparent)]
+    DiskCopy(#[from] guest_image::rootfs::RootfsError),
     #[error("cannot make scratch directory {path}")]
     Scratch {
         path: PathBuf,
@@ -159,6 +161,10 @@ pub struct GuestRun {
     /// `/dev/vdb`, ...): images too big for the L1 initramfs. Written in
     /// place; L1 flushes them before it powers off.
     pub l1_disks: Vec<PathBuf>,
+    /// For each of `l1_disks`, the image it is a working copy of, if any:
+    /// a run whose L1 wedged is repeated only when every disk can be
+    /// copied afresh.
+    pub l1_disk_pristine: Vec<Option<PathBuf>>,
     /// A prebuilt L2 initramfs used instead of building one from the
     /// scenario (e.g. the root disk's initramfs).
     pub l2_initrd: Option<PathBuf>,
@@ -198,6 +204,7 @@ impl GuestRun {
             l2_binaries: Vec::new(),
             l1_files: Vec::new(),
             l1_disks: Vec::new(),
+            l1_disk_pristine: Vec::new(),
             l2_initrd: None,
             vmm_args: Vec::new(),
             memory_opts: None,
@@ -243,7 +250,25 @@ impl GuestRun {
     /// Attaches host file `path` to L1 as its next virtio disk.
     pub fn l1_disk(mut self, path: impl Into<PathBuf>) -> Self {
         self.l1_disks.push(path.into());
+        self.l1_disk_pristine.push(None);
         self
+    }
+
+    /// Attaches `path`, a working copy of `pristine`, to L1 as its next
+    /// virtio disk; a repeated run starts from a fresh copy.
+    pub fn l1_disk_copy_of(
+        mut self,
+        path: impl Into<PathBuf>,
+        pristine: impl Into<PathBuf>,
+    ) -> Self {
+        self.l1_disks.push(path.into());
+        self.l1_disk_pristine.push(Some(pristine.into()));
+        self
+    }
+
+    /// The run can be repeated: every L1 disk (if any) can be copied afresh.
+    fn repeatable(&self) -> bool {
+        self.l1_disk_pristine.iter().all(Option::is_some)
     }
 
     /// Boots L2 with this initramfs instead of the scenario's.
@@ -318,7 +343,7 @@ pub struct RunResult {
     /// L1 stopped for good (its timer died, see `monitor`) and was killed.
     pub l1_wedged: bool,
     /// The console of an earlier attempt whose L1 wedged, when the run was
-    /// repeated (runs without L1 disks are repeated once).
+    /// repeated once.
     pub first_attempt: Option<String>,
     /// Time-stamped marker lines (L1-INIT, L1-KVM-READY, GUEST-INIT, ...).
     pub events: Vec<Event>,
@@ -563,14 +588,19 @@ impl Harness {
         let mut cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
         // An L1 that stopped for good (QEMU TCG's, not ours: see
         // `monitor`) is the harness failing, not the code under test: run
-        // once more, unless L1 disks carry state from the first attempt.
+        // once more, on fresh copies of the L1 disks.
         let mut first_attempt = None;
-        if cap.wedged && run.l1_disks.is_empty() {
+        if cap.wedged && run.repeatable() {
             eprintln!(
                 "[harness] L1 wedged after {:.0}s; running {} once more",
                 cap.wall.as_secs_f64(),
                 run.scenario.name
             );
+            for (disk, pristine) in run.l1_disks.iter().zip(&run.l1_disk_pristine) {
+                if let Some(pristine) = pristine {
+                    guest_image::rootfs::copy_image(pristine, disk)?;
+                }
+            }
             first_attempt = Some(std::mem::take(&mut cap.console));
             cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
         }
@@ -832,6 +862,20 @@ mod tests {
                 "stdout"
             ]
         );
+    }
+
+    #[test]
+    fn only_runs_whose_disks_can_be_copied_afresh_are_repeated() {
+        let run = || GuestRun::new(Scenario::inline("t", "true"));
+        assert!(run().repeatable());
+        assert!(run().l1_disk_copy_of("/w/a.img", "/p/a.img").repeatable());
+        assert!(!run().l1_disk("/w/a.img").repeatable());
+        assert!(!run()
+            .l1_disk_copy_of("/w/a.img", "/p/a.img")
+            .l1_disk("/w/b.img")
+            .repeatable());
+        let r = run().l1_disk_copy_of("/w/a.img", "/p/a.img");
+        assert_eq!(r.l1_disks, vec![PathBuf::from("/w/a.img")]);
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl RootDisk {
             .cpus(cpus)
             .memory_mib(MEMORY_MIB)
             .l2_initrd(&self.initrd)
-            .l1_disk(&self.image)
+            .l1_disk_copy_of(&self.image, &self.pristine)
     }
 }
 

@@ -682,14 +682,15 @@ fn opts(run: &GuestRun) -> RunOptions<'static> {
 }
 
 /// Looks at a silent L1 twice, [`L1_SECOND_LOOK`] apart: wedged when both
-/// looks find its one-shot LAPIC timer not running (see `monitor`).
+/// looks find its one-shot LAPIC timer not running and its vCPU at the
+/// same instruction ([`monitor::stuck`]).
 fn probe_l1(hmp: &Path, silent_for: Duration) -> Probe {
     let first = monitor::l1_state(hmp);
     std::thread::sleep(L1_SECOND_LOOK);
     let second = monitor::l1_state(hmp);
     match (first, second) {
         (Ok((a, _)), Ok((b, lapic))) => {
-            let wedged = a.timer_dead() && b.timer_dead();
+            let wedged = monitor::stuck(&a, &b);
             let mut report = format!(
                 "L1 silent for {}s; its vCPU: {}\n{}s later: {}\n",
                 silent_for.as_secs(),

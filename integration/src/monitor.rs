@@ -137,6 +137,15 @@ impl L1State {
     }
 }
 
+/// Two looks some seconds apart both find the one-shot timer dead and the
+/// vCPU at the same instruction: L1 is stuck for good. One look is not
+/// enough: a healthy L1 can be caught between its timer running out and the
+/// interrupt being taken (count 0, vector in IRR), but it has moved on by
+/// the next look.
+pub fn stuck(first: &L1State, second: &L1State) -> bool {
+    first.timer_dead() && second.timer_dead() && !first.rip.is_empty() && first.rip == second.rip
+}
+
 /// Asks the monitor at `path` for L1's state.
 pub fn l1_state(path: &Path) -> std::io::Result<(L1State, String)> {
     let out = query(path, &["info registers", "info lapic"])?;
@@ -175,6 +184,21 @@ mod tests {
         // Running (not halted) with the timer dead is just as stuck.
         let running = L1State::parse(&REGS.replace("HLT=1", "HLT=0"), LAPIC);
         assert!(!running.halted && running.timer_dead());
+    }
+
+    #[test]
+    fn stuck_needs_a_dead_timer_at_the_same_place_twice() {
+        let wedged = L1State::parse(REGS, LAPIC);
+        assert!(stuck(&wedged, &wedged.clone()));
+        // Caught once between expiry and delivery, then moving again.
+        let moved = L1State::parse(&REGS.replace("81a2b4ce", "81a2c000"), LAPIC);
+        assert!(!stuck(&wedged, &moved));
+        let armed = L1State::parse(
+            REGS,
+            &LAPIC.replace("current_count = 0", "current_count = 5"),
+        );
+        assert!(!stuck(&wedged, &armed));
+        assert!(!stuck(&armed, &wedged));
     }
 
     #[test]

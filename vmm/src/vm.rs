@@ -166,7 +166,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     let (_raw_terminal, serial_input) = match cfg.serial {
         SerialConfig::Stdout => (
             Some(serial_input::RawTerminal::enter()),
-            Some(serial_input::start(serial, stop.clone()).map_err(VmError::SerialInput)?),
+            Some(serial_input::start(serial.clone(), stop.clone()).map_err(VmError::SerialInput)?),
         ),
         _ => (None, None),
     };
@@ -241,6 +241,13 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     // Wait for the guest, a device, a vCPU or the API to ask for the end.
     control.run_until_stopped(&stop);
     vcpu::stop_and_join(threads);
+    if serial.lock().is_ok_and(|mut s| s.guest_output_pending()) {
+        log::warn!(
+            "the guest stopped while its serial driver still had console output to send; \
+             that output is lost (a guest reporting its status should wait for the console \
+             to drain, e.g. tcdrain or `stty` on it)"
+        );
+    }
     if let Some(t) = serial_input {
         let _ = t.join();
     }

@@ -12,6 +12,9 @@ pub const COM1_BASE: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 /// Eight byte-wide registers.
 pub const SERIAL_LEN: u64 = 8;
+/// Interrupt Enable Register offset and its transmitter-empty bit.
+const IER: u8 = 1;
+const IER_THRI: u8 = 0x02;
 
 /// Raises an interrupt by writing to an EventFd.
 pub struct EventFdTrigger(pub EventFd);
@@ -39,6 +42,14 @@ impl SerialPort {
     /// Free space in the receive FIFO: how many input bytes fit now.
     pub fn input_room(&self) -> usize {
         self.inner.fifo_capacity()
+    }
+
+    /// Whether the guest's driver still waits to send console output: it
+    /// keeps the transmitter-empty interrupt enabled only while its own
+    /// buffer holds bytes for the port. Asked once the vCPUs have stopped,
+    /// so that a VM ending mid-output says why its console was cut short.
+    pub fn guest_output_pending(&mut self) -> bool {
+        self.inner.read(IER) & IER_THRI != 0
     }
 
     /// Queues bytes typed by the user for the guest to read.
@@ -96,6 +107,20 @@ pub(crate) mod tests {
         port.write(COM1_BASE, 0, b"i");
         assert_eq!(&*sink.0.lock().unwrap(), b"hi");
         assert!(irq.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn output_is_pending_while_the_driver_waits_to_send() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut port = SerialPort::new(irq, Box::new(io::sink()));
+        assert!(!port.guest_output_pending());
+        // The driver enables the THR-empty interrupt when its buffer fills
+        // and disables it once everything has been sent.
+        port.write(COM1_BASE, 1, &[0x03]);
+        assert!(port.guest_output_pending());
+        port.write(COM1_BASE, 0, b"x");
+        port.write(COM1_BASE, 1, &[0x01]);
+        assert!(!port.guest_output_pending());
     }
 
     #[test]

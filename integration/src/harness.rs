@@ -591,10 +591,16 @@ impl Harness {
         // once more, on fresh copies of the L1 disks.
         let mut first_attempt = None;
         if cap.wedged && run.repeatable() {
+            let probes: Vec<&str> = cap
+                .console
+                .lines()
+                .filter(|l| l.starts_with("[harness]"))
+                .collect();
             eprintln!(
-                "[harness] L1 wedged after {:.0}s; running {} once more",
+                "[harness] L1 wedged after {:.0}s; running {} once more. What the monitor saw:\n{}",
                 cap.wall.as_secs_f64(),
-                run.scenario.name
+                run.scenario.name,
+                probes.join("\n")
             );
             for (disk, pristine) in run.l1_disks.iter().zip(&run.l1_disk_pristine) {
                 if let Some(pristine) = pristine {

@@ -132,7 +132,9 @@ impl Collector<'_> {
         }
     }
 
-    /// Adds the harness's own lines (never markers) on lines of their own.
+    /// Adds the harness's own lines (never markers) on lines of their own,
+    /// to the record only: an echoed console is someone's terminal, where a
+    /// report every minute of an idle login prompt would only be noise.
     fn note(&mut self, text: &str) {
         let mut out = String::new();
         if !self.line.is_empty() {
@@ -140,11 +142,6 @@ impl Collector<'_> {
         }
         for l in text.lines() {
             out.push_str(&format!("[harness] {l}\n"));
-        }
-        if self.opts.echo {
-            let mut o = std::io::stdout().lock();
-            let _ = o.write_all(out.as_bytes());
-            let _ = o.flush();
         }
         self.console.extend_from_slice(out.as_bytes());
         self.line.clear();

@@ -136,15 +136,15 @@ impl Collector<'_> {
     /// to the record only: an echoed console is someone's terminal, where a
     /// report every minute of an idle login prompt would only be noise.
     fn note(&mut self, text: &str) {
-        let mut out = String::new();
         if !self.line.is_empty() {
-            out.push('\n');
+            // End the partial line first (it may hold a marker).
+            self.console.push(b'\n');
+            self.end_line(Instant::now());
         }
         for l in text.lines() {
-            out.push_str(&format!("[harness] {l}\n"));
+            self.console
+                .extend_from_slice(format!("[harness] {l}\n").as_bytes());
         }
-        self.console.extend_from_slice(out.as_bytes());
-        self.line.clear();
     }
 
     fn end_line(&mut self, at: Instant) {

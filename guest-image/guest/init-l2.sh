@@ -14,6 +14,7 @@ while read -r m; do
     [ -n "$m" ] || continue
     insmod "$m" || echo "GUEST-INSMOD-FAIL $m"
 done < /etc/modules.order
+echo "GUEST-KERNEL-MAP $(kernel_map)"
 cd /
 # A scenario that hangs would leave the test that runs it with nothing but
 # a timeout: watchdog=SECONDS (set by the harness inside its own bound)

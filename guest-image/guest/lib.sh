@@ -83,6 +83,16 @@ hang_report() {
     echo "GUEST-WATCHDOG: end of report"
 }
 
+# kernel_map: where this kernel's text and its modules sit (KASLR moves
+# them each boot), so that an instruction address in a hang report (the
+# harness's look at a wedged L1, a guest watchdog) can be resolved offline
+# against the kernel's System.map and the modules' symbols.
+kernel_map() {
+    t=$(grep -m1 -w '_stext' /proc/kallsyms 2>/dev/null | cut -d' ' -f1)
+    m=$(awk '{ printf " %s=%s", $1, $6 }' /proc/modules 2>/dev/null)
+    echo "text=${t:-?}${m}"
+}
+
 # md5_of FILE: md5 of a file's content.
 md5_of() {
     md5sum < "$1" | cut -d' ' -f1

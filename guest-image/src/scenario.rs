@@ -197,6 +197,14 @@ mod tests {
     }
 
     #[test]
+    fn shell_kernel_map_is_one_line_with_the_text_address() {
+        let (rc, out) = sh("", "kernel_map");
+        assert_eq!(rc, 0);
+        assert_eq!(out.lines().count(), 1, "{out:?}");
+        assert!(out.starts_with("text="), "{out:?}");
+    }
+
+    #[test]
     fn shell_status_byte_clamps() {
         let (rc, out) = sh("", "for r in 0 1 3 255 256 -2; do status_byte $r; done");
         assert_eq!(rc, 0);

@@ -14,6 +14,7 @@ while read -r m; do
     [ -n "$m" ] || continue
     insmod "$m" || echo "L1-INSMOD-FAIL $m"
 done < /etc/modules.order
+echo "L1-KERNEL-MAP $(kernel_map)"
 if [ -c /dev/kvm ]; then
     echo "L1-KVM-READY nested=$(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null) npt=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)"
     cd /

@@ -594,7 +594,7 @@ impl Harness {
             let probes: Vec<&str> = cap
                 .console
                 .lines()
-                .filter(|l| l.starts_with("[harness]"))
+                .filter(|l| l.starts_with("[harness]") || l.contains("KERNEL-MAP"))
                 .collect();
             eprintln!(
                 "[harness] L1 wedged after {:.0}s; running {} once more. What the monitor saw:\n{}",

@@ -1,10 +1,11 @@
 //! The L1 QEMU's human monitor (HMP) on a Unix socket: what the harness
 //! asks when L1 has gone silent, to tell a guest that is busy from an L1
 //! whose timer has died. Seen on this QEMU 7.2 TCG L1, a few times in
-//! dozens of long runs: L1's LAPIC timer (one-shot) has run out and was
-//! never armed again, so either L1 halts and nothing wakes it, or the
-//! task on its only CPU (an L2 vCPU) is never preempted; every layer
-//! inside falls silent until the run's timeout.
+//! dozens of long runs (more often while the host was busy compiling):
+//! L1's one-shot LAPIC timer has run out, its vector waits in IRR and is
+//! never taken, and the vCPU stays at one instruction, halted or spinning
+//! at full speed; no timer is armed again, nothing is preempted, and every
+//! layer inside falls silent until the run's timeout.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

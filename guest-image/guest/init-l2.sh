@@ -20,18 +20,28 @@ cd /
 # a timeout: watchdog=SECONDS (set by the harness inside its own bound)
 # prints the kernel's view of the hang while the scenario runs on.
 # Only the watchdog's sleep is stopped at the end: a report under way
-# finishes.
+# finishes before the verdict and the status go out.
 watchdog_s=$(param watchdog 0)
+watchdog_pid=
 if [ "$watchdog_s" -gt 0 ] 2>/dev/null; then
     (
         sleep "$watchdog_s" &
         echo $! > /tmp/watchdog.pid
         wait $! && hang_report "$watchdog_s"
     ) &
+    watchdog_pid=$!
 fi
 sh /scenario.sh
 rc=$?
-[ ! -f /tmp/watchdog.pid ] || kill "$(cat /tmp/watchdog.pid)" 2>/dev/null
+if [ -n "$watchdog_pid" ]; then
+    i=0
+    while [ ! -f /tmp/watchdog.pid ] && [ "$i" -lt 50 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    kill "$(cat /tmp/watchdog.pid 2>/dev/null)" 2>/dev/null
+    wait "$watchdog_pid"
+fi
 if [ "$rc" -eq 0 ]; then
     echo "SCENARIO-PASS"
 else

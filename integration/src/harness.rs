@@ -27,6 +27,8 @@ pub const TIMEOUT_ENV: &str = "VMM_TEST_TIMEOUT";
 pub const L1_MEMORY_MIB: u32 = 2048;
 /// Silence after which the harness asks L1's QEMU monitor what L1 is doing.
 pub const L1_SILENCE_PROBE: Duration = Duration::from_secs(60);
+/// Attempts at a run whose L1 keeps wedging (see `monitor`).
+pub const L1_ATTEMPTS: usize = 3;
 /// Gap between the two looks at L1 that must both find it stopped.
 const L1_SECOND_LOOK: Duration = Duration::from_secs(5);
 /// I/O port of the debug-exit device (guest-image `report_status`).
@@ -342,9 +344,9 @@ pub struct RunResult {
     pub timed_out: bool,
     /// L1 stopped for good (its timer died, see `monitor`) and was killed.
     pub l1_wedged: bool,
-    /// The console of an earlier attempt whose L1 wedged, when the run was
-    /// repeated once.
-    pub first_attempt: Option<String>,
+    /// The consoles of earlier attempts whose L1 wedged, when the run was
+    /// repeated (at most [`L1_ATTEMPTS`] in all).
+    pub wedged_attempts: Vec<String>,
     /// Time-stamped marker lines (L1-INIT, L1-KVM-READY, GUEST-INIT, ...).
     pub events: Vec<Event>,
 }
@@ -375,10 +377,13 @@ impl RunResult {
             self.wall.as_secs_f64(),
             if self.timed_out { " TIMED OUT" } else { "" },
             if self.l1_wedged { " L1 WEDGED" } else { "" },
-            if self.first_attempt.is_some() {
-                " (second attempt: L1 wedged on the first)"
+            if self.wedged_attempts.is_empty() {
+                String::new()
             } else {
-                ""
+                format!(
+                    " (attempt {}: L1 wedged on the earlier ones)",
+                    self.wedged_attempts.len() + 1
+                )
             },
             if no_kvm { " L1 HAS NO /dev/kvm" } else { "" }
         )
@@ -588,16 +593,16 @@ impl Harness {
         let mut cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
         // An L1 that stopped for good (QEMU TCG's, not ours: see
         // `monitor`) is the harness failing, not the code under test: run
-        // once more, on fresh copies of the L1 disks.
-        let mut first_attempt = None;
-        if cap.wedged && run.repeatable() {
+        // again, on fresh copies of the L1 disks.
+        let mut wedged_attempts = Vec::new();
+        while cap.wedged && run.repeatable() && wedged_attempts.len() + 1 < L1_ATTEMPTS {
             let probes: Vec<&str> = cap
                 .console
                 .lines()
                 .filter(|l| l.starts_with("[harness]") || l.contains("KERNEL-MAP"))
                 .collect();
             eprintln!(
-                "[harness] L1 wedged after {:.0}s; running {} once more. What the monitor saw:\n{}",
+                "[harness] L1 wedged after {:.0}s; running {} again. What the monitor saw:\n{}",
                 cap.wall.as_secs_f64(),
                 run.scenario.name,
                 probes.join("\n")
@@ -607,7 +612,7 @@ impl Harness {
                     guest_image::rootfs::copy_image(pristine, disk)?;
                 }
             }
-            first_attempt = Some(std::mem::take(&mut cap.console));
+            wedged_attempts.push(std::mem::take(&mut cap.console));
             cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
         }
         let mut vmm_exit = verdict::parse_l1_exit(&cap.console);
@@ -615,7 +620,7 @@ impl Harness {
             vmm_exit = vmm_exit.map(verdict::qemu_debug_exit_to_status);
         }
         let mut r = finish(mode, cap, vmm_exit);
-        r.first_attempt = first_attempt;
+        r.wedged_attempts = wedged_attempts;
         Ok(r)
     }
 
@@ -729,7 +734,7 @@ fn finish(mode: Mode, cap: process::Captured, vmm_exit: Option<i32>) -> RunResul
         wall: cap.wall,
         timed_out: cap.timed_out,
         l1_wedged: cap.wedged,
-        first_attempt: None,
+        wedged_attempts: Vec::new(),
         events: cap.events,
     }
 }

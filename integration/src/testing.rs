@@ -16,11 +16,14 @@ pub fn mode() -> Mode {
 }
 
 /// Asserts `ok`, with the run's summary and whole console in the message
-/// (and the console of a first attempt whose L1 wedged).
+/// (and the consoles of earlier attempts whose L1 wedged).
 pub fn check(ok: bool, what: &str, r: &RunResult) {
-    let first = r.first_attempt.as_ref().map_or(String::new(), |c| {
-        format!("----- first attempt (L1 wedged) -----\n{c}\n")
-    });
+    let first: String = r
+        .wedged_attempts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("----- attempt {} (L1 wedged) -----\n{c}\n", i + 1))
+        .collect();
     assert!(
         ok,
         "{what}: {}\n{first}----- console -----\n{}\n----- end console -----",

@@ -61,9 +61,16 @@ fn check(ok: bool, what: &str, r: &RunResult) {
 }
 
 /// A run of a `usb-*` scenario with the USB modules and helper file.
+///
+/// One vCPU: with two on the one-CPU TCG L1, L1 wedged in 5 of ~15 runs of
+/// the port-reset and hotplug tests (2026-11-26): one L2 vCPU spins in
+/// `queued_read_lock_slowpath` on a rwlock the other holds, and QEMU 7.2
+/// never delivers L1's pending timer interrupt while it spins, so L1 never
+/// preempts it (see `integration::monitor`). The price: no end-to-end run
+/// drives the controller from two vCPUs at once any more.
 fn usb_run(scenario: &str) -> GuestRun {
     let mut run = GuestRun::new(Scenario::load(scenario).unwrap())
-        .cpus(2)
+        .cpus(1)
         .memory_mib(512)
         .timeout(TIMEOUT);
     run.modules = GUEST_MODULES.iter().map(|m| m.to_string()).collect();

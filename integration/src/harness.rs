@@ -668,7 +668,8 @@ impl Harness {
         }
         let hmp = monitor::socket_path();
         cmd.args(monitor::qemu_args(&hmp));
-        let probe = || probe_l1(&hmp, probe_after);
+        let kicked = std::cell::Cell::new(false);
+        let probe = || probe_l1(&hmp, probe_after, &kicked);
         let opts = RunOptions {
             silence: Some(Silence {
                 after: probe_after,
@@ -692,35 +693,75 @@ fn opts(run: &GuestRun) -> RunOptions<'static> {
     }
 }
 
-/// Looks at a silent L1 twice, [`L1_SECOND_LOOK`] apart: wedged when both
-/// looks find its one-shot LAPIC timer not running and its vCPU at the
-/// same instruction ([`monitor::stuck`]).
-fn probe_l1(hmp: &Path, silent_for: Duration) -> Probe {
-    let first = monitor::l1_state(hmp);
-    std::thread::sleep(L1_SECOND_LOOK);
-    let second = monitor::l1_state(hmp);
-    match (first, second) {
-        (Ok((a, _)), Ok((b, lapic))) => {
-            let wedged = monitor::stuck(&a, &b);
-            let mut report = format!(
-                "L1 silent for {}s; its vCPU: {}\n{}s later: {}\n",
-                silent_for.as_secs(),
-                a.summary(),
-                L1_SECOND_LOOK.as_secs(),
-                b.summary()
-            );
-            if wedged {
-                report
-                    .push_str("L1's LAPIC timer is not running: no tick will come; stopping L1\n");
-                report.push_str(&lapic);
+/// Looks at a silent L1 twice, [`L1_SECOND_LOOK`] apart. When both looks
+/// find its one-shot LAPIC timer not running and its vCPU at the same
+/// instruction ([`monitor::stuck`]), presses a key on L1's keyboard (a new
+/// interrupt makes QEMU look at the APIC, where the timer's vector waits
+/// in IRR) and looks a third time: wedged unless the timer runs again.
+/// One key press per run (`kicked`): stuck again later means wedged.
+fn probe_l1(hmp: &Path, silent_for: Duration, kicked: &std::cell::Cell<bool>) -> Probe {
+    let looks = (|| -> std::io::Result<_> {
+        let (a, _) = monitor::l1_state(hmp)?;
+        std::thread::sleep(L1_SECOND_LOOK);
+        let (b, lapic) = monitor::l1_state(hmp)?;
+        Ok((a, b, lapic))
+    })();
+    let (a, b, lapic) = match looks {
+        Ok(looks) => looks,
+        Err(e) => {
+            return Probe {
+                report: format!("L1 silent for {}s; its monitor: {e}", silent_for.as_secs()),
+                wedged: false,
             }
-            Probe { report, wedged }
         }
-        (Err(e), _) | (_, Err(e)) => Probe {
-            report: format!("L1 silent for {}s; its monitor: {e}", silent_for.as_secs()),
+    };
+    let mut report = format!(
+        "L1 silent for {}s; its vCPU: {}\n{}s later: {}\n",
+        silent_for.as_secs(),
+        a.summary(),
+        L1_SECOND_LOOK.as_secs(),
+        b.summary()
+    );
+    if !monitor::stuck(&a, &b) {
+        return Probe {
+            report,
             wedged: false,
-        },
+        };
     }
+    report.push_str("L1's LAPIC timer is not running and its vCPU has not moved:\n");
+    report.push_str(&lapic);
+    if kicked.replace(true) {
+        report.push_str("stuck again after an earlier key press; stopping L1\n");
+        return Probe {
+            report,
+            wedged: true,
+        };
+    }
+    let third = monitor::press_key(hmp).and_then(|()| {
+        std::thread::sleep(L1_SECOND_LOOK);
+        monitor::l1_state(hmp)
+    });
+    let wedged = match third {
+        Ok((c, _)) if !c.timer_dead() => {
+            report.push_str(&format!(
+                "a key press on L1's keyboard woke it: {}\n",
+                c.summary()
+            ));
+            false
+        }
+        Ok((c, _)) => {
+            report.push_str(&format!(
+                "a key press did not wake it ({}); stopping L1\n",
+                c.summary()
+            ));
+            true
+        }
+        Err(e) => {
+            report.push_str(&format!("cannot press a key ({e}); stopping L1\n"));
+            true
+        }
+    };
+    Probe { report, wedged }
 }
 
 fn finish(mode: Mode, cap: process::Captured, vmm_exit: Option<i32>) -> RunResult {

@@ -5,7 +5,9 @@
 //! L1's one-shot LAPIC timer has run out, its vector waits in IRR and is
 //! never taken, and the vCPU stays at one instruction, halted or spinning
 //! at full speed; no timer is armed again, nothing is preempted, and every
-//! layer inside falls silent until the run's timeout.
+//! layer inside falls silent until the run's timeout. Halted at L1's own
+//! `sti; hlt`, a key press on its keyboard wakes it (seen live); spinning
+//! in L2 on a lock the other L2 vCPU holds, it does not.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -147,6 +149,12 @@ pub fn stuck(first: &L1State, second: &L1State) -> bool {
     first.timer_dead() && second.timer_dead() && !first.rip.is_empty() && first.rip == second.rip
 }
 
+/// Presses (and releases) Shift on L1's PS/2 keyboard: an interrupt that
+/// changes nothing in L1 beyond its keyboard driver seeing a key.
+pub fn press_key(path: &Path) -> std::io::Result<()> {
+    query(path, &["sendkey shift"]).map(drop)
+}
+
 /// Asks the monitor at `path` for L1's state.
 pub fn l1_state(path: &Path) -> std::io::Result<(L1State, String)> {
     let out = query(path, &["info registers", "info lapic"])?;
@@ -219,6 +227,24 @@ mod tests {
         assert!(!L1State::parse(REGS, &deadline).timer_dead());
         // Output it cannot read is never taken for a dead timer.
         assert!(!L1State::parse("", "").timer_dead());
+    }
+
+    #[test]
+    fn press_key_sends_shift() {
+        let path = socket_path();
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            c.write_all(b"QEMU 7.2 monitor\r\n(qemu) ").unwrap();
+            let mut buf = [0u8; 64];
+            let n = c.read(&mut buf).unwrap();
+            c.write_all(b"sendkey shift\r\n(qemu) ").unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        press_key(&path).unwrap();
+        let sent = server.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(sent, "sendkey shift\n");
     }
 
     #[test]

@@ -85,8 +85,10 @@ hang_report() {
 
 # kernel_map: where this kernel's text and its modules sit (KASLR moves
 # them each boot), so that an instruction address in a hang report (the
-# harness's look at a wedged L1, a guest watchdog) can be resolved offline
-# against the kernel's System.map and the modules' symbols.
+# harness's look at a wedged L1, a guest watchdog) can be resolved offline:
+# kernel addresses by disassembling the (stripped) vmlinux at the same
+# offset from _stext (Debian's System.map is a stub), module addresses
+# against the symbols of the module's .ko file.
 kernel_map() {
     t=$(grep -m1 -w '_stext' /proc/kallsyms 2>/dev/null | cut -d' ' -f1)
     m=$(awk '{ printf " %s=%s", $1, $6 }' /proc/modules 2>/dev/null)

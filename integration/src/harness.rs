@@ -29,7 +29,8 @@ pub const L1_MEMORY_MIB: u32 = 2048;
 pub const L1_SILENCE_PROBE: Duration = Duration::from_secs(60);
 /// Attempts at a run whose L1 keeps wedging (see `monitor`).
 pub const L1_ATTEMPTS: usize = 3;
-/// Gap between the two looks at L1 that must both find it stopped.
+/// Gap between two looks at a silent L1 (and before the look after a key
+/// press).
 const L1_SECOND_LOOK: Duration = Duration::from_secs(5);
 /// I/O port of the debug-exit device (guest-image `report_status`).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;

@@ -230,48 +230,51 @@ mod tests {
     }
 
     #[test]
-    fn press_key_sends_shift() {
-        let path = socket_path();
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut c, _) = listener.accept().unwrap();
-            c.write_all(b"QEMU 7.2 monitor\r\n(qemu) ").unwrap();
-            let mut buf = [0u8; 64];
-            let n = c.read(&mut buf).unwrap();
-            c.write_all(b"sendkey shift\r\n(qemu) ").unwrap();
-            String::from_utf8_lossy(&buf[..n]).into_owned()
-        });
-        press_key(&path).unwrap();
-        let sent = server.join().unwrap();
-        let _ = std::fs::remove_file(&path);
-        assert_eq!(sent, "sendkey shift\n");
-    }
-
-    #[test]
     fn echo_and_prompt_are_stripped() {
         let reply = "i\x1b[K\x1b[Dinfo lapic\x1b[K\r\nline one\r\nline two\r\n(qemu) ";
         assert_eq!(strip_echo(reply), "line one\nline two\n");
     }
 
-    /// Talks to a stand-in monitor: banner, then one reply per command.
-    #[test]
-    fn query_reads_each_reply_up_to_the_prompt() {
+    /// A stand-in HMP monitor: prints the banner, answers each command
+    /// line with `replies` in turn (behind an echo line and before the
+    /// prompt), and returns the lines it was sent.
+    fn stand_in_monitor(
+        replies: &'static [&'static str],
+    ) -> (PathBuf, std::thread::JoinHandle<Vec<String>>) {
         let path = socket_path();
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {
             let (mut c, _) = listener.accept().unwrap();
             c.write_all(b"QEMU 7.2 monitor\r\n(qemu) ").unwrap();
             let mut buf = [0u8; 64];
-            for reply in ["first\r\n", "second\r\n"] {
+            let mut sent = Vec::new();
+            for reply in replies {
                 let n = c.read(&mut buf).unwrap();
-                assert!(buf[..n].ends_with(b"\n"));
+                sent.push(String::from_utf8_lossy(&buf[..n]).into_owned());
                 c.write_all(format!("echo\r\n{reply}(qemu) ").as_bytes())
                     .unwrap();
             }
+            sent
         });
+        (path, server)
+    }
+
+    #[test]
+    fn query_reads_each_reply_up_to_the_prompt() {
+        let (path, server) = stand_in_monitor(&["first\r\n", "second\r\n"]);
         let out = query(&path, &["a", "b"]).unwrap();
-        server.join().unwrap();
+        let sent = server.join().unwrap();
         let _ = std::fs::remove_file(&path);
+        assert_eq!(sent, vec!["a\n".to_string(), "b\n".to_string()]);
         assert_eq!(out, vec!["first\n".to_string(), "second\n".to_string()]);
+    }
+
+    #[test]
+    fn press_key_sends_shift() {
+        let (path, server) = stand_in_monitor(&[""]);
+        press_key(&path).unwrap();
+        let sent = server.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(sent, vec!["sendkey shift\n".to_string()]);
     }
 }

@@ -109,6 +109,8 @@ fn reader(mut src: impl Read + Send + 'static, tx: mpsc::Sender<Chunk>) -> threa
 /// Collects chunks into the console and time-stamps marker lines.
 struct Collector<'a> {
     start: Instant,
+    /// When the child last printed anything (start until it does).
+    heard: Instant,
     console: Vec<u8>,
     line: Vec<u8>,
     events: Vec<Event>,
@@ -117,6 +119,7 @@ struct Collector<'a> {
 
 impl Collector<'_> {
     fn take(&mut self, at: Instant, data: &[u8]) {
+        self.heard = at;
         if self.opts.echo {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(data);
@@ -189,6 +192,7 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
     drop(tx);
     let mut col = Collector {
         start,
+        heard: start,
         console: Vec::new(),
         line: Vec::new(),
         events: Vec::new(),
@@ -197,12 +201,10 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
     let deadline = start + opts.timeout;
     let mut timed_out = false;
     let mut wedged = false;
-    let mut heard = start;
     let status = loop {
         while let Ok(chunk) = rx.try_recv() {
             if let Chunk::Data(at, data) = chunk {
                 col.take(at, &data);
-                heard = at;
             }
         }
         match child.try_wait() {
@@ -217,10 +219,11 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
             break None;
         }
         if let Some(silence) = opts.silence {
-            if heard.elapsed() >= silence.after {
+            if col.heard.elapsed() >= silence.after {
                 let probe = (silence.probe)();
                 col.note(&probe.report);
-                heard = Instant::now();
+                // The next look comes after another full silence.
+                col.heard = Instant::now();
                 if probe.wedged {
                     wedged = true;
                     let _ = child.kill();
@@ -230,10 +233,7 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
             }
         }
         match rx.recv_timeout(POLL) {
-            Ok(Chunk::Data(at, data)) => {
-                col.take(at, &data);
-                heard = at;
-            }
+            Ok(Chunk::Data(at, data)) => col.take(at, &data),
             Ok(Chunk::Eof) | Err(_) => {}
         }
     };

@@ -114,10 +114,27 @@ fn walk_cpio(data: &[u8], offset: usize) -> Result<usize, InitramfsError> {
     }
 }
 
+/// Most bytes the size hint may reserve up front (a corrupt trailer must not
+/// make the check allocate gigabytes).
+const MAX_SIZE_HINT: usize = 256 << 20;
+
+/// The plain size a gzip stream's trailer (ISIZE, its last four bytes)
+/// announces when `data` is a single member, so the output is allocated
+/// once instead of grown and copied (page faults are costly in a nested
+/// L1). Only a hint: concatenated members or a damaged trailer cost a
+/// regrown or an unused allocation, never a wrong result.
+fn plain_size_hint(data: &[u8]) -> usize {
+    let Some(tail) = data.len().checked_sub(4).and_then(|at| data.get(at..)) else {
+        return 0;
+    };
+    let isize = u32::from_le_bytes(tail.try_into().unwrap_or_default()) as usize;
+    isize.min(MAX_SIZE_HINT)
+}
+
 /// Decompresses one gzip member; returns (compressed length, plain bytes).
 fn gunzip_member(data: &[u8], offset: usize) -> Result<(usize, Vec<u8>), InitramfsError> {
     let mut cursor = io::Cursor::new(data);
-    let mut plain = Vec::new();
+    let mut plain = Vec::with_capacity(plain_size_hint(data));
     let result = GzDecoder::new(&mut cursor).read_to_end(&mut plain);
     match result {
         Ok(_) => Ok((cursor.position() as usize, plain)),

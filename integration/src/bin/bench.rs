@@ -178,6 +178,11 @@ fn main() -> Result<()> {
                      direct kernel boot. Kernels: `ours-vmlinux` boots the uncompressed ELF that \
                      `guest-image vmlinux` extracts from the same Debian bzImage, `qemu-pc-vmlinux` \
                      boots that ELF through its PVH entry note, the others boot the bzImage. \
+                     The time splits at the guest's uptime on its `GUEST-INIT` line \
+                     (`/proc/uptime`, whose clock starts early in the kernel's `start_kernel`): \
+                     the guest kernel's own time to init, and what came before its clock \
+                     started (the VMM's start-up, firmware, the bzImage's decompression, the \
+                     kernel's earliest setup); each column is its own median. \
                      Memory: peak RSS outside the largest mapping (guest RAM), \
                      sampled every 100 ms. Ratios: the first row divided by the row's value (below 1 = \
                      ours is faster / smaller).\n\n{table}\nRaw runs:\n\n```\n{}\n```\n",

@@ -17,8 +17,10 @@
 //!
 //! and runs the variants round-robin (`reps` rounds, so drift in the shared
 //! machine hits every variant alike). For each run it records the time from
-//! spawn to the first console line containing the marker, the time to exit,
-//! the exit status, and memory: peak RSS (wait4), and the peak of "RSS outside
+//! spawn to the first console line containing the marker, the guest's own
+//! uptime when it printed it (an `uptime=SECONDS` field on the marker line,
+//! which splits the time into the guest kernel's and everything before its
+//! clock started), the time to exit, the exit status, and memory: peak RSS (wait4), and the peak of "RSS outside
 //! guest RAM", sampled from /proc/PID/smaps, where guest RAM is the largest
 //! mapping. Each run prints one `BENCH-RUN` line with space-separated
 //! key=value pairs; the host side parses them. It needs only std and libc,
@@ -105,6 +107,7 @@ fn sample_rss(pid: u32) -> Option<(u64, u64)> {
 
 struct RunResult {
     to_marker_ms: Option<u128>,
+    guest_uptime_ms: Option<u64>,
     total_ms: u128,
     exit: Option<i32>,
     peak_rss_kib: u64,
@@ -142,13 +145,15 @@ fn run_once(v: &Variant, spec: &Spec) -> std::io::Result<RunResult> {
     let marker = spec.marker.clone();
     let reader = std::thread::spawn(move || {
         let mut at = None;
+        let mut uptime = None;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if at.is_none() && line.contains(&marker) {
                 at = Some(start.elapsed().as_millis());
+                uptime = uptime_ms(&line);
             }
             println!("  | {line}");
         }
-        at
+        (at, uptime)
     });
 
     let mut timed_out = false;
@@ -166,15 +171,26 @@ fn run_once(v: &Variant, spec: &Spec) -> std::io::Result<RunResult> {
     let total_ms = start.elapsed().as_millis();
     done.store(true, Ordering::SeqCst);
     let _ = sampler.join();
-    let to_marker_ms = reader.join().unwrap_or(None);
+    let (to_marker_ms, guest_uptime_ms) = reader.join().unwrap_or((None, None));
     Ok(RunResult {
         to_marker_ms,
+        guest_uptime_ms,
         total_ms,
         exit: status.code(),
         peak_rss_kib: children_maxrss_kib(),
         peak_overhead_kib: peak_overhead.load(Ordering::SeqCst),
         timed_out,
     })
+}
+
+/// The guest's `uptime=SECONDS` field on a marker line, in milliseconds.
+fn uptime_ms(line: &str) -> Option<u64> {
+    let secs: f64 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("uptime="))?
+        .parse()
+        .ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0).round() as u64)
 }
 
 /// Peak RSS of any waited-for child so far, in KiB.
@@ -212,8 +228,11 @@ fn main() {
             match run_once(v, &spec) {
                 Ok(r) => {
                     let marker = r.to_marker_ms.map_or("none".to_string(), |m| m.to_string());
+                    let uptime = r
+                        .guest_uptime_ms
+                        .map_or("none".to_string(), |m| m.to_string());
                     println!(
-                        "BENCH-RUN variant={} rep={rep} to_marker_ms={marker} total_ms={} exit={} timed_out={} maxrss_kib={} overhead_kib={}",
+                        "BENCH-RUN variant={} rep={rep} to_marker_ms={marker} guest_uptime_ms={uptime} total_ms={} exit={} timed_out={} maxrss_kib={} overhead_kib={}",
                         v.name,
                         r.total_ms,
                         r.exit.map_or("signal".to_string(), |c| c.to_string()),
@@ -253,11 +272,21 @@ mod tests {
 
     #[test]
     fn times_a_marker_and_measures_memory() {
-        let spec = parse_spec("marker HELLO\ntimeout 10\nvariant sh\narg /bin/sh\narg -c\narg sleep 0.3; echo HELLO; exit 3").unwrap();
+        let spec = parse_spec("marker HELLO\ntimeout 10\nvariant sh\narg /bin/sh\narg -c\narg sleep 0.3; echo HELLO uptime=4.25; exit 3").unwrap();
         let r = run_once(&spec.variants[0], &spec).unwrap();
         assert!(r.to_marker_ms.unwrap() >= 250, "{:?}", r.to_marker_ms);
+        assert_eq!(r.guest_uptime_ms, Some(4250));
         assert_eq!(r.exit, Some(3));
         assert!(!r.timed_out);
         assert!(r.peak_rss_kib > 0);
+    }
+
+    #[test]
+    fn reads_the_guest_uptime_of_a_marker_line() {
+        assert_eq!(uptime_ms("GUEST-INIT uptime=4.91"), Some(4910));
+        assert_eq!(uptime_ms("x GUEST-INIT uptime=12.06 more"), Some(12060));
+        assert_eq!(uptime_ms("GUEST-INIT"), None);
+        assert_eq!(uptime_ms("GUEST-INIT uptime=soon"), None);
+        assert_eq!(uptime_ms("GUEST-INIT uptime=-1"), None);
     }
 }

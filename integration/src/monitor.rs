@@ -75,12 +75,18 @@ fn strip_echo(reply: &str) -> String {
     body.trim_end_matches(PROMPT).replace('\r', "")
 }
 
+/// RFLAGS' interrupt-enable bit.
+const RFLAGS_IF: u64 = 1 << 9;
+
 /// What L1's vCPU is doing, from `info registers` and `info lapic`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct L1State {
     pub rip: String,
     /// Halted (HLT=1): waiting for an interrupt.
     pub halted: bool,
+    /// RFLAGS.IF: whether L1 accepts interrupts at that instruction (a
+    /// pending timer vector with IF=1 was not masked by L1 but not taken).
+    pub interrupts_enabled: Option<bool>,
     /// The LAPIC timer is L1's clock event: one-shot and not masked (a
     /// TSC-deadline or masked timer says nothing through its count).
     pub timer_one_shot: bool,
@@ -110,6 +116,9 @@ impl L1State {
         L1State {
             rip: word_after(registers, "RIP=").unwrap_or_default(),
             halted: word_after(registers, "HLT=").as_deref() == Some("1"),
+            interrupts_enabled: word_after(registers, "RFL=")
+                .and_then(|f| u64::from_str_radix(&f, 16).ok())
+                .map(|f| f & RFLAGS_IF != 0),
             timer_one_shot: lvtt.contains("one-shot") && !lvtt.contains("masked"),
             timer_count: word_after(lapic, "current_count = ").and_then(|c| c.parse().ok()),
             isr: line_after(lapic, "ISR"),
@@ -125,9 +134,11 @@ impl L1State {
 
     pub fn summary(&self) -> String {
         format!(
-            "RIP={} halted={} lapic-timer={} count={} ISR={} IRR={}",
+            "RIP={} halted={} IF={} lapic-timer={} count={} ISR={} IRR={}",
             self.rip,
             self.halted,
+            self.interrupts_enabled
+                .map_or("?", |on| if on { "1" } else { "0" }),
             if self.timer_one_shot {
                 "one-shot"
             } else {
@@ -185,6 +196,10 @@ mod tests {
         let s = L1State::parse(REGS, LAPIC);
         assert_eq!(s.rip, "ffffffff81a2b4ce");
         assert!(s.halted);
+        assert_eq!(s.interrupts_enabled, Some(true));
+        assert!(s.summary().contains("halted=true IF=1 "), "{}", s.summary());
+        let masked = L1State::parse(&REGS.replace("RFL=00000246", "RFL=00000046"), LAPIC);
+        assert_eq!(masked.interrupts_enabled, Some(false));
         assert_eq!(s.timer_count, Some(0));
         assert_eq!(s.isr, "(none)");
         assert_eq!(s.irr, "236");

@@ -697,8 +697,9 @@ fn opts(run: &GuestRun) -> RunOptions<'static> {
 /// Looks at a silent L1 twice, [`L1_SECOND_LOOK`] apart. When both looks
 /// find its one-shot LAPIC timer not running and its vCPU at the same
 /// instruction ([`monitor::stuck`]), presses a key on L1's keyboard (a new
-/// interrupt makes QEMU look at the APIC, where the timer's vector waits
-/// in IRR) and looks a third time: wedged unless the timer runs again.
+/// interrupt makes QEMU look at the APIC again, where the timer's vector
+/// waits in IRR; that has woken such an L1, not always) and looks a third
+/// time: wedged unless the timer runs again.
 /// One key press per run (`kicked`): stuck again later means wedged.
 fn probe_l1(hmp: &Path, silent_for: Duration, kicked: &std::cell::Cell<bool>) -> Probe {
     let looks = (|| -> std::io::Result<_> {

@@ -6,8 +6,9 @@
 //! never taken, and the vCPU stays at one instruction, halted or spinning
 //! at full speed; no timer is armed again, nothing is preempted, and every
 //! layer inside falls silent until the run's timeout. Halted at L1's own
-//! `sti; hlt`, a key press on its keyboard wakes it (seen live); spinning
-//! in L2 on a lock the other L2 vCPU holds, it does not.
+//! `sti; hlt`, a key press on its keyboard has woken it (seen live), but
+//! not every time (once L1 left the halt with the vector still pending);
+//! spinning in L2 on a lock the other L2 vCPU holds, it does not wake.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

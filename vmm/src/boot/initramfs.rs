@@ -124,11 +124,9 @@ const MAX_SIZE_HINT: usize = 256 << 20;
 /// L1). Only a hint: concatenated members or a damaged trailer cost a
 /// regrown or an unused allocation, never a wrong result.
 fn plain_size_hint(data: &[u8]) -> usize {
-    let Some(tail) = data.len().checked_sub(4).and_then(|at| data.get(at..)) else {
-        return 0;
-    };
-    let isize = u32::from_le_bytes(tail.try_into().unwrap_or_default()) as usize;
-    isize.min(MAX_SIZE_HINT)
+    data.last_chunk::<4>()
+        .map_or(0, |isize| u32::from_le_bytes(*isize) as usize)
+        .min(MAX_SIZE_HINT)
 }
 
 /// Decompresses one gzip member; returns (compressed length, plain bytes).

@@ -108,6 +108,10 @@ impl VmHandler {
                 self.emit(event::USB_DETACHED, v.clone());
                 Ok(v)
             }
+            Command::UsbWake(target) => {
+                let info = self.usb()?.wake(&target).map_err(usb_err)?;
+                Ok(json!(info))
+            }
             Command::UsbList => {
                 let usb = self.usb()?;
                 Ok(json!({"devices": usb.list(), "free_ports": usb.free_ports()}))

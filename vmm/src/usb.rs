@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use devices::block::{RawImage, RawImageError, Volume};
 use devices::usb::mass_storage::{MassStorage, MassStorageConfig};
 use devices::usb::UsbSpeed;
-use devices::xhci::{InterruptDelivery, PortProtocol, XhciConfig, XhciError, XhciPci};
+use devices::xhci::{
+    link_state_name, InterruptDelivery, PortProtocol, XhciConfig, XhciError, XhciPci,
+};
 use serde::Serialize;
 use serde_json::{json, Value};
 use thiserror::Error;
@@ -63,6 +65,7 @@ impl UsbError {
             Self::NoSuchPort(_) | Self::BadId(_) => ErrorCode::BadRequest,
             Self::PortTaken { .. } | Self::IdTaken(_) | Self::NoFreePort => ErrorCode::Conflict,
             Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Xhci(XhciError::NotSuspended(_)) => ErrorCode::Conflict,
             Self::Image(_) | Self::Xhci(_) => ErrorCode::Internal,
         }
     }
@@ -176,7 +179,33 @@ impl UsbManager {
             InterruptDelivery::Intx { asserted } => json!({ "intx_asserted": asserted }),
             InterruptDelivery::None => json!("none"),
         };
+        let (pme_enabled, pme_status) = x.pme_bits();
+        let ports: Vec<Value> = x
+            .xhci()
+            .port_power()
+            .into_iter()
+            .filter(|p| p.device_suspended.is_some() || p.portsc & 1 != 0)
+            .map(|p| {
+                let volume = self
+                    .attached
+                    .get(&p.port)
+                    .and_then(|d| self.volumes.get(&d.id))
+                    .map(|v| v.info());
+                json!({
+                    "port": p.port,
+                    "link_state": link_state_name(p.link_state),
+                    "portsc": format!("{:#010x}", p.portsc),
+                    "device": self.attached.get(&p.port).map(|d| d.id.clone()),
+                    "suspended": p.device_suspended,
+                    "volume": volume,
+                })
+            })
+            .collect();
         json!({
+            "power_state": if x.xhci().in_d3hot() { "D3hot" } else { "D0" },
+            "pme_enabled": pme_enabled,
+            "pme_status": pme_status,
+            "ports": ports,
             "usbcmd": format!("{:#010x}", st.usbcmd),
             "usbsts": format!("{:#010x}", st.usbsts),
             "iman": format!("{:#010x}", st.iman),
@@ -260,7 +289,24 @@ impl UsbManager {
     /// Unplugs a disk. The guest sees the disconnect at once; I/O it still
     /// had queued on the device fails.
     pub fn detach(&mut self, target: &UsbTarget) -> Result<UsbDeviceInfo, UsbError> {
-        let port = match target {
+        let port = self.port_of(target)?;
+        let mut dev = self.lock().detach(port)?;
+        // Outside the controller's lock: the device resumes its volume if
+        // it slept and flushes its image; dropping it closes the image.
+        dev.detach();
+        drop(dev);
+        let info = self
+            .attached
+            .remove(&port)
+            .ok_or_else(|| UsbError::NotFound(format!("on port {port}")))?;
+        self.volumes.remove(&info.id);
+        log::info!("usb: {} detached from port {port}", info.id);
+        Ok(info)
+    }
+
+    /// The port of an attached disk named by port or id.
+    fn port_of(&self, target: &UsbTarget) -> Result<u8, UsbError> {
+        Ok(match target {
             UsbTarget::Port(p) => {
                 if !self.attached.contains_key(p) {
                     return Err(UsbError::NotFound(format!("on port {p}")));
@@ -273,17 +319,16 @@ impl UsbManager {
                 .find(|(_, d)| &d.id == id)
                 .map(|(p, _)| *p)
                 .ok_or_else(|| UsbError::NotFound(format!("'{id}'")))?,
-        };
-        let dev = self.lock().detach(port)?;
-        // Dropping the device closes its image.
-        drop(dev);
-        let info = self
-            .attached
-            .remove(&port)
-            .ok_or_else(|| UsbError::NotFound(format!("on port {port}")))?;
-        self.volumes.remove(&info.id);
-        log::info!("usb: {} detached from port {port}", info.id);
-        Ok(info)
+        })
+    }
+
+    /// A host-side wake request for a suspended disk: the device signals
+    /// remote wakeup on its port (and PME if the controller sleeps).
+    pub fn wake(&mut self, target: &UsbTarget) -> Result<UsbDeviceInfo, UsbError> {
+        let port = self.port_of(target)?;
+        self.lock().remote_wake(port)?;
+        let info = self.attached.get(&port).cloned();
+        info.ok_or_else(|| UsbError::NotFound(format!("on port {port}")))
     }
 
     /// The I/O volume of the attached disk with this id.

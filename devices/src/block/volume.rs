@@ -1,12 +1,33 @@
 //! A volume: the host I/O queue of one storage backend, which can be quiesced.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
 
 #[derive(Debug, Default)]
 struct State {
     quiesced: bool,
     in_flight: u64,
+    /// When the current quiesce began.
+    quiesced_since: Option<Instant>,
+    quiesces: u64,
+    resumes: u64,
+    /// Time spent quiesced, not counting the current stretch.
+    quiesced_total: Duration,
+}
+
+/// A volume's state and counters, as diagnostics and the control API show them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub quiesced: bool,
+    pub in_flight: u64,
+    /// Times the volume was quiesced / resumed since it was created.
+    pub quiesces: u64,
+    pub resumes: u64,
+    /// Total time spent quiesced, the current stretch included.
+    pub quiesced_ms: u64,
 }
 
 /// The host-side I/O queue of one storage backend.
@@ -48,19 +69,49 @@ impl Volume {
         self.lock().quiesced
     }
 
+    /// State and counters right now.
+    pub fn info(&self) -> VolumeInfo {
+        let st = self.lock();
+        let current = st.quiesced_since.map_or(Duration::ZERO, |t| t.elapsed());
+        VolumeInfo {
+            name: self.name.clone(),
+            quiesced: st.quiesced,
+            in_flight: st.in_flight,
+            quiesces: st.quiesces,
+            resumes: st.resumes,
+            quiesced_ms: (st.quiesced_total + current).as_millis() as u64,
+        }
+    }
+
     /// Stops new I/O and waits until the I/O already in flight has finished.
+    /// Quiescing a quiesced volume only waits for the drain.
     pub fn quiesce(&self) {
         let mut st = self.lock();
-        st.quiesced = true;
+        if !st.quiesced {
+            st.quiesced = true;
+            st.quiesces += 1;
+            st.quiesced_since = Some(Instant::now());
+        }
         while st.in_flight > 0 {
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         log::debug!("volume {}: quiesced", self.name);
     }
 
-    /// Lets I/O flow again and wakes every waiter.
+    /// Lets I/O flow again and wakes every waiter (nothing to do when the
+    /// volume is not quiesced).
     pub fn resume(&self) {
-        self.lock().quiesced = false;
+        {
+            let mut st = self.lock();
+            if !st.quiesced {
+                return;
+            }
+            st.quiesced = false;
+            st.resumes += 1;
+            if let Some(t) = st.quiesced_since.take() {
+                st.quiesced_total += t.elapsed();
+            }
+        }
         self.changed.notify_all();
         log::debug!("volume {}: resumed", self.name);
     }
@@ -140,6 +191,30 @@ mod tests {
         t.join().unwrap();
         assert!(done.load(Ordering::SeqCst));
         assert!(vol.try_begin_io().is_some());
+    }
+
+    #[test]
+    fn info_counts_quiesces_resumes_and_time_quiesced() {
+        let vol = Volume::new("c");
+        let i = vol.info();
+        assert_eq!((i.quiesced, i.quiesces, i.resumes), (false, 0, 0));
+        vol.resume(); // not quiesced: not counted
+        vol.quiesce();
+        vol.quiesce(); // already quiesced: one stretch
+        thread::sleep(Duration::from_millis(20));
+        let i = vol.info();
+        assert!(i.quiesced && i.quiesces == 1 && i.resumes == 0, "{i:?}");
+        assert!(i.quiesced_ms >= 20, "{i:?}");
+        vol.resume();
+        let g = vol.try_begin_io().unwrap();
+        let i = vol.info();
+        assert_eq!(
+            (i.quiesced, i.quiesces, i.resumes, i.in_flight),
+            (false, 1, 1, 1)
+        );
+        assert!(i.quiesced_ms >= 20, "{i:?}");
+        drop(g);
+        assert_eq!(vol.info().in_flight, 0);
     }
 
     #[test]

@@ -92,6 +92,14 @@ impl PciFunction {
         self.pm.as_ref().map_or(PowerState::D0, PmCapability::state)
     }
 
+    /// (PME_En, PME_Status) of the PM capability; both false without one.
+    pub fn pme_bits(&self) -> (bool, bool) {
+        match &self.pm {
+            Some(pm) => pm.pme_bits(&self.config),
+            None => (false, false),
+        }
+    }
+
     /// Signals PME (see [`PmCapability::request_pme`]); false without PM.
     pub fn request_pme(&mut self) -> bool {
         match &self.pm {

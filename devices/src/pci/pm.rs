@@ -153,6 +153,12 @@ impl PmCapability {
         config.read_u16(p) & PMCSR_PME_EN != 0
     }
 
+    /// (PME_En, PME_Status) as the guest sees them.
+    pub fn pme_bits(&self, config: &PciConfig) -> (bool, bool) {
+        let v = config.read_u16(self.pmcsr_offset());
+        (v & PMCSR_PME_EN != 0, v & PMCSR_PME_STATUS != 0)
+    }
+
     /// PME_Status as the guest sees it.
     pub fn pme_status(&self, config: &PciConfig) -> bool {
         config.read_u16(self.pmcsr_offset()) & PMCSR_PME_STATUS != 0

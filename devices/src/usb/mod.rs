@@ -316,6 +316,26 @@ pub trait UsbDevice: Send {
     /// Endpoints of the active configuration (empty while unconfigured).
     fn endpoints(&self) -> Vec<EndpointInfo>;
 
-    /// The device is being unplugged: finish or abandon host I/O it holds.
+    /// The device has been unplugged: finish or abandon host I/O it holds.
+    /// The owner calls this after taking the device out of its controller,
+    /// outside the controller's lock (it may flush to the backing store).
     fn detach(&mut self) {}
+
+    /// The link entered U3 or the controller went to D3hot: stop host I/O,
+    /// release buffers, quiesce the backing store. Idempotent.
+    fn suspend(&mut self) {}
+
+    /// Back from [`suspend`](Self::suspend): the backing store flows again.
+    /// Called in a NOIO scope. Idempotent; a no-op when not suspended.
+    fn resume(&mut self) {}
+
+    /// Whether the device is suspended.
+    fn suspended(&self) -> bool {
+        false
+    }
+
+    /// Whether the host armed remote wakeup (SET_FEATURE(DEVICE_REMOTE_WAKEUP)).
+    fn remote_wakeup_enabled(&self) -> bool {
+        false
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::event::{Interrupter, Posted};
+use super::event::{EventRingState, Interrupter, Posted};
 use super::moderation::{Clock, ModerationTimer};
 use super::port::{Port, PortProtocol};
 use super::regs::{self, cap, op, rt, DB_BASE, MAX_SLOTS, OP_BASE, PORT_BASE, RT_BASE, XECP_BASE};
@@ -46,6 +46,45 @@ pub struct Xhci {
     shadow: Option<Arc<dyn ReadShadow>>,
     /// Interrupt moderation, when the VMM runs a timer for it.
     moderation: Option<ModerationHooks>,
+    /// What the last Save State (USBCMD.CSS) kept for Restore State.
+    saved: Option<EventRingState>,
+    /// The PCI function is in D3hot: no DMA, no interrupts.
+    d3hot: bool,
+    /// A wake event happened while the controller was not running: the
+    /// PCI function should set PME_Status ([`Xhci::take_pme_request`]).
+    pme_request: bool,
+}
+
+/// A root hub port as diagnostics show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPower {
+    pub port: u8,
+    pub protocol: PortProtocol,
+    pub portsc: u32,
+    /// PORTSC.PLS.
+    pub link_state: u32,
+    /// `Some(suspended)` when a device is attached.
+    pub device_suspended: Option<bool>,
+}
+
+/// Name of a PORTSC.PLS value (section 5.4.8).
+pub fn link_state_name(pls: u32) -> &'static str {
+    match pls {
+        0 => "U0",
+        1 => "U1",
+        2 => "U2",
+        3 => "U3",
+        4 => "Disabled",
+        5 => "RxDetect",
+        6 => "Inactive",
+        7 => "Polling",
+        8 => "Recovery",
+        9 => "HotReset",
+        10 => "ComplianceMode",
+        11 => "TestMode",
+        15 => "Resume",
+        _ => "reserved",
+    }
 }
 
 /// Interrupter 0 and the registers around it, as [`Xhci::interrupt_state`]
@@ -110,6 +149,9 @@ impl Xhci {
             started: Instant::now(),
             shadow: None,
             moderation: None,
+            saved: None,
+            d3hot: false,
+            pme_request: false,
         })
     }
 
@@ -136,8 +178,90 @@ impl Xhci {
         self.port_ref(port).map(Port::portsc)
     }
 
+    /// Running: R/S set, not halted, and powered (not in D3hot).
     pub fn running(&self) -> bool {
-        self.usbcmd & op::CMD_RUN != 0 && self.usbsts & op::STS_HCH == 0
+        self.usbcmd & op::CMD_RUN != 0 && self.usbsts & op::STS_HCH == 0 && !self.d3hot
+    }
+
+    /// Whether the PCI function put the controller in D3hot.
+    pub fn in_d3hot(&self) -> bool {
+        self.d3hot
+    }
+
+    /// Each port's state for diagnostics.
+    pub fn port_power(&self) -> Vec<PortPower> {
+        self.ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PortPower {
+                port: i as u8 + 1,
+                protocol: p.protocol,
+                portsc: p.portsc(),
+                link_state: p.link_state(),
+                device_suspended: p.device_suspended(),
+            })
+            .collect()
+    }
+
+    /// D0 -> D3hot (PCI PM): the controller stops DMA and interrupts and
+    /// every attached device is suspended (their volumes quiesced). A wake
+    /// event the guest armed a port for and has not seen yet asks for PME
+    /// at once: the guest clears PME_Status on its way to D3hot, so a
+    /// connect between its `xhci_suspend` and this write is not lost.
+    pub fn enter_d3hot(&mut self) {
+        self.d3hot = true;
+        self.interrupter.moderation.clear();
+        for p in &mut self.ports {
+            p.suspend_device();
+        }
+        if self.ports.iter().any(Port::wake_pending) {
+            self.pme_request = true;
+        }
+        self.publish();
+    }
+
+    /// D3hot -> D0: devices the controller suspended resume (those whose
+    /// link the guest put in U3 stay suspended). No_Soft_Reset: registers
+    /// and rings are as they were. Runs in a NOIO scope.
+    pub fn leave_d3hot(&mut self) {
+        let _noio = crate::noio::NoioScope::enter();
+        self.d3hot = false;
+        for p in &mut self.ports {
+            p.resume_unless_u3();
+        }
+        if self.running() {
+            // Changes that happened while powered down.
+            for i in 0..self.ports.len() {
+                if self.ports[i].has_change() {
+                    self.post_event(Trb::port_status_change(i as u8 + 1), true);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Whether a wake event asked for PME since the last call (the PCI
+    /// function sets PME_Status for it).
+    pub fn take_pme_request(&mut self) -> bool {
+        std::mem::take(&mut self.pme_request)
+    }
+
+    /// A host-side wake request for the device on 1-based `port`: a
+    /// device-initiated remote wake (section 4.15.2.2). Fails when the port
+    /// has no device or its link is not in U3.
+    pub fn remote_wake(&mut self, port: u8) -> Result<(), XhciError> {
+        let p = self
+            .ports
+            .get_mut(usize::from(port).wrapping_sub(1))
+            .ok_or(XhciError::InvalidPort(port))?;
+        let event = p.remote_wake().ok_or(XhciError::NotSuspended(port))?;
+        if event {
+            self.port_event(port);
+        } else if !self.running() {
+            self.pme_request = true;
+        }
+        self.publish();
+        Ok(())
     }
 
     /// Replaces how interrupter 0 is delivered (the PCI wrapper adds an
@@ -185,7 +309,8 @@ impl Xhci {
 
     /// Unplugs the device on 1-based `port`. TDs the device still held
     /// complete with USB Transaction Error; the slot stays until the guest
-    /// disables it.
+    /// disables it. The caller then calls [`UsbDevice::detach`] on the
+    /// device it gets back, outside any lock around the controller.
     pub fn detach(&mut self, port: u8) -> Result<Box<dyn UsbDevice>, XhciError> {
         let p = self
             .ports
@@ -193,8 +318,7 @@ impl Xhci {
             .ok_or(XhciError::InvalidPort(port))?;
         let generation = p.generation;
         let (dev, event) = p.disconnect();
-        let mut dev = dev.ok_or(XhciError::PortEmpty(port))?;
-        dev.detach();
+        let dev = dev.ok_or(XhciError::PortEmpty(port))?;
         self.fail_pending_transfers(port, generation);
         if event {
             self.port_event(port);
@@ -208,6 +332,9 @@ impl Xhci {
         self.usbsts |= op::STS_PCD;
         if self.running() {
             self.post_event(Trb::port_status_change(port), true);
+        } else if self.port_ref(port).is_some_and(Port::wake_pending) {
+            // Halted (suspended) or in D3hot: an armed wake asks for PME.
+            self.pme_request = true;
         }
     }
 
@@ -313,6 +440,9 @@ impl Xhci {
     fn signal(&self) {
         // The handler reads the registers the shadow serves: publish first.
         self.publish();
+        if self.d3hot {
+            return;
+        }
         if self.usbcmd & op::CMD_INTE != 0 && self.interrupter.asserted() {
             self.irq.trigger(INTERRUPTER_VECTOR);
         }
@@ -348,8 +478,47 @@ impl Xhci {
         self.config_reg = 0;
         self.interrupter = Interrupter::new();
         self.slots = vec![Slot::default(); MAX_SLOTS];
+        self.saved = None;
         for p in &mut self.ports {
             p.hc_reset();
+        }
+    }
+
+    /// Save State (USBCMD.CSS, section 4.23.2), only while halted: keeps the
+    /// event ring's producer state. Slot, endpoint and port state live in
+    /// this struct and survive as they are, so the save completes at once
+    /// (USBSTS.SSS is set and cleared inside the write).
+    fn save_state(&mut self) {
+        if self.usbsts & op::STS_HCH == 0 {
+            log::debug!("xhci: CSS while running ignored");
+            return;
+        }
+        self.saved = self.interrupter.save();
+        log::debug!(
+            "xhci: state saved (event ring valid: {})",
+            self.saved.is_some()
+        );
+    }
+
+    /// Restore State (USBCMD.CRS), only while halted: the event ring goes
+    /// back to where Save State left it, after the guest's ERSTBA write-back
+    /// reset it. With nothing valid saved (no CSS since power-on or HCRST,
+    /// or another segment table now) USBSTS.SRE tells the guest to
+    /// re-initialise.
+    fn restore_state(&mut self) {
+        if self.usbsts & op::STS_HCH == 0 {
+            log::debug!("xhci: CRS while running ignored");
+            return;
+        }
+        let ok = match self.saved.take() {
+            Some(saved) => self.interrupter.restore(&saved),
+            None => false,
+        };
+        if ok {
+            log::debug!("xhci: state restored");
+        } else {
+            log::info!("xhci: nothing valid to restore: Save/Restore Error");
+            self.usbsts |= op::STS_SRE;
         }
     }
 
@@ -375,8 +544,13 @@ impl Xhci {
             // A halted controller signals nothing: no deferred interrupt.
             self.interrupter.moderation.clear();
         }
-        // Save/restore (CSS/CRS, section 4.23.2): our state lives in this
-        // struct, so both finish at once and never report SRE.
+        if value & op::CMD_CSS != 0 {
+            self.save_state();
+        }
+        if value & op::CMD_CRS != 0 {
+            self.restore_state();
+        }
+        // Both operations complete inside this write: SSS/RSS read 0.
         self.usbsts &= !(op::STS_SSS | op::STS_RSS);
         self.signal();
     }

@@ -36,6 +36,17 @@ pub enum Posted {
     NoRing,
 }
 
+/// The event ring's producer state that no register shows: what USBCMD.CSS
+/// saves and CRS restores (section 4.23.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRingState {
+    segments: Vec<(u64, u32)>,
+    seg: usize,
+    index: u32,
+    cycle: bool,
+    overflow: VecDeque<Trb>,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Interrupter {
     pub iman: u32,
@@ -101,6 +112,37 @@ impl Interrupter {
         self.enqueue_addr()
             .is_some_and(|enq| enq != self.dequeue_ptr())
             || !self.overflow.is_empty()
+    }
+
+    fn segment_list(&self) -> Vec<(u64, u32)> {
+        self.segments.iter().map(|s| (s.base, s.size)).collect()
+    }
+
+    /// The producer state for Save State, `None` without a configured ring.
+    pub fn save(&self) -> Option<EventRingState> {
+        self.configured().then(|| EventRingState {
+            segments: self.segment_list(),
+            seg: self.seg,
+            index: self.index,
+            cycle: self.cycle,
+            overflow: self.overflow.clone(),
+        })
+    }
+
+    /// Restore State: puts the enqueue position (and events still waiting
+    /// for room) back where Save State found them, undoing the reset that
+    /// the guest's ERSTBA write-back made. False, changing nothing, when the
+    /// guest's segment table is not the one saved: then nothing valid can
+    /// be restored.
+    pub fn restore(&mut self, saved: &EventRingState) -> bool {
+        if self.segment_list() != saved.segments {
+            return false;
+        }
+        self.seg = saved.seg;
+        self.index = saved.index;
+        self.cycle = saved.cycle;
+        self.overflow = saved.overflow.clone();
+        true
     }
 
     /// Reads the segment table after an ERSTBA write (section 4.9.4).

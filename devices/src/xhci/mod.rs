@@ -33,7 +33,7 @@ mod tests;
 
 use thiserror::Error;
 
-pub use controller::{InterruptState, Xhci, INTERRUPTER_VECTOR};
+pub use controller::{link_state_name, InterruptState, PortPower, Xhci, INTERRUPTER_VECTOR};
 pub use doorbell::{doorbell_events, DoorbellEvent, DoorbellWorker};
 pub use moderation::{Clock, ModerationTimer, SystemClock};
 pub use pci::{InterruptDelivery, XhciPci, XhciPciError};
@@ -52,6 +52,8 @@ pub enum XhciError {
     PortOccupied(u8),
     #[error("root hub port {0} has no device")]
     PortEmpty(u8),
+    #[error("the device on root hub port {0} is not suspended (link not in U3)")]
+    NotSuspended(u8),
 }
 
 /// Why reading a TRB ring stopped.

@@ -14,8 +14,10 @@
 //! management capability advertises D3hot with PME from D3hot and
 //! No_Soft_Reset, which Linux needs before it runtime-suspends the function
 //! (see `shared/reference/linux-guest-usb-pm.md`); the controller keeps its
-//! state across D3hot, and a connect or disconnect while in D3hot sets
-//! PME_Status.
+//! state across D3hot (no DMA or interrupts while there, its devices
+//! suspended), and a wake event the guest armed a port for (connect with
+//! WCE, disconnect with WDE, a device's remote wake) while the controller is
+//! halted or in D3hot sets PME_Status, which the guest polls.
 
 use std::sync::Arc;
 
@@ -211,22 +213,38 @@ impl XhciPci {
     /// Plugs `device` into 1-based root hub `port` (hotplug).
     pub fn attach(&mut self, port: u8, device: Box<dyn UsbDevice>) -> Result<(), XhciError> {
         self.xhci.attach(port, device)?;
-        self.wake_if_suspended();
+        self.signal_pme();
         Ok(())
     }
 
-    /// Unplugs the device on 1-based root hub `port` (hot-unplug).
+    /// Unplugs the device on 1-based root hub `port` (hot-unplug). The
+    /// caller calls [`UsbDevice::detach`] on it once it has let go of the
+    /// controller's lock.
     pub fn detach(&mut self, port: u8) -> Result<Box<dyn UsbDevice>, XhciError> {
         let dev = self.xhci.detach(port)?;
-        self.wake_if_suspended();
+        self.signal_pme();
         Ok(dev)
     }
 
-    /// A connect or disconnect while in D3hot: set PME_Status, which the
-    /// guest polls (PM 1.2 section 3.2.4).
-    fn wake_if_suspended(&mut self) {
-        if self.function.power_state() == PowerState::D3Hot && self.function.request_pme() {
-            log::debug!("xhci: PME signalled from D3hot");
+    /// A host-side wake request for the suspended device on `port` (see
+    /// [`Xhci::remote_wake`]); PME when the controller is not running.
+    pub fn remote_wake(&mut self, port: u8) -> Result<(), XhciError> {
+        self.xhci.remote_wake(port)?;
+        self.signal_pme();
+        self.sync_intx();
+        Ok(())
+    }
+
+    /// PMCSR as diagnostics show it: (PME_En, PME_Status).
+    pub fn pme_bits(&self) -> (bool, bool) {
+        self.function.pme_bits()
+    }
+
+    /// Sets PME_Status (PM 1.2 section 3.2.4) for a wake event the
+    /// controller reported; the guest polls it while the function sleeps.
+    fn signal_pme(&mut self) {
+        if self.xhci.take_pme_request() && self.function.request_pme() {
+            log::debug!("xhci: PME signalled ({:?})", self.function.power_state());
         }
     }
 }
@@ -243,6 +261,12 @@ impl PciDevice for XhciPci {
     fn power_transition(&mut self, from: PowerState, to: PowerState) {
         // No_Soft_Reset: the register file and rings stay as they are.
         log::debug!("xhci: PCI power state {from:?} -> {to:?}");
+        match to {
+            PowerState::D3Hot => self.xhci.enter_d3hot(),
+            PowerState::D0 => self.xhci.leave_d3hot(),
+        }
+        self.signal_pme();
+        self.sync_intx();
     }
 
     fn bar_read(&mut self, index: u8, offset: u64, data: &mut [u8]) {
@@ -257,6 +281,7 @@ impl PciDevice for XhciPci {
         match index {
             XHCI_BAR if offset < MMIO_SIZE => {
                 self.xhci.mmio_write(offset, data);
+                self.signal_pme();
                 self.sync_intx();
             }
             MSIX_BAR => {
@@ -570,23 +595,140 @@ mod tests {
         );
     }
 
+    const PORTSC_WCE: u32 = 1 << 25;
+    const PORTSC_WDE: u32 = 1 << 26;
+    const PMCSR_PME_EN: u16 = 1 << 8;
+
+    fn portsc_offset(port: u8) -> u64 {
+        PORT_BASE + (u64::from(port) - 1) * 0x10
+    }
+
+    /// What Linux does on the way to D3hot: halt the controller (R/S
+    /// cleared), arm the ports' wake bits, then pci_pme_active (PME_En set,
+    /// PME_Status cleared in the same write), then PowerState = D3hot.
+    fn runtime_suspend(d: &mut XhciPci, wake_bits: u32, pm: usize) {
+        bar_w32(d, XHCI_BAR, OP_BASE + op::USBCMD, op::CMD_INTE);
+        for port in 1..=4 {
+            bar_w32(d, XHCI_BAR, portsc_offset(port), PORTSC_PP | wake_bits);
+        }
+        d.config_write(pm, &(PMCSR_PME_EN | PMCSR_PME_STATUS).to_le_bytes());
+        d.config_write(pm, &(PMCSR_PME_EN | 3).to_le_bytes());
+    }
+
+    fn disk(img: &TempImage) -> Box<MassStorage> {
+        Box::new(MassStorage::new(
+            img.open(false),
+            MassStorageConfig::default(),
+        ))
+    }
+
     #[test]
-    fn hotplug_in_d3hot_sets_pme_status_and_bars_go_quiet() {
-        let (mut d, _, mem) = device();
+    fn pme_status_follows_the_ports_wake_bits() {
+        let img = TempImage::new(64);
+        // (wake bits, connect?) -> PME expected.
+        let cases = [
+            (0, true, false),
+            (PORTSC_WCE, true, true),
+            (PORTSC_WDE, true, false),
+            (0, false, false),
+            (PORTSC_WDE, false, true),
+            (PORTSC_WCE, false, false),
+            (PORTSC_WCE | PORTSC_WDE, true, true),
+            (PORTSC_WCE | PORTSC_WDE, false, true),
+        ];
+        for (bits, connect, pme) in cases {
+            let (mut d, router, mem) = device();
+            start(&mut d, &mem);
+            let p = find_cap(&mut d, CAP_ID_POWER_MANAGEMENT).unwrap() + PM_PMCSR;
+            if !connect {
+                d.attach(3, disk(&img)).unwrap();
+                bar_w32(&mut d, XHCI_BAR, portsc_offset(3), PORTSC_PP | PORTSC_CSC);
+            }
+            runtime_suspend(&mut d, bits, p);
+            assert!(!d.function().bar_access_allowed(), "no decoding in D3hot");
+            assert_eq!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
+            router.take_fired();
+            if connect {
+                d.attach(3, disk(&img)).unwrap();
+            } else {
+                let mut dev = d.detach(3).unwrap();
+                dev.detach();
+            }
+            let got = cfg16(&mut d, p) & PMCSR_PME_STATUS != 0;
+            assert_eq!(got, pme, "wake bits {bits:#x}, connect {connect}");
+            assert!(router.take_fired().is_empty(), "no interrupt from D3hot");
+            // Back to D0 (No_Soft_Reset): the state is kept and the change
+            // waits in the port for the guest's resume.
+            d.config_write(p, &PMCSR_PME_STATUS.to_le_bytes());
+            assert_eq!(cfg16(&mut d, p) & (PMCSR_PME_STATUS | 3), 0);
+            assert_eq!(d.xhci().portsc(3).unwrap() & 1, u32::from(connect));
+            assert_ne!(d.xhci().portsc(3).unwrap() & PORTSC_CSC, 0);
+        }
+    }
+
+    #[test]
+    fn a_connect_while_halted_in_d0_is_signalled_again_in_d3hot() {
+        let (mut d, _router, mem) = device();
         start(&mut d, &mem);
         let p = find_cap(&mut d, CAP_ID_POWER_MANAGEMENT).unwrap() + PM_PMCSR;
-        d.config_write(p, &3u16.to_le_bytes());
-        assert!(!d.function().bar_access_allowed(), "no decoding in D3hot");
-        assert_eq!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
+        // xhci_suspend has halted the controller and armed WCE...
+        bar_w32(&mut d, XHCI_BAR, OP_BASE + op::USBCMD, op::CMD_INTE);
+        bar_w32(&mut d, XHCI_BAR, portsc_offset(3), PORTSC_PP | PORTSC_WCE);
+        // ...a disk is plugged in before the D3hot write: PME_Status in D0.
         let img = TempImage::new(64);
-        let disk = MassStorage::new(img.open(true), MassStorageConfig::default());
-        d.attach(1, Box::new(disk)).unwrap();
+        d.attach(3, disk(&img)).unwrap();
         assert_ne!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
-        // Back to D0: state kept (No_Soft_Reset), the controller still runs.
-        d.config_write(p, &PMCSR_PME_STATUS.to_le_bytes());
-        assert_eq!(cfg16(&mut d, p) & (PMCSR_PME_STATUS | 3), 0);
-        assert!(d.xhci().running());
-        assert_eq!(d.xhci().portsc(1).unwrap() & 1, 1);
+        // pci_pme_active clears it; entering D3hot signals the armed,
+        // still unseen connect again, so the guest's PME poll finds it.
+        d.config_write(p, &(PMCSR_PME_EN | PMCSR_PME_STATUS).to_le_bytes());
+        assert_eq!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
+        d.config_write(p, &(PMCSR_PME_EN | 3).to_le_bytes());
+        assert_ne!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
+    }
+
+    #[test]
+    fn d3hot_suspends_attached_devices_and_d0_resumes_them() {
+        let (mut d, router, mem) = device();
+        start(&mut d, &mem);
+        let p = find_cap(&mut d, CAP_ID_POWER_MANAGEMENT).unwrap() + PM_PMCSR;
+        let img = TempImage::new(64);
+        let image = img.open(false);
+        let vol = image.volume().clone();
+        let dev = MassStorage::new(image, MassStorageConfig::default());
+        d.attach(3, Box::new(dev)).unwrap();
+        runtime_suspend(&mut d, PORTSC_WDE, p);
+        router.take_fired();
+        assert!(d.xhci().in_d3hot());
+        assert!(vol.is_quiesced(), "D3hot quiesces the device's volume");
+        assert_eq!(d.xhci().port_power()[2].device_suspended, Some(true));
+        assert_eq!(d.pme_bits(), (true, false));
+        // A host wake request for a device the guest did not suspend (its
+        // link is in U0) is refused; the controller stays asleep.
+        assert!(d.remote_wake(3).is_err());
+        d.config_write(p, &0u16.to_le_bytes());
+        assert!(!d.xhci().in_d3hot());
+        assert!(!vol.is_quiesced(), "D0 resumes it");
+        assert_eq!(d.xhci().port_power()[2].device_suspended, Some(false));
+        assert!(router.take_fired().is_empty());
+    }
+
+    #[test]
+    fn remote_wake_from_d3hot_sets_pme_status() {
+        let (mut d, _router, mem) = device();
+        start(&mut d, &mem);
+        let p = find_cap(&mut d, CAP_ID_POWER_MANAGEMENT).unwrap() + PM_PMCSR;
+        let img = TempImage::new(64);
+        d.attach(3, disk(&img)).unwrap();
+        // The guest suspends the link (U3), then the controller.
+        let u3 = PORTSC_PP | PORTSC_CSC | (1 << 16) | (3 << 5);
+        bar_w32(&mut d, XHCI_BAR, portsc_offset(3), u3);
+        assert_eq!((d.xhci().portsc(3).unwrap() >> 5) & 0xf, 3);
+        runtime_suspend(&mut d, PORTSC_WDE, p);
+        assert_eq!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
+        d.remote_wake(3).unwrap();
+        assert_ne!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
+        assert_eq!((d.xhci().portsc(3).unwrap() >> 5) & 0xf, 15, "PLS = Resume");
+        assert_eq!(d.xhci().port_power()[2].device_suspended, Some(false));
     }
 
     const CMD_RING: u64 = 0x5000;

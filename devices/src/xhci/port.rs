@@ -4,8 +4,15 @@
 //! controller posts a Port Status Change Event when their OR goes 0 -> 1.
 //! The link state is kept as PLS so U3 suspend / resume (runtime PM) and
 //! save/restore only need this struct.
+//!
+//! Link power management reaches the device: entering U3 suspends it
+//! ([`UsbDevice::suspend`]: host I/O stopped, backing volume quiesced),
+//! leaving U3 (host resume, a device-initiated remote wake, a port reset)
+//! resumes it. Resume runs in a NOIO scope: the thread coming back from a
+//! suspend must not wait on backing I/O (see `crate::noio`).
 
 use super::regs::port::*;
+use crate::noio::NoioScope;
 use crate::usb::{UsbDevice, UsbSpeed};
 
 /// Which Supported Protocol range a port belongs to.
@@ -116,11 +123,64 @@ impl Port {
             change |= WRC;
         }
         if let Some(dev) = self.device.as_mut() {
+            // A reset wakes a suspended device (USB 3.2 section 7.5.3).
+            let _noio = NoioScope::enter();
+            dev.resume();
             dev.reset();
             self.portsc |= PED;
             self.set_link_state(PLS_U0);
         }
         self.set_change(change)
+    }
+
+    /// Resumes the device unless its link is in U3 (D3hot -> D0: devices
+    /// the controller suspended come back; those the guest suspended stay).
+    pub fn resume_unless_u3(&mut self) {
+        if self.link_state() != PLS_U3 {
+            self.resume_device();
+        }
+    }
+
+    /// Suspends the device, if any (link in U3, or the controller in D3hot).
+    pub fn suspend_device(&mut self) {
+        if let Some(dev) = self.device.as_mut() {
+            dev.suspend();
+        }
+    }
+
+    fn resume_device(&mut self) {
+        if let Some(dev) = self.device.as_mut() {
+            let _noio = NoioScope::enter();
+            dev.resume();
+        }
+    }
+
+    /// Whether the attached device is suspended.
+    pub fn device_suspended(&self) -> Option<bool> {
+        self.device.as_ref().map(|d| d.suspended())
+    }
+
+    /// A device-initiated remote wake (section 4.15.2.2): a device on a
+    /// port in U3 signals Resume; the port reports PLS = Resume with PLC
+    /// and the guest answers with a U0 write. Returns whether an event is
+    /// due, or `None` when the port is not suspended.
+    pub fn remote_wake(&mut self) -> Option<bool> {
+        if self.portsc & CCS == 0 || self.link_state() != PLS_U3 {
+            return None;
+        }
+        self.resume_device();
+        self.set_link_state(PLS_RESUME);
+        Some(self.set_change(PLC))
+    }
+
+    /// Whether a pending change is one the guest armed this port to wake
+    /// the system for (WCE/WDE/WOE, section 4.15.2.3), or a remote wake.
+    pub fn wake_pending(&self) -> bool {
+        // A connect change wakes with WCE, a disconnect change with WDE.
+        let armed = if self.portsc & CCS != 0 { WCE } else { WDE };
+        (self.portsc & CSC != 0 && self.portsc & armed != 0)
+            || (self.portsc & OCC != 0 && self.portsc & WOE != 0)
+            || (self.portsc & PLC != 0 && self.link_state() == PLS_RESUME)
     }
 
     /// A guest write to PORTSC; returns true if a Port Status Change Event is due.
@@ -154,9 +214,13 @@ impl Port {
         match pls {
             PLS_U3 if self.enabled() => {
                 self.set_link_state(PLS_U3);
+                if current != PLS_U3 {
+                    self.suspend_device();
+                }
                 false
             }
             PLS_U0 if current == PLS_U3 || current == PLS_RESUME => {
+                self.resume_device();
                 self.set_link_state(PLS_U0);
                 self.set_change(PLC)
             }
@@ -165,10 +229,13 @@ impl Port {
                 false
             }
             PLS_RESUME if self.protocol == PortProtocol::Usb2 && current == PLS_U3 => {
+                // Resume signalling wakes the device; U0 follows ~20 ms later.
+                self.resume_device();
                 self.set_link_state(PLS_RESUME);
                 false
             }
             PLS_RX_DETECT if self.protocol == PortProtocol::Usb3 => {
+                self.resume_device();
                 self.portsc &= !PED;
                 self.set_link_state(PLS_RX_DETECT);
                 false
@@ -185,6 +252,8 @@ impl Port {
     pub fn hc_reset(&mut self) {
         self.portsc = PP | (PLS_RX_DETECT << PLS_SHIFT);
         if let Some(mut dev) = self.device.take() {
+            let _noio = NoioScope::enter();
+            dev.resume();
             dev.reset();
             self.connect(dev);
         }

@@ -16,6 +16,7 @@ use crate::usb::mass_storage::{MassStorage, MassStorageConfig};
 use crate::usb::{request, SetupPacket, UsbSpeed};
 
 mod intx_interleaving;
+mod power;
 mod random_guest;
 
 const MEM_SIZE: usize = 16 << 20;

@@ -25,7 +25,15 @@ pub mod cmd {
     pub const USB_ATTACH: &str = "usb.attach";
     pub const USB_DETACH: &str = "usb.detach";
     pub const USB_LIST: &str = "usb.list";
-    pub const ALL: &[&str] = &[VM_INFO, VM_SHUTDOWN, USB_ATTACH, USB_DETACH, USB_LIST];
+    pub const USB_WAKE: &str = "usb.wake";
+    pub const ALL: &[&str] = &[
+        VM_INFO,
+        VM_SHUTDOWN,
+        USB_ATTACH,
+        USB_DETACH,
+        USB_LIST,
+        USB_WAKE,
+    ];
 }
 
 /// Event names, as sent in `event`.
@@ -106,7 +114,7 @@ pub struct UsbAttachArgs {
     pub id: Option<String>,
 }
 
-/// Which device `usb.detach` means.
+/// Which device `usb.detach` / `usb.wake` means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsbTarget {
     Id(String),
@@ -115,7 +123,7 @@ pub enum UsbTarget {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UsbDetachArgs {
+struct UsbTargetArgs {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
@@ -134,6 +142,25 @@ pub enum Command {
     UsbAttach(UsbAttachArgs),
     UsbDetach(UsbTarget),
     UsbList,
+    /// A host-side remote-wake request for a suspended disk.
+    UsbWake(UsbTarget),
+}
+
+/// `{"id": ...}` or `{"port": ...}`, exactly one.
+fn usb_target(name: &str, a: Value) -> Result<UsbTarget, ApiError> {
+    match args::<UsbTargetArgs>(name, a)? {
+        UsbTargetArgs {
+            id: Some(id),
+            port: None,
+        } => Ok(UsbTarget::Id(id)),
+        UsbTargetArgs {
+            id: None,
+            port: Some(p),
+        } => Ok(UsbTarget::Port(p)),
+        _ => Err(ApiError::bad_request(format!(
+            "{name}: give exactly one of id and port"
+        ))),
+    }
 }
 
 fn args<T: for<'de> Deserialize<'de>>(name: &str, args: Value) -> Result<T, ApiError> {
@@ -154,19 +181,8 @@ impl Command {
                 }
                 Ok(Self::UsbAttach(a))
             }
-            cmd::USB_DETACH => match args::<UsbDetachArgs>(name, a)? {
-                UsbDetachArgs {
-                    id: Some(id),
-                    port: None,
-                } => Ok(Self::UsbDetach(UsbTarget::Id(id))),
-                UsbDetachArgs {
-                    id: None,
-                    port: Some(p),
-                } => Ok(Self::UsbDetach(UsbTarget::Port(p))),
-                _ => Err(ApiError::bad_request(
-                    "usb.detach: give exactly one of id and port",
-                )),
-            },
+            cmd::USB_DETACH => usb_target(name, a).map(Self::UsbDetach),
+            cmd::USB_WAKE => usb_target(name, a).map(Self::UsbWake),
             _ => Err(ApiError::bad_request(format!(
                 "unknown command '{name}' (commands: {})",
                 cmd::ALL.join(", ")
@@ -280,6 +296,8 @@ mod tests {
         );
         let r = parse_request(br#"{"id":1,"cmd":"usb.detach","args":{"id":"x"}}"#);
         assert_eq!(r.command, Ok(Command::UsbDetach(UsbTarget::Id("x".into()))));
+        let r = parse_request(br#"{"id":2,"cmd":"usb.wake","args":{"id":"x"}}"#);
+        assert_eq!(r.command, Ok(Command::UsbWake(UsbTarget::Id("x".into()))));
         let r = parse_request(br#"{"cmd":"usb.detach","args":{"port":2}}"#);
         assert_eq!(r.id, Value::Null);
         assert_eq!(r.command, Ok(Command::UsbDetach(UsbTarget::Port(2))));
@@ -313,6 +331,7 @@ mod tests {
         err_code(r#"{"id":5,"cmd":"usb.attach","args":"/a"}"#);
         err_code(r#"{"id":6,"cmd":"usb.detach","args":{}}"#);
         err_code(r#"{"id":6,"cmd":"usb.detach","args":{"id":"a","port":1}}"#);
+        err_code(r#"{"id":6,"cmd":"usb.wake","args":{}}"#);
     }
 
     #[test]
@@ -333,7 +352,7 @@ mod tests {
         assert_eq!(v, json!({"event":"usb.attached","ts_us":5,"data":{}}));
         let g: Value = serde_json::from_str(&greeting()).unwrap();
         assert_eq!(g["hello"]["version"], json!(1));
-        assert_eq!(g["hello"]["commands"].as_array().unwrap().len(), 5);
+        assert_eq!(g["hello"]["commands"].as_array().unwrap().len(), 6);
         assert!(!greeting().contains('\n') && !reply(&json!(1), &Ok(json!("a\nb"))).contains('\n'));
     }
 }

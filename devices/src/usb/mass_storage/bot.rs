@@ -181,6 +181,11 @@ impl Bot {
         self.needs_reset_recovery = false;
     }
 
+    /// Frees the bounce buffer (the device is going to sleep).
+    pub fn release_buffers(&mut self) {
+        self.bounce = Vec::new();
+    }
+
     /// Takes the reusable bounce buffer, at least `len` bytes long; the
     /// caller puts it back so large transfers allocate once.
     fn take_bounce(&mut self, len: usize) -> Vec<u8> {

@@ -1,6 +1,12 @@
 //! A USB mass-storage disk: Bulk-Only Transport (class 0x08, subclass 0x06
 //! SCSI transparent, protocol 0x50) over one bulk IN and one bulk OUT pipe,
 //! backed by a [`RawImage`] (so all file I/O goes through its volume).
+//!
+//! Runtime PM: while suspended (its port in U3, or the controller in D3hot)
+//! the device drops its bounce buffer and its image's volume is quiesced, so
+//! no host I/O runs for it (and swap sharing the volume waits, as I/O to a
+//! sleeping USB disk would); a bulk transfer that arrives anyway fails with a
+//! transaction error instead of waiting on the quiesced volume.
 
 pub mod bot;
 pub mod scsi;
@@ -28,8 +34,11 @@ pub const REQ_MASS_STORAGE_RESET: u8 = 0xff;
 const CONFIG_VALUE: u8 = 1;
 /// SuperSpeed bulk endpoints burst 16 packets (bMaxBurst = 15).
 const SS_MAX_BURST: u8 = 15;
-/// bmAttributes of the configuration: bus powered (bit 7 is reserved-one).
-const CONFIG_ATTRIBUTES: u8 = 0x80;
+/// bmAttributes of the configuration: bus powered (bit 7 is reserved-one),
+/// remote wakeup supported (bit 5).
+const CONFIG_ATTRIBUTES: u8 = 0xa0;
+/// GET_STATUS (device) bit of DEVICE_REMOTE_WAKEUP.
+const STATUS_REMOTE_WAKEUP: u16 = 1 << 1;
 /// idVendor/idProduct: pid.codes test identifiers.
 const VENDOR_ID: u16 = 0x1209;
 const PRODUCT_ID: u16 = 0x0001;
@@ -71,6 +80,7 @@ pub struct MassStorage {
     device_status: u16,
     disk: Disk,
     bot: Bot,
+    suspended: bool,
 }
 
 impl MassStorage {
@@ -88,6 +98,7 @@ impl MassStorage {
             device_status: 0,
             disk: Disk::new(image, identity),
             bot: Bot::new(),
+            suspended: false,
         }
     }
 
@@ -242,7 +253,7 @@ impl MassStorage {
             }
             (RequestKind::Standard, Recipient::Device, CLEAR_FEATURE | SET_FEATURE) => {
                 let bit = match s.value {
-                    feature::DEVICE_REMOTE_WAKEUP => 1 << 1,
+                    feature::DEVICE_REMOTE_WAKEUP => STATUS_REMOTE_WAKEUP,
                     feature::U1_ENABLE => 1 << 2,
                     feature::U2_ENABLE => 1 << 3,
                     feature::LTM_ENABLE => 1 << 4,
@@ -307,6 +318,7 @@ impl UsbDevice for MassStorage {
     }
 
     fn reset(&mut self) {
+        self.resume();
         self.configured = false;
         self.device_status = 0;
         self.bot.reset();
@@ -333,6 +345,12 @@ impl UsbDevice for MassStorage {
     fn bulk(&mut self, endpoint: u8, data: &mut dyn TransferBuffer) -> TransferResult {
         if !self.configured {
             return TransferResult::stall(0);
+        }
+        if self.suspended {
+            // A suspended device does not answer (its volume is quiesced:
+            // waiting for it here would hold the controller).
+            log::debug!("usb-storage: bulk transfer while suspended");
+            return TransferResult::error(0);
         }
         match endpoint {
             BULK_IN => self.bot.transfer_in(&mut self.disk, data),
@@ -378,9 +396,48 @@ impl UsbDevice for MassStorage {
     }
 
     fn detach(&mut self) {
+        // Unplugged: nothing sleeps on the volume any more.
+        self.resume();
         if let Err(e) = self.disk.image().flush() {
             log::warn!("usb-storage: flush on detach failed: {e}");
         }
+    }
+
+    fn suspend(&mut self) {
+        if self.suspended {
+            return;
+        }
+        self.suspended = true;
+        self.bot.release_buffers();
+        let volume = self.disk.image().volume();
+        volume.quiesce();
+        log::debug!(
+            "usb-storage {}: suspended, volume {} quiesced",
+            self.config.serial,
+            volume.name()
+        );
+    }
+
+    fn resume(&mut self) {
+        if !self.suspended {
+            return;
+        }
+        self.suspended = false;
+        let volume = self.disk.image().volume();
+        volume.resume();
+        log::debug!(
+            "usb-storage {}: resumed, volume {} flows",
+            self.config.serial,
+            volume.name()
+        );
+    }
+
+    fn suspended(&self) -> bool {
+        self.suspended
+    }
+
+    fn remote_wakeup_enabled(&self) -> bool {
+        self.device_status & STATUS_REMOTE_WAKEUP != 0
     }
 }
 

@@ -1,0 +1,330 @@
+//! Runtime power management as Linux drives it: USB link PM (U3 / U0 /
+//! Resume), a device's remote wake, and the controller's Save / Restore
+//! State around a runtime suspend (xhci_suspend / xhci_resume).
+
+use std::sync::Arc;
+
+use super::*;
+use crate::block::Volume;
+
+/// Attaches a disk on `port` and returns its volume (to watch it quiesce).
+fn attach_watched(d: &mut Driver, port: u8, img: &TempImage) -> Arc<Volume> {
+    let image = img.open(false);
+    let volume = image.volume().clone();
+    let dev = MassStorage::new(image, MassStorageConfig::default());
+    d.xhci.attach(port, Box::new(dev)).unwrap();
+    volume
+}
+
+fn link_state(d: &mut Driver, port: u8) -> u32 {
+    (d.portsc(port) & ps::PLS_MASK) >> ps::PLS_SHIFT
+}
+
+fn write_link(d: &mut Driver, port: u8, pls: u32) {
+    d.write_portsc(port, ps::PP | ps::LWS | (pls << ps::PLS_SHIFT));
+}
+
+/// usb_port_suspend on a USB 3 port: Stop Endpoint (Suspend) on both bulk
+/// endpoints, then PLS = U3.
+fn suspend_port(d: &mut Driver, slot: u8, port: u8) {
+    for dci in [DCI_IN, DCI_OUT] {
+        let ev = d.command(Driver::cmd(
+            trb_type::STOP_ENDPOINT,
+            slot,
+            0,
+            SP | (u32::from(dci) << 16),
+        ));
+        assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+        assert_eq!(d.xhci.endpoint_state(slot, dci), Some(EpState::Stopped));
+    }
+    write_link(d, port, ps::PLS_U3);
+    assert_eq!(link_state(d, port), ps::PLS_U3);
+    assert_eq!(d.portsc(port) & ps::PLC, 0, "entering U3 sets no PLC");
+}
+
+/// READ(10) of 8 sectors at LBA 8: checks the data against the image pattern.
+fn read_checked(d: &mut Driver, slot: u8) {
+    let (code, csw) = d.bot(slot, &[0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0], 4096, true);
+    assert_eq!(code, CompletionCode::Success as u8);
+    assert_eq!(csw[12], 0, "CSW status");
+    let mut buf = vec![0u8; 4096];
+    d.mem.read_slice(&mut buf, GuestAddress(0x40_0000)).unwrap();
+    for (i, s) in buf.chunks(512).enumerate() {
+        assert!(
+            s.iter().all(|&b| b == ((8 + i) % 251) as u8),
+            "sector {}",
+            8 + i
+        );
+    }
+}
+
+#[test]
+fn u3_suspends_the_device_and_quiesces_its_volume_u0_resumes_with_plc() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(0, 1);
+    let vol = attach_watched(&mut d, 1, &img);
+    d.start();
+    let slot = d.enumerate(1);
+    d.events();
+    read_checked(&mut d, slot);
+    suspend_port(&mut d, slot, 1);
+    assert!(vol.is_quiesced(), "U3 quiesces the device's volume");
+    assert_eq!(d.xhci.port_power()[0].device_suspended, Some(true));
+    assert!(d.events().is_empty(), "no event for entering U3");
+    // usb_port_resume: PLS = U0, then the driver waits for PLC.
+    write_link(&mut d, 1, ps::PLS_U0);
+    assert!(!vol.is_quiesced(), "U0 resumes the volume");
+    assert_eq!(link_state(&mut d, 1), ps::PLS_U0);
+    assert_ne!(d.portsc(1) & ps::PLC, 0);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .expect("port status change for the U0 transition");
+    assert_eq!(ev.parameter >> 24, 1);
+    d.write_portsc(1, ps::PP | ps::PLC);
+    // Stopped endpoints restart on the doorbells the resume rings.
+    read_checked(&mut d, slot);
+    assert_eq!(d.xhci.endpoint_state(slot, DCI_IN), Some(EpState::Running));
+    let info = vol.info();
+    assert_eq!((info.quiesces, info.resumes), (1, 1), "{info:?}");
+}
+
+#[test]
+fn usb2_resume_goes_through_resume_state_then_u0_with_plc() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(1, 0);
+    let vol = attach_watched(&mut d, 1, &img);
+    d.start();
+    let slot = d.enumerate(1);
+    d.events();
+    write_link(&mut d, 1, ps::PLS_U3);
+    assert!(vol.is_quiesced());
+    write_link(&mut d, 1, ps::PLS_RESUME);
+    assert_eq!(link_state(&mut d, 1), ps::PLS_RESUME);
+    assert!(!vol.is_quiesced(), "resume signalling wakes the device");
+    assert_eq!(d.portsc(1) & ps::PLC, 0);
+    write_link(&mut d, 1, ps::PLS_U0);
+    assert_ne!(d.portsc(1) & ps::PLC, 0);
+    assert!(d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .is_some());
+    d.write_portsc(1, ps::PP | ps::PLC);
+    read_checked(&mut d, slot);
+}
+
+#[test]
+fn bulk_transfer_to_a_suspended_device_fails_without_waiting_on_its_volume() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(0, 1);
+    let vol = attach_watched(&mut d, 1, &img);
+    d.start();
+    let slot = d.enumerate(1);
+    d.events();
+    suspend_port(&mut d, slot, 1);
+    // A guest that rings a doorbell anyway: the doorbell restarts the
+    // endpoint and the device answers with a transaction error at once.
+    let cbw = cbw(0x77, 512, true, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    d.mem.write_slice(&cbw, GuestAddress(DATA)).unwrap();
+    let (code, _) = d.bulk(slot, DCI_OUT, DATA, 31, 64);
+    assert_eq!(code, CompletionCode::UsbTransactionError as u8);
+    assert!(vol.is_quiesced(), "still asleep");
+}
+
+#[test]
+fn remote_wake_reports_resume_with_plc_and_wakes_the_device() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(1, 1);
+    let vol = attach_watched(&mut d, 2, &img);
+    d.start();
+    let slot = d.enumerate(2);
+    d.events();
+    assert!(matches!(
+        d.xhci.remote_wake(2),
+        Err(XhciError::NotSuspended(2))
+    ));
+    assert!(matches!(
+        d.xhci.remote_wake(1),
+        Err(XhciError::NotSuspended(1))
+    ));
+    assert!(matches!(
+        d.xhci.remote_wake(9),
+        Err(XhciError::InvalidPort(9))
+    ));
+    suspend_port(&mut d, slot, 2);
+    d.xhci.remote_wake(2).unwrap();
+    assert!(!vol.is_quiesced(), "the waking device resumes its volume");
+    assert_eq!(link_state(&mut d, 2), ps::PLS_RESUME);
+    assert_ne!(d.portsc(2) & ps::PLC, 0);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .expect("remote wake event");
+    assert_eq!(ev.parameter >> 24, 2);
+    // Linux (SS port): clear PLC, write U0, wait for the next PLC.
+    d.write_portsc(2, ps::PP | ps::PLC);
+    write_link(&mut d, 2, ps::PLS_U0);
+    assert_ne!(d.portsc(2) & ps::PLC, 0);
+    assert!(d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .is_some());
+    d.write_portsc(2, ps::PP | ps::PLC);
+    read_checked(&mut d, slot);
+}
+
+#[test]
+fn detaching_a_suspended_device_resumes_its_volume_and_returns() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(0, 1);
+    let vol = attach_watched(&mut d, 1, &img);
+    d.start();
+    let slot = d.enumerate(1);
+    d.events();
+    suspend_port(&mut d, slot, 1);
+    let mut dev = d.xhci.detach(1).unwrap();
+    assert!(dev.suspended());
+    // The owner's detach (flush) would wait on a quiesced volume forever
+    // if the device did not let go of it first.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        dev.detach();
+        tx.send(dev.suspended()).unwrap();
+    });
+    let suspended = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("detach of a suspended device hung");
+    assert!(!suspended);
+    assert!(!vol.is_quiesced());
+}
+
+/// xhci_suspend: R/S cleared, HCH awaited, CSS, SSS awaited.
+fn linux_suspend(d: &mut Driver) -> u32 {
+    let cmd = d.r32(OP_BASE + op::USBCMD) & !op::CMD_RUN;
+    d.w32(OP_BASE + op::USBCMD, cmd);
+    assert_ne!(d.r32(OP_BASE + op::USBSTS) & op::STS_HCH, 0);
+    d.w32(OP_BASE + op::USBCMD, cmd | op::CMD_CSS);
+    let sts = d.r32(OP_BASE + op::USBSTS);
+    assert_eq!(
+        sts & (op::STS_SSS | op::STS_SRE | op::STS_HCE),
+        0,
+        "{sts:#x}"
+    );
+    cmd
+}
+
+/// xhci_resume without re-init: the registers written back as saved
+/// (ERSTBA last reloads the segment table), CRCR at the driver's dequeue,
+/// CRS, RSS awaited; then returns USBSTS for the SRE check.
+fn linux_resume_registers(d: &mut Driver, cmd: u32) -> u32 {
+    d.w32(OP_BASE + op::USBCMD, cmd);
+    d.w32(OP_BASE + op::DNCTRL, 0);
+    d.w64(OP_BASE + op::DCBAAP_LO, DCBAA);
+    d.w32(OP_BASE + op::CONFIG, 8);
+    d.w32(RT_BASE + rt::IR0 + rt::ERSTSZ, 1);
+    d.w64(RT_BASE + rt::IR0 + rt::ERSTBA_LO, ERST);
+    let erdp = EVENT_RING + u64::from(d.ev_index) * 16;
+    d.w64(RT_BASE + rt::IR0 + rt::ERDP_LO, erdp);
+    d.w32(RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE);
+    d.w32(RT_BASE + rt::IR0 + rt::IMOD, 0);
+    let crcr = d.cmd.base + d.cmd.index * 16;
+    d.w64(OP_BASE + op::CRCR_LO, crcr | u64::from(d.cmd.cycle));
+    d.w32(OP_BASE + op::USBCMD, cmd | op::CMD_CRS);
+    let sts = d.r32(OP_BASE + op::USBSTS);
+    assert_eq!(sts & op::STS_RSS, 0);
+    sts
+}
+
+#[test]
+fn save_restore_keeps_the_event_ring_position_across_a_runtime_suspend() {
+    let img = TempImage::new(64);
+    let mut d = Driver::new(0, 2);
+    d.attach_disk(1, &img, false);
+    d.start();
+    let slot = d.enumerate(1);
+    d.events();
+    // Events before the save moved the enqueue pointer well past the start.
+    assert!(d.ev_index > 4, "index {}", d.ev_index);
+    suspend_port(&mut d, slot, 1);
+    let cmd = linux_suspend(&mut d);
+    // A connect while suspended waits in the port's change bits.
+    let img2 = TempImage::new(64);
+    d.attach_disk(2, &img2, false);
+    let sts = linux_resume_registers(&mut d, cmd);
+    assert_eq!(
+        sts & (op::STS_SRE | op::STS_HCE),
+        0,
+        "no xHC error in resume: {sts:#x}"
+    );
+    d.w32(OP_BASE + op::USBCMD, cmd | op::CMD_RUN);
+    // The connect is reported where the driver's dequeue pointer looks.
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .expect("port 2 connect after resume");
+    assert_eq!(ev.parameter >> 24, 2);
+    // Commands complete where the driver expects them, with its cycle.
+    let ev = d.command(Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+    assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+    write_link(&mut d, 1, ps::PLS_U0);
+    d.write_portsc(1, ps::PP | ps::PLC);
+    read_checked(&mut d, slot);
+    // Enough traffic to wrap the 32-entry ring: the cycle bit still agrees.
+    for _ in 0..40 {
+        let ev = d.command(Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+        assert_eq!(ev.completion_code(), CompletionCode::Success as u8);
+    }
+}
+
+#[test]
+fn events_queued_for_room_survive_save_and_restore() {
+    let mut d = Driver::new(0, 1);
+    d.start();
+    // Fill the event ring without consuming: the rest waits in overflow.
+    let mut addrs = Vec::new();
+    for _ in 0..EVENT_TRBS + 4 {
+        let addr = d
+            .cmd
+            .push(&d.mem, Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+        addrs.push(addr);
+    }
+    d.w32(DB_BASE, 0);
+    let cmd = linux_suspend(&mut d);
+    let sts = linux_resume_registers(&mut d, cmd);
+    assert_eq!(sts & op::STS_SRE, 0);
+    d.w32(OP_BASE + op::USBCMD, cmd | op::CMD_RUN);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.extend(d.events().into_iter().map(|e| e.parameter));
+    }
+    assert_eq!(seen, addrs, "every completion once, in order");
+}
+
+#[test]
+fn restore_with_nothing_saved_reports_save_restore_error() {
+    let mut d = Driver::new(0, 1);
+    d.start();
+    // CSS while running is ignored (nothing saved), so CRS has nothing.
+    let run = d.r32(OP_BASE + op::USBCMD);
+    d.w32(OP_BASE + op::USBCMD, run | op::CMD_CSS);
+    let cmd = run & !op::CMD_RUN;
+    d.w32(OP_BASE + op::USBCMD, cmd);
+    d.w32(OP_BASE + op::USBCMD, cmd | op::CMD_CRS);
+    let sts = d.r32(OP_BASE + op::USBSTS);
+    assert_ne!(sts & op::STS_SRE, 0, "{sts:#x}");
+    // SRE is RW1C; the guest re-initialises (HCRST) and may save again.
+    d.w32(OP_BASE + op::USBSTS, op::STS_SRE);
+    assert_eq!(d.r32(OP_BASE + op::USBSTS) & op::STS_SRE, 0);
+    let cmd = linux_suspend(&mut d);
+    // HCRST forgets what was saved.
+    d.w32(OP_BASE + op::USBCMD, op::CMD_HCRST);
+    d.w32(OP_BASE + op::USBCMD, cmd | op::CMD_CRS);
+    assert_ne!(d.r32(OP_BASE + op::USBSTS) & op::STS_SRE, 0);
+    // A different segment table than the saved one cannot be restored.
+    let mut d = Driver::new(0, 1);
+    d.start();
+    let cmd = linux_suspend(&mut d);
+    let entry = ErstEntry {
+        base: EVENT_RING + 0x800,
+        size: EVENT_TRBS,
+        reserved: 0,
+    };
+    d.mem.write_obj(entry, GuestAddress(ERST)).unwrap();
+    let sts = linux_resume_registers(&mut d, cmd);
+    assert_ne!(sts & op::STS_SRE, 0, "{sts:#x}");
+}

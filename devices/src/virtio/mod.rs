@@ -10,7 +10,9 @@
 //!
 //! Spec references are to "Virtual I/O Device (VIRTIO) Version 1.2" (§).
 
+pub mod balloon;
 pub mod block;
+pub mod chains;
 mod common_cfg;
 mod interrupt;
 mod transport;
@@ -32,6 +34,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Device types (§5).
 pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_ID_BALLOON: u32 = 5;
 
 // Device status bits (§2.1).
 pub const STATUS_ACKNOWLEDGE: u8 = 1;

@@ -8,9 +8,10 @@ mod device;
 mod request;
 mod worker;
 
+pub use crate::virtio::chains::ProcessStats;
 pub use device::{Block, BlockError, BlockOptions};
 pub use request::{Request, RequestError, RequestKind};
-pub use worker::{BlockWorker, ProcessStats};
+pub use worker::BlockWorker;
 
 // Feature bits (§5.2.3).
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;

@@ -10,18 +10,8 @@ use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use super::request::{DiskInfo, Request};
 use super::VIRTIO_BLK_ID_BYTES;
 use crate::block::RawImage;
+use crate::virtio::chains::{process_chains, Disposition, ProcessStats};
 use crate::virtio::{ActivatedQueue, Activation, VirtioInterrupt};
-
-/// What one `process_queue` call did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ProcessStats {
-    /// Chains returned to the used ring.
-    pub completed: u32,
-    /// The budget ran out with work left; the caller should come back.
-    pub more: bool,
-    /// An interrupt was signalled.
-    pub notified: bool,
-}
 
 /// The queues, disk and memory of one activation.
 pub struct BlockWorker {
@@ -54,74 +44,31 @@ impl BlockWorker {
     /// Work is bounded by the queue size per call: a guest that keeps
     /// adding buffers cannot hold the event loop.
     pub fn process_queue(&mut self, slot: usize) -> ProcessStats {
-        let mut stats = ProcessStats::default();
         let Some(aq) = self.queues.get_mut(slot) else {
-            return stats;
+            return ProcessStats::default();
         };
         let mem = self.mem.memory();
         let budget = u32::from(aq.queue.size());
-        let mut consumed = 0u32;
-        let event_idx = aq.queue.event_idx_enabled();
-        'outer: loop {
-            if event_idx {
-                if let Err(e) = aq.queue.disable_notification(&*mem) {
-                    log::warn!("virtio-blk: disable notification: {e}");
-                }
-            }
-            while let Some(chain) = aq.queue.pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let used_len = match Request::parse(chain, &mem, &self.info) {
-                    Ok(req) => {
-                        let (status, written) = req.execute(&self.disk, &mem, &self.id);
-                        match mem.write_obj(status, req.status) {
-                            Ok(()) => written + 1,
-                            Err(_) => written,
-                        }
+        let (disk, info, id) = (&self.disk, &self.info, &self.id);
+        process_chains(aq, &mem, &self.interrupt, budget, "virtio-blk", |chain| {
+            let used_len = match Request::parse(chain, &mem, info) {
+                Ok(req) => {
+                    let (status, written) = req.execute(disk, &mem, id);
+                    match mem.write_obj(status, req.status) {
+                        Ok(()) => written + 1,
+                        Err(_) => written,
                     }
-                    Err(rej) => {
-                        log::debug!("virtio-blk: bad request: {}", rej.error);
-                        match rej.status.map(|a| mem.write_obj(rej.error.status(), a)) {
-                            Some(Ok(())) => 1,
-                            _ => 0,
-                        }
+                }
+                Err(rej) => {
+                    log::debug!("virtio-blk: bad request: {}", rej.error);
+                    match rej.status.map(|a| mem.write_obj(rej.error.status(), a)) {
+                        Some(Ok(())) => 1,
+                        _ => 0,
                     }
-                };
-                // A head index beyond the queue cannot be returned (the
-                // driver published garbage): the chain is consumed and
-                // counts against the budget, but is not completed.
-                match aq.queue.add_used(&*mem, head, used_len) {
-                    Ok(()) => stats.completed += 1,
-                    Err(e) => log::warn!("virtio-blk: chain {head} not returned: {e}"),
                 }
-                consumed += 1;
-                if consumed >= budget {
-                    stats.more = true;
-                    break 'outer;
-                }
-            }
-            // With EVENT_IDX, re-enabling can reveal buffers added meanwhile.
-            if !event_idx {
-                break;
-            }
-            match aq.queue.enable_notification(&*mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::warn!("virtio-blk: enable notification: {e}");
-                    break;
-                }
-            }
-        }
-        if stats.completed > 0 {
-            match aq.queue.needs_notification(&*mem) {
-                Ok(true) | Err(_) => {
-                    self.interrupt.signal_queue(aq.index);
-                    stats.notified = true;
-                }
-                Ok(false) => {}
-            }
-        }
-        stats
+            };
+            Disposition::Used(used_len)
+        })
     }
 }
 

@@ -349,6 +349,75 @@ impl UsbStorageConfig {
     }
 }
 
+/// `--balloon size=SIZE[,deflate_on_oom=on,free_page_reporting=on,stats_interval=SECS]`:
+/// a virtio-balloon device. `size` is the balloon's size (memory held back
+/// from the guest, as in Cloud Hypervisor), not the guest's size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Initial balloon size in bytes (default 0: empty).
+    pub size: u64,
+    /// Offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM.
+    pub deflate_on_oom: bool,
+    /// Offer VIRTIO_BALLOON_F_REPORTING (free page reporting).
+    pub free_page_reporting: bool,
+    /// Seconds between statistics requests; 0 means only on request.
+    pub stats_interval_s: u64,
+}
+
+/// Longest statistics interval (a day; longer is as good as off).
+pub const MAX_STATS_INTERVAL_S: u64 = 86_400;
+
+impl BalloonConfig {
+    pub const KEYS: &'static [&'static str] = &[
+        "size",
+        "deflate_on_oom",
+        "free_page_reporting",
+        "stats_interval",
+    ];
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        const OPT: &str = "balloon";
+        let mut kv = KeyValues::parse(OPT, Self::KEYS, Some("size"), text)?;
+        let size = kv.size("size")?.unwrap_or(0);
+        if !size.is_multiple_of(4096) {
+            return Err(invalid(
+                OPT,
+                format!("size={size}: must be a multiple of 4 KiB"),
+            ));
+        }
+        let stats_interval_s = kv.number("stats_interval")?.unwrap_or(0);
+        if stats_interval_s > MAX_STATS_INTERVAL_S {
+            return Err(invalid(
+                OPT,
+                format!(
+                    "stats_interval={stats_interval_s}: at most {MAX_STATS_INTERVAL_S} seconds"
+                ),
+            ));
+        }
+        Ok(Self {
+            size,
+            deflate_on_oom: kv.flag("deflate_on_oom")?.unwrap_or(false),
+            free_page_reporting: kv.flag("free_page_reporting")?.unwrap_or(false),
+            stats_interval_s,
+        })
+    }
+
+    /// Checks the balloon against the guest's memory.
+    pub fn validate(&self, memory: &MemoryConfig) -> Result<(), ConfigError> {
+        if self.size >= memory.size {
+            return Err(invalid(
+                "balloon",
+                format!(
+                    "size={} MiB leaves the guest nothing of its {} MiB (--memory size=)",
+                    self.size >> 20,
+                    memory.size >> 20
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialConfig {
@@ -505,6 +574,43 @@ mod tests {
         assert!(UsbStorageConfig::parse("path=/a,id=").is_err());
         assert!(UsbStorageConfig::parse(&format!("path=/a,id={}", "x".repeat(33))).is_err());
         assert!(UsbStorageConfig::parse("path=/a,path=/b").is_err());
+    }
+
+    #[test]
+    fn balloon_option() {
+        let b = BalloonConfig::parse(
+            "size=768M,deflate_on_oom=on,free_page_reporting=on,stats_interval=5",
+        )
+        .unwrap();
+        assert_eq!(
+            b,
+            BalloonConfig {
+                size: 768 << 20,
+                deflate_on_oom: true,
+                free_page_reporting: true,
+                stats_interval_s: 5,
+            }
+        );
+        let b = BalloonConfig::parse("0").unwrap();
+        assert_eq!(
+            (b.size, b.deflate_on_oom, b.stats_interval_s),
+            (0, false, 0)
+        );
+        assert!(matches!(
+            BalloonConfig::parse("size=1G,inflate=on"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert!(BalloonConfig::parse("size=1000").is_err(), "not page-sized");
+        assert!(BalloonConfig::parse("size=1G,stats_interval=-1").is_err());
+        assert!(BalloonConfig::parse("size=1G,stats_interval=100000").is_err());
+        assert!(BalloonConfig::parse("size=1G,deflate_on_oom=sometimes").is_err());
+        let mem = MemoryConfig::parse("size=1G").unwrap();
+        assert!(BalloonConfig::parse("768M").unwrap().validate(&mem).is_ok());
+        let e = BalloonConfig::parse("1G")
+            .unwrap()
+            .validate(&mem)
+            .unwrap_err();
+        assert!(e.to_string().contains("--balloon"), "{e}");
     }
 
     #[test]

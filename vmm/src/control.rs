@@ -21,6 +21,7 @@ use crate::api::protocol::event;
 use crate::api::{
     ApiError, ApiServer, Command, Dispatch, ErrorCode, EventBus, Responder, ServerError,
 };
+use crate::balloon::BalloonControl;
 use crate::config::UsbStorageConfig;
 use crate::usb::{UsbManager, USB2_PORTS, USB3_PORTS};
 use crate::vcpu::{StopReason, VmStop};
@@ -49,6 +50,7 @@ pub struct VmFacts {
 /// Runs commands against the VM (on the VMM thread).
 pub struct VmHandler {
     usb: Option<UsbManager>,
+    balloon: Option<BalloonControl>,
     stop: Arc<VmStop>,
     facts: VmFacts,
     started: Instant,
@@ -63,11 +65,27 @@ impl VmHandler {
     pub fn new(usb: Option<UsbManager>, stop: Arc<VmStop>, facts: VmFacts) -> Self {
         Self {
             usb,
+            balloon: None,
             stop,
             facts,
             started: Instant::now(),
             events: None,
         }
+    }
+
+    /// Adds the balloon (`balloon.*` commands, `balloon` in `vm.info`).
+    pub fn with_balloon(mut self, balloon: Option<BalloonControl>) -> Self {
+        self.balloon = balloon;
+        self
+    }
+
+    fn balloon(&self) -> Result<&BalloonControl, ApiError> {
+        self.balloon.as_ref().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidState,
+                "this VM has no balloon (start it with --balloon)",
+            )
+        })
     }
 
     fn usb(&mut self) -> Result<&mut UsbManager, ApiError> {
@@ -112,6 +130,19 @@ impl VmHandler {
                 let info = self.usb()?.wake(&target).map_err(usb_err)?;
                 Ok(json!(info))
             }
+            Command::BalloonSet { size } => {
+                let b = self.balloon()?;
+                let size = b
+                    .handle
+                    .set_size(size)
+                    .map_err(|e| ApiError::from_error(ErrorCode::BadRequest, &e))?;
+                log::info!(
+                    "balloon size set to {} MiB over the control API",
+                    size >> 20
+                );
+                Ok(json!(b.report()))
+            }
+            Command::BalloonStats => Ok(json!(self.balloon()?.stats())),
             Command::UsbList => {
                 let usb = self.usb()?;
                 Ok(json!({"devices": usb.list(), "free_ports": usb.free_ports()}))
@@ -137,6 +168,7 @@ impl VmHandler {
             "cpus": self.facts.cpus,
             "memory_bytes": self.facts.memory_bytes,
             "usb": usb,
+            "balloon": self.balloon.as_ref().map(|b| b.report()),
         })
     }
 }
@@ -284,6 +316,11 @@ mod tests {
         assert_eq!(v["memory_bytes"], json!(256u64 << 20));
         assert_eq!(v["state"], json!("running"));
         assert_eq!(v["usb"], Value::Null);
+        assert_eq!(v["balloon"], Value::Null);
+        let e = h.handle(Command::BalloonStats).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidState);
+        let e = h.handle(Command::BalloonSet { size: 0 }).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidState);
         let e = h
             .handle(Command::UsbAttach(UsbAttachArgs {
                 path: "/x".into(),

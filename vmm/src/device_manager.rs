@@ -1,5 +1,5 @@
 //! PCI devices of the VM: the PCI bus behind ports 0xCF8-0xCFF, virtio-blk
-//! disks with their MSI-X routes and ioeventfds, the event loop that runs
+//! disks and the virtio-balloon with their MSI-X routes and ioeventfds, the event loop that runs
 //! their queues, and following the guest when it moves a BAR.
 
 use std::collections::BTreeMap;
@@ -10,8 +10,9 @@ use devices::bus::Bus;
 use devices::pci::{
     BarListener, BarMove, PciBarRegion, PciBus, PciConfigIo, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN,
 };
+use devices::virtio::balloon::{Balloon, BalloonHandle, BalloonOptions, BalloonSink};
 use devices::virtio::block::{Block, BlockOptions};
-use devices::virtio::{EventLoop, VirtioPciDevice, VirtioPciOptions, WorkerHost};
+use devices::virtio::{EventLoop, VirtioDevice, VirtioPciDevice, VirtioPciOptions, WorkerHost};
 use devices::xhci::pci::XHCI_BAR;
 use devices::xhci::regs::{DEFERRABLE_WRITES, MMIO_SIZE, READ_BACKED_START};
 use devices::xhci::{doorbell_events, DoorbellWorker, XhciConfig, XhciPci};
@@ -41,6 +42,14 @@ pub enum DeviceError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("{name}: virtio-pci transport")]
+    Virtio {
+        name: String,
+        #[source]
+        source: devices::virtio::VirtioPciError,
+    },
+    #[error("virtio-balloon")]
+    Balloon(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("USB controller")]
     Usb(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("bus registration")]
@@ -192,22 +201,52 @@ impl DeviceManager {
             },
         )
         .map_err(|e| disk_err(e.into()))?;
-        // One vector for configuration changes, one per queue.
-        let router = KvmMsiRouter::new(&self.vm, self.routing.clone(), num_queues + 1).map_err(
-            |source| DeviceError::Io {
-                what: "MSI-X routes",
-                source,
+        let devnum = self
+            .attach_virtio(Box::new(block), &format!("disk {}", cfg.id), mmio)
+            .map_err(|e| disk_err(e.into()))?;
+        lock(&self.volumes).insert(cfg.id.clone(), volume);
+        log::info!(
+            "disk {}: {} ({}) on PCI 00:{devnum:02x}.0, {num_queues} queue(s)",
+            cfg.id,
+            cfg.path.display(),
+            if cfg.readonly {
+                "read-only"
+            } else {
+                "read-write"
             },
-        )?;
+        );
+        Ok(())
+    }
+
+    /// Puts a virtio device on the PCI bus: MSI-X routes (one vector for
+    /// configuration changes, one per queue), its BARs on `mmio`, one
+    /// ioeventfd per queue. Returns its PCI device number.
+    fn attach_virtio(
+        &self,
+        device: Box<dyn VirtioDevice>,
+        name: &str,
+        mmio: &Bus,
+    ) -> Result<u8, DeviceError> {
+        let queues = device.queue_max_sizes().len() as u16;
+        let router =
+            KvmMsiRouter::new(&self.vm, self.routing.clone(), queues + 1).map_err(|source| {
+                DeviceError::Io {
+                    what: "MSI-X routes",
+                    source,
+                }
+            })?;
         let dev = VirtioPciDevice::new(
-            Box::new(block),
+            device,
             VirtioPciOptions {
                 mem: self.mem.clone(),
                 msi_router: Arc::new(router),
                 workers: self.event_loop.clone(),
             },
         )
-        .map_err(|e| disk_err(e.into()))?;
+        .map_err(|source| DeviceError::Virtio {
+            name: name.to_string(),
+            source,
+        })?;
         let dev = Arc::new(Mutex::new(dev));
         let (devnum, bars) = self.pci.attach(dev.clone())?;
         let mut bar0 = None;
@@ -233,18 +272,22 @@ impl DeviceManager {
                 .collect();
             self.add_ioeventfds(devnum, fds)?;
         }
-        lock(&self.volumes).insert(cfg.id.clone(), volume);
-        log::info!(
-            "disk {}: {} ({}) on PCI 00:{devnum:02x}.0, {num_queues} queue(s)",
-            cfg.id,
-            cfg.path.display(),
-            if cfg.readonly {
-                "read-only"
-            } else {
-                "read-write"
-            },
-        );
-        Ok(())
+        Ok(devnum)
+    }
+
+    /// Adds the virtio-balloon device; its queues run on the device event
+    /// loop, where `sink` discards pages (never a pager thread).
+    pub fn add_balloon(
+        &self,
+        options: BalloonOptions,
+        sink: Arc<dyn BalloonSink>,
+        mmio: &Bus,
+    ) -> Result<BalloonHandle, DeviceError> {
+        let balloon = Balloon::new(options, sink).map_err(|e| DeviceError::Balloon(e.into()))?;
+        let handle = balloon.handle();
+        let devnum = self.attach_virtio(Box::new(balloon), "balloon", mmio)?;
+        log::info!("virtio-balloon on PCI 00:{devnum:02x}.0");
+        Ok(handle)
     }
 
     /// The I/O volume of the disk with this id.

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod balloon;
 pub mod boot;
 pub mod coalesced;
 pub mod config;

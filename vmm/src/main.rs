@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::config::{DiskConfig, MemoryConfig, SerialConfig, UsbIo, UsbStorageConfig};
+use vmm::config::{BalloonConfig, DiskConfig, MemoryConfig, SerialConfig, UsbIo, UsbStorageConfig};
 use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE};
 
 /// Boots a Linux kernel (bzImage or vmlinux) on KVM with a serial console.
@@ -62,6 +62,19 @@ struct Cli {
     #[arg(long, value_name = "vcpu|thread", default_value = "vcpu", value_parser = UsbIo::parse)]
     usb_io: UsbIo,
 
+    /// A virtio-balloon device:
+    /// size=SIZE[,deflate_on_oom=on,free_page_reporting=on,stats_interval=SECS].
+    /// size (default 0) is how much memory the balloon holds back from the
+    /// guest, not the guest's size; change it with balloon.set on the control
+    /// API. Inflated and reported pages go back to the host (through the pager
+    /// with --memory limit=, else madvise). deflate_on_oom lets the guest take
+    /// pages back when it runs out of memory; free_page_reporting has the
+    /// guest report free 2-4 MiB blocks for the host to drop; stats_interval
+    /// asks the guest for memory statistics every SECS seconds (0, the
+    /// default: only on balloon.stats). Guest module: virtio_balloon.
+    #[arg(long, value_name = "OPTIONS", value_parser = BalloonConfig::parse)]
+    balloon: Option<BalloonConfig>,
+
     /// Serve the control API (newline-delimited JSON, see docs/api.md) on
     /// this Unix socket; drive it with vmm-ctl. Also adds the USB controller
     /// so that disks can be hot-plugged.
@@ -101,6 +114,7 @@ fn main() -> ExitCode {
         api_socket: cli.api_socket,
         allow_pvm: cli.allow_pvm,
         usb_io: cli.usb_io,
+        balloon: cli.balloon,
     };
     match vm::run(&cfg) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

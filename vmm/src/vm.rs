@@ -21,7 +21,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{layout, mptable};
 use crate::boot::{BootError, BootPlan};
 use crate::config::{
-    check_disk_ids, ConfigError, DiskConfig, MemoryConfig, SerialConfig, UsbIo, UsbStorageConfig,
+    check_disk_ids, BalloonConfig, ConfigError, DiskConfig, MemoryConfig, SerialConfig, UsbIo,
+    UsbStorageConfig,
 };
 use crate::control::{Control, ControlError, VmFacts, VmHandler};
 use crate::device_manager::{DeviceError, DeviceManager, KvmFeatures};
@@ -115,6 +116,8 @@ pub struct VmConfig {
     pub allow_pvm: bool,
     /// Which thread runs USB transfers.
     pub usb_io: UsbIo,
+    /// A virtio-balloon device (`--balloon`).
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// The default guest command line: serial console, reboot through the
@@ -139,6 +142,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     )?;
     let serial_out = serial_writer(&cfg.serial)?;
     check_disk_ids(&cfg.disks)?;
+    if let Some(b) = &cfg.balloon {
+        b.validate(&cfg.memory)?;
+    }
     phase("checking the kernel and initramfs");
 
     let kvm = host::open_kvm(cfg.allow_pvm)?;
@@ -196,14 +202,27 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             .volume(id)
             .or_else(|| usb.as_ref().and_then(|u| u.volume(id)))
     };
-    let pager = paging::start(&cfg.memory, &mem, volume_of, &stop)?;
+    // Shared with the balloon's sink (weakly) and stopped by value at exit.
+    let pager = paging::start(&cfg.memory, &mem, volume_of, &stop)?.map(Arc::new);
+    // After the pager, so that its discards go through it.
+    let balloon = match &cfg.balloon {
+        Some(b) => Some(crate::balloon::add(
+            b,
+            &cfg.memory,
+            &devices,
+            &mmio,
+            &mem,
+            pager.as_ref(),
+        )?),
+        None => None,
+    };
     let facts = VmFacts {
         cpus: cfg.cpus,
         memory_bytes: cfg.memory.size,
     };
     let control = Control::new(
         cfg.api_socket.as_deref(),
-        VmHandler::new(usb, stop.clone(), facts),
+        VmHandler::new(usb, stop.clone(), facts).with_balloon(balloon.clone()),
     )?;
 
     phase("adding the devices");
@@ -252,6 +271,17 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         let _ = t.join();
     }
     devices.shutdown();
+    if let Some(b) = &balloon {
+        // Before the pager stops: its counters are part of the report.
+        eprintln!("balloon-stats {}", b.report_json());
+    }
+    let pager = pager.and_then(|p| {
+        // The balloon's sink holds it weakly and the event loop has stopped,
+        // so this is the only reference.
+        Arc::try_unwrap(p)
+            .inspect_err(|_| log::error!("the pager is still in use at exit; not stopped"))
+            .ok()
+    });
     if let Some(err) = pager.and_then(paging::finish) {
         return Err(VmError::PagerFailed(err));
     }

@@ -23,7 +23,7 @@ pub(crate) mod test_utils;
 
 pub use interrupt::VirtioInterrupt;
 pub use transport::{
-    VirtioPciDevice, VirtioPciOptions, MSIX_BAR, NOTIFY_OFF_MULTIPLIER, VIRTIO_BAR,
+    VirtioPciDevice, VirtioPciError, VirtioPciOptions, MSIX_BAR, NOTIFY_OFF_MULTIPLIER, VIRTIO_BAR,
 };
 pub use worker::{EventLoop, WorkerError, WorkerHost, WorkerId};
 

@@ -26,6 +26,8 @@ pub mod cmd {
     pub const USB_DETACH: &str = "usb.detach";
     pub const USB_LIST: &str = "usb.list";
     pub const USB_WAKE: &str = "usb.wake";
+    pub const BALLOON_SET: &str = "balloon.set";
+    pub const BALLOON_STATS: &str = "balloon.stats";
     pub const ALL: &[&str] = &[
         VM_INFO,
         VM_SHUTDOWN,
@@ -33,6 +35,8 @@ pub mod cmd {
         USB_DETACH,
         USB_LIST,
         USB_WAKE,
+        BALLOON_SET,
+        BALLOON_STATS,
     ];
 }
 
@@ -134,6 +138,20 @@ struct UsbTargetArgs {
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
 
+/// A size: bytes as a number, or a string with a K/M/G/T suffix.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeArg {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonSetArgs {
+    size: SizeArg,
+}
+
 /// A parsed, validated command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -144,6 +162,12 @@ pub enum Command {
     UsbList,
     /// A host-side remote-wake request for a suspended disk.
     UsbWake(UsbTarget),
+    /// The balloon's new size in bytes (memory held back from the guest).
+    BalloonSet {
+        size: u64,
+    },
+    /// Fresh guest statistics and the host's view.
+    BalloonStats,
 }
 
 /// `{"id": ...}` or `{"port": ...}`, exactly one.
@@ -183,6 +207,20 @@ impl Command {
             }
             cmd::USB_DETACH => usb_target(name, a).map(Self::UsbDetach),
             cmd::USB_WAKE => usb_target(name, a).map(Self::UsbWake),
+            cmd::BALLOON_STATS => args::<NoArgs>(name, a).map(|_| Self::BalloonStats),
+            cmd::BALLOON_SET => {
+                let a: BalloonSetArgs = args(name, a)?;
+                let size = match a.size {
+                    SizeArg::Bytes(n) => Some(n),
+                    SizeArg::Text(t) => crate::config::parse_size(&t),
+                };
+                match size {
+                    Some(size) => Ok(Self::BalloonSet { size }),
+                    None => Err(ApiError::bad_request(
+                        "balloon.set: size is bytes or a size like 768M",
+                    )),
+                }
+            }
             _ => Err(ApiError::bad_request(format!(
                 "unknown command '{name}' (commands: {})",
                 cmd::ALL.join(", ")
@@ -303,6 +341,12 @@ mod tests {
         assert_eq!(r.command, Ok(Command::UsbDetach(UsbTarget::Port(2))));
         let r = parse_request(br#"{"id":2,"cmd":"usb.list","args":null}"#);
         assert_eq!(r.command, Ok(Command::UsbList));
+        let r = parse_request(br#"{"id":3,"cmd":"balloon.set","args":{"size":"768M"}}"#);
+        assert_eq!(r.command, Ok(Command::BalloonSet { size: 768 << 20 }));
+        let r = parse_request(br#"{"id":3,"cmd":"balloon.set","args":{"size":4096}}"#);
+        assert_eq!(r.command, Ok(Command::BalloonSet { size: 4096 }));
+        let r = parse_request(br#"{"id":4,"cmd":"balloon.stats"}"#);
+        assert_eq!(r.command, Ok(Command::BalloonStats));
     }
 
     #[test]
@@ -332,6 +376,11 @@ mod tests {
         err_code(r#"{"id":6,"cmd":"usb.detach","args":{}}"#);
         err_code(r#"{"id":6,"cmd":"usb.detach","args":{"id":"a","port":1}}"#);
         err_code(r#"{"id":6,"cmd":"usb.wake","args":{}}"#);
+        err_code(r#"{"id":7,"cmd":"balloon.set","args":{}}"#);
+        err_code(r#"{"id":7,"cmd":"balloon.set","args":{"size":"lots"}}"#);
+        err_code(r#"{"id":7,"cmd":"balloon.set","args":{"size":-1}}"#);
+        err_code(r#"{"id":7,"cmd":"balloon.set","args":{"size":1,"wait":true}}"#);
+        err_code(r#"{"id":7,"cmd":"balloon.stats","args":{"x":1}}"#);
     }
 
     #[test]
@@ -352,7 +401,7 @@ mod tests {
         assert_eq!(v, json!({"event":"usb.attached","ts_us":5,"data":{}}));
         let g: Value = serde_json::from_str(&greeting()).unwrap();
         assert_eq!(g["hello"]["version"], json!(1));
-        assert_eq!(g["hello"]["commands"].as_array().unwrap().len(), 6);
+        assert_eq!(g["hello"]["commands"].as_array().unwrap().len(), 8);
         assert!(!greeting().contains('\n') && !reply(&json!(1), &Ok(json!("a\nb"))).contains('\n'));
     }
 }

@@ -1,0 +1,346 @@
+//! Nested end-to-end tests of virtio-balloon (issue 15): our VMM inside the
+//! L1 QEMU TCG guest boots the L2 with `--balloon` and an API socket; an L1
+//! script drives `vmm-ctl balloon.set` in step with the guest's console
+//! markers and samples the host's view: the pager's resident count and the
+//! process RSS (from `vm.info`) and the guest RAM mapping's Rss in
+//! `/proc/PID/smaps`.
+//!
+//! - `inflate_returns_memory_and_deflate_gives_it_back`: a 1 GiB guest that
+//!   touched most of its memory inflates to a 768 MiB balloon; the VMM's
+//!   resident guest memory drops by >= 700 MiB by the pager's counters and
+//!   by smaps; deflate gives it back and the guest fills 600 MiB and
+//!   verifies it.
+//! - `free_page_reporting_returns_freed_memory`: a guest that fills and
+//!   frees 512 MiB sees the host's residency fall within 10 s.
+//!
+//! Needs the static VMM and vmm-ctl (scripts/build-vmm-static.sh).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use guest_image::scenario::{FileMapping, MARK_INSMOD_FAIL};
+use guest_image::Scenario;
+use integration::disk::MARK_HOST_VMM_RC;
+use integration::harness::vmm_args_with;
+use integration::l1::{L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
+use integration::usb::{field, UsbScript, MARK_L1_ABORT, VMM_CTL_PATH};
+use integration::{host, GuestRun, Harness, Mode, RunResult, Verdict};
+
+const TIMEOUT: Duration = Duration::from_secs(1200);
+const MODULES: &[&str] = &["virtio_pci", "virtio_balloon"];
+const MIB: u64 = 1 << 20;
+
+fn harness() -> &'static Harness {
+    static H: OnceLock<Harness> = OnceLock::new();
+    H.get_or_init(|| Harness::new().unwrap_or_else(|e| panic!("guest assets: {e}")))
+}
+
+fn nested() -> bool {
+    let mode = Mode::auto().unwrap_or_else(|e| panic!("{e}"));
+    if mode != Mode::Nested {
+        eprintln!("this test drives the nested L1 harness; skipped in {mode:?} mode");
+        return false;
+    }
+    true
+}
+
+fn check(ok: bool, what: &str, r: &RunResult) {
+    assert!(
+        ok,
+        "{what}: {}\n----- console -----\n{}\n----- end console -----",
+        r.summary(),
+        r.console
+    );
+}
+
+/// Shell for the L1 driver: `sample PHASE` prints one `L1-BALLOON` line
+/// with the balloon's actual size, the pager's resident bytes and the
+/// process RSS (vm.info), and the guest RAM mapping's Rss (smaps, KiB);
+/// `actual` prints the balloon's actual size; `wait_actual BYTES SECS`.
+const SAMPLER: &str = r#"num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
+ram_rss_kb() {
+    awk '/^Size:/{s=$2} /^Rss:/{if (s>ms) {ms=s; mr=$2}} END{print mr+0}' /proc/$(cat "$D/vmm.pid")/smaps 2>/dev/null
+}
+sample() {
+    j=$(ctl vm.info)
+    echo "L1-BALLOON phase=$1 t=$(cut -d' ' -f1 /proc/uptime) actual=$(echo "$j" | num actual_bytes) pager_resident=$(echo "$j" | num pager_resident_bytes) rss=$(echo "$j" | num process_rss_bytes) ram_rss_kb=$(ram_rss_kb)"
+}
+actual() { ctl vm.info | num actual_bytes; }
+wait_actual() {
+    i=0
+    while [ "$i" -lt $(($2 * 4)) ]; do
+        [ "$(actual)" = "$1" ] && return 0
+        vmm_running || return 1
+        sleep 0.25
+        i=$((i + 1))
+    done
+    return 1
+}
+"#;
+
+/// Boots `run` with the balloon option and `driver` as the L1 script.
+fn run_balloon(mut run: GuestRun, balloon: &str, driver: String) -> RunResult {
+    run.modules = MODULES.iter().map(|m| m.to_string()).collect();
+    let ctl = host::vmm_ctl_binary(true).unwrap_or_else(|e| panic!("{e}"));
+    run.l1_files.push(FileMapping {
+        src: ctl,
+        dst: VMM_CTL_PATH.into(),
+    });
+    run.vmm_args
+        .extend(["--balloon".to_string(), balloon.to_string()]);
+    run.vmm_args
+        .extend(["--log-level".to_string(), "info".to_string()]);
+    let cmdline = run.l2_cmdline().unwrap();
+    let mut argv = vec![VMM_PATH.to_string()];
+    argv.extend(vmm_args_with(&run, &cmdline, L2_KERNEL, L2_INITRD));
+    let script = UsbScript {
+        vmm_argv: argv,
+        driver: format!("{SAMPLER}{driver}"),
+        exit_wait_s: 600,
+        ..Default::default()
+    };
+    let payload = L1Payload::VmmScript {
+        binary: host::vmm_binary(true).unwrap_or_else(|e| panic!("{e}")),
+        script: script.render_in("/tmp/balloon"),
+    };
+    let r = harness()
+        .run_l1_payload(&run, payload)
+        .unwrap_or_else(|e| panic!("cannot run L1: {e}"));
+    eprintln!("{}", r.summary());
+    for l in r.console.lines().filter(|l| {
+        ["BALLOON-", "L1-BALLOON", "balloon-stats", "pager-stats", "FAIL"]
+            .iter()
+            .any(|m| l.contains(m))
+    }) {
+        eprintln!("  {}", l.trim());
+    }
+    check(!r.timed_out, "timed out", &r);
+    check(!r.console.contains(MARK_L1_ABORT), "the L1 driver gave up", &r);
+    check(!r.console.contains(MARK_INSMOD_FAIL), "a guest module failed to load", &r);
+    check(r.verdict == Verdict::Pass, "scenario did not pass", &r);
+    check(
+        r.console.contains(&format!("{MARK_HOST_VMM_RC}0")),
+        "VMM did not exit 0",
+        &r,
+    );
+    r
+}
+
+/// A number field of the `L1-BALLOON phase=PHASE ` line.
+fn sampled(r: &RunResult, phase: &str, key: &str) -> u64 {
+    let v = field(&r.console, &format!("L1-BALLOON phase={phase} "), key);
+    let n = v.as_deref().and_then(|s| s.parse().ok());
+    check(n.is_some(), &format!("no {key} for phase {phase} ({v:?})"), r);
+    n.unwrap_or(0)
+}
+
+#[test]
+fn inflate_returns_memory_and_deflate_gives_it_back() {
+    if !nested() {
+        return;
+    }
+    let balloon_mib = 768u64;
+    let run = GuestRun::new(Scenario::load("balloon-inflate").unwrap())
+        .cpus(1)
+        .memory_mib(1024)
+        .param("want_mib", 700)
+        .param("fill_mib", 600)
+        .timeout(TIMEOUT);
+    // A pager without overcommit (limit = size): its resident count is the
+    // VMM's guest memory, and discards go through Pager::discard.
+    let mut run = run;
+    run.memory_opts = Some("limit=1024M,swap=/tmp/guest.swap".into());
+    let driver = format!(
+        r#"wait_console "BALLOON-TOUCHED" 600 || echo "{MARK_L1_ABORT}: the guest did not touch its memory"
+sample touched
+t0=$(cut -d' ' -f1 /proc/uptime)
+ctl balloon.set '{{"size":"{balloon_mib}M"}}' >/dev/null || echo "{MARK_L1_ABORT}: balloon.set failed"
+wait_actual {target} 300 || echo "{MARK_L1_ABORT}: the balloon did not reach {balloon_mib} MiB"
+t1=$(cut -d' ' -f1 /proc/uptime)
+echo "L1-BALLOON-INFLATE-TIME start=$t0 end=$t1"
+sample inflated
+ctl balloon.stats
+ctl balloon.set '{{"size":0}}' >/dev/null || echo "{MARK_L1_ABORT}: balloon.set 0 failed"
+wait_actual 0 300 || echo "{MARK_L1_ABORT}: the balloon did not deflate"
+sample deflated
+wait_console "BALLOON-FILLED" 600 && sample refilled
+"#,
+        target = balloon_mib * MIB
+    );
+    let r = run_balloon(run, "size=0,stats_interval=2", driver);
+    check(
+        r.console.contains("BALLOON-VERIFIED"),
+        "the guest did not verify its data after deflate",
+        &r,
+    );
+    let touched = sampled(&r, "touched", "pager_resident");
+    let inflated = sampled(&r, "inflated", "pager_resident");
+    let deflated_actual = sampled(&r, "deflated", "actual");
+    let refilled = sampled(&r, "refilled", "pager_resident");
+    let smaps_touched = sampled(&r, "touched", "ram_rss_kb") * 1024;
+    let smaps_inflated = sampled(&r, "inflated", "ram_rss_kb") * 1024;
+    let rss_touched = sampled(&r, "touched", "rss");
+    let rss_inflated = sampled(&r, "inflated", "rss");
+    eprintln!(
+        "pager resident {} -> {} MiB, smaps {} -> {} MiB, process RSS {} -> {} MiB, refilled {} MiB",
+        touched / MIB,
+        inflated / MIB,
+        smaps_touched / MIB,
+        smaps_inflated / MIB,
+        rss_touched / MIB,
+        rss_inflated / MIB,
+        refilled / MIB
+    );
+    let need = 700 * MIB;
+    check(
+        touched.saturating_sub(inflated) >= need,
+        &format!("pager: resident fell {} MiB, want >= 700", touched.saturating_sub(inflated) / MIB),
+        &r,
+    );
+    check(
+        smaps_touched.saturating_sub(smaps_inflated) >= need,
+        &format!(
+            "smaps: guest RAM Rss fell {} MiB, want >= 700",
+            smaps_touched.saturating_sub(smaps_inflated) / MIB
+        ),
+        &r,
+    );
+    check(
+        rss_touched.saturating_sub(rss_inflated) >= need,
+        "process RSS did not fall by 700 MiB",
+        &r,
+    );
+    // The pager's count and the host's agree (within 32 MiB: smaps is read
+    // a moment after vm.info).
+    check(
+        inflated.abs_diff(smaps_inflated) <= 32 * MIB,
+        &format!(
+            "pager says {} MiB resident, smaps {} MiB",
+            inflated / MIB,
+            smaps_inflated / MIB
+        ),
+        &r,
+    );
+    check(deflated_actual == 0, "deflate did not reach 0", &r);
+    check(
+        refilled >= inflated + 500 * MIB,
+        "the guest's data after deflate is not resident on the host",
+        &r,
+    );
+    // The device's own counters, printed at exit.
+    let stats = r
+        .console
+        .lines()
+        .rfind(|l| l.contains("balloon-stats "))
+        .unwrap_or_default();
+    check(
+        stats.contains("\"stats_vq\":true"),
+        "statistics queue not negotiated",
+        &r,
+    );
+    let inflated_pages = number_after(stats, "\"inflated_pages\":");
+    check(
+        inflated_pages >= balloon_mib * 256,
+        &format!("inflated_pages {inflated_pages}"),
+        &r,
+    );
+    check(
+        number_after(stats, "\"bad_pfns\":") == 0,
+        "the guest sent PFNs outside RAM",
+        &r,
+    );
+}
+
+#[test]
+fn free_page_reporting_returns_freed_memory() {
+    if !nested() {
+        return;
+    }
+    let fill_mib = 512u64;
+    let run = GuestRun::new(Scenario::load("balloon-report").unwrap())
+        .cpus(1)
+        .memory_mib(1024)
+        .param("fill_mib", fill_mib)
+        .param("hold_s", 4)
+        .param("watch_s", 20)
+        .timeout(TIMEOUT);
+    // No pager: discards are madvise(MADV_DONTNEED) on guest RAM.
+    let driver = format!(
+        r#"wait_console "BALLOON-BASELINE" 600 || echo "{MARK_L1_ABORT}: no baseline"
+sample baseline
+wait_console "BALLOON-FILLED" 600 || echo "{MARK_L1_ABORT}: the guest did not fill"
+sample filled
+wait_console "BALLOON-FREED" 120 || echo "{MARK_L1_ABORT}: the guest did not free"
+t0=$(cut -d' ' -f1 /proc/uptime)
+n=0
+while [ "$n" -lt 40 ]; do
+    sample "watch$n"
+    sleep 0.5
+    n=$((n + 1))
+done
+echo "L1-BALLOON-WATCH start=$t0"
+"#
+    );
+    let r = run_balloon(run, "size=0,free_page_reporting=on", driver);
+    let filled = sampled(&r, "filled", "ram_rss_kb") * 1024;
+    let start: f64 = field(&r.console, "L1-BALLOON-WATCH ", "start")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    // The first sample taken 10 s or more after the guest freed the memory
+    // (as L1 saw the marker), and the lowest residency by then.
+    let mut lowest = u64::MAX;
+    let mut at_10s = None;
+    for n in 0..40 {
+        let phase = format!("watch{n}");
+        let t: f64 = field(&r.console, &format!("L1-BALLOON phase={phase} "), "t")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(f64::MAX);
+        let rss = sampled(&r, &phase, "ram_rss_kb") * 1024;
+        if t - start <= 10.0 {
+            lowest = lowest.min(rss);
+        } else if at_10s.is_none() {
+            at_10s = Some(rss);
+        }
+    }
+    let fell = filled.saturating_sub(lowest);
+    eprintln!(
+        "guest RAM Rss: filled {} MiB, lowest within 10 s {} MiB (fell {} MiB), after 10 s {:?} MiB",
+        filled / MIB,
+        lowest / MIB,
+        fell / MIB,
+        at_10s.map(|b| b / MIB)
+    );
+    check(
+        fell >= fill_mib * MIB * 3 / 4,
+        &format!("residency fell only {} MiB within 10 s of the free", fell / MIB),
+        &r,
+    );
+    let stats = r
+        .console
+        .lines()
+        .rfind(|l| l.contains("balloon-stats "))
+        .unwrap_or_default();
+    check(
+        stats.contains("\"free_page_reporting\":true"),
+        "free page reporting not negotiated",
+        &r,
+    );
+    check(
+        number_after(stats, "\"reported_pages\":") >= fill_mib * 256 * 3 / 4,
+        "the device saw fewer reported pages than were freed",
+        &r,
+    );
+}
+
+/// The number after `key` in `line` (0 when absent).
+fn number_after(line: &str, key: &str) -> u64 {
+    line.find(key)
+        .map(|at| {
+            line[at + key.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit())
+                .collect::<String>()
+        })
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}

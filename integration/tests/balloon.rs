@@ -12,6 +12,10 @@
 //!   verifies it.
 //! - `free_page_reporting_returns_freed_memory`: a guest that fills and
 //!   frees 512 MiB sees the host's residency fall within 10 s.
+//! - `deflate_on_oom_lets_the_guest_allocate_past_its_free_memory`: with a
+//!   640 MiB balloon and deflate-on-OOM, a 1 GiB guest fills 480 MiB of
+//!   tmpfs (more than is free) and verifies it; the balloon shrank by the
+//!   guest's own deflates, counted as such, and the host kept its target.
 //!
 //! Needs the static VMM and vmm-ctl (scripts/build-vmm-static.sh).
 
@@ -160,6 +164,7 @@ t1=$(cut -d' ' -f1 /proc/uptime)
 echo "L1-BALLOON-INFLATE-TIME start=$t0 end=$t1"
 sample inflated
 ctl balloon.stats
+wait_console "BALLOON-GUEST-INFLATED" 120 || echo "{MARK_L1_ABORT}: the guest did not see the balloon"
 ctl balloon.set '{{"size":0}}' >/dev/null || echo "{MARK_L1_ABORT}: balloon.set 0 failed"
 wait_actual 0 300 || echo "{MARK_L1_ABORT}: the balloon did not deflate"
 sample deflated
@@ -328,6 +333,66 @@ echo "L1-BALLOON-WATCH start=$t0"
     check(
         number_after(stats, "\"reported_pages\":") >= fill_mib * 256 * 3 / 4,
         "the device saw fewer reported pages than were freed",
+        &r,
+    );
+}
+
+#[test]
+fn deflate_on_oom_lets_the_guest_allocate_past_its_free_memory() {
+    if !nested() {
+        return;
+    }
+    let balloon_mib = 640u64;
+    let run = GuestRun::new(Scenario::load("balloon-oom").unwrap())
+        .cpus(1)
+        .memory_mib(1024)
+        .param("free_below_mib", 360)
+        .param("fill_mib", 480)
+        .timeout(TIMEOUT);
+    let driver = format!(
+        r#"wait_console "BALLOON-OOM-INFLATED" 600 || echo "{MARK_L1_ABORT}: the balloon did not inflate"
+sample inflated
+wait_console "BALLOON-OOM-SURVIVED" 900 && sample survived
+"#
+    );
+    let r = run_balloon(
+        run,
+        &format!("size={balloon_mib}M,deflate_on_oom=on"),
+        driver,
+    );
+    check(
+        r.console.contains("BALLOON-OOM-SURVIVED"),
+        "the guest did not survive",
+        &r,
+    );
+    let inflated = sampled(&r, "inflated", "actual");
+    let survived = sampled(&r, "survived", "actual");
+    eprintln!(
+        "balloon actual: {} MiB inflated, {} MiB after the guest filled past its free memory",
+        inflated / MIB,
+        survived / MIB
+    );
+    check(inflated == balloon_mib * MIB, "the balloon was not full", &r);
+    check(survived < inflated, "the guest did not deflate on OOM", &r);
+    let stats = r
+        .console
+        .lines()
+        .rfind(|l| l.contains("balloon-stats "))
+        .unwrap_or_default();
+    check(
+        stats.contains("\"deflate_on_oom\":true"),
+        "deflate-on-OOM not negotiated",
+        &r,
+    );
+    let oom = number_after(stats, "\"oom_deflated_pages\":");
+    check(
+        oom * 4096 >= inflated - survived,
+        &format!("oom_deflated_pages {oom} does not cover the deflate"),
+        &r,
+    );
+    check(
+        number_after(stats, "\"size_bytes\":") == balloon_mib * MIB,
+        "the host changed the target by itself",
         &r,
     );
 }

@@ -1,0 +1,37 @@
+# Deflate-on-OOM: the VMM starts with a balloon of most of guest RAM and
+# VIRTIO_BALLOON_F_DEFLATE_ON_OOM. Wait until the balloon has taken it
+# (MemFree below free_below_mib; MemTotal stays, as the driver leaves it
+# with this feature), then fill fill_mib MiB of tmpfs, more than is free:
+# the kernel's OOM path has the driver give pages back instead of killing.
+# The filled file must be complete and read back as written.
+# Parameters: free_below_mib=N (320) fill_mib=N (480) wait_s=N (300)
+. /lib/guest/lib.sh
+free_below=$(param free_below_mib 320)
+fill_mib=$(param fill_mib 480)
+wait_s=$(param wait_s 300)
+up() { cut -d' ' -f1 /proc/uptime; }
+free_mib() { echo $(($(awk '/^MemFree:/{print $2}' /proc/meminfo) / 1024)); }
+[ -d /sys/bus/virtio/drivers/virtio_balloon ] || fail "virtio_balloon is not loaded"
+i=0
+while [ "$(free_mib)" -ge "$free_below" ]; do
+    [ "$i" -lt "$wait_s" ] || fail "the balloon did not inflate (MemFree $(free_mib) MiB)"
+    sleep 1
+    i=$((i + 1))
+done
+echo "BALLOON-OOM-INFLATED up=$(up) free_mib=$(free_mib)"
+mount -o remount,size=$((fill_mib + 64))m /tmp || fail "cannot grow /tmp"
+dd if=/dev/urandom of=/tmp/blk bs=1M count=4 2>/dev/null || fail "cannot make the pattern"
+n=$((fill_mib / 4))
+i=0
+while [ "$i" -lt "$n" ]; do
+    cat /tmp/blk >> /tmp/fill || fail "fill failed at $((i * 4)) MiB (free $(free_mib) MiB)"
+    i=$((i + 1))
+done
+echo "BALLOON-OOM-FILLED up=$(up) mib=$fill_mib free_mib=$(free_mib)"
+i=0
+while [ "$i" -lt "$n" ]; do
+    dd if=/tmp/fill bs=4M skip="$i" count=1 2>/dev/null | cmp -s - /tmp/blk ||
+        fail "chunk $i reads back wrong"
+    i=$((i + 1))
+done
+echo "BALLOON-OOM-SURVIVED up=$(up) mib=$fill_mib"

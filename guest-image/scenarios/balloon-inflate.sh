@@ -7,12 +7,12 @@
 # and compare every copy with the block.
 # Parameters: touch_mib=N (default: MemFree - 64 MiB, nearly every free
 # page; less headroom has the OOM killer take init) want_mib=N (700)
-# fill_mib=N (600)
+# fill_mib=N (400)
 # wait_s=SECONDS (300)
 . /lib/guest/lib.sh
 touch_mib=$(param touch_mib $(($(awk '/^MemFree:/{print $2}' /proc/meminfo) / 1024 - 64)))
 want_mib=$(param want_mib 700)
-fill_mib=$(param fill_mib 600)
+fill_mib=$(param fill_mib 400)
 wait_s=$(param wait_s 300)
 up() { cut -d' ' -f1 /proc/uptime; }
 memtotal_kb() { awk '/^MemTotal:/{print $2}' /proc/meminfo; }
@@ -44,17 +44,15 @@ echo "BALLOON-GUEST-DEFLATED up=$(up) memtotal_kb=$(memtotal_kb)"
 
 dd if=/dev/urandom of=/tmp/blk bs=1M count=4 2>/dev/null || fail "cannot make the pattern"
 n=$((fill_mib / 4))
-i=0
-while [ "$i" -lt "$n" ]; do
-    cat /tmp/blk >> /tmp/fill || fail "fill failed at $((i * 4)) MiB"
-    i=$((i + 1))
-done
+# The pattern: the 4 MiB block n times, made again for the comparison.
+pattern() {
+    i=0
+    while [ "$i" -lt "$n" ]; do
+        cat /tmp/blk || return 1
+        i=$((i + 1))
+    done
+}
+pattern > /tmp/fill || fail "fill failed at $(($(stat -c %s /tmp/fill) >> 20)) MiB"
 echo "BALLOON-FILLED up=$(up) mib=$fill_mib free_kb=$(awk '/^MemFree:/{print $2}' /proc/meminfo)"
-i=0
-while [ "$i" -lt "$n" ]; do
-    dd if=/tmp/fill bs=4M skip="$i" count=1 2>/dev/null | cmp -s - /tmp/blk ||
-        fail "chunk $i of the data written after deflate reads back wrong"
-    i=$((i + 1))
-done
-rm -f /tmp/fill
+diff=$(pattern | cmp - /tmp/fill 2>&1) || fail "the data written after deflate reads back wrong: $diff"
 echo "BALLOON-VERIFIED up=$(up) mib=$fill_mib"

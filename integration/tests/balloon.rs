@@ -8,8 +8,8 @@
 //! - `inflate_returns_memory_and_deflate_gives_it_back`: a 1 GiB guest that
 //!   touched most of its memory inflates to a 768 MiB balloon; the VMM's
 //!   resident guest memory drops by >= 700 MiB by the pager's counters and
-//!   by smaps; deflate gives it back and the guest fills 600 MiB and
-//!   verifies it.
+//!   by smaps; deflate gives it back and the guest fills 400 MiB (twice
+//!   what was free while inflated) and verifies it.
 //! - `free_page_reporting_returns_freed_memory`: a guest that fills and
 //!   frees 512 MiB sees the host's residency fall within 10 s.
 //! - `deflate_on_oom_lets_the_guest_allocate_past_its_free_memory`: with a
@@ -148,7 +148,7 @@ fn inflate_returns_memory_and_deflate_gives_it_back() {
         .cpus(1)
         .memory_mib(1024)
         .param("want_mib", 700)
-        .param("fill_mib", 600)
+        .param("fill_mib", 400)
         .timeout(TIMEOUT);
     // A pager without overcommit (limit = size): its resident count is the
     // VMM's guest memory, and discards go through Pager::discard.
@@ -228,7 +228,7 @@ wait_console "BALLOON-FILLED" 600 && sample refilled
     );
     check(deflated_actual == 0, "deflate did not reach 0", &r);
     check(
-        refilled >= inflated + 500 * MIB,
+        refilled >= inflated + 350 * MIB,
         "the guest's data after deflate is not resident on the host",
         &r,
     );
@@ -278,7 +278,7 @@ sample filled
 wait_console "BALLOON-FREED" 120 || echo "{MARK_L1_ABORT}: the guest did not free"
 t0=$(cut -d' ' -f1 /proc/uptime)
 n=0
-while [ "$n" -lt 40 ]; do
+while [ "$n" -lt 40 ] && vmm_running; do
     sample "watch$n"
     sleep 0.5
     n=$((n + 1))
@@ -295,25 +295,37 @@ echo "L1-BALLOON-WATCH start=$t0"
     // (as L1 saw the marker), and the lowest residency by then.
     let mut lowest = u64::MAX;
     let mut at_10s = None;
+    let mut within = 0;
+    let mut fell_after = None;
+    let goal = filled.saturating_sub(fill_mib * MIB * 3 / 4);
     for n in 0..40 {
-        let phase = format!("watch{n}");
-        let t: f64 = field(&r.console, &format!("L1-BALLOON phase={phase} "), "t")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(f64::MAX);
-        let rss = sampled(&r, &phase, "ram_rss_kb") * 1024;
+        let mark = format!("L1-BALLOON phase=watch{n} ");
+        let t: Option<f64> = field(&r.console, &mark, "t").and_then(|s| s.parse().ok());
+        let rss: Option<u64> = field(&r.console, &mark, "ram_rss_kb").and_then(|s| s.parse().ok());
+        // Samples after the VMM exited have no values.
+        let (Some(t), Some(rss)) = (t, rss) else {
+            continue;
+        };
+        if fell_after.is_none() && rss * 1024 <= goal {
+            fell_after = Some(t - start);
+        }
         if t - start <= 10.0 {
-            lowest = lowest.min(rss);
+            lowest = lowest.min(rss * 1024);
+            within += 1;
         } else if at_10s.is_none() {
-            at_10s = Some(rss);
+            at_10s = Some(rss * 1024);
         }
     }
+    check(within >= 5, "too few samples in the 10 s after the free", &r);
     let fell = filled.saturating_sub(lowest);
     eprintln!(
-        "guest RAM Rss: filled {} MiB, lowest within 10 s {} MiB (fell {} MiB), after 10 s {:?} MiB",
+        "guest RAM Rss: filled {} MiB, lowest within 10 s {} MiB (fell {} MiB), after 10 s {:?} MiB; \
+         3/4 of the fill gone {:?} s after L1 saw the free",
         filled / MIB,
         lowest / MIB,
         fell / MIB,
-        at_10s.map(|b| b / MIB)
+        at_10s.map(|b| b / MIB),
+        fell_after
     );
     check(
         fell >= fill_mib * MIB * 3 / 4,

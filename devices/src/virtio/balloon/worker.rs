@@ -154,23 +154,23 @@ fn descriptors<'m>(sh: &Shared, c: Chain<'m>) -> Vec<virtio_queue::desc::split::
 /// The PFNs of an inflate or deflate buffer: device-readable descriptors
 /// holding le32 frame numbers (§5.5.6).
 fn read_pfns(sh: &Shared, mem: &GuestMemoryMmap, c: Chain<'_>) -> Vec<u32> {
-    let c_ = &sh.counters;
+    let counters = &sh.counters;
     let mut pfns: Vec<u32> = Vec::new();
     let mut bytes = Vec::new();
     for d in descriptors(sh, c) {
         if d.is_write_only() {
-            bump(&c_.bad_descriptors, 1);
+            bump(&counters.bad_descriptors, 1);
             continue;
         }
         let len = u64::from(d.len());
         if len % 4 != 0 {
             // A partial PFN at the end is ignored.
-            bump(&c_.bad_descriptors, 1);
+            bump(&counters.bad_descriptors, 1);
         }
         let n = (len / 4) as usize;
         let room = MAX_PFNS_PER_CHAIN - pfns.len();
         if n > room {
-            bump(&c_.ignored_pfns, (n - room) as u64);
+            bump(&counters.ignored_pfns, (n - room) as u64);
         }
         let take = n.min(room);
         if take == 0 {
@@ -178,7 +178,7 @@ fn read_pfns(sh: &Shared, mem: &GuestMemoryMmap, c: Chain<'_>) -> Vec<u32> {
         }
         bytes.resize(take * 4, 0);
         if mem.read_slice(&mut bytes, d.addr()).is_err() {
-            bump(&c_.bad_descriptors, 1);
+            bump(&counters.bad_descriptors, 1);
             continue;
         }
         pfns.extend(
@@ -190,7 +190,7 @@ fn read_pfns(sh: &Shared, mem: &GuestMemoryMmap, c: Chain<'_>) -> Vec<u32> {
     pfns
 }
 
-/// Hands `runs` to the sink; returns pages discarded.
+/// Hands `runs` to the sink and counts what it discarded (or refused).
 fn discard_runs(sh: &Shared, sink: &dyn BalloonSink, runs: &Runs) {
     for &(gpa, len) in &runs.runs {
         match sink.discard(gpa, len) {

@@ -4,10 +4,10 @@
 # with this feature), then fill fill_mib MiB of tmpfs, more than is free:
 # the kernel's OOM path has the driver give pages back instead of killing.
 # The filled file must be complete and read back as written.
-# Parameters: free_below_mib=N (320) fill_mib=N (480) wait_s=N (300)
+# Parameters: free_below_mib=N (320) fill_mib=N (400) wait_s=N (300)
 . /lib/guest/lib.sh
 free_below=$(param free_below_mib 320)
-fill_mib=$(param fill_mib 480)
+fill_mib=$(param fill_mib 400)
 wait_s=$(param wait_s 300)
 up() { cut -d' ' -f1 /proc/uptime; }
 free_mib() { echo $(($(awk '/^MemFree:/{print $2}' /proc/meminfo) / 1024)); }

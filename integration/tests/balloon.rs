@@ -13,7 +13,7 @@
 //! - `free_page_reporting_returns_freed_memory`: a guest that fills and
 //!   frees 512 MiB sees the host's residency fall within 10 s.
 //! - `deflate_on_oom_lets_the_guest_allocate_past_its_free_memory`: with a
-//!   640 MiB balloon and deflate-on-OOM, a 1 GiB guest fills 480 MiB of
+//!   640 MiB balloon and deflate-on-OOM, a 1 GiB guest fills 400 MiB of
 //!   tmpfs (more than is free) and verifies it; the balloon shrank by the
 //!   guest's own deflates, counted as such, and the host kept its target.
 //!
@@ -112,15 +112,29 @@ fn run_balloon(mut run: GuestRun, balloon: &str, driver: String) -> RunResult {
         .unwrap_or_else(|e| panic!("cannot run L1: {e}"));
     eprintln!("{}", r.summary());
     for l in r.console.lines().filter(|l| {
-        ["BALLOON-", "L1-BALLOON", "balloon-stats", "pager-stats", "FAIL"]
-            .iter()
-            .any(|m| l.contains(m))
+        [
+            "BALLOON-",
+            "L1-BALLOON",
+            "balloon-stats",
+            "pager-stats",
+            "FAIL",
+        ]
+        .iter()
+        .any(|m| l.contains(m))
     }) {
         eprintln!("  {}", l.trim());
     }
     check(!r.timed_out, "timed out", &r);
-    check(!r.console.contains(MARK_L1_ABORT), "the L1 driver gave up", &r);
-    check(!r.console.contains(MARK_INSMOD_FAIL), "a guest module failed to load", &r);
+    check(
+        !r.console.contains(MARK_L1_ABORT),
+        "the L1 driver gave up",
+        &r,
+    );
+    check(
+        !r.console.contains(MARK_INSMOD_FAIL),
+        "a guest module failed to load",
+        &r,
+    );
     check(r.verdict == Verdict::Pass, "scenario did not pass", &r);
     check(
         r.console.contains(&format!("{MARK_HOST_VMM_RC}0")),
@@ -134,7 +148,11 @@ fn run_balloon(mut run: GuestRun, balloon: &str, driver: String) -> RunResult {
 fn sampled(r: &RunResult, phase: &str, key: &str) -> u64 {
     let v = field(&r.console, &format!("L1-BALLOON phase={phase} "), key);
     let n = v.as_deref().and_then(|s| s.parse().ok());
-    check(n.is_some(), &format!("no {key} for phase {phase} ({v:?})"), r);
+    check(
+        n.is_some(),
+        &format!("no {key} for phase {phase} ({v:?})"),
+        r,
+    );
     n.unwrap_or(0)
 }
 
@@ -199,7 +217,10 @@ wait_console "BALLOON-FILLED" 600 && sample refilled
     let need = 700 * MIB;
     check(
         touched.saturating_sub(inflated) >= need,
-        &format!("pager: resident fell {} MiB, want >= 700", touched.saturating_sub(inflated) / MIB),
+        &format!(
+            "pager: resident fell {} MiB, want >= 700",
+            touched.saturating_sub(inflated) / MIB
+        ),
         &r,
     );
     check(
@@ -316,7 +337,11 @@ echo "L1-BALLOON-WATCH start=$t0"
             at_10s = Some(rss * 1024);
         }
     }
-    check(within >= 5, "too few samples in the 10 s after the free", &r);
+    check(
+        within >= 5,
+        "too few samples in the 10 s after the free",
+        &r,
+    );
     let fell = filled.saturating_sub(lowest);
     eprintln!(
         "guest RAM Rss: filled {} MiB, lowest within 10 s {} MiB (fell {} MiB), after 10 s {:?} MiB; \
@@ -329,7 +354,10 @@ echo "L1-BALLOON-WATCH start=$t0"
     );
     check(
         fell >= fill_mib * MIB * 3 / 4,
-        &format!("residency fell only {} MiB within 10 s of the free", fell / MIB),
+        &format!(
+            "residency fell only {} MiB within 10 s of the free",
+            fell / MIB
+        ),
         &r,
     );
     let stats = r
@@ -359,7 +387,7 @@ fn deflate_on_oom_lets_the_guest_allocate_past_its_free_memory() {
         .cpus(1)
         .memory_mib(1024)
         .param("free_below_mib", 360)
-        .param("fill_mib", 480)
+        .param("fill_mib", 400)
         .timeout(TIMEOUT);
     let driver = format!(
         r#"wait_actual {target} 600 || echo "{MARK_L1_ABORT}: the balloon did not inflate"
@@ -390,7 +418,11 @@ sample inflated
         inflated / MIB,
         survived / MIB
     );
-    check(inflated == balloon_mib * MIB, "the balloon was not full", &r);
+    check(
+        inflated == balloon_mib * MIB,
+        "the balloon was not full",
+        &r,
+    );
     check(survived < inflated, "the guest did not deflate on OOM", &r);
     check(
         stats.contains("\"deflate_on_oom\":true"),
@@ -486,7 +518,12 @@ fn bench_balloon_vs_qemu() {
         ]
         .map(String::from),
     );
-    let quote = |argv: &[String]| argv.iter().map(|a| sh_quote(a)).collect::<Vec<_>>().join(" ");
+    let quote = |argv: &[String]| {
+        argv.iter()
+            .map(|a| sh_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let target_bytes = balloon_mib * MIB;
     let guest_mib = mem_mib - balloon_mib;
     let mut s = format!(
@@ -585,7 +622,14 @@ while [ "$r" -lt {reps} ]; do
         eprintln!("  {l}");
     }
     // Medians per variant: reclaim time in ms, residencies in MiB.
-    let keys = ["reclaim_s", "touched_kb", "inflated_kb", "filled_kb", "report10_kb", "report20_kb"];
+    let keys = [
+        "reclaim_s",
+        "touched_kb",
+        "inflated_kb",
+        "filled_kb",
+        "report10_kb",
+        "report20_kb",
+    ];
     let mut med = std::collections::BTreeMap::new();
     for v in ["ours", "qemu"] {
         for k in keys {
@@ -593,9 +637,15 @@ while [ "$r" -lt {reps} ]; do
                 .iter()
                 .filter(|l| l.starts_with(&format!("BENCH-BALLOON variant={v} ")))
                 .filter_map(|l| {
-                    let x = l.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}=")))?;
+                    let x = l
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix(&format!("{k}=")))?;
                     let f: f64 = x.parse().ok()?;
-                    Some(if k == "reclaim_s" { (f * 1000.0) as u64 } else { (f / 1024.0) as u64 })
+                    Some(if k == "reclaim_s" {
+                        (f * 1000.0) as u64
+                    } else {
+                        (f / 1024.0) as u64
+                    })
                 })
                 .collect();
             med.insert((v, k), median(vals));
@@ -609,11 +659,23 @@ while [ "$r" -lt {reps} ]; do
     };
     let mut table = String::from("| | ours | QEMU | ours / QEMU |\n|---|---|---|---|\n");
     for (k, label) in [
-        ("reclaim_s", "time to reclaim 512 MiB (balloon request to `actual` = target), ms"),
+        (
+            "reclaim_s",
+            "time to reclaim 512 MiB (balloon request to `actual` = target), ms",
+        ),
         ("touched_kb", "guest RAM resident before (MiB)"),
-        ("inflated_kb", "guest RAM resident with the 512 MiB balloon (MiB)"),
-        ("filled_kb", "guest RAM resident after the guest filled 512 MiB (MiB)"),
-        ("report10_kb", "... 10 s after it freed them (free page reporting, MiB)"),
+        (
+            "inflated_kb",
+            "guest RAM resident with the 512 MiB balloon (MiB)",
+        ),
+        (
+            "filled_kb",
+            "guest RAM resident after the guest filled 512 MiB (MiB)",
+        ),
+        (
+            "report10_kb",
+            "... 10 s after it freed them (free page reporting, MiB)",
+        ),
         ("report20_kb", "... about 20 s after (MiB)"),
     ] {
         table.push_str(&format!(

@@ -19,6 +19,7 @@ use devices::virtio::balloon::{BalloonHandle, BalloonInfo, BalloonOptions, Ballo
 use serde::Serialize;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::balloon_policy::{AutoPolicy, PolicyThread};
 use crate::config::{BalloonConfig, MemoryConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::memory::{Pager, PAGE_SIZE};
@@ -144,7 +145,7 @@ pub fn add(
     mmio: &Bus,
     mem: &GuestMemoryMmap,
     pager: Option<&Arc<Pager>>,
-) -> Result<BalloonControl, DeviceError> {
+) -> Result<(BalloonControl, Option<PolicyThread>), DeviceError> {
     let sink = Arc::new(GuestRamSink::new(mem.clone(), pager));
     let options = BalloonOptions {
         size: cfg.size,
@@ -155,6 +156,26 @@ pub fn add(
             .then(|| Duration::from_secs(cfg.stats_interval_s)),
     };
     let handle = devices.add_balloon(options, sink, mmio)?;
+    let policy = match (cfg.auto, pager) {
+        (true, Some(p)) => {
+            let max = cfg.auto_max_bytes(memory);
+            log::info!(
+                "balloon policy: on, between {} and {} MiB",
+                cfg.size >> 20,
+                max >> 20
+            );
+            let policy = AutoPolicy::new(cfg.size, max);
+            Some(
+                PolicyThread::start(policy, handle.clone(), Arc::downgrade(p)).map_err(
+                    |source| DeviceError::Io {
+                        what: "balloon policy thread",
+                        source,
+                    },
+                )?,
+            )
+        }
+        _ => None,
+    };
     log::info!(
         "balloon: {} MiB, deflate_on_oom={}, free_page_reporting={}, stats every {} s, discards {}",
         cfg.size >> 20,
@@ -167,7 +188,7 @@ pub fn add(
             "by madvise"
         }
     );
-    Ok(BalloonControl::new(handle, pager))
+    Ok((BalloonControl::new(handle, pager), policy))
 }
 
 /// Resident set of this process in bytes.

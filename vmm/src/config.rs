@@ -349,7 +349,7 @@ impl UsbStorageConfig {
     }
 }
 
-/// `--balloon size=SIZE[,deflate_on_oom=on,free_page_reporting=on,stats_interval=SECS]`:
+/// `--balloon size=SIZE[,deflate_on_oom=on,free_page_reporting=on,stats_interval=SECS,auto=on,auto_max=SIZE]`:
 /// a virtio-balloon device. `size` is the balloon's size (memory held back
 /// from the guest, as in Cloud Hypervisor), not the guest's size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -362,6 +362,10 @@ pub struct BalloonConfig {
     pub free_page_reporting: bool,
     /// Seconds between statistics requests; 0 means only on request.
     pub stats_interval_s: u64,
+    /// Let the VMM move the target under pager pressure (`balloon_policy`).
+    pub auto: bool,
+    /// The most `auto` inflates to; `None`: half of guest RAM.
+    pub auto_max: Option<u64>,
 }
 
 /// Longest statistics interval (a day; longer is as good as off).
@@ -373,6 +377,8 @@ impl BalloonConfig {
         "deflate_on_oom",
         "free_page_reporting",
         "stats_interval",
+        "auto",
+        "auto_max",
     ];
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
@@ -394,16 +400,46 @@ impl BalloonConfig {
                 ),
             ));
         }
+        let auto = kv.flag("auto")?.unwrap_or(false);
+        let auto_max = kv.size("auto_max")?;
+        if auto && stats_interval_s == 0 {
+            return Err(invalid(
+                OPT,
+                "auto=on needs stats_interval=SECS (it reads the guest's free memory)",
+            ));
+        }
+        if auto_max.is_some() && !auto {
+            return Err(invalid(OPT, "auto_max= needs auto=on"));
+        }
         Ok(Self {
             size,
             deflate_on_oom: kv.flag("deflate_on_oom")?.unwrap_or(false),
             free_page_reporting: kv.flag("free_page_reporting")?.unwrap_or(false),
             stats_interval_s,
+            auto,
+            auto_max,
         })
+    }
+
+    /// The most `auto=on` inflates to.
+    pub fn auto_max_bytes(&self, memory: &MemoryConfig) -> u64 {
+        self.auto_max.unwrap_or(memory.size / 2).max(self.size)
     }
 
     /// Checks the balloon against the guest's memory.
     pub fn validate(&self, memory: &MemoryConfig) -> Result<(), ConfigError> {
+        if self.auto && memory.limit.is_none() {
+            return Err(invalid(
+                "balloon",
+                "auto=on needs a pager (--memory ...,limit=SIZE,swap=PATH): it follows its pressure",
+            ));
+        }
+        if self.auto_max.is_some_and(|m| m >= memory.size) {
+            return Err(invalid(
+                "balloon",
+                "auto_max must be smaller than --memory size=",
+            ));
+        }
         if self.size >= memory.size {
             return Err(invalid(
                 "balloon",
@@ -589,6 +625,8 @@ mod tests {
                 deflate_on_oom: true,
                 free_page_reporting: true,
                 stats_interval_s: 5,
+                auto: false,
+                auto_max: None,
             }
         );
         let b = BalloonConfig::parse("0").unwrap();

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod arch;
 pub mod balloon;
+pub mod balloon_policy;
 pub mod boot;
 pub mod coalesced;
 pub mod config;

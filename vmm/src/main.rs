@@ -62,8 +62,8 @@ struct Cli {
     #[arg(long, value_name = "vcpu|thread", default_value = "vcpu", value_parser = UsbIo::parse)]
     usb_io: UsbIo,
 
-    /// A virtio-balloon device:
-    /// size=SIZE[,deflate_on_oom=on,free_page_reporting=on,stats_interval=SECS].
+    /// A virtio-balloon device: size=SIZE[,deflate_on_oom=on,
+    /// free_page_reporting=on,stats_interval=SECS,auto=on,auto_max=SIZE].
     /// size (default 0) is how much memory the balloon holds back from the
     /// guest, not the guest's size; change it with balloon.set on the control
     /// API. Inflated and reported pages go back to the host (through the pager
@@ -71,7 +71,11 @@ struct Cli {
     /// pages back when it runs out of memory; free_page_reporting has the
     /// guest report free 2-4 MiB blocks for the host to drop; stats_interval
     /// asks the guest for memory statistics every SECS seconds (0, the
-    /// default: only on balloon.stats). Guest module: virtio_balloon.
+    /// default: only on balloon.stats). auto=on (off by default; needs
+    /// --memory limit= and stats_interval) raises the target by 64 MiB a
+    /// second while the pager is under pressure and the guest has the memory
+    /// free, up to auto_max (default half of guest RAM), and lowers it back
+    /// towards size after 10 s without pressure. Guest module: virtio_balloon.
     #[arg(long, value_name = "OPTIONS", value_parser = BalloonConfig::parse)]
     balloon: Option<BalloonConfig>,
 

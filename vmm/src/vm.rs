@@ -205,16 +205,13 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     // Shared with the balloon's sink (weakly) and stopped by value at exit.
     let pager = paging::start(&cfg.memory, &mem, volume_of, &stop)?.map(Arc::new);
     // After the pager, so that its discards go through it.
-    let balloon = match &cfg.balloon {
-        Some(b) => Some(crate::balloon::add(
-            b,
-            &cfg.memory,
-            &devices,
-            &mmio,
-            &mem,
-            pager.as_ref(),
-        )?),
-        None => None,
+    let (balloon, mut balloon_policy) = match &cfg.balloon {
+        Some(b) => {
+            let (control, policy) =
+                crate::balloon::add(b, &cfg.memory, &devices, &mmio, &mem, pager.as_ref())?;
+            (Some(control), policy)
+        }
+        None => (None, None),
     };
     let facts = VmFacts {
         cpus: cfg.cpus,
@@ -269,6 +266,10 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     }
     if let Some(t) = serial_input {
         let _ = t.join();
+    }
+    // The policy holds the pager for a moment on each look: stop it first.
+    if let Some(p) = balloon_policy.as_mut() {
+        p.stop();
     }
     devices.shutdown();
     if let Some(b) = &balloon {

@@ -469,3 +469,112 @@ fn usb_bench_scenario_runs_on_our_vmm() {
     check(results == 3, "not one FIO-RESULT per job", &r);
     check(r.console.contains("FIO-DONE"), "no FIO-DONE", &r);
 }
+
+/// The L1 side of the runtime-PM test: records vm.info at each of the
+/// guest's looks, and does the remote wake, the detach and the attach the
+/// guest asks for.
+fn pm_driver() -> String {
+    format!(
+        r#"info() {{ echo "L1-PM-INFO tag=$1 $(ctl vm.info)"; }}
+step() {{ wait_console "$1" 1500 || {{ echo "{MARK_L1_ABORT}: guest never said $1"; return 1; }}; }}
+pm_driver() {{
+    step "USB-PM-LOOK link-suspended;" && info link-suspended || return
+    step "USB-PM-LOOK d3-suspended;" && info d3-suspended || return
+    step "USB-PM-WAKE-WANT;" || return
+    info before-wake
+    ctl usb.wake '{{"id":"pm"}}' || {{ echo "{MARK_L1_ABORT}: usb.wake failed"; return; }}
+    step "USB-PM-DETACH-WANT;" && info before-detach || return
+    ctl usb.detach '{{"id":"pm"}}' || {{ echo "{MARK_L1_ABORT}: detach failed"; return; }}
+    step "USB-PM-LOOK idle-suspended;" && info idle-suspended || return
+    step "USB-PM-ATTACH-WANT;" || return
+    ctl usb.attach "{{\"path\":\"$D/pm2.img\",\"port\":6,\"id\":\"pm2\"}}" ||
+        echo "{MARK_L1_ABORT}: attach failed"
+}}
+pm_driver
+"#
+    )
+}
+
+/// The vm.info line L1 recorded at the guest's look `tag`.
+fn pm_info<'a>(r: &'a RunResult, tag: &str) -> &'a str {
+    let mark = format!("L1-PM-INFO tag={tag} ");
+    let line = r.console.lines().find(|l| l.contains(&mark));
+    check(line.is_some(), &format!("no vm.info recorded at {tag}"), r);
+    line.unwrap_or_default()
+}
+
+/// Asserts that the vm.info line holds every one of `facts` (JSON snippets).
+fn check_info(r: &RunResult, tag: &str, facts: &[&str]) {
+    let line = pm_info(r, tag);
+    for f in facts {
+        check(
+            line.contains(f),
+            &format!("vm.info at {tag} lacks {f}: {line}"),
+            r,
+        );
+    }
+}
+
+/// USB autosuspend on (power/control=auto, 500 ms) in a Debian guest: 100
+/// link suspend/resume cycles (port U3 with the device suspended and its
+/// volume quiesced, as vm.info shows), then the controller itself in D3hot
+/// for 20 cycles, a host-side remote wake, a hot-detach behind the D3hot
+/// controller, and a hot-attach to an idle D3hot controller; checksummed
+/// I/O in every cycle and no failed controller resume in the guest's log.
+#[test]
+fn runtime_pm_autosuspend_d3hot_remote_wake_and_hotplug() {
+    if !nested() {
+        return;
+    }
+    let run = usb_run("usb-pm")
+        .param("pm_serial", "pm")
+        .param("pm_hot_serial", "pm2")
+        .param("pm_link_cycles", 100)
+        .param("pm_d3_cycles", 20);
+    let script = UsbScript {
+        disks: vec![DiskImage::with_id("pm", 64).port(5)],
+        spare: vec![DiskImage::with_id("pm2", 16)],
+        driver: pm_driver(),
+        exit_wait_s: 900,
+        ..Default::default()
+    };
+    let r = run_script(run, script);
+    check_passed(&r);
+    check(
+        r.console.contains("USB-PM-LINK cycles=100 io=ok"),
+        "link suspend/resume cycles did not all pass",
+        &r,
+    );
+    check(
+        r.console.contains("USB-PM-D3-CYCLES cycles=20 io=ok"),
+        "D3hot cycles did not all pass",
+        &r,
+    );
+    let asleep = [r#""suspended":true"#, r#""quiesced":true"#];
+    check_info(
+        &r,
+        "link-suspended",
+        &[r#""power_state":"D0""#, r#""link_state":"U3""#],
+    );
+    check_info(&r, "link-suspended", &asleep);
+    check_info(&r, "d3-suspended", &[r#""power_state":"D3hot""#]);
+    check_info(&r, "d3-suspended", &asleep);
+    check_info(&r, "before-wake", &[r#""power_state":"D3hot""#]);
+    check_info(&r, "before-detach", &[r#""power_state":"D3hot""#]);
+    check_info(
+        &r,
+        "idle-suspended",
+        &[r#""power_state":"D3hot""#, r#""ports":[]"#],
+    );
+    check(r.console.contains("USB-PM-WOKE"), "no remote wake", &r);
+    check(
+        r.console.contains("USB-PM-ATTACHED"),
+        "no attach to the idle controller",
+        &r,
+    );
+    check(
+        r.console.contains("USB-PM-DMESG bad=0"),
+        "controller failures in the guest log",
+        &r,
+    );
+}

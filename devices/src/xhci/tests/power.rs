@@ -328,3 +328,194 @@ fn restore_with_nothing_saved_reports_save_restore_error() {
     let sts = linux_resume_registers(&mut d, cmd);
     assert_ne!(sts & op::STS_SRE, 0, "{sts:#x}");
 }
+
+/// A device that records, for each hook, whether the calling thread was in
+/// a NOIO scope, and at resume how many Port Status Change events for its
+/// port were already in the event ring (guest memory touched first).
+struct Probe {
+    log: Arc<std::sync::Mutex<Vec<(&'static str, bool, usize)>>>,
+    mem: GuestMemoryMmap,
+    suspended: bool,
+}
+
+fn psc_events_in_ring(mem: &GuestMemoryMmap) -> usize {
+    (0..u64::from(EVENT_TRBS))
+        .filter_map(|i| mem.read_obj::<Trb>(GuestAddress(EVENT_RING + 16 * i)).ok())
+        .filter(|t| t.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .count()
+}
+
+impl Probe {
+    fn note(&self, hook: &'static str) {
+        let n = psc_events_in_ring(&self.mem);
+        self.log
+            .lock()
+            .unwrap()
+            .push((hook, crate::noio::is_noio(), n));
+    }
+}
+
+impl crate::usb::UsbDevice for Probe {
+    fn max_speed(&self) -> UsbSpeed {
+        UsbSpeed::Super
+    }
+    fn set_speed(&mut self, _: UsbSpeed) {}
+    fn speed(&self) -> UsbSpeed {
+        UsbSpeed::Super
+    }
+    fn reset(&mut self) {
+        self.note("reset");
+    }
+    fn control(
+        &mut self,
+        _: &SetupPacket,
+        _: &mut dyn crate::usb::TransferBuffer,
+    ) -> crate::usb::TransferResult {
+        self.note("control");
+        crate::usb::TransferResult::completed(0)
+    }
+    fn bulk(
+        &mut self,
+        _: u8,
+        _: &mut dyn crate::usb::TransferBuffer,
+    ) -> crate::usb::TransferResult {
+        crate::usb::TransferResult::error(0)
+    }
+    fn halted(&self, _: u8) -> bool {
+        false
+    }
+    fn clear_halt(&mut self, _: u8) {}
+    fn endpoints(&self) -> Vec<crate::usb::EndpointInfo> {
+        Vec::new()
+    }
+    fn suspend(&mut self) {
+        self.suspended = true;
+        self.note("suspend");
+    }
+    fn resume(&mut self) {
+        if self.suspended {
+            self.suspended = false;
+            self.note("resume");
+        }
+    }
+    fn suspended(&self) -> bool {
+        self.suspended
+    }
+}
+
+type ProbeLog = Arc<std::sync::Mutex<Vec<(&'static str, bool, usize)>>>;
+
+fn probe_on(d: &mut Driver, port: u8) -> ProbeLog {
+    let log = ProbeLog::default();
+    let probe = Probe {
+        log: log.clone(),
+        mem: d.mem.clone(),
+        suspended: false,
+    };
+    d.xhci.attach(port, Box::new(probe)).unwrap();
+    log
+}
+
+/// Whether `hook` ran, each time in a NOIO scope.
+fn ran_noio(log: &ProbeLog, hook: &str) -> Vec<bool> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.0 == hook)
+        .map(|e| e.1)
+        .collect()
+}
+
+#[test]
+fn resume_paths_run_in_noio_scopes_and_touch_guest_memory_before_the_volume() {
+    let mut d = Driver::new(0, 1);
+    let log = probe_on(&mut d, 1);
+    d.start();
+    d.events();
+    d.write_portsc(1, ps::PP | ps::CHANGE_MASK);
+    write_link(&mut d, 1, ps::PLS_U3);
+    let psc_before = psc_events_in_ring(&d.mem);
+    write_link(&mut d, 1, ps::PLS_U0);
+    let entries = log.lock().unwrap().clone();
+    let resume = entries
+        .iter()
+        .find(|e| e.0 == "resume")
+        .expect("device resumed");
+    assert!(resume.1, "U3 -> U0 resume ran outside a NOIO scope");
+    assert_eq!(
+        resume.2,
+        psc_before + 1,
+        "the PLC event was not posted before the device resumed"
+    );
+    assert_eq!(
+        ran_noio(&log, "suspend"),
+        vec![false],
+        "suspend is no resume path"
+    );
+    // The host-side remote wake resumes in a NOIO scope, event first.
+    d.events();
+    d.write_portsc(1, ps::PP | ps::CHANGE_MASK);
+    write_link(&mut d, 1, ps::PLS_U3);
+    let psc_before = psc_events_in_ring(&d.mem);
+    d.xhci.remote_wake(1).unwrap();
+    let last = *log.lock().unwrap().last().unwrap();
+    assert_eq!(last.0, "resume");
+    assert!(last.1, "remote wake resumed outside a NOIO scope");
+    assert_eq!(last.2, psc_before + 1);
+    assert!(!crate::noio::is_noio(), "a scope leaked past its handler");
+}
+
+#[test]
+fn reset_paths_run_in_noio_scopes() {
+    let mut d = Driver::new(0, 1);
+    let log = probe_on(&mut d, 1);
+    d.start();
+    d.events();
+    // start() began with HCRST, which resets attached devices in NOIO.
+    assert_eq!(ran_noio(&log, "reset"), vec![true]);
+    // Port reset (PR) and warm reset (WPR) reset the device in NOIO.
+    d.write_portsc(1, ps::PP | ps::PR);
+    d.write_portsc(1, ps::PP | ps::WPR);
+    assert_eq!(ran_noio(&log, "reset"), vec![true, true, true]);
+    // Control transfers (Bulk-Only reset, re-enumeration) run in NOIO.
+    d.start();
+    d.events();
+    let slot = d.address(1);
+    d.control(slot, get_descriptor(1, 18), None);
+    let control = ran_noio(&log, "control");
+    assert!(
+        !control.is_empty() && control.iter().all(|&n| n),
+        "{control:?}"
+    );
+    assert!(!crate::noio::is_noio(), "a scope leaked past its handler");
+}
+
+/// An interrupt line that records whether each trigger came from a NOIO
+/// scope: the controller signals at the end of the handler that posted.
+#[derive(Default)]
+struct NoioIrq(std::sync::Mutex<Vec<bool>>);
+impl Interrupt for NoioIrq {
+    fn trigger(&self, _vector: u16) {
+        self.0.lock().unwrap().push(crate::noio::is_noio());
+    }
+}
+
+#[test]
+fn command_ring_runs_in_a_noio_scope() {
+    let mut d = Driver::new(0, 1);
+    let irq = Arc::new(NoioIrq::default());
+    d.xhci.set_interrupt(irq.clone());
+    d.start();
+    d.events();
+    irq.0.lock().unwrap().clear();
+    d.command(Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+    assert_eq!(
+        *irq.0.lock().unwrap(),
+        vec![true],
+        "command ring outside NOIO"
+    );
+    // An ERDP write is no resume or reset path.
+    d.w32(RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE);
+    d.command(Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+    assert!(!crate::noio::is_noio());
+}

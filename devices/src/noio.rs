@@ -42,8 +42,10 @@ thread_local! {
     static FLAG: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
 }
 
-/// Registered threads: their flag and how many registrations are live.
-static REGISTRY: LazyLock<RwLock<HashMap<Tid, (Arc<AtomicBool>, u32)>>> =
+/// A registered thread's flag and how many of its registrations are live.
+type Registered = (Arc<AtomicBool>, u32);
+
+static REGISTRY: LazyLock<RwLock<HashMap<Tid, Registered>>> =
     LazyLock::new(|| RwLock::new(HashMap::new()));
 
 /// The test aid `--unsafe-disable-noio`: scopes are entered and recorded

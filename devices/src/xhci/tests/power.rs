@@ -333,7 +333,7 @@ fn restore_with_nothing_saved_reports_save_restore_error() {
 /// a NOIO scope, and at resume how many Port Status Change events for its
 /// port were already in the event ring (guest memory touched first).
 struct Probe {
-    log: Arc<std::sync::Mutex<Vec<(&'static str, bool, usize)>>>,
+    log: ProbeLog,
     mem: GuestMemoryMmap,
     suspended: bool,
 }

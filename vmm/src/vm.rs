@@ -89,6 +89,8 @@ pub enum VmError {
     EventFd(#[source] std::io::Error),
     #[error("cannot start the serial input thread")]
     SerialInput(#[source] std::io::Error),
+    #[error("cannot start the stall watchdog thread")]
+    Watchdog(#[source] std::io::Error),
     #[error("cannot register {what} on the bus")]
     Bus {
         what: &'static str,
@@ -115,6 +117,10 @@ pub struct VmConfig {
     pub allow_pvm: bool,
     /// Which thread runs USB transfers.
     pub usb_io: UsbIo,
+    /// Bound of the stall watchdog (`None`: off).
+    pub stall_watchdog: Option<std::time::Duration>,
+    /// Test aid: resume/reset paths without NOIO (see `devices::noio`).
+    pub unsafe_disable_noio: bool,
 }
 
 /// The default guest command line: serial console, reboot through the
@@ -197,13 +203,18 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             .or_else(|| usb.as_ref().and_then(|u| u.volume(id)))
     };
     let pager = paging::start(&cfg.memory, &mem, volume_of, &stop)?;
+    let probe = pager.as_ref().map(crate::memory::Pager::probe);
+    devices::noio::set_unsafe_disabled(cfg.unsafe_disable_noio);
+    if let Some(bound) = cfg.stall_watchdog {
+        crate::watchdog::start(bound, probe.clone()).map_err(VmError::Watchdog)?;
+    }
     let facts = VmFacts {
         cpus: cfg.cpus,
         memory_bytes: cfg.memory.size,
     };
     let control = Control::new(
         cfg.api_socket.as_deref(),
-        VmHandler::new(usb, stop.clone(), facts),
+        VmHandler::new(usb, stop.clone(), facts, probe),
     )?;
 
     phase("adding the devices");

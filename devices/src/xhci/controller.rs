@@ -184,6 +184,39 @@ impl Xhci {
         self.usbcmd & op::CMD_RUN != 0 && self.usbsts & op::STS_HCH == 0 && !self.d3hot
     }
 
+    /// The guest pages the controller reads or writes on its own: DCBAA,
+    /// command ring, event ring segment table and segments, every device's
+    /// output context and the page at each endpoint's dequeue pointer.
+    /// Page-aligned `(gpa, len)` ranges (for the evict test aid).
+    pub fn guest_structures(&self) -> Vec<(u64, u64)> {
+        let mut v = vec![
+            (self.dcbaap, 8 * (MAX_SLOTS as u64 + 1)),
+            (self.cmd_ring.dequeue, 16),
+        ];
+        v.extend(self.interrupter.guest_ranges());
+        for s in self.slots.iter().filter(|s| s.output != 0) {
+            v.push((s.output, 32 * 32));
+            v.extend(
+                s.endpoints
+                    .iter()
+                    .filter(|e| e.state != EpState::Disabled)
+                    .map(|e| (e.ring.dequeue, 16)),
+            );
+        }
+        let mut pages: Vec<(u64, u64)> = v
+            .into_iter()
+            .filter(|&(a, _)| a != 0)
+            .flat_map(|(a, len)| {
+                let first = a & !0xfff;
+                let last = (a + len.max(1) - 1) & !0xfff;
+                (first..=last).step_by(0x1000).map(|p| (p, 0x1000))
+            })
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        pages
+    }
+
     /// Whether the PCI function put the controller in D3hot.
     pub fn in_d3hot(&self) -> bool {
         self.d3hot

@@ -61,11 +61,86 @@ pub enum Step {
     Defer,
 }
 
-/// Faults waiting for the worker.
+/// Faults waiting for a worker. Two queues, each with its own worker: a
+/// swap-in parked on a quiesced volume must not hold up zero-fill faults
+/// that only wait for a frame, and the other way round.
 #[derive(Debug, Default)]
 pub struct Deferred {
     queue: Mutex<VecDeque<Fault>>,
     ready: Condvar,
+}
+
+/// What a deferred fault is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStage {
+    /// In a worker's queue behind other faults.
+    Queued,
+    /// For a frame (reclaim to make room under the limit).
+    Frame,
+    /// For its swap-in read (the swap volume may be quiesced).
+    SwapIn,
+}
+
+impl WaitStage {
+    pub fn describe(self) -> &'static str {
+        match self {
+            WaitStage::Queued => "queued behind other faults",
+            WaitStage::Frame => "a free frame (reclaim and writeback)",
+            WaitStage::SwapIn => "its swap-in read",
+        }
+    }
+}
+
+/// A fault a thread is blocked on, as the stall watchdog sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultWait {
+    pub tid: i32,
+    /// Page-aligned host address.
+    pub addr: usize,
+    pub since: Instant,
+    pub stage: WaitStage,
+}
+
+/// The deferred faults of every thread, by thread id.
+#[derive(Debug, Default)]
+pub struct FaultWaits(Mutex<std::collections::HashMap<i32, FaultWait>>);
+
+impl FaultWaits {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i32, FaultWait>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queued(&self, f: &Fault) {
+        self.lock().insert(
+            f.tid,
+            FaultWait {
+                tid: f.tid,
+                addr: f.addr,
+                since: Instant::now(),
+                stage: WaitStage::Queued,
+            },
+        );
+    }
+
+    fn stage(&self, tid: i32, stage: WaitStage) {
+        if let Some(w) = self.lock().get_mut(&tid) {
+            w.stage = stage;
+        }
+    }
+
+    fn done(&self, tid: i32, addr: usize) {
+        let mut m = self.lock();
+        if m.get(&tid).is_some_and(|w| w.addr == addr) {
+            m.remove(&tid);
+        }
+    }
+
+    /// Every deferred fault, oldest first.
+    pub fn all(&self) -> Vec<FaultWait> {
+        let mut v: Vec<FaultWait> = self.lock().values().copied().collect();
+        v.sort_by_key(|w| w.since);
+        v
+    }
 }
 
 impl Deferred {
@@ -191,6 +266,15 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
             return Ok(());
         }
         sh.uffd.read_events(&mut buf, &mut events)?;
+        // NOIO faults first: they must not queue behind the swap reads the
+        // handler does inline for ordinary faults. Only when the batch has
+        // no REMOVE event, whose order against faults matters.
+        if !events.iter().any(|e| matches!(e, UffdEvent::Remove { .. })) {
+            events.sort_by_key(|e| match *e {
+                UffdEvent::Fault { tid, .. } => !is_thread_noio(tid),
+                _ => true,
+            });
+        }
         for ev in &events {
             match *ev {
                 UffdEvent::Fault {
@@ -231,7 +315,16 @@ fn dispatch(
         }
         Step::Defer => {
             bump(&sh.counters.faults_deferred, 1);
-            sh.deferred.push(f);
+            sh.fault_waits.queued(&f);
+            let swapped = sh
+                .pages
+                .index_of_host(f.addr)
+                .is_some_and(|i| sh.pages.lock(i).kind == PageKind::Swapped);
+            if swapped {
+                sh.deferred_swap.push(f);
+            } else {
+                sh.deferred.push(f);
+            }
         }
     }
     Ok(())
@@ -282,7 +375,7 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
                 Ok(past) => past,
                 Err(e) => {
                     sh.fail(format!("swap-in of page {idx} failed: {e}"));
-                    return Ok(Step::Done);
+                    return release_after_failure(sh, p, host, f.write);
                 }
             };
             let slot = p.slot;
@@ -296,7 +389,7 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
                 Resolve::Done => p.slot = slot,
             }
             bump(&c.noio_faults, 1);
-            bump(&c.noio_from_free, 1);
+            bump(&c.noio_swapin_takeovers, 1);
             count_swap_fault(sh, past);
             Ok(Step::Done)
         }
@@ -325,7 +418,7 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
                     Err(e) => {
                         sh.budget.untake(source);
                         sh.fail(format!("swap-in of page {idx} failed: {e}"));
-                        return Ok(Step::Done);
+                        return release_after_failure(sh, p, host, f.write);
                     }
                 }
             }
@@ -358,6 +451,26 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
             } else {
                 bump(&c.faults_zero, 1);
             }
+            Ok(Step::Done)
+        }
+    }
+}
+
+/// After a fatal swap-in error: the VM is stopping, but the faulting thread
+/// must not stay blocked (it could never see the stop). It gets a zero page
+/// (the pager has failed; its memory is no longer trusted) and runs on.
+fn release_after_failure(
+    sh: &Shared,
+    mut p: PageRef<'_>,
+    host: usize,
+    write: bool,
+) -> Result<Step, PagerError> {
+    match fill(sh, &mut p, host, &ZERO_PAGE, write)? {
+        Resolve::Retry => Ok(Step::Retry),
+        Resolve::Done => Ok(Step::Done),
+        Resolve::Exists => {
+            drop(p);
+            wake(sh, host)?;
             Ok(Step::Done)
         }
     }
@@ -443,12 +556,15 @@ fn on_remove(sh: &Shared, start: usize, end: usize) {
     }
 }
 
-/// The worker: resolves deferred faults, waiting as long as it takes.
-pub fn run_worker(sh: &Shared) -> Result<(), PagerError> {
+/// A worker: resolves the deferred faults of `queue`, waiting as long as it
+/// takes.
+pub fn run_worker(sh: &Shared, queue: &Deferred) -> Result<(), PagerError> {
     let mut staging = vec![0u8; PAGE_SIZE];
-    while let Some(f) = sh.deferred.pop(sh) {
+    while let Some(f) = queue.pop(sh) {
         let start = Instant::now();
-        resolve_waiting(sh, f, &mut staging)?;
+        let resolved = resolve_waiting(sh, f, &mut staging);
+        sh.fault_waits.done(f.tid, f.addr);
+        resolved?;
         record_wait(&sh.counters, start.elapsed().as_nanos() as u64);
         wake(sh, f.addr)?;
     }
@@ -469,6 +585,7 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
         if !matches!(kind, PageKind::Empty | PageKind::Swapped) {
             return Ok(());
         }
+        sh.fault_waits.stage(f.tid, WaitStage::Frame);
         let (source, _) = sh.budget.take_waiting(&sh.abort);
         let mut p = sh.pages.lock(idx);
         if p.kind != kind || p.slot != slot {
@@ -499,6 +616,7 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
         // Swapped: claim the page, read without holding its lock.
         p.kind = PageKind::SwapIn;
         drop(p);
+        sh.fault_waits.stage(f.tid, WaitStage::SwapIn);
         if let Err(e) = sh.swap.read_wait(slot, staging, &sh.abort) {
             let mut p = sh.pages.lock(idx);
             if p.kind == PageKind::SwapIn {

@@ -45,7 +45,7 @@ mod swap;
 mod uffd;
 
 pub use config::{PagerConfig, MIN_LIMIT_PAGES};
-pub use pager::Pager;
+pub use pager::{BlockedFault, Pager, PagerProbe};
 pub use pages::RamRegion;
 pub use stats::{CounterSnapshot, PagerStats};
 pub use uffd::madvise_hugepage;

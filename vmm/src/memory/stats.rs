@@ -73,6 +73,11 @@ counters! {
     noio_from_overshoot,
     /// NOIO swap-ins read past a quiesced volume.
     noio_reads_past_quiesce,
+    /// NOIO faults on a page the waiting worker was swapping in: read
+    /// inline, the worker's frame charge moved to them.
+    noio_swapin_takeovers,
+    /// Pages evicted on request (the control API's `debug.evict` test aid).
+    evicted_on_request,
     /// Frames taken beyond limit + reserve.
     overshoot_events,
     /// Faults that waited for a frame or a quiesced volume, and for how long.

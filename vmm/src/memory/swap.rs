@@ -133,7 +133,6 @@ impl SwapStore {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    #[cfg(test)]
     pub fn volume(&self) -> &Arc<Volume> {
         &self.volume
     }
@@ -146,7 +145,6 @@ impl SwapStore {
         self.lock().used
     }
 
-    #[cfg(test)]
     pub fn alloc(&self) -> Result<u32, SwapError> {
         self.alloc_run(1).map(|(slot, _)| slot)
     }
@@ -263,14 +261,21 @@ impl SwapStore {
     }
 
     fn begin_io_stoppable(&self, stop: &AtomicBool) -> Result<devices::block::IoGuard, SwapError> {
-        loop {
-            if let Some(io) = self.volume.begin_io_timeout(STOP_POLL) {
-                return Ok(io);
-            }
-            if stop.load(Ordering::SeqCst) {
-                return Err(SwapError::Stopped);
-            }
-        }
+        self.volume
+            .begin_io_unless(STOP_POLL, || stop.load(Ordering::SeqCst))
+            .ok_or(SwapError::Stopped)
+    }
+
+    /// Writes one page to `slot` whether or not the volume is quiesced: the
+    /// control API's evict test aid pushes pages out while a device sleeps.
+    pub fn write_past_quiesce(&self, slot: u32, page: &[u8]) -> Result<(), SwapError> {
+        pwritev_all(&self.file, Self::offset(slot), &[page])
+            .map(drop)
+            .map_err(|source| SwapError::Io {
+                op: "write",
+                slot,
+                source,
+            })
     }
 }
 

@@ -40,10 +40,13 @@ pub type Tid = i32;
 
 thread_local! {
     static FLAG: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
+    /// Set while a vCPU thread is inside KVM_RUN (running guest code).
+    static IN_GUEST: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
 }
 
-/// A registered thread's flag and how many of its registrations are live.
-type Registered = (Arc<AtomicBool>, u32);
+/// A registered thread's NOIO flag, its in-guest flag and how many of its
+/// registrations are live.
+type Registered = (Arc<AtomicBool>, Arc<AtomicBool>, u32);
 
 static REGISTRY: LazyLock<RwLock<HashMap<Tid, Registered>>> =
     LazyLock::new(|| RwLock::new(HashMap::new()));
@@ -100,7 +103,25 @@ pub fn is_thread_noio(tid: Tid) -> bool {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .get(&tid)
-        .is_some_and(|(f, _)| f.load(Ordering::SeqCst))
+        .is_some_and(|(f, _, _)| f.load(Ordering::SeqCst))
+}
+
+/// Marks the calling (vCPU) thread as running guest code (`true`, just
+/// before KVM_RUN) or emulating a device (`false`, once KVM_RUN returned).
+pub fn set_running_guest(running: bool) {
+    IN_GUEST.with(|f| f.store(running, Ordering::SeqCst));
+}
+
+/// Whether registered thread `tid` runs guest code right now: a fault of
+/// it is the guest's own memory access, not device emulation, and nothing
+/// but the host can resolve it (the guest cannot resume a device while
+/// that vCPU is stuck).
+pub fn is_thread_running_guest(tid: Tid) -> bool {
+    REGISTRY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&tid)
+        .is_some_and(|(_, g, _)| g.load(Ordering::SeqCst))
 }
 
 /// Number of threads currently registered (for diagnostics and tests).
@@ -152,12 +173,13 @@ impl ThreadRegistration {
 pub fn register_current_thread() -> ThreadRegistration {
     let tid = gettid();
     let flag = FLAG.with(Arc::clone);
+    let in_guest = IN_GUEST.with(Arc::clone);
     REGISTRY
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .entry(tid)
-        .or_insert((flag, 0))
-        .1 += 1;
+        .or_insert((flag, in_guest, 0))
+        .2 += 1;
     ThreadRegistration {
         tid,
         _not_send: PhantomData,
@@ -168,8 +190,8 @@ impl Drop for ThreadRegistration {
     fn drop(&mut self) {
         let mut reg = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = reg.get_mut(&self.tid) {
-            entry.1 -= 1;
-            if entry.1 == 0 {
+            entry.2 -= 1;
+            if entry.2 == 0 {
                 reg.remove(&self.tid);
             }
         }
@@ -325,6 +347,16 @@ mod tests {
         );
         drop(first);
         assert!(!is_thread_noio(gettid()));
+    }
+
+    #[test]
+    fn running_guest_is_seen_by_tid() {
+        let _r = register_current_thread();
+        assert!(!is_thread_running_guest(gettid()));
+        set_running_guest(true);
+        assert!(is_thread_running_guest(gettid()));
+        set_running_guest(false);
+        assert!(!is_thread_running_guest(gettid()));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::noio::is_thread_noio;
+use devices::noio::{is_thread_noio, is_thread_running_guest};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::around::{resolve_around, FAULT_AROUND_PAGES};
@@ -343,11 +343,25 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
     };
     let host = f.addr;
     let noio = is_thread_noio(f.tid);
+    // A vCPU running guest code while the swap volume is quiesced: the
+    // guest's own access, which the guest cannot unblock by resuming its
+    // device while that vCPU is stuck. Served without waiting, like NOIO.
+    let guest = !noio && is_thread_running_guest(f.tid) && sh.swap.volume().is_quiesced();
     let c = &sh.counters;
     let mut p = sh.pages.lock(idx);
     if f.wp {
         return write_protect_fault(sh, p, host, noio);
     }
+    if guest
+        && matches!(
+            p.kind,
+            PageKind::Empty | PageKind::Swapped | PageKind::SwapIn
+        )
+    {
+        bump(&c.guest_faults_past_quiesce, 1);
+    }
+    let noio_counted = noio;
+    let noio = noio || guest;
     if !noio && matches!(p.kind, PageKind::Empty | PageKind::Swapped) {
         let Some(source) = sh.budget.try_take(false, 0) else {
             return Ok(Step::Defer);
@@ -388,9 +402,11 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
                 }
                 Resolve::Done => p.slot = slot,
             }
-            bump(&c.noio_faults, 1);
-            bump(&c.noio_swapin_takeovers, 1);
-            count_swap_fault(sh, past);
+            if noio_counted {
+                bump(&c.noio_faults, 1);
+                bump(&c.noio_swapin_takeovers, 1);
+            }
+            count_swap_fault(sh, past && noio_counted);
             Ok(Step::Done)
         }
         PageKind::Empty | PageKind::Swapped => {
@@ -442,12 +458,12 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
             }
             p.slot = slot;
             drop(p);
-            if noio {
+            if noio_counted {
                 bump(&c.noio_faults, 1);
             }
-            note_source(sh, noio, source);
+            note_source(sh, noio_counted, source);
             if swapped {
-                count_swap_fault(sh, past);
+                count_swap_fault(sh, past && noio_counted);
             } else {
                 bump(&c.faults_zero, 1);
             }

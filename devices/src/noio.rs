@@ -31,7 +31,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::Instant;
 
@@ -44,9 +44,9 @@ thread_local! {
     static IN_GUEST: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
 }
 
-/// A registered thread's NOIO flag, its in-guest flag and how many of its
-/// registrations are live.
-type Registered = (Arc<AtomicBool>, Arc<AtomicBool>, u32);
+/// A registered thread's NOIO flag, its in-guest flag, NOIO lent to it by
+/// other threads ([`lend_noio`]) and how many of its registrations are live.
+type Registered = (Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicU32>, u32);
 
 static REGISTRY: LazyLock<RwLock<HashMap<Tid, Registered>>> =
     LazyLock::new(|| RwLock::new(HashMap::new()));
@@ -103,7 +103,50 @@ pub fn is_thread_noio(tid: Tid) -> bool {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .get(&tid)
-        .is_some_and(|(f, _, _)| f.load(Ordering::SeqCst))
+        .is_some_and(|(f, _, lent, _)| f.load(Ordering::SeqCst) || lent.load(Ordering::SeqCst) > 0)
+}
+
+/// NOIO lent to another thread: while a NOIO path waits for work another
+/// thread does for it (a device reset waiting for its worker's current
+/// batch), that thread counts as NOIO too, so its faults take the NOIO
+/// sources and a fault it already waits on is re-served that way. Dropping
+/// the loan ends it.
+#[must_use = "the loan ends when the guard is dropped"]
+pub struct NoioLoan {
+    lent: Option<Arc<AtomicU32>>,
+}
+
+/// Lends NOIO to registered thread `tid` (nothing happens for a thread that
+/// is not registered).
+pub fn lend_noio(tid: Tid) -> NoioLoan {
+    let lent = REGISTRY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&tid)
+        .map(|(_, _, lent, _)| lent.clone());
+    if unsafe_disabled() {
+        return NoioLoan { lent: None };
+    }
+    if let Some(l) = &lent {
+        l.fetch_add(1, Ordering::SeqCst);
+    }
+    NoioLoan { lent }
+}
+
+impl Drop for NoioLoan {
+    fn drop(&mut self) {
+        if let Some(l) = &self.lent {
+            l.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Whether `tid` registered (a vCPU or device thread of this VMM).
+pub fn is_registered(tid: Tid) -> bool {
+    REGISTRY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(&tid)
 }
 
 /// Marks the calling (vCPU) thread as running guest code (`true`, just
@@ -121,7 +164,7 @@ pub fn is_thread_running_guest(tid: Tid) -> bool {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .get(&tid)
-        .is_some_and(|(_, g, _)| g.load(Ordering::SeqCst))
+        .is_some_and(|(_, g, _, _)| g.load(Ordering::SeqCst))
 }
 
 /// Number of threads currently registered (for diagnostics and tests).
@@ -178,8 +221,8 @@ pub fn register_current_thread() -> ThreadRegistration {
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .entry(tid)
-        .or_insert((flag, in_guest, 0))
-        .2 += 1;
+        .or_insert((flag, in_guest, Arc::new(AtomicU32::new(0)), 0))
+        .3 += 1;
     ThreadRegistration {
         tid,
         _not_send: PhantomData,
@@ -190,8 +233,8 @@ impl Drop for ThreadRegistration {
     fn drop(&mut self) {
         let mut reg = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = reg.get_mut(&self.tid) {
-            entry.2 -= 1;
-            if entry.2 == 0 {
+            entry.3 -= 1;
+            if entry.3 == 0 {
                 reg.remove(&self.tid);
             }
         }
@@ -347,6 +390,31 @@ mod tests {
         );
         drop(first);
         assert!(!is_thread_noio(gettid()));
+    }
+
+    #[test]
+    fn lent_noio_makes_another_thread_noio_until_the_loan_ends() {
+        let (tx, rx) = mpsc::channel::<Tid>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let worker = thread::spawn(move || {
+            let _reg = register_current_thread();
+            tx.send(gettid()).unwrap();
+            let _ = done_rx.recv();
+            assert!(!is_noio(), "a loan does not touch the thread's own flag");
+        });
+        let tid = rx.recv().unwrap();
+        assert!(!is_thread_noio(tid));
+        let a = lend_noio(tid);
+        let b = lend_noio(tid);
+        assert!(is_thread_noio(tid));
+        drop(a);
+        assert!(is_thread_noio(tid), "loans nest");
+        drop(b);
+        assert!(!is_thread_noio(tid));
+        done_tx.send(()).unwrap();
+        worker.join().unwrap();
+        // Lending to an unknown thread is harmless.
+        drop(lend_noio(-1));
     }
 
     #[test]

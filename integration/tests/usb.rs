@@ -578,3 +578,140 @@ fn runtime_pm_autosuspend_d3hot_remote_wake_and_hotplug() {
         &r,
     );
 }
+
+/// The L1 side of the NOIO tests: every time the guest's disk sleeps,
+/// push every xHCI structure out to swap (on the sleeping disk's volume).
+fn noio_driver() -> String {
+    format!(
+        r#"n=1
+while wait_console "USB-NOIO-SLEEPING n=$n;" 1500; do
+    ctl debug.evict '{{"device":"xhci"}}' >/dev/null || {{ echo "{MARK_L1_ABORT}: debug.evict failed"; break; }}
+    n=$((n + 1))
+done
+echo "L1-NOIO-EVICTS n=$((n - 1))"
+"#
+    )
+}
+
+/// A run of the NOIO scenario: 192 MiB guest, 64 MiB resident limit, swap
+/// on the USB disk's volume, `cycles` suspend/evict/resume cycles.
+fn noio_run(cycles: u32, extra: &[&str]) -> RunResult {
+    let sg_reset = find_program("sg_reset")
+        .unwrap_or_else(|| panic!("sg_reset not found: run scripts/setup.sh (sg3-utils)"));
+    let mut run = usb_run("usb-noio")
+        .memory_mib(192)
+        .param("noio_serial", "noio")
+        .param("noio_cycles", cycles)
+        .l2_binary(sg_reset, "usr/bin/sg_reset");
+    run.modules.push("sg".into());
+    run.memory_opts = Some("limit=64M,swap=/tmp/usb/swap.img,swap_volume=noio".into());
+    for a in extra {
+        run = run.vmm_arg(*a);
+    }
+    let script = UsbScript {
+        disks: vec![DiskImage::with_id("noio", 64).port(5)],
+        driver: noio_driver(),
+        exit_wait_s: 900,
+        ..Default::default()
+    };
+    run_script(run, script)
+}
+
+/// A counter from the VMM's `pager-stats` line.
+fn pager_counter(r: &RunResult, name: &str) -> u64 {
+    let line = r
+        .console
+        .lines()
+        .rev()
+        .find(|l| l.contains("pager-stats {"))
+        .unwrap_or_default();
+    let key = format!("\"{name}\":");
+    line.split(&key)
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// NOIO on, the deadlock's conditions all present: swap on the USB disk's
+/// volume, a resident limit a third of the guest's RAM under constant
+/// pressure, the disk autosuspending 100 times with every controller
+/// structure evicted to swap while it sleeps, bus resets every 10 cycles.
+/// Every resume and reset completes (no watchdog report, the VMM exits 0),
+/// the data is intact, and the counters show NOIO faults served past the
+/// quiesced volume.
+#[test]
+fn noio_resume_and_reset_paths_never_wait_on_their_own_swap_volume() {
+    if !nested() {
+        return;
+    }
+    let r = noio_run(100, &["--stall-watchdog=30"]);
+    check_passed(&r);
+    check(
+        !r.console.contains("STALL-WATCHDOG"),
+        "the stall watchdog fired",
+        &r,
+    );
+    check(
+        r.console
+            .contains("USB-NOIO-CYCLES n=100 io=ok pressure=ok"),
+        "not every cycle passed",
+        &r,
+    );
+    check(
+        r.console.contains("L1-NOIO-EVICTS n=100"),
+        "L1 did not evict every cycle",
+        &r,
+    );
+    for (counter, min) in [
+        ("noio_faults", 1),
+        ("noio_reads_past_quiesce", 1),
+        ("evicted_on_request", 100),
+        ("pages_out", 1),
+    ] {
+        let n = pager_counter(&r, counter);
+        check(
+            n >= min,
+            &format!("pager counter {counter} = {n}, want >= {min}"),
+            &r,
+        );
+    }
+    check(
+        r.console.contains(r#""owner":"USB disk 'noio' on port 5""#),
+        "no volume-stats for the disk's volume",
+        &r,
+    );
+}
+
+/// The same with NOIO switched off (`--unsafe-disable-noio`): the first
+/// resume faults on an evicted structure whose swap-in waits for the very
+/// volume the resume would un-quiesce. The watchdog names that cycle and
+/// the VMM exits with its status 76.
+#[test]
+fn without_noio_the_resume_deadlocks_and_the_watchdog_names_the_cycle() {
+    if !nested() {
+        return;
+    }
+    let r = noio_run(5, &["--unsafe-disable-noio", "--stall-watchdog=10"]);
+    check(!r.timed_out, "timed out", &r);
+    check(
+        r.console.contains(&format!("{MARK_HOST_VMM_RC}76")),
+        "the VMM did not exit with the watchdog's status 76",
+        &r,
+    );
+    for want in [
+        "STALL-WATCHDOG",
+        "in a resume/reset path: xhci",
+        "waits on guest page",
+        "its swap-in read",
+        "quiesced for",
+        "belongs to USB disk 'noio' on port 5",
+        "NOIO is disabled (--unsafe-disable-noio)",
+    ] {
+        check(
+            r.console.contains(want),
+            &format!("the report lacks {want:?}"),
+            &r,
+        );
+    }
+}

@@ -252,6 +252,17 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     // Wait for the guest, a device, a vCPU or the API to ask for the end.
     control.run_until_stopped(&stop);
     vcpu::stop_and_join(threads);
+    if pager.is_some() {
+        // Quiesce counters of every volume (swap may share a disk's).
+        let volumes: Vec<_> = devices::block::all_volumes()
+            .iter()
+            .map(|v| v.info())
+            .collect();
+        eprintln!(
+            "volume-stats {}",
+            serde_json::to_string(&volumes).unwrap_or_default()
+        );
+    }
     if serial.lock().is_ok_and(|mut s| s.guest_output_pending()) {
         log::warn!(
             "the guest stopped while its serial driver still had console output to send; \

@@ -152,6 +152,7 @@ fn describe_fault(r: &mut String, f: &BlockedFault, swap: Option<&str>, volumes:
 
 fn thread_name(tid: i32) -> String {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .or_else(|_| std::fs::read_to_string(format!("/proc/{tid}/comm")))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into())
 }

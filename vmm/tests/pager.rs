@@ -618,6 +618,46 @@ fn guest_code_faults_pass_a_quiesced_volume_and_emulation_waits_on_record() {
     assert!(eventually_empty(&probe), "the fault stayed on record");
 }
 
+/// NOIO travels: a thread whose fault already waits on the quiesced volume
+/// is served the NOIO way as soon as a NOIO path lends it NOIO (a reset
+/// waiting for its worker), without the volume being resumed.
+#[test]
+fn a_fault_waiting_on_the_volume_is_served_once_noio_is_lent_to_its_thread() {
+    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
+    let mem = f.mem();
+    {
+        let _reg = register_current_thread();
+        for page in 0..2048 {
+            mem.fill(page, 1);
+        }
+    }
+    settle(&f);
+    let resident = f.physically_resident();
+    let page = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
+    f.volume.quiesce();
+    let (tx, rx) = mpsc::channel();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _ = tid_tx.send(devices::noio::gettid());
+        let _ = tx.send(mem.holds(page, 1));
+    });
+    let tid = tid_rx.recv().unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "did not wait"
+    );
+    let _loan = devices::noio::lend_noio(tid);
+    let ok = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the waiting fault was not re-served after the loan");
+    assert!(ok, "wrong data");
+    assert!(f.volume.is_quiesced(), "served without resuming the volume");
+    let s = eventually(&f, |s| s.counters.noio_reads_past_quiesce >= 1);
+    assert!(s.counters.noio_reads_past_quiesce >= 1, "{s:?}");
+    f.volume.resume();
+}
+
 fn eventually_empty(probe: &vmm::memory::PagerProbe) -> bool {
     (0..100).any(|_| {
         thread::sleep(Duration::from_millis(10));

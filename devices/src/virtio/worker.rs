@@ -32,6 +32,12 @@ pub trait WorkerHost: Send + Sync {
     /// Removes and drops the worker; returns once it can no longer run.
     /// Must not be called from the event loop thread itself.
     fn stop(&self, id: WorkerId) -> Result<(), WorkerError>;
+
+    /// NOIO lent to the thread that runs the workers, for a NOIO path that
+    /// is about to wait for it (see `crate::noio::lend_noio`).
+    fn lend_noio(&self) -> Option<crate::noio::NoioLoan> {
+        None
+    }
 }
 
 /// An event-manager loop on a dedicated thread.
@@ -39,6 +45,8 @@ pub struct EventLoop {
     endpoint: RemoteEndpoint<Worker>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The loop thread's kernel thread id.
+    tid: crate::noio::Tid,
 }
 
 impl EventLoop {
@@ -48,11 +56,13 @@ impl EventLoop {
         let endpoint = manager.remote_endpoint();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
                 // Device threads register so the pager can read their NOIO flag.
                 let _noio = crate::noio::register_current_thread();
+                let _ = tid_tx.send(crate::noio::gettid());
                 while !stop_flag.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
                         log::error!("event loop: {e}");
@@ -62,10 +72,12 @@ impl EventLoop {
                 }
             })
             .map_err(WorkerError::Spawn)?;
+        let tid = tid_rx.recv().unwrap_or(-1);
         Ok(Arc::new(Self {
             endpoint,
             stop,
             thread: Mutex::new(Some(thread)),
+            tid,
         }))
     }
 
@@ -97,6 +109,10 @@ impl WorkerHost for EventLoop {
             .call_blocking(move |ops: &mut dyn SubscriberOps<Subscriber = Worker>| {
                 Ok::<_, WorkerError>(ops.add_subscriber(worker))
             })
+    }
+
+    fn lend_noio(&self) -> Option<crate::noio::NoioLoan> {
+        Some(crate::noio::lend_noio(self.tid))
     }
 
     fn stop(&self, id: WorkerId) -> Result<(), WorkerError> {

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::noio::{is_thread_noio, is_thread_running_guest};
+use devices::noio::{is_registered, is_thread_noio, is_thread_running_guest};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::around::{resolve_around, FAULT_AROUND_PAGES};
@@ -346,7 +346,11 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
     // A vCPU running guest code while the swap volume is quiesced: the
     // guest's own access, which the guest cannot unblock by resuming its
     // device while that vCPU is stuck. Served without waiting, like NOIO.
-    let guest = !noio && is_thread_running_guest(f.tid) && sh.swap.volume().is_quiesced();
+    // So is a thread that is none of ours: the kernel faulting on a vCPU's
+    // behalf (KVM's asynchronous page fault worker).
+    let guest = !noio
+        && (is_thread_running_guest(f.tid) || !is_registered(f.tid))
+        && sh.swap.volume().is_quiesced();
     let c = &sh.counters;
     let mut p = sh.pages.lock(idx);
     if f.wp {
@@ -575,7 +579,8 @@ fn on_remove(sh: &Shared, start: usize, end: usize) {
 /// A worker: resolves the deferred faults of `queue`, waiting as long as it
 /// takes.
 pub fn run_worker(sh: &Shared, queue: &Deferred) -> Result<(), PagerError> {
-    let mut staging = vec![0u8; PAGE_SIZE];
+    // Room for a fault-around, for faults re-served by `resolve_now`.
+    let mut staging = vec![0u8; FAULT_AROUND_PAGES * PAGE_SIZE];
     while let Some(f) = queue.pop(sh) {
         let start = Instant::now();
         let resolved = resolve_waiting(sh, f, &mut staging);
@@ -593,7 +598,22 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
     };
     let host = f.addr;
     let c = &sh.counters;
+    // NOIO lent to the faulting thread while it waited here (a NOIO path
+    // waits for that thread): stop waiting, serve it the NOIO way.
+    let lent = || is_thread_noio(f.tid);
     while !sh.stop.load(Ordering::SeqCst) {
+        if lent() {
+            match resolve_now(sh, f, staging)? {
+                Step::Done => return Ok(()),
+                Step::Retry => {
+                    bump(&c.fault_retries, 1);
+                    std::thread::sleep(WORKER_RETRY);
+                    continue;
+                }
+                Step::Defer => {} // no NOIO source after all: wait below
+            }
+        }
+        let staging = &mut staging[..PAGE_SIZE];
         let (kind, slot) = {
             let p = sh.pages.lock(idx);
             (p.kind, p.slot)
@@ -602,7 +622,9 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
             return Ok(());
         }
         sh.fault_waits.stage(f.tid, WaitStage::Frame);
-        let (source, _) = sh.budget.take_waiting(&sh.abort);
+        let Some((source, _)) = sh.budget.take_waiting_unless(&sh.abort, lent) else {
+            continue;
+        };
         let mut p = sh.pages.lock(idx);
         if p.kind != kind || p.slot != slot {
             drop(p);
@@ -633,16 +655,23 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
         p.kind = PageKind::SwapIn;
         drop(p);
         sh.fault_waits.stage(f.tid, WaitStage::SwapIn);
-        if let Err(e) = sh.swap.read_wait(slot, staging, &sh.abort) {
+        let read = sh
+            .swap
+            .read_wait_unless(slot, staging, || sh.abort.load(Ordering::SeqCst) || lent());
+        if let Err(e) = read {
             let mut p = sh.pages.lock(idx);
             if p.kind == PageKind::SwapIn {
                 p.kind = PageKind::Swapped;
                 drop(p);
                 sh.budget.untake(source);
             }
-            if !sh.abort.load(Ordering::SeqCst) {
-                sh.fail(format!("swap-in of page {idx} failed: {e}"));
+            if sh.abort.load(Ordering::SeqCst) {
+                return Ok(());
             }
+            if lent() {
+                continue;
+            }
+            sh.fail(format!("swap-in of page {idx} failed: {e}"));
             return Ok(());
         }
         loop {

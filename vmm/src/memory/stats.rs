@@ -76,9 +76,10 @@ counters! {
     /// NOIO faults on a page the waiting worker was swapping in: read
     /// inline, the worker's frame charge moved to them.
     noio_swapin_takeovers,
-    /// Faults of vCPUs running guest code while the swap volume was
-    /// quiesced: served like NOIO faults (no wait on the volume or on
-    /// writeback), since the guest cannot resume its device while stuck.
+    /// Faults of vCPUs running guest code (or of the kernel on their behalf:
+    /// KVM's async page fault worker) while the swap volume was quiesced:
+    /// served like NOIO faults (no wait on the volume or on writeback),
+    /// since the guest cannot resume its device while stuck.
     guest_faults_past_quiesce,
     /// Pages evicted on request (the control API's `debug.evict` test aid).
     evicted_on_request,

@@ -216,8 +216,23 @@ impl SwapStore {
     }
 
     /// Reads `slot`, waiting while the volume is quiesced.
+    #[cfg(test)]
     pub fn read_wait(&self, slot: u32, buf: &mut [u8], stop: &AtomicBool) -> Result<(), SwapError> {
-        let _io = self.begin_io_stoppable(stop)?;
+        self.read_wait_unless(slot, buf, || stop.load(Ordering::SeqCst))
+    }
+
+    /// [`SwapStore::read_wait`] that stops waiting (`Stopped`) once
+    /// `give_up` is true.
+    pub fn read_wait_unless(
+        &self,
+        slot: u32,
+        buf: &mut [u8],
+        give_up: impl Fn() -> bool,
+    ) -> Result<(), SwapError> {
+        let _io = self
+            .volume
+            .begin_io_unless(STOP_POLL, give_up)
+            .ok_or(SwapError::Stopped)?;
         self.pread(slot, buf)
     }
 

@@ -124,3 +124,73 @@ impl WorkerHost for EventLoop {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU8;
+    use std::time::Duration;
+
+    use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+
+    /// A batch that runs until its thread is NOIO (or 5 s pass), recording
+    /// 1 (NOIO came) or 2 (it never did).
+    struct SlowBatch {
+        kick: EventFd,
+        started: Arc<AtomicBool>,
+        outcome: Arc<AtomicU8>,
+    }
+
+    impl MutEventSubscriber for SlowBatch {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.kick, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.kick.read();
+            self.started.store(true, Ordering::SeqCst);
+            let me = crate::noio::gettid();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !crate::noio::is_thread_noio(me) && std::time::Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
+            let noio = crate::noio::is_thread_noio(me);
+            self.outcome
+                .store(if noio { 1 } else { 2 }, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_stop_that_lends_noio_makes_the_running_batch_noio() {
+        let lp = EventLoop::spawn("test-loop").unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let started = Arc::new(AtomicBool::new(false));
+        let outcome = Arc::new(AtomicU8::new(0));
+        let id = lp
+            .start(Box::new(SlowBatch {
+                kick: kick.try_clone().unwrap(),
+                started: started.clone(),
+                outcome: outcome.clone(),
+            }))
+            .unwrap();
+        kick.write(1).unwrap();
+        while !started.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!crate::noio::is_thread_noio(lp.tid));
+        // What the virtio-pci reset does: lend NOIO, then wait for the worker.
+        let loan = lp.lend_noio();
+        lp.stop(id).unwrap();
+        drop(loan);
+        assert_eq!(
+            outcome.load(Ordering::SeqCst),
+            1,
+            "the batch the stop waited for was not NOIO"
+        );
+        assert!(
+            !crate::noio::is_thread_noio(lp.tid),
+            "the loan outlived the stop"
+        );
+    }
+}

@@ -5,9 +5,11 @@
 # "PM-RESUME n=N us=LATENCY". Optionally under memory pressure (a
 # background loop re-reading a tmpfs file larger than the VMM's resident
 # limit). Then an idle stretch: "PM-IDLE controller_suspended_ms=X of=Y" from
-# the xHCI PCI function's runtime_suspended_time.
+# the xHCI PCI function's runtime_suspended_time. Between the two, pmb_resets
+# bus resets (`sg_reset -b`: usb-storage's port reset path) timed between
+# two /dev/kmsg markers: "PM-RESET n=N us=DURATION".
 # Parameters: pmb_serial (bench), pmb_cycles (100), pmb_delay_ms (300),
-# pmb_pressure_mib (0: none), pmb_idle_s (60), pmb_wait (60).
+# pmb_pressure_mib (0: none), pmb_resets (20), pmb_idle_s (60), pmb_wait (60).
 . /lib/guest/lib.sh
 . /lib/guest/usb.sh
 usb_quiet
@@ -18,6 +20,7 @@ cycles=$(param pmb_cycles 100)
 delay=$(param pmb_delay_ms 300)
 pressure=$(param pmb_pressure_mib 0)
 idle=$(param pmb_idle_s 60)
+resets=$(param pmb_resets 20)
 wait_s=$(param pmb_wait 60)
 [ -x $FIO ] || fail "fio missing at $FIO"
 
@@ -63,6 +66,22 @@ while [ "$n" -le "$cycles" ]; do
     us=$(awk -F';' '$1 == 3 { printf "%d", $40 }' /tmp/fio.out)
     [ -n "$us" ] || { cat /tmp/fio.out; fail "no latency in cycle $n"; }
     echo "PM-RESUME n=$n us=$us"
+    n=$((n + 1))
+done
+sg=$(ls "/sys/block/$d/device/scsi_generic" 2>/dev/null)
+n=1
+while [ "$n" -le "$resets" ]; do
+    [ -c "/dev/$sg" ] || fail "no sg device for $d ($sg)"
+    dd if="/dev/$d" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null
+    echo "PMB-RESET-START n=$n" > /dev/kmsg
+    sg_reset -b "/dev/$sg" || fail "sg_reset -b failed in reset $n"
+    echo "PMB-RESET-END n=$n" > /dev/kmsg
+    # dmesg stamps are [seconds.micros]: the difference in us.
+    us=$(dmesg | awk -v n="$n" '
+        { line = $0; sub(/^\[ */, "", line); split(line, f, /[] ]+/) }
+        f[2] == "PMB-RESET-START" && f[3] == "n=" n { t0 = f[1] }
+        f[2] == "PMB-RESET-END" && f[3] == "n=" n { printf "%d", (f[1] - t0) * 1000000 }')
+    echo "PM-RESET n=$n us=$us"
     n=$((n + 1))
 done
 [ -n "$pid" ] && kill "$pid"

@@ -72,6 +72,7 @@ pub fn variants(run: &GuestRun, cmdline: &str, pressure_mib: u32, limit_mib: u32
 pub struct PmRun {
     pub variant: String,
     pub resume_us: Vec<u64>,
+    pub reset_us: Vec<u64>,
     /// (ms the controller was runtime-suspended, ms of the idle stretch).
     pub idle: Option<(u64, u64)>,
 }
@@ -95,6 +96,10 @@ pub fn parse(console: &str) -> Vec<PmRun> {
         } else if let (Some(at), Some(run)) = (l.find("PM-RESUME "), runs.last_mut()) {
             if let Some(us) = kv(&l[at..], "us").and_then(|v| v.parse().ok()) {
                 run.resume_us.push(us);
+            }
+        } else if let (Some(at), Some(run)) = (l.find("PM-RESET "), runs.last_mut()) {
+            if let Some(us) = kv(&l[at..], "us").and_then(|v| v.parse().ok()) {
+                run.reset_us.push(us);
             }
         } else if let (Some(at), Some(run)) = (l.find("PM-IDLE "), runs.last_mut()) {
             let rest = &l[at..];
@@ -122,12 +127,18 @@ pub fn quantile(v: &[u64], q: f64) -> Option<u64> {
 /// stretch.
 pub fn render_table(runs: &[PmRun]) -> String {
     let mut t = String::from(
-        "| VMM | cycles | resume p50 ms | resume p99 ms | p99 / QEMU p99 | controller in D3hot while idle |\n|---|---|---|---|---|---|\n",
+        "| VMM | cycles | resume p50 ms | resume p99 ms | p99 / QEMU p99 | resets | reset p50 ms | reset p99 ms | controller in D3hot while idle |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     let all = |variant: &str| -> Vec<u64> {
         runs.iter()
             .filter(|r| r.variant == variant)
             .flat_map(|r| r.resume_us.iter().copied())
+            .collect()
+    };
+    let resets = |variant: &str| -> Vec<u64> {
+        runs.iter()
+            .filter(|r| r.variant == variant)
+            .flat_map(|r| r.reset_us.iter().copied())
             .collect()
     };
     let qemu_p99 = quantile(&all("qemu"), 0.99);
@@ -154,12 +165,16 @@ pub fn render_table(runs: &[PmRun]) -> String {
         } else {
             "n/a".into()
         };
+        let r = resets(variant);
         let _ = writeln!(
             t,
-            "| {label} | {} | {} | {} | {ratio} | {idle} |",
+            "| {label} | {} | {} | {} | {ratio} | {} | {} | {} | {idle} |",
             v.len(),
             ms(quantile(&v, 0.5)),
-            ms(p99)
+            ms(p99),
+            r.len(),
+            ms(quantile(&r, 0.5)),
+            ms(quantile(&r, 0.99)),
         );
     }
     t
@@ -192,6 +207,7 @@ PM-RESUME n=2 us=bad
 PM-IDLE controller_suspended_ms=0 of=60000 status=active
 USB-BENCH-RUN variant=ours-pressure rep=0
 PM-RESUME n=1 us=3000
+PM-RESET n=1 us=90000
 ";
         let r = parse(c);
         assert_eq!(r.len(), 3);
@@ -200,16 +216,19 @@ PM-RESUME n=1 us=3000
         assert_eq!(r[1].resume_us, vec![8000]);
         let t = render_table(&r);
         assert!(
-            t.contains("| ours | 2 | 2.0 | 4.0 | 0.50x | 92% (55.0 of 60 s) |"),
+            t.contains("| ours | 2 | 2.0 | 4.0 | 0.50x | 0 | n/a | n/a | 92% (55.0 of 60 s) |"),
             "{t}"
         );
         assert!(
             t.contains(
-                "| QEMU qemu-xhci + usb-storage | 1 | 8.0 | 8.0 | 1.00x | 0% (0.0 of 60 s) |"
+                "| QEMU qemu-xhci + usb-storage | 1 | 8.0 | 8.0 | 1.00x | 0 | n/a | n/a | 0% (0.0 of 60 s) |"
             ),
             "{t}"
         );
-        assert!(t.contains("| 1 | 3.0 | 3.0 | 0.38x | n/a |"), "{t}");
+        assert!(
+            t.contains("| 1 | 3.0 | 3.0 | 0.38x | 1 | 90.0 | 90.0 | n/a |"),
+            "{t}"
+        );
     }
 
     #[test]

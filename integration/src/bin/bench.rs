@@ -254,6 +254,8 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
     use integration::usb::{self, find_program};
     use integration::{usb_bench, usb_pm_bench};
     let fio = find_program("fio").context("fio is not on PATH: run scripts/setup.sh")?;
+    let sg_reset =
+        find_program("sg_reset").context("sg_reset is not on PATH: run scripts/setup.sh")?;
     let harness = Harness::new().context("harness")?;
     let per_run = 240 + u64::from(cycles) * 8 + u64::from(idle);
     let mut run = GuestRun::new(Scenario::load("usb-pm-bench")?)
@@ -263,8 +265,10 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
         .param("pmb_cycles", cycles)
         .param("pmb_idle_s", idle)
         .timeout(Duration::from_secs(per_run * u64::from(3 * reps) + 300))
-        .l2_binary(fio, "usr/local/bin/fio");
+        .l2_binary(fio, "usr/local/bin/fio")
+        .l2_binary(sg_reset, "usr/bin/sg_reset");
     run.modules = usb::GUEST_MODULES.iter().map(|m| m.to_string()).collect();
+    run.modules.push("sg".into());
     run.l2_files.push(usb::guest_usb_lib());
     run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
     let cmdline = run.l2_cmdline()?;
@@ -310,7 +314,9 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
              disk being resumed. QEMU: `-M pc -accel kvm -device qemu-xhci -device usb-storage` \
              (its controller never leaves D0). Last column: share of an idle stretch of {idle} s \
              after the cycles that the controller spent runtime-suspended (the PCI function's \
-             `runtime_suspended_time`).\n\n{table}\nRaw lines:\n\n```\n{}\n```\n",
+             `runtime_suspended_time`). Resets: 20 `sg_reset -b` per round on the awake \
+             disk (usb-storage's port reset: port reset, Reset Device, re-enumeration), \
+             timed between two kernel log markers.\n\n{table}\nRaw lines:\n\n```\n{}\n```\n",
             raw.join("\n")
         );
         bench::update_section(&file, "usb-pm", &body)?;

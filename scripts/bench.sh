@@ -4,6 +4,7 @@
 #        scripts/bench.sh disk [--reps 3] [--cpus 1] [--image-mib 128] [--runtime 10]
 #        scripts/bench.sh usb [--reps 3] [--runtime 10] [--image-mib 128]
 #        scripts/bench.sh pager [--reps 1] [--memory 1024] [--touch 700]
+#        scripts/bench.sh usb-pm [--reps 1] [--cycles 100] [--idle 60]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -28,20 +28,47 @@
 //! [`register_current_thread`] and keeps the returned guard alive until it
 //! exits. An unregistered thread counts as not NOIO.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::time::Instant;
 
 /// A kernel thread id, as `gettid(2)` returns it and userfaultfd reports it.
 pub type Tid = i32;
 
 thread_local! {
     static FLAG: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
+    /// Set while a vCPU thread is inside KVM_RUN (running guest code).
+    static IN_GUEST: Arc<AtomicBool> = Arc::new(AtomicBool::new(false));
 }
 
-static REGISTRY: LazyLock<RwLock<HashMap<Tid, Arc<AtomicBool>>>> =
+/// A registered thread's NOIO flag, its in-guest flag, NOIO lent to it by
+/// other threads ([`lend_noio`]) and how many of its registrations are live.
+type Registered = (Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicU32>, u32);
+
+static REGISTRY: LazyLock<RwLock<HashMap<Tid, Registered>>> =
     LazyLock::new(|| RwLock::new(HashMap::new()));
+
+/// The test aid `--unsafe-disable-noio`: scopes are entered and recorded
+/// but set no flag, so resume and reset paths wait like any other thread.
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns the NOIO flag off for every scope from now on (`true`) or back on.
+/// UNSAFE by design: it exists to show the deadlock NOIO prevents (the
+/// watchdog then reports it); never use it outside such a test.
+pub fn set_unsafe_disabled(disabled: bool) {
+    DISABLED.store(disabled, Ordering::SeqCst);
+    if disabled {
+        log::warn!("NOIO disabled (--unsafe-disable-noio): resume and reset paths may deadlock");
+    }
+}
+
+/// Whether [`set_unsafe_disabled`] turned NOIO off.
+pub fn unsafe_disabled() -> bool {
+    DISABLED.load(Ordering::SeqCst)
+}
 
 /// The calling thread's kernel thread id.
 pub fn gettid() -> Tid {
@@ -50,8 +77,12 @@ pub fn gettid() -> Tid {
 }
 
 /// Enters NOIO on the calling thread and returns the previous state, to be
-/// handed back to [`noio_restore`].
+/// handed back to [`noio_restore`]. (With NOIO disabled, see
+/// [`set_unsafe_disabled`], the flag is left as it is.)
 pub fn noio_save() -> bool {
+    if unsafe_disabled() {
+        return is_noio();
+    }
     FLAG.with(|f| f.swap(true, Ordering::SeqCst))
 }
 
@@ -72,7 +103,68 @@ pub fn is_thread_noio(tid: Tid) -> bool {
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .get(&tid)
-        .is_some_and(|f| f.load(Ordering::SeqCst))
+        .is_some_and(|(f, _, lent, _)| f.load(Ordering::SeqCst) || lent.load(Ordering::SeqCst) > 0)
+}
+
+/// NOIO lent to another thread: while a NOIO path waits for work another
+/// thread does for it (a device reset waiting for its worker's current
+/// batch), that thread counts as NOIO too, so its faults take the NOIO
+/// sources and a fault it already waits on is re-served that way. Dropping
+/// the loan ends it.
+#[must_use = "the loan ends when the guard is dropped"]
+pub struct NoioLoan {
+    lent: Option<Arc<AtomicU32>>,
+}
+
+/// Lends NOIO to registered thread `tid` (nothing happens for a thread that
+/// is not registered).
+pub fn lend_noio(tid: Tid) -> NoioLoan {
+    let lent = REGISTRY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&tid)
+        .map(|(_, _, lent, _)| lent.clone());
+    if unsafe_disabled() {
+        return NoioLoan { lent: None };
+    }
+    if let Some(l) = &lent {
+        l.fetch_add(1, Ordering::SeqCst);
+    }
+    NoioLoan { lent }
+}
+
+impl Drop for NoioLoan {
+    fn drop(&mut self) {
+        if let Some(l) = &self.lent {
+            l.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Whether `tid` registered (a vCPU or device thread of this VMM).
+pub fn is_registered(tid: Tid) -> bool {
+    REGISTRY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(&tid)
+}
+
+/// Marks the calling (vCPU) thread as running guest code (`true`, just
+/// before KVM_RUN) or emulating a device (`false`, once KVM_RUN returned).
+pub fn set_running_guest(running: bool) {
+    IN_GUEST.with(|f| f.store(running, Ordering::SeqCst));
+}
+
+/// Whether registered thread `tid` runs guest code right now: a fault of
+/// it is the guest's own memory access, not device emulation, and nothing
+/// but the host can resolve it (the guest cannot resume a device while
+/// that vCPU is stuck).
+pub fn is_thread_running_guest(tid: Tid) -> bool {
+    REGISTRY
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&tid)
+        .is_some_and(|(_, g, _, _)| g.load(Ordering::SeqCst))
 }
 
 /// Number of threads currently registered (for diagnostics and tests).
@@ -119,14 +211,18 @@ impl ThreadRegistration {
 
 /// Publishes the calling thread's NOIO flag under its tid. Call at the start
 /// of every vCPU and device thread; keep the guard until the thread exits.
-/// Registering twice replaces the entry with the same flag.
+/// Registrations nest: the thread stays registered until every guard of
+/// it is dropped.
 pub fn register_current_thread() -> ThreadRegistration {
     let tid = gettid();
     let flag = FLAG.with(Arc::clone);
+    let in_guest = IN_GUEST.with(Arc::clone);
     REGISTRY
         .write()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(tid, flag);
+        .entry(tid)
+        .or_insert((flag, in_guest, Arc::new(AtomicU32::new(0)), 0))
+        .3 += 1;
     ThreadRegistration {
         tid,
         _not_send: PhantomData,
@@ -135,10 +231,79 @@ pub fn register_current_thread() -> ThreadRegistration {
 
 impl Drop for ThreadRegistration {
     fn drop(&mut self) {
-        REGISTRY
-            .write()
+        let mut reg = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = reg.get_mut(&self.tid) {
+            entry.3 -= 1;
+            if entry.3 == 0 {
+                reg.remove(&self.tid);
+            }
+        }
+    }
+}
+
+/// A resume or reset path in progress, as the watchdog sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivePath {
+    pub tid: Tid,
+    /// The thread's name (vcpu0, xhci, ...).
+    pub thread: String,
+    /// What it is doing, e.g. "xhci port 5 resume (U3 -> U0)".
+    pub what: Cow<'static, str>,
+    pub since: Instant,
+}
+
+static NEXT_PATH: AtomicU64 = AtomicU64::new(0);
+static PATHS: LazyLock<Mutex<HashMap<u64, ActivePath>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// The resume and reset paths running right now, oldest first.
+pub fn active_paths() -> Vec<ActivePath> {
+    let mut v: Vec<ActivePath> = PATHS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    v.sort_by_key(|p| p.since);
+    v
+}
+
+/// A resume or reset path: a NOIO scope that is also on record (with what
+/// it does and since when) for the stall watchdog, so a path that waits too
+/// long can be named. Enter it before the path touches guest memory;
+/// dropping it ends both. Not `Send`.
+#[must_use = "the path ends when the guard is dropped"]
+pub struct PmPath {
+    id: u64,
+    _noio: NoioScope,
+}
+
+impl PmPath {
+    pub fn enter(what: impl Into<Cow<'static, str>>) -> Self {
+        let id = NEXT_PATH.fetch_add(1, Ordering::Relaxed);
+        let path = ActivePath {
+            tid: gettid(),
+            thread: std::thread::current().name().unwrap_or("?").to_string(),
+            what: what.into(),
+            since: Instant::now(),
+        };
+        PATHS
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.tid);
+            .insert(id, path);
+        Self {
+            id,
+            _noio: NoioScope::enter(),
+        }
+    }
+}
+
+impl Drop for PmPath {
+    fn drop(&mut self) {
+        PATHS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -211,6 +376,75 @@ mod tests {
         to_worker.send(true).unwrap();
         worker.join().unwrap();
         assert!(!is_thread_noio(tid), "exited thread still registered");
+    }
+
+    #[test]
+    fn registering_twice_keeps_the_thread_until_both_guards_drop() {
+        let first = register_current_thread();
+        let second = register_current_thread();
+        let _s = NoioScope::enter();
+        drop(second);
+        assert!(
+            is_thread_noio(gettid()),
+            "one guard dropped unregistered the thread"
+        );
+        drop(first);
+        assert!(!is_thread_noio(gettid()));
+    }
+
+    #[test]
+    fn lent_noio_makes_another_thread_noio_until_the_loan_ends() {
+        let (tx, rx) = mpsc::channel::<Tid>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let worker = thread::spawn(move || {
+            let _reg = register_current_thread();
+            tx.send(gettid()).unwrap();
+            let _ = done_rx.recv();
+            assert!(!is_noio(), "a loan does not touch the thread's own flag");
+        });
+        let tid = rx.recv().unwrap();
+        assert!(!is_thread_noio(tid));
+        let a = lend_noio(tid);
+        let b = lend_noio(tid);
+        assert!(is_thread_noio(tid));
+        drop(a);
+        assert!(is_thread_noio(tid), "loans nest");
+        drop(b);
+        assert!(!is_thread_noio(tid));
+        done_tx.send(()).unwrap();
+        worker.join().unwrap();
+        // Lending to an unknown thread is harmless.
+        drop(lend_noio(-1));
+    }
+
+    #[test]
+    fn running_guest_is_seen_by_tid() {
+        let _r = register_current_thread();
+        assert!(!is_thread_running_guest(gettid()));
+        set_running_guest(true);
+        assert!(is_thread_running_guest(gettid()));
+        set_running_guest(false);
+        assert!(!is_thread_running_guest(gettid()));
+    }
+
+    #[test]
+    fn pm_path_is_noio_and_on_record_until_dropped() {
+        let tid = gettid();
+        let mine = |v: Vec<ActivePath>| v.into_iter().filter(|p| p.tid == tid).count();
+        {
+            let _p = PmPath::enter("test resume");
+            assert!(is_noio());
+            let paths = active_paths();
+            let p = paths.iter().find(|p| p.tid == tid).expect("on record");
+            assert_eq!(p.what, "test resume");
+            {
+                let _inner = PmPath::enter(format!("nested {}", 1));
+                assert_eq!(mine(active_paths()), 2);
+            }
+            assert!(is_noio());
+        }
+        assert!(!is_noio());
+        assert_eq!(mine(active_paths()), 0);
     }
 
     #[test]

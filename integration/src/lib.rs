@@ -33,6 +33,7 @@ pub mod rootfs;
 pub mod testing;
 pub mod usb;
 pub mod usb_bench;
+pub mod usb_pm_bench;
 pub mod verdict;
 
 pub use harness::{GuestRun, Harness, HarnessError, KernelForm, Mode, RunResult, ScriptPaths};

@@ -11,7 +11,7 @@
 //! - Without one, `madvise(MADV_DONTNEED)` on the guest RAM mapping (private
 //!   anonymous memory: the pages go back to the host, a touch reads zeroes).
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use devices::bus::Bus;
@@ -22,7 +22,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::balloon_policy::{AutoPolicy, PolicyThread};
 use crate::config::{BalloonConfig, MemoryConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::memory::{Pager, PAGE_SIZE};
+use crate::memory::{PagerProbe, PAGE_SIZE};
 
 /// How long `balloon.stats` waits for the guest's fresh statistics.
 pub const STATS_WAIT: Duration = Duration::from_millis(500);
@@ -30,15 +30,14 @@ pub const STATS_WAIT: Duration = Duration::from_millis(500);
 /// Discards guest pages for the balloon.
 pub struct GuestRamSink {
     mem: GuestMemoryMmap,
-    /// Weak: the VM stops the pager by value at exit.
-    pager: Option<Weak<Pager>>,
+    pager: Option<PagerProbe>,
 }
 
 impl GuestRamSink {
-    pub fn new(mem: GuestMemoryMmap, pager: Option<&Arc<Pager>>) -> Self {
+    pub fn new(mem: GuestMemoryMmap, pager: Option<&PagerProbe>) -> Self {
         Self {
             mem,
-            pager: pager.map(Arc::downgrade),
+            pager: pager.cloned(),
         }
     }
 
@@ -64,11 +63,10 @@ impl GuestRamSink {
 
 impl BalloonSink for GuestRamSink {
     fn discard(&self, gpa: u64, len: u64) -> std::io::Result<u64> {
-        match self.pager.as_ref().and_then(Weak::upgrade) {
+        match &self.pager {
             Some(pager) => pager
                 .discard(GuestAddress(gpa), len)
                 .map_err(std::io::Error::other),
-            // No pager, or it has stopped (guest RAM is unregistered then).
             None => self.madvise(gpa, len),
         }
     }
@@ -97,23 +95,19 @@ pub struct BalloonReport {
 #[derive(Clone)]
 pub struct BalloonControl {
     pub handle: BalloonHandle,
-    pager: Option<Weak<Pager>>,
+    pager: Option<PagerProbe>,
 }
 
 impl BalloonControl {
-    pub fn new(handle: BalloonHandle, pager: Option<&Arc<Pager>>) -> Self {
+    pub fn new(handle: BalloonHandle, pager: Option<&PagerProbe>) -> Self {
         Self {
             handle,
-            pager: pager.map(Arc::downgrade),
+            pager: pager.cloned(),
         }
     }
 
     pub fn report(&self) -> BalloonReport {
-        let pager = self
-            .pager
-            .as_ref()
-            .and_then(Weak::upgrade)
-            .map(|p| p.stats());
+        let pager = self.pager.as_ref().map(|p| p.stats());
         BalloonReport {
             balloon: self.handle.info(),
             host: HostMemory {
@@ -144,7 +138,7 @@ pub fn add(
     devices: &DeviceManager,
     mmio: &Bus,
     mem: &GuestMemoryMmap,
-    pager: Option<&Arc<Pager>>,
+    pager: Option<&PagerProbe>,
 ) -> Result<(BalloonControl, Option<PolicyThread>), DeviceError> {
     let sink = Arc::new(GuestRamSink::new(mem.clone(), pager));
     let options = BalloonOptions {
@@ -166,12 +160,12 @@ pub fn add(
             );
             let policy = AutoPolicy::new(cfg.size, max);
             Some(
-                PolicyThread::start(policy, handle.clone(), Arc::downgrade(p)).map_err(
-                    |source| DeviceError::Io {
+                PolicyThread::start(policy, handle.clone(), p.clone()).map_err(|source| {
+                    DeviceError::Io {
                         what: "balloon policy thread",
                         source,
-                    },
-                )?,
+                    }
+                })?,
             )
         }
         _ => None,

@@ -11,13 +11,13 @@
 //! moves the target.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::virtio::balloon::BalloonHandle;
 
-use crate::memory::Pager;
+use crate::memory::PagerProbe;
 
 /// How much one decision moves the target.
 pub const STEP: u64 = 64 << 20;
@@ -90,7 +90,7 @@ impl PolicyThread {
     pub fn start(
         mut policy: AutoPolicy,
         handle: BalloonHandle,
-        pager: Weak<Pager>,
+        pager: PagerProbe,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -99,10 +99,7 @@ impl PolicyThread {
             .spawn(move || {
                 while !flag.load(Ordering::Acquire) {
                     std::thread::sleep(TICK);
-                    // The strong reference lives only for this look.
-                    let Some(stats) = pager.upgrade().map(|p| p.stats()) else {
-                        return;
-                    };
+                    let stats = pager.stats();
                     let info = handle.info();
                     let o = Observation {
                         waits: stats.counters.waits,

@@ -19,10 +19,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::api::protocol::event;
 use crate::api::{
-    ApiError, ApiServer, Command, Dispatch, ErrorCode, EventBus, Responder, ServerError,
+    ApiError, ApiServer, Command, Dispatch, ErrorCode, EventBus, EvictTarget, Responder,
+    ServerError,
 };
 use crate::balloon::BalloonControl;
 use crate::config::UsbStorageConfig;
+use crate::memory::PagerProbe;
 use crate::usb::{UsbManager, USB2_PORTS, USB3_PORTS};
 use crate::vcpu::{StopReason, VmStop};
 
@@ -53,6 +55,8 @@ pub struct VmHandler {
     balloon: Option<BalloonControl>,
     stop: Arc<VmStop>,
     facts: VmFacts,
+    /// The pager's counters and the evict test aid, when RAM has a limit.
+    pager: Option<PagerProbe>,
     started: Instant,
     events: Option<EventBus>,
 }
@@ -62,12 +66,18 @@ fn usb_err(e: crate::usb::UsbError) -> ApiError {
 }
 
 impl VmHandler {
-    pub fn new(usb: Option<UsbManager>, stop: Arc<VmStop>, facts: VmFacts) -> Self {
+    pub fn new(
+        usb: Option<UsbManager>,
+        stop: Arc<VmStop>,
+        facts: VmFacts,
+        pager: Option<PagerProbe>,
+    ) -> Self {
         Self {
             usb,
             balloon: None,
             stop,
             facts,
+            pager,
             started: Instant::now(),
             events: None,
         }
@@ -126,6 +136,7 @@ impl VmHandler {
                 self.emit(event::USB_DETACHED, v.clone());
                 Ok(v)
             }
+            Command::DebugEvict(target) => self.evict(target),
             Command::UsbWake(target) => {
                 let info = self.usb()?.wake(&target).map_err(usb_err)?;
                 Ok(json!(info))
@@ -150,6 +161,31 @@ impl VmHandler {
         }
     }
 
+    /// The `debug.evict` test aid: pushes guest pages out to swap.
+    fn evict(&mut self, target: EvictTarget) -> Result<Value, ApiError> {
+        let pager = self.pager.clone().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidState,
+                "debug.evict needs a pager (--memory ...,limit=,swap=)",
+            )
+        })?;
+        let ranges = match target {
+            EvictTarget::Range { gpa, len } => vec![(gpa, len)],
+            EvictTarget::Xhci => self.usb()?.controller_structures(),
+        };
+        let mut pages = 0;
+        for &(gpa, len) in &ranges {
+            pages += pager
+                .evict(vm_memory::GuestAddress(gpa), len)
+                .map_err(|e| ApiError::from_error(ErrorCode::BadRequest, &e))?;
+        }
+        log::info!(
+            "debug.evict: {pages} pages in {} ranges pushed to swap",
+            ranges.len()
+        );
+        Ok(json!({ "ranges": ranges.len(), "pages": pages }))
+    }
+
     fn info(&self) -> Value {
         let usb = self.usb.as_ref().map(|u| {
             json!({
@@ -169,6 +205,9 @@ impl VmHandler {
             "memory_bytes": self.facts.memory_bytes,
             "usb": usb,
             "balloon": self.balloon.as_ref().map(|b| b.report()),
+            "pager": self.pager.as_ref().map(|p| p.stats()),
+            "volumes": devices::block::all_volumes().iter().map(|v| v.info()).collect::<Vec<_>>(),
+            "noio_disabled": devices::noio::unsafe_disabled(),
         })
     }
 }
@@ -305,6 +344,7 @@ mod tests {
                 cpus: 2,
                 memory_bytes: 256 << 20,
             },
+            None,
         )
     }
 

@@ -191,6 +191,7 @@ impl DeviceManager {
         let image =
             RawImage::open(&cfg.path, cfg.readonly, &cfg.id).map_err(|e| disk_err(e.into()))?;
         let volume = image.volume().clone();
+        volume.set_owner(format!("virtio-blk disk '{}'", cfg.id));
         let num_queues = cfg.queues.unwrap_or(u16::from(cpus.max(1)));
         let block = Block::new(
             image,

@@ -21,3 +21,4 @@ pub mod serial_input;
 pub mod usb;
 pub mod vcpu;
 pub mod vm;
+pub mod watchdog;

@@ -94,6 +94,19 @@ struct Cli {
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: log::LevelFilter,
 
+    /// Stall watchdog: a resume/reset path, or any thread blocked on a
+    /// guest-memory fault, that waits longer than SECS seconds is reported
+    /// with the chain of waits behind it and the VMM exits with status 76.
+    /// 0 turns it off.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    stall_watchdog: u64,
+
+    /// TEST AID, UNSAFE: resume and reset paths run without their NOIO
+    /// scope, so with swap on a device's volume they can deadlock (the
+    /// stall watchdog then reports it). Only to show what NOIO prevents.
+    #[arg(long)]
+    unsafe_disable_noio: bool,
+
     /// Run even on a PVM /dev/kvm (stock kernels hang there; for experiments).
     #[arg(long, hide = true)]
     allow_pvm: bool,
@@ -119,6 +132,9 @@ fn main() -> ExitCode {
         allow_pvm: cli.allow_pvm,
         usb_io: cli.usb_io,
         balloon: cli.balloon,
+        stall_watchdog: (cli.stall_watchdog > 0)
+            .then(|| std::time::Duration::from_secs(cli.stall_watchdog)),
+        unsafe_disable_noio: cli.unsafe_disable_noio,
     };
     match vm::run(&cfg) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

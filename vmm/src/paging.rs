@@ -25,7 +25,11 @@ pub fn start(
     let volume = match &cfg.swap_volume {
         Some(id) => volume_of(id)
             .ok_or_else(|| PagerError::Config(format!("swap_volume={id}: no disk has that id")))?,
-        None => Volume::new("swap"),
+        None => {
+            let v = Volume::new("swap");
+            v.set_owner("the swap file alone");
+            v
+        }
     };
     let mut pc = PagerConfig::new(limit, swap, volume.clone());
     pc.reserve_pages = cfg.reserve_pages.map(|r| r as usize);

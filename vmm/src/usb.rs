@@ -249,6 +249,7 @@ impl UsbManager {
         }
         let image = Arc::new(RawImage::open(&cfg.path, cfg.readonly, &id)?);
         let volume = image.volume().clone();
+        volume.set_owner(format!("USB disk '{id}' on port {port}"));
         let info = UsbDeviceInfo {
             id: id.clone(),
             port,
@@ -329,6 +330,11 @@ impl UsbManager {
         self.lock().remote_wake(port)?;
         let info = self.attached.get(&port).cloned();
         info.ok_or_else(|| UsbError::NotFound(format!("on port {port}")))
+    }
+
+    /// The guest pages the controller works on (the evict test aid).
+    pub fn controller_structures(&self) -> Vec<(u64, u64)> {
+        self.lock().xhci().guest_structures()
     }
 
     /// The I/O volume of the attached disk with this id.

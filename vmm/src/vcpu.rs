@@ -166,7 +166,11 @@ impl Vcpu {
         let _noio_registration = devices::noio::register_current_thread();
         let mut exits = ExitCounts::default();
         while !h.stop.is_stopping() {
+            // While in KVM_RUN a fault is the guest's own access (see
+            // devices::noio::is_thread_running_guest); after it, emulation.
+            devices::noio::set_running_guest(true);
             let result = self.fd.run();
+            devices::noio::set_running_guest(false);
             exits.count(&result);
             if let Some(ring) = &h.coalesced {
                 // Before this exit is handled: it may read what they wrote.

@@ -90,6 +90,8 @@ pub enum VmError {
     EventFd(#[source] std::io::Error),
     #[error("cannot start the serial input thread")]
     SerialInput(#[source] std::io::Error),
+    #[error("cannot start the stall watchdog thread")]
+    Watchdog(#[source] std::io::Error),
     #[error("cannot register {what} on the bus")]
     Bus {
         what: &'static str,
@@ -118,6 +120,10 @@ pub struct VmConfig {
     pub usb_io: UsbIo,
     /// A virtio-balloon device (`--balloon`).
     pub balloon: Option<BalloonConfig>,
+    /// Bound of the stall watchdog (`None`: off).
+    pub stall_watchdog: Option<std::time::Duration>,
+    /// Test aid: resume/reset paths without NOIO (see `devices::noio`).
+    pub unsafe_disable_noio: bool,
 }
 
 /// The default guest command line: serial console, reboot through the
@@ -202,13 +208,17 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             .volume(id)
             .or_else(|| usb.as_ref().and_then(|u| u.volume(id)))
     };
-    // Shared with the balloon's sink (weakly) and stopped by value at exit.
-    let pager = paging::start(&cfg.memory, &mem, volume_of, &stop)?.map(Arc::new);
+    let pager = paging::start(&cfg.memory, &mem, volume_of, &stop)?;
+    let probe = pager.as_ref().map(crate::memory::Pager::probe);
+    devices::noio::set_unsafe_disabled(cfg.unsafe_disable_noio);
+    if let Some(bound) = cfg.stall_watchdog {
+        crate::watchdog::start(bound, probe.clone()).map_err(VmError::Watchdog)?;
+    }
     // After the pager, so that its discards go through it.
     let (balloon, mut balloon_policy) = match &cfg.balloon {
         Some(b) => {
             let (control, policy) =
-                crate::balloon::add(b, &cfg.memory, &devices, &mmio, &mem, pager.as_ref())?;
+                crate::balloon::add(b, &cfg.memory, &devices, &mmio, &mem, probe.as_ref())?;
             (Some(control), policy)
         }
         None => (None, None),
@@ -219,7 +229,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     };
     let control = Control::new(
         cfg.api_socket.as_deref(),
-        VmHandler::new(usb, stop.clone(), facts).with_balloon(balloon.clone()),
+        VmHandler::new(usb, stop.clone(), facts, probe).with_balloon(balloon.clone()),
     )?;
 
     phase("adding the devices");
@@ -257,6 +267,17 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     // Wait for the guest, a device, a vCPU or the API to ask for the end.
     control.run_until_stopped(&stop);
     vcpu::stop_and_join(threads);
+    if pager.is_some() {
+        // Quiesce counters of every volume (swap may share a disk's).
+        let volumes: Vec<_> = devices::block::all_volumes()
+            .iter()
+            .map(|v| v.info())
+            .collect();
+        eprintln!(
+            "volume-stats {}",
+            serde_json::to_string(&volumes).unwrap_or_default()
+        );
+    }
     if serial.lock().is_ok_and(|mut s| s.guest_output_pending()) {
         log::warn!(
             "the guest stopped while its serial driver still had console output to send; \
@@ -267,7 +288,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     if let Some(t) = serial_input {
         let _ = t.join();
     }
-    // The policy holds the pager for a moment on each look: stop it first.
+    // No more target changes once the VM is down.
     if let Some(p) = balloon_policy.as_mut() {
         p.stop();
     }
@@ -276,13 +297,6 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         // Before the pager stops: its counters are part of the report.
         eprintln!("balloon-stats {}", b.report_json());
     }
-    let pager = pager.and_then(|p| {
-        // The balloon's sink holds it weakly and the event loop has stopped,
-        // so this is the only reference.
-        Arc::try_unwrap(p)
-            .inspect_err(|_| log::error!("the pager is still in use at exit; not stopped"))
-            .ok()
-    });
     if let Some(err) = pager.and_then(paging::finish) {
         return Err(VmError::PagerFailed(err));
     }

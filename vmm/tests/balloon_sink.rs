@@ -3,8 +3,6 @@
 //! host's page tables, free swap slots, and read back as zeroes. Needs root
 //! or /dev/userfaultfd.
 
-use std::sync::Arc;
-
 use devices::virtio::balloon::BalloonSink;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm::balloon::GuestRamSink;
@@ -22,14 +20,14 @@ fn mincore_resident(mem: &GuestMemoryMmap, len: usize) -> usize {
     v.iter().filter(|&&b| b & 1 != 0).count()
 }
 
-fn pager(mem: &GuestMemoryMmap, limit: usize, tag: &str) -> (Arc<Pager>, std::path::PathBuf) {
+fn pager(mem: &GuestMemoryMmap, limit: usize, tag: &str) -> (Pager, std::path::PathBuf) {
     let swap = std::env::temp_dir().join(format!(
         "vmm-balloon-sink-{tag}-{}.swap",
         std::process::id()
     ));
     let cfg = PagerConfig::new(limit as u64, &swap, devices::block::Volume::new("swap"));
     let pager = Pager::start(&cfg, mem).expect("pager start (needs userfaultfd)");
-    (Arc::new(pager), swap)
+    (pager, swap)
 }
 
 #[test]
@@ -38,7 +36,7 @@ fn discards_through_the_pager_leave_residency_and_read_zero() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), ram)]).unwrap();
     // No overcommit: every touched page stays resident.
     let (pager, swap) = pager(&mem, ram, "resident");
-    let sink = GuestRamSink::new(mem.clone(), Some(&pager));
+    let sink = GuestRamSink::new(mem.clone(), Some(&pager.probe()));
     let filler = vec![0x5au8; 8 * MIB];
     mem.write_slice(&filler, GuestAddress(0)).unwrap();
     let before = pager.stats();
@@ -77,7 +75,7 @@ fn discards_through_the_pager_leave_residency_and_read_zero() {
     );
 
     drop(sink);
-    Arc::try_unwrap(pager).ok().unwrap().stop();
+    pager.stop();
     let _ = std::fs::remove_file(swap);
 }
 
@@ -86,7 +84,7 @@ fn discarding_swapped_pages_frees_their_slots() {
     let ram = 16 * MIB;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), ram)]).unwrap();
     let (pager, swap) = pager(&mem, MIB, "swapped");
-    let sink = GuestRamSink::new(mem.clone(), Some(&pager));
+    let sink = GuestRamSink::new(mem.clone(), Some(&pager.probe()));
     mem.write_slice(&vec![7u8; 8 * MIB], GuestAddress(0))
         .unwrap();
     // Let writeback settle.
@@ -108,6 +106,6 @@ fn discarding_swapped_pages_frees_their_slots() {
         .unwrap();
     assert_eq!(b, [0; 32]);
     drop(sink);
-    Arc::try_unwrap(pager).ok().unwrap().stop();
+    pager.stop();
     let _ = std::fs::remove_file(swap);
 }

@@ -530,6 +530,192 @@ fn noio_faults_complete_while_the_swap_volume_is_quiesced() {
     assert!(f.pager().fatal_error().is_none());
 }
 
+/// A vCPU running guest code that faults while the swap volume is quiesced
+/// is served past the quiesce (the guest could never resume its device
+/// while stuck); device emulation outside NOIO waits, and its blocked fault
+/// is on record (thread, guest page, what it waits for) with the volume's
+/// waiter. Also the evict test aid: a resident page goes to swap and reads
+/// back.
+#[test]
+fn guest_code_faults_pass_a_quiesced_volume_and_emulation_waits_on_record() {
+    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
+    let mem = f.mem();
+    let probe = f.pager().probe();
+    {
+        let _reg = register_current_thread();
+        for page in 0..2048 {
+            mem.fill(page, 1);
+        }
+    }
+    settle(&f);
+    let resident = f.physically_resident();
+    let hot = (0..2048)
+        .rev()
+        .find(|&p| resident[p])
+        .expect("a resident page");
+    let evicted = probe
+        .evict(GuestAddress((hot * PAGE_SIZE) as u64), PAGE_SIZE as u64)
+        .unwrap();
+    assert_eq!(evicted, 1);
+    assert!(!f.physically_resident()[hot], "evicted page still mapped");
+    assert_eq!(f.pager().stats().counters.evicted_on_request, 1);
+    let resident = f.physically_resident();
+    let swapped: Vec<usize> = (0..2048)
+        .filter(|&p| !resident[p] && p != hot)
+        .take(2)
+        .collect();
+    f.volume.quiesce();
+
+    // Guest code (KVM_RUN) faulting: served at once, past the quiesce.
+    let (tx, rx) = mpsc::channel();
+    let (guest_page, hot_page) = (swapped[0], hot);
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        devices::noio::set_running_guest(true);
+        let _ = tx.send(mem.holds(guest_page, 1) && mem.holds(hot_page, 1));
+    });
+    let ok = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a guest-code fault waited on the quiesced volume");
+    assert!(ok, "guest-code fault read wrong data");
+    let s = eventually(&f, |s| s.counters.guest_faults_past_quiesce >= 2);
+    assert!(s.counters.guest_faults_past_quiesce >= 2, "{s:?}");
+    assert_eq!(
+        s.counters.noio_faults, 0,
+        "guest faults are not NOIO faults"
+    );
+
+    // Device emulation (not NOIO) waits, on record.
+    let plain = swapped[1];
+    let (tx, rx) = mpsc::channel();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _ = tid_tx.send(devices::noio::gettid());
+        let _ = tx.send(mem.holds(plain, 1));
+    });
+    let tid = tid_rx.recv().unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "emulation fault passed"
+    );
+    let blocked = probe.blocked_faults();
+    let b = blocked
+        .iter()
+        .find(|b| b.tid == tid)
+        .expect("blocked fault on record");
+    assert_eq!(b.gpa, (plain * PAGE_SIZE) as u64);
+    assert_eq!(b.waiting_for, "its swap-in read");
+    let waiters = f.volume.info().waiters;
+    assert!(
+        waiters.iter().any(|w| w.thread == "pager-swapin"),
+        "{waiters:?}"
+    );
+    f.volume.resume();
+    assert!(rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("fault after resume"));
+    assert!(eventually_empty(&probe), "the fault stayed on record");
+}
+
+/// NOIO travels: a thread whose fault already waits on the quiesced volume
+/// is served the NOIO way as soon as a NOIO path lends it NOIO (a reset
+/// waiting for its worker), without the volume being resumed.
+#[test]
+fn a_fault_waiting_on_the_volume_is_served_once_noio_is_lent_to_its_thread() {
+    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
+    let mem = f.mem();
+    {
+        let _reg = register_current_thread();
+        for page in 0..2048 {
+            mem.fill(page, 1);
+        }
+    }
+    settle(&f);
+    let resident = f.physically_resident();
+    let page = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
+    f.volume.quiesce();
+    let (tx, rx) = mpsc::channel();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _ = tid_tx.send(devices::noio::gettid());
+        let _ = tx.send(mem.holds(page, 1));
+    });
+    let tid = tid_rx.recv().unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "did not wait"
+    );
+    let _loan = devices::noio::lend_noio(tid);
+    let ok = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the waiting fault was not re-served after the loan");
+    assert!(ok, "wrong data");
+    assert!(f.volume.is_quiesced(), "served without resuming the volume");
+    let s = eventually(&f, |s| s.counters.noio_reads_past_quiesce >= 1);
+    assert!(s.counters.noio_reads_past_quiesce >= 1, "{s:?}");
+    f.volume.resume();
+}
+
+/// A swap-in parked on a quiesced volume does not hold up a zero-fill
+/// fault that only waits for a frame: they wait in different queues.
+#[test]
+fn a_parked_swap_in_does_not_hold_up_zero_fill_faults() {
+    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
+    let mem = f.mem();
+    {
+        let _reg = register_current_thread();
+        for page in 0..2048 {
+            mem.fill(page, 1);
+        }
+    }
+    // Written back and clean: reclaim can free frames without I/O.
+    settle(&f);
+    let resident = f.physically_resident();
+    let swapped = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
+    f.volume.quiesce();
+    // An ordinary thread's swap-in: parked on the quiesced volume.
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _ = tx.send(mem.holds(swapped, 1));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "swap-in did not park"
+    );
+    // Fresh pages at the limit: zero fills that wait only for frames,
+    // which reclaim makes by dropping clean pages (no I/O).
+    let (ztx, zrx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        for page in 4096..4096 + 64 {
+            mem.fill(page, 2);
+        }
+        let _ = ztx.send((4096..4096 + 64).all(|p| mem.holds(p, 2)));
+    });
+    let ok = zrx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("zero fills waited behind the parked swap-in");
+    assert!(ok, "fresh pages lost their data");
+    assert!(
+        rx.try_recv().is_err(),
+        "the parked swap-in passed the quiesce"
+    );
+    f.volume.resume();
+    assert!(rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("swap-in after resume"));
+}
+
+fn eventually_empty(probe: &vmm::memory::PagerProbe) -> bool {
+    (0..100).any(|_| {
+        thread::sleep(Duration::from_millis(10));
+        probe.blocked_faults().is_empty()
+    })
+}
+
 #[test]
 fn discard_and_external_remove_free_slots_and_read_zero() {
     let f = Fixture::new(16 * MIB, MIB, |_| {});

@@ -72,6 +72,7 @@ fn hotplug_over_the_socket_with_vmm_ctl() {
             cpus: 1,
             memory_bytes: 64 << 20,
         },
+        None,
     );
     let control = Control::new(Some(&socket), handler).unwrap();
     let stop2 = stop.clone();

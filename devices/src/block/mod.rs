@@ -10,7 +10,7 @@ mod raw;
 mod volume;
 
 pub use raw::{RawImage, RawImageError};
-pub use volume::{IoGuard, Volume, VolumeInfo};
+pub use volume::{all_volumes, IoGuard, Volume, VolumeInfo, VolumeWaiter};
 
 /// Logical sector size every device model exposes.
 pub const SECTOR_SIZE: u64 = 512;

@@ -1,6 +1,7 @@
 //! A volume: the host I/O queue of one storage backend, which can be quiesced.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -15,6 +16,17 @@ struct State {
     resumes: u64,
     /// Time spent quiesced, not counting the current stretch.
     quiesced_total: Duration,
+    /// Threads waiting for the volume to flow: (wait id, thread, since).
+    waiters: Vec<(u64, String, Instant)>,
+    /// Who sits on the volume, e.g. "USB disk 'pm' on port 5".
+    owner: Option<String>,
+}
+
+/// A thread waiting for a quiesced volume, as diagnostics show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeWaiter {
+    pub thread: String,
+    pub waited_ms: u64,
 }
 
 /// A volume's state and counters, as diagnostics and the control API show them.
@@ -28,6 +40,23 @@ pub struct VolumeInfo {
     pub resumes: u64,
     /// Total time spent quiesced, the current stretch included.
     pub quiesced_ms: u64,
+    /// How long the current quiesce has lasted (0 when flowing).
+    pub quiesced_for_ms: u64,
+    pub owner: Option<String>,
+    /// Threads waiting for the volume to flow again, longest first.
+    pub waiters: Vec<VolumeWaiter>,
+}
+
+static NEXT_WAIT: AtomicU64 = AtomicU64::new(0);
+
+/// Every volume alive in the process, for the stall watchdog.
+static VOLUMES: LazyLock<Mutex<Vec<Weak<Volume>>>> = LazyLock::new(|| Mutex::new(Vec::new()));
+
+/// The volumes alive right now.
+pub fn all_volumes() -> Vec<Arc<Volume>> {
+    let mut list = VOLUMES.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|w| w.strong_count() > 0);
+    list.iter().filter_map(Weak::upgrade).collect()
 }
 
 /// The host-side I/O queue of one storage backend.
@@ -50,11 +79,21 @@ pub struct IoGuard {
 
 impl Volume {
     pub fn new(name: impl Into<String>) -> Arc<Self> {
-        Arc::new(Self {
+        let v = Arc::new(Self {
             name: name.into(),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
-        })
+        });
+        VOLUMES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&v));
+        v
+    }
+
+    /// Says who sits on the volume (diagnostics: the watchdog names it).
+    pub fn set_owner(&self, owner: impl Into<String>) {
+        self.lock().owner = Some(owner.into());
     }
 
     pub fn name(&self) -> &str {
@@ -80,6 +119,16 @@ impl Volume {
             quiesces: st.quiesces,
             resumes: st.resumes,
             quiesced_ms: (st.quiesced_total + current).as_millis() as u64,
+            quiesced_for_ms: current.as_millis() as u64,
+            owner: st.owner.clone(),
+            waiters: st
+                .waiters
+                .iter()
+                .map(|(_, thread, since)| VolumeWaiter {
+                    thread: thread.clone(),
+                    waited_ms: since.elapsed().as_millis() as u64,
+                })
+                .collect(),
         }
     }
 
@@ -116,16 +165,44 @@ impl Volume {
         log::debug!("volume {}: resumed", self.name);
     }
 
-    /// Starts one I/O, waiting while the volume is quiesced.
+    /// Starts one I/O, waiting while the volume is quiesced (on record for
+    /// diagnostics while it waits).
     pub fn begin_io(self: &Arc<Self>) -> IoGuard {
+        self.begin_io_unless(Duration::from_secs(3600), || false)
+            .unwrap_or_else(|| unreachable!("a wait that never gives up returned none"))
+    }
+
+    /// Starts one I/O, waiting while the volume is quiesced, but gives up
+    /// (`None`) once `give_up` returns true; it is checked every `poll`.
+    /// The waiting thread is on record ([`VolumeInfo::waiters`]) for the
+    /// whole wait.
+    pub fn begin_io_unless(
+        self: &Arc<Self>,
+        poll: Duration,
+        give_up: impl Fn() -> bool,
+    ) -> Option<IoGuard> {
         let mut st = self.lock();
-        while st.quiesced {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        if st.quiesced {
+            let id = NEXT_WAIT.fetch_add(1, Ordering::Relaxed);
+            let thread = std::thread::current().name().unwrap_or("?").to_string();
+            st.waiters.push((id, thread, Instant::now()));
+            while st.quiesced {
+                if give_up() {
+                    st.waiters.retain(|w| w.0 != id);
+                    return None;
+                }
+                st = self
+                    .changed
+                    .wait_timeout(st, poll)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            st.waiters.retain(|w| w.0 != id);
         }
         st.in_flight += 1;
-        IoGuard {
+        Some(IoGuard {
             volume: self.clone(),
-        }
+        })
     }
 
     /// Like [`Volume::begin_io`] but gives up after `timeout`.
@@ -215,6 +292,33 @@ mod tests {
         assert!(i.quiesced_ms >= 20, "{i:?}");
         drop(g);
         assert_eq!(vol.info().in_flight, 0);
+    }
+
+    #[test]
+    fn waiters_are_on_record_while_they_wait_and_can_give_up() {
+        let vol = Volume::new("w");
+        vol.set_owner("test disk");
+        vol.quiesce();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (v, st) = (vol.clone(), stop.clone());
+        let t = thread::Builder::new()
+            .name("waiter".into())
+            .spawn(move || {
+                v.begin_io_unless(Duration::from_millis(5), || st.load(Ordering::SeqCst))
+                    .is_some()
+            })
+            .unwrap();
+        thread::sleep(Duration::from_millis(50));
+        let i = vol.info();
+        assert_eq!(i.owner.as_deref(), Some("test disk"));
+        assert_eq!(i.waiters.len(), 1, "{i:?}");
+        assert_eq!(i.waiters[0].thread, "waiter");
+        assert!(i.waiters[0].waited_ms >= 40, "{i:?}");
+        assert!(i.quiesced_for_ms >= 40, "{i:?}");
+        stop.store(true, Ordering::SeqCst);
+        assert!(!t.join().unwrap(), "gave up while quiesced");
+        assert!(vol.info().waiters.is_empty());
+        assert!(all_volumes().iter().any(|v| Arc::ptr_eq(v, &vol)));
     }
 
     #[test]

@@ -266,7 +266,10 @@ impl VirtioPciDevice {
     fn reset(&mut self) {
         // A reset path must never wait on backing I/O of guest memory: this
         // runs on a vCPU thread, and the disk being reset may carry the swap.
-        let _noio = crate::noio::NoioScope::enter();
+        // It waits for the worker's current batch, so the worker's thread
+        // is NOIO for that long too (the scope travels with the wait).
+        let _path = crate::noio::PmPath::enter("virtio-pci reset");
+        let _loan = self.workers.lend_noio();
         if let Some(id) = self.worker.take() {
             if let Err(e) = self.workers.stop(id) {
                 log::error!("virtio-pci: cannot stop worker: {e}");
@@ -315,6 +318,8 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) -> Result<(), ActivateError> {
+        // Re-activation after a reset is the other half of the reset path.
+        let _path = crate::noio::PmPath::enter("virtio-pci activation");
         let mut queues = Vec::new();
         for (i, cfg) in self.common.queues.iter().enumerate() {
             if cfg.enabled {

@@ -32,6 +32,12 @@ pub trait WorkerHost: Send + Sync {
     /// Removes and drops the worker; returns once it can no longer run.
     /// Must not be called from the event loop thread itself.
     fn stop(&self, id: WorkerId) -> Result<(), WorkerError>;
+
+    /// NOIO lent to the thread that runs the workers, for a NOIO path that
+    /// is about to wait for it (see `crate::noio::lend_noio`).
+    fn lend_noio(&self) -> Option<crate::noio::NoioLoan> {
+        None
+    }
 }
 
 /// An event-manager loop on a dedicated thread.
@@ -39,6 +45,8 @@ pub struct EventLoop {
     endpoint: RemoteEndpoint<Worker>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The loop thread's kernel thread id.
+    tid: crate::noio::Tid,
 }
 
 impl EventLoop {
@@ -48,11 +56,13 @@ impl EventLoop {
         let endpoint = manager.remote_endpoint();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
                 // Device threads register so the pager can read their NOIO flag.
                 let _noio = crate::noio::register_current_thread();
+                let _ = tid_tx.send(crate::noio::gettid());
                 while !stop_flag.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
                         log::error!("event loop: {e}");
@@ -62,10 +72,12 @@ impl EventLoop {
                 }
             })
             .map_err(WorkerError::Spawn)?;
+        let tid = tid_rx.recv().unwrap_or(-1);
         Ok(Arc::new(Self {
             endpoint,
             stop,
             thread: Mutex::new(Some(thread)),
+            tid,
         }))
     }
 
@@ -99,6 +111,10 @@ impl WorkerHost for EventLoop {
             })
     }
 
+    fn lend_noio(&self) -> Option<crate::noio::NoioLoan> {
+        Some(crate::noio::lend_noio(self.tid))
+    }
+
     fn stop(&self, id: WorkerId) -> Result<(), WorkerError> {
         self.endpoint
             .call_blocking(move |ops: &mut dyn SubscriberOps<Subscriber = Worker>| {
@@ -106,5 +122,75 @@ impl WorkerHost for EventLoop {
                     .map(drop)
                     .map_err(WorkerError::from)
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU8;
+    use std::time::Duration;
+
+    use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+
+    /// A batch that runs until its thread is NOIO (or 5 s pass), recording
+    /// 1 (NOIO came) or 2 (it never did).
+    struct SlowBatch {
+        kick: EventFd,
+        started: Arc<AtomicBool>,
+        outcome: Arc<AtomicU8>,
+    }
+
+    impl MutEventSubscriber for SlowBatch {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.kick, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.kick.read();
+            self.started.store(true, Ordering::SeqCst);
+            let me = crate::noio::gettid();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !crate::noio::is_thread_noio(me) && std::time::Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
+            let noio = crate::noio::is_thread_noio(me);
+            self.outcome
+                .store(if noio { 1 } else { 2 }, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_stop_that_lends_noio_makes_the_running_batch_noio() {
+        let lp = EventLoop::spawn("test-loop").unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let started = Arc::new(AtomicBool::new(false));
+        let outcome = Arc::new(AtomicU8::new(0));
+        let id = lp
+            .start(Box::new(SlowBatch {
+                kick: kick.try_clone().unwrap(),
+                started: started.clone(),
+                outcome: outcome.clone(),
+            }))
+            .unwrap();
+        kick.write(1).unwrap();
+        while !started.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!crate::noio::is_thread_noio(lp.tid));
+        // What the virtio-pci reset does: lend NOIO, then wait for the worker.
+        let loan = lp.lend_noio();
+        lp.stop(id).unwrap();
+        drop(loan);
+        assert_eq!(
+            outcome.load(Ordering::SeqCst),
+            1,
+            "the batch the stop waited for was not NOIO"
+        );
+        assert!(
+            !crate::noio::is_thread_noio(lp.tid),
+            "the loan outlived the stop"
+        );
     }
 }

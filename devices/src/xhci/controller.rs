@@ -17,6 +17,7 @@ use super::trb::{CompletionCode, Trb};
 use super::{XhciConfig, XhciError};
 use crate::bus::BusDevice;
 use crate::interrupt::Interrupt;
+use crate::noio::PmPath;
 use crate::usb::UsbDevice;
 
 /// The MSI-X vector / interrupter index used for every event.
@@ -183,6 +184,39 @@ impl Xhci {
         self.usbcmd & op::CMD_RUN != 0 && self.usbsts & op::STS_HCH == 0 && !self.d3hot
     }
 
+    /// The guest pages the controller reads or writes on its own: DCBAA,
+    /// command ring, event ring segment table and segments, every device's
+    /// output context and the page at each endpoint's dequeue pointer.
+    /// Page-aligned `(gpa, len)` ranges (for the evict test aid).
+    pub fn guest_structures(&self) -> Vec<(u64, u64)> {
+        let mut v = vec![
+            (self.dcbaap, 8 * (MAX_SLOTS as u64 + 1)),
+            (self.cmd_ring.dequeue, 16),
+        ];
+        v.extend(self.interrupter.guest_ranges());
+        for s in self.slots.iter().filter(|s| s.output != 0) {
+            v.push((s.output, 32 * 32));
+            v.extend(
+                s.endpoints
+                    .iter()
+                    .filter(|e| e.state != EpState::Disabled)
+                    .map(|e| (e.ring.dequeue, 16)),
+            );
+        }
+        let mut pages: Vec<(u64, u64)> = v
+            .into_iter()
+            .filter(|&(a, _)| a != 0)
+            .flat_map(|(a, len)| {
+                let first = a & !0xfff;
+                let last = (a + len.max(1) - 1) & !0xfff;
+                (first..=last).step_by(0x1000).map(|p| (p, 0x1000))
+            })
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        pages
+    }
+
     /// Whether the PCI function put the controller in D3hot.
     pub fn in_d3hot(&self) -> bool {
         self.d3hot
@@ -224,7 +258,7 @@ impl Xhci {
     /// link the guest put in U3 stay suspended). No_Soft_Reset: registers
     /// and rings are as they were. Runs in a NOIO scope.
     pub fn leave_d3hot(&mut self) {
-        let _noio = crate::noio::NoioScope::enter();
+        let _path = PmPath::enter("xhci D3hot -> D0");
         self.d3hot = false;
         for p in &mut self.ports {
             p.resume_unless_u3();
@@ -254,11 +288,16 @@ impl Xhci {
             .ports
             .get_mut(usize::from(port).wrapping_sub(1))
             .ok_or(XhciError::InvalidPort(port))?;
+        let _path = PmPath::enter(format!("xhci port {port} remote wake"));
         let event = p.remote_wake().ok_or(XhciError::NotSuspended(port))?;
+        self.refresh_device_contexts(port);
         if event {
             self.port_event(port);
         } else if !self.running() {
             self.pme_request = true;
+        }
+        if let Some(p) = self.ports.get_mut(usize::from(port) - 1) {
+            p.resume_device();
         }
         self.publish();
         Ok(())
@@ -595,12 +634,82 @@ impl Xhci {
         let target = (value & 0xff) as u8;
         if slot == 0 {
             if target == 0 {
+                // Reset Device, Address Device, endpoint resets and
+                // restarts after a resume run here: a reset path.
+                let _path = PmPath::enter("xhci command ring");
                 self.cmd_running = true;
                 self.process_commands();
             }
             return;
         }
+        // Control transfers (Bulk-Only reset, re-enumeration after a port
+        // reset) are part of the reset paths too; bulk data is not.
+        let _path = (target == 1).then(|| PmPath::enter("xhci default control endpoint"));
         self.ring_endpoint(slot as u8, target);
+    }
+
+    /// A PORTSC write. Resets (PR, WPR) and link resumes out of U3 are
+    /// resume/reset paths (NOIO). A resume touches guest memory (the
+    /// device's output context is brought up to date, the Port Status
+    /// Change event is posted) before the device's volume flows again, as a
+    /// resuming device restores its state before it takes I/O.
+    fn write_portsc(&mut self, i: usize, value: u32) {
+        let Some(p) = self.ports.get_mut(i) else {
+            return;
+        };
+        let port = i as u8 + 1;
+        let was_u3 = p.link_state() == regs::port::PLS_U3;
+        let reset = value & (regs::port::PR | regs::port::WPR) != 0;
+        let link = value & regs::port::LWS != 0;
+        let _path = match () {
+            _ if reset => Some(PmPath::enter(format!("xhci port {port} reset"))),
+            _ if link && was_u3 => Some(PmPath::enter(format!("xhci port {port} resume from U3"))),
+            _ => None,
+        };
+        let event = p.write_portsc(value);
+        let woke = was_u3 && p.link_state() != regs::port::PLS_U3;
+        if woke {
+            self.refresh_device_contexts(port);
+        }
+        if event {
+            self.port_event(port);
+        }
+        if woke {
+            if let Some(p) = self.ports.get_mut(i) {
+                p.resume_device();
+            }
+        }
+    }
+
+    /// Writes the slot and endpoint contexts of the device on `port` back
+    /// to its output device context (resume: the guest reads them next).
+    fn refresh_device_contexts(&mut self, port: u8) {
+        let generation = self.port_ref(port).map(|p| p.generation);
+        let mem = self.mem.memory();
+        for slot in &mut self.slots {
+            if slot.port != port || Some(slot.generation) != generation || slot.output == 0 {
+                continue;
+            }
+            slot.write_slot_ctx(&mem);
+            for dci in 1..=super::slot::NUM_DCI as u8 {
+                if slot.ep(dci).is_some_and(|e| e.state != EpState::Disabled) {
+                    slot.write_ep_ctx(&mem, dci);
+                }
+            }
+        }
+    }
+
+    /// Whether a device on this controller sleeps (link in U3 or the
+    /// controller in D3hot). Then every access to the controller is a NOIO
+    /// path: the resume takes the same lock, so a holder that waited on
+    /// backing I/O blocked by the sleeping device's quiesced volume would
+    /// hold the resume up (the deadlock one step removed).
+    pub fn device_sleeps(&self) -> bool {
+        self.d3hot
+            || self
+                .ports
+                .iter()
+                .any(|p| p.device_suspended() == Some(true))
     }
 
     fn cap_read(&self, offset: u64) -> u32 {
@@ -702,7 +811,18 @@ impl Xhci {
         match offset {
             o if o < OP_BASE => {} // capability registers are read-only
             o if (OP_BASE..PORT_BASE).contains(&o) => match o - OP_BASE {
-                op::USBCMD => self.write_usbcmd(value),
+                op::USBCMD => {
+                    let _path = match value {
+                        v if v & op::CMD_HCRST != 0 => {
+                            Some(PmPath::enter("xhci controller reset (HCRST)"))
+                        }
+                        v if v & op::CMD_CRS != 0 => {
+                            Some(PmPath::enter("xhci restore state (CRS)"))
+                        }
+                        _ => None,
+                    };
+                    self.write_usbcmd(value)
+                }
                 op::USBSTS => self.usbsts &= !(value & op::STS_RW1C_MASK),
                 op::DNCTRL => self.dnctrl = value & op::DNCTRL_RW_MASK,
                 op::CRCR_LO => self.write_crcr(lo(self.crcr)),
@@ -715,11 +835,7 @@ impl Xhci {
             o if (PORT_BASE..XECP_BASE).contains(&o) => {
                 let i = ((o - PORT_BASE) / regs::PORT_STRIDE) as usize;
                 if (o - PORT_BASE) % regs::PORT_STRIDE == regs::port::PORTSC {
-                    if let Some(p) = self.ports.get_mut(i) {
-                        if p.write_portsc(value) {
-                            self.port_event(i as u8 + 1);
-                        }
-                    }
+                    self.write_portsc(i, value);
                 }
             }
             o if (RT_BASE..DB_BASE).contains(&o) => {

@@ -114,6 +114,17 @@ impl Interrupter {
             || !self.overflow.is_empty()
     }
 
+    /// Guest ranges of the segment table and the segments.
+    pub fn guest_ranges(&self) -> Vec<(u64, u64)> {
+        let mut v = vec![(self.erstba, 16 * u64::from(self.erstsz.max(1)))];
+        v.extend(
+            self.segments
+                .iter()
+                .map(|s| (s.base, 16 * u64::from(s.size))),
+        );
+        v
+    }
+
     fn segment_list(&self) -> Vec<(u64, u32)> {
         self.segments.iter().map(|s| (s.base, s.size)).collect()
     }

@@ -25,6 +25,7 @@ use thiserror::Error;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::{Xhci, XhciConfig, XhciError, MMIO_SIZE};
+use crate::noio::PmPath;
 use crate::pci::msix::MsixLayout;
 use crate::pci::{
     BarKind, BarSpec, IntxPin, IrqLevel, MsiRouter, Msix, PciConfig, PciDevice, PciError,
@@ -197,6 +198,7 @@ impl XhciPci {
 
     /// The moderation timer fired: deliver a deferred interrupt.
     pub fn on_moderation_timer(&mut self) {
+        let _noio = self.noio_while_a_device_sleeps();
         self.xhci.on_moderation_timer();
         self.sync_intx();
     }
@@ -205,13 +207,23 @@ impl XhciPci {
     /// would be, while the function does not decode memory (D3hot, Memory
     /// Space disabled).
     pub fn doorbell(&mut self, slot: u8, target: u8) {
+        let _noio = self.noio_while_a_device_sleeps();
         if self.function.bar_access_allowed() {
             self.xhci.ring_doorbell(slot, target);
         }
     }
 
+    /// A NOIO path for as long as a device on the controller sleeps (see
+    /// [`Xhci::device_sleeps`]).
+    fn noio_while_a_device_sleeps(&self) -> Option<PmPath> {
+        self.xhci
+            .device_sleeps()
+            .then(|| PmPath::enter("xhci access while a device sleeps"))
+    }
+
     /// Plugs `device` into 1-based root hub `port` (hotplug).
     pub fn attach(&mut self, port: u8, device: Box<dyn UsbDevice>) -> Result<(), XhciError> {
+        let _noio = self.noio_while_a_device_sleeps();
         self.xhci.attach(port, device)?;
         self.signal_pme();
         Ok(())
@@ -221,6 +233,7 @@ impl XhciPci {
     /// caller calls [`UsbDevice::detach`] on it once it has let go of the
     /// controller's lock.
     pub fn detach(&mut self, port: u8) -> Result<Box<dyn UsbDevice>, XhciError> {
+        let _noio = self.noio_while_a_device_sleeps();
         let dev = self.xhci.detach(port)?;
         self.signal_pme();
         Ok(dev)
@@ -280,6 +293,7 @@ impl PciDevice for XhciPci {
     fn bar_write(&mut self, index: u8, offset: u64, data: &[u8]) {
         match index {
             XHCI_BAR if offset < MMIO_SIZE => {
+                let _noio = self.noio_while_a_device_sleeps();
                 self.xhci.mmio_write(offset, data);
                 self.signal_pme();
                 self.sync_intx();
@@ -729,6 +743,58 @@ mod tests {
         assert_ne!(cfg16(&mut d, p) & PMCSR_PME_STATUS, 0);
         assert_eq!((d.xhci().portsc(3).unwrap() >> 5) & 0xf, 15, "PLS = Resume");
         assert_eq!(d.xhci().port_power()[2].device_suspended, Some(false));
+    }
+
+    /// Records whether each MSI-X message was sent from a NOIO scope.
+    #[derive(Default)]
+    struct NoioRouter(std::sync::Mutex<Vec<bool>>);
+    impl MsiRouter for NoioRouter {
+        fn set_route(&self, _: u16, _: crate::pci::MsiMessage) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn fire(&self, _: u16) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(crate::noio::is_noio());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_register_write_is_a_noio_path_while_a_device_sleeps() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let router = Arc::new(NoioRouter::default());
+        let cfg = XhciConfig {
+            usb2_ports: 2,
+            usb3_ports: 2,
+        };
+        let mut d = XhciPci::new(cfg, GuestMemoryAtomic::new(mem.clone()), router.clone()).unwrap();
+        start(&mut d, &mem);
+        let img = TempImage::new(64);
+        d.attach(3, disk(&img)).unwrap();
+        // The guest acknowledges the interrupt, then re-enables it with IP
+        // pending again: the write delivers the interrupt.
+        let ack_and_reenable = |d: &mut XhciPci| {
+            bar_w32(d, XHCI_BAR, RT_BASE + rt::IR0 + rt::IMAN, 0);
+            bar_w32(d, XHCI_BAR, RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE);
+        };
+        router.0.lock().unwrap().clear();
+        ack_and_reenable(&mut d);
+        assert_eq!(
+            *router.0.lock().unwrap(),
+            vec![false],
+            "nothing sleeps: ordinary"
+        );
+        // Port 3's link to U3: its device sleeps.
+        let u3 = PORTSC_PP | PORTSC_CSC | (1 << 16) | (3 << 5);
+        bar_w32(&mut d, XHCI_BAR, portsc_offset(3), u3);
+        assert!(d.xhci().device_sleeps());
+        router.0.lock().unwrap().clear();
+        ack_and_reenable(&mut d);
+        assert_eq!(
+            *router.0.lock().unwrap(),
+            vec![true],
+            "a device sleeps: NOIO"
+        );
+        assert!(!crate::noio::is_noio(), "the scope ended with the write");
     }
 
     const CMD_RING: u64 = 0x5000;

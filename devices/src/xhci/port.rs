@@ -148,7 +148,8 @@ impl Port {
         }
     }
 
-    fn resume_device(&mut self) {
+    /// Resumes the device, if any (the caller runs a resume path).
+    pub fn resume_device(&mut self) {
         if let Some(dev) = self.device.as_mut() {
             let _noio = NoioScope::enter();
             dev.resume();
@@ -168,7 +169,7 @@ impl Port {
         if self.portsc & CCS == 0 || self.link_state() != PLS_U3 {
             return None;
         }
-        self.resume_device();
+        // The controller resumes the device once the change is reported.
         self.set_link_state(PLS_RESUME);
         Some(self.set_change(PLC))
     }
@@ -220,7 +221,8 @@ impl Port {
                 false
             }
             PLS_U0 if current == PLS_U3 || current == PLS_RESUME => {
-                self.resume_device();
+                // Out of U3 the controller resumes the device once it has
+                // reported the change; from Resume it already runs.
                 self.set_link_state(PLS_U0);
                 self.set_change(PLC)
             }
@@ -229,13 +231,12 @@ impl Port {
                 false
             }
             PLS_RESUME if self.protocol == PortProtocol::Usb2 && current == PLS_U3 => {
-                // Resume signalling wakes the device; U0 follows ~20 ms later.
-                self.resume_device();
+                // Resume signalling wakes the device (the controller resumes
+                // it after this write); U0 follows ~20 ms later.
                 self.set_link_state(PLS_RESUME);
                 false
             }
             PLS_RX_DETECT if self.protocol == PortProtocol::Usb3 => {
-                self.resume_device();
                 self.portsc &= !PED;
                 self.set_link_state(PLS_RX_DETECT);
                 false

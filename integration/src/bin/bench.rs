@@ -89,6 +89,22 @@ enum What {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+    /// USB runtime PM: resume latency after each autosuspend (ours, ours
+    /// under memory pressure with swap on the disk's volume, QEMU
+    /// qemu-xhci) and the controller's D3hot share of an idle stretch.
+    UsbPm {
+        #[arg(long, default_value_t = 1)]
+        reps: u32,
+        /// Suspend/resume cycles per run.
+        #[arg(long, default_value_t = 100)]
+        cycles: u32,
+        /// Seconds of idle at the end of each run.
+        #[arg(long, default_value_t = 60)]
+        idle: u32,
+        /// Update this markdown file's "usb-pm" section.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Overcommitted guest memory: ours (pager) vs QEMU under a cgroup
     /// memory.max with zram swap, limit = half the guest's RAM.
     Pager {
@@ -218,7 +234,95 @@ fn main() -> Result<()> {
             write,
             console,
         } => pager(reps, memory, touch, write, console),
+        What::UsbPm {
+            reps,
+            cycles,
+            idle,
+            write,
+        } => usb_pm(reps, cycles, idle, write),
     }
+}
+
+/// Guest RAM, pressure file and resident limit of the USB PM benchmark:
+/// the limit is half the working set (the pressure file and ~40 MiB of
+/// guest kernel and init).
+const PM_MEMORY_MIB: u32 = 384;
+const PM_PRESSURE_MIB: u32 = 192;
+const PM_LIMIT_MIB: u32 = 116;
+
+fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<()> {
+    use integration::usb::{self, find_program};
+    use integration::{usb_bench, usb_pm_bench};
+    let fio = find_program("fio").context("fio is not on PATH: run scripts/setup.sh")?;
+    let sg_reset =
+        find_program("sg_reset").context("sg_reset is not on PATH: run scripts/setup.sh")?;
+    let harness = Harness::new().context("harness")?;
+    let per_run = 240 + u64::from(cycles) * 8 + u64::from(idle);
+    let mut run = GuestRun::new(Scenario::load("usb-pm-bench")?)
+        .cpus(1)
+        .memory_mib(PM_MEMORY_MIB)
+        .param("pmb_serial", usb_bench::SERIAL)
+        .param("pmb_cycles", cycles)
+        .param("pmb_idle_s", idle)
+        .timeout(Duration::from_secs(per_run * u64::from(3 * reps) + 300))
+        .l2_binary(fio, "usr/local/bin/fio")
+        .l2_binary(sg_reset, "usr/bin/sg_reset");
+    run.modules = usb::GUEST_MODULES.iter().map(|m| m.to_string()).collect();
+    run.modules.push("sg".into());
+    run.l2_files.push(usb::guest_usb_lib());
+    run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
+    let cmdline = run.l2_cmdline()?;
+    let variants = usb_pm_bench::variants(&run, &cmdline, PM_PRESSURE_MIB, PM_LIMIT_MIB);
+    let script = usb_bench::script(64, reps, per_run, &variants);
+    let payload = L1Payload::VmmScript {
+        binary: host::vmm_binary(true)?,
+        script,
+    };
+    eprintln!("bench usb-pm: {reps} rounds of ours, ours under pressure and QEMU in one L1");
+    let r = harness.run_l1_payload(&run, payload)?;
+    let runs = usb_pm_bench::parse(&r.console);
+    if runs.iter().all(|r| r.resume_us.is_empty()) {
+        bail!("no PM-RESUME lines; console:\n{}", r.console);
+    }
+    let table = usb_pm_bench::render_table(&runs);
+    println!("{table}");
+    let raw: Vec<&str> = r
+        .console
+        .lines()
+        .filter(|l| {
+            ["USB-BENCH-", "PM-IDLE", "PM-BENCH", "STALL-WATCHDOG"]
+                .iter()
+                .any(|m| l.contains(m))
+        })
+        .map(str::trim)
+        .collect();
+    println!("{}", raw.join("\n"));
+    if let Some(file) = write {
+        let body = format!(
+            "## USB runtime PM: resume latency\n\n\
+             Command: `scripts/bench.sh usb-pm --reps {reps} --cycles {cycles} --idle {idle}`\n\n\
+             Guest: Debian's kernel with a busybox initramfs, 1 vCPU, {PM_MEMORY_MIB} MiB, one USB 3 \
+             disk (64 MiB raw image in L1's tmpfs, the same file for every VMM) with autosuspend on \
+             (`power/control=auto`, 300 ms delay on the disk and the USB device, root hubs 0 ms, \
+             the xHCI PCI function `auto` too). Each cycle waits until the device has \
+             autosuspended, then fio times one 4 KiB O_DIRECT read (total latency: the runtime \
+             resume it triggers plus the read). p50/p99 over every cycle of every round, rounds \
+             run round-robin in the same L1. `ours, limit + swap on the disk's volume, pressure`: \
+             `--memory size={PM_MEMORY_MIB}M,limit={PM_LIMIT_MIB}M,swap=...,swap_volume=bench` (the \
+             limit is half the working set) while the guest re-reads a {PM_PRESSURE_MIB} MiB tmpfs \
+             file in a loop: the resume paths run in NOIO scopes while the swap device is the \
+             disk being resumed. QEMU: `-M pc -accel kvm -device qemu-xhci -device usb-storage` \
+             (its controller never leaves D0). Last column: share of an idle stretch of {idle} s \
+             after the cycles that the controller spent runtime-suspended (the PCI function's \
+             `runtime_suspended_time`). Resets: 20 `sg_reset -b` per round on the awake \
+             disk (usb-storage's port reset: port reset, Reset Device, re-enumeration), \
+             timed between two kernel log markers.\n\n{table}\nRaw lines:\n\n```\n{}\n```\n",
+            raw.join("\n")
+        );
+        bench::update_section(&file, "usb-pm", &body)?;
+        eprintln!("updated {}", file.display());
+    }
+    Ok(())
 }
 
 fn pager(

@@ -11,5 +11,5 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
-pub use protocol::{ApiError, Command, ErrorCode, UsbAttachArgs, UsbTarget};
+pub use protocol::{ApiError, Command, ErrorCode, EvictTarget, UsbAttachArgs, UsbTarget};
 pub use server::{ApiServer, Dispatch, EventBus, Responder, ServerError};

@@ -28,6 +28,8 @@ pub mod cmd {
     pub const USB_WAKE: &str = "usb.wake";
     pub const BALLOON_SET: &str = "balloon.set";
     pub const BALLOON_STATS: &str = "balloon.stats";
+    /// Test aid: push guest pages out to swap.
+    pub const DEBUG_EVICT: &str = "debug.evict";
     pub const ALL: &[&str] = &[
         VM_INFO,
         VM_SHUTDOWN,
@@ -37,6 +39,7 @@ pub mod cmd {
         USB_WAKE,
         BALLOON_SET,
         BALLOON_STATS,
+        DEBUG_EVICT,
     ];
 }
 
@@ -168,6 +171,45 @@ pub enum Command {
     },
     /// Fresh guest statistics and the host's view.
     BalloonStats,
+    /// Test aid: evict guest pages to swap.
+    DebugEvict(EvictTarget),
+}
+
+/// What `debug.evict` pushes out: a guest-physical range, or every structure
+/// the xHCI controller reads from guest memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvictTarget {
+    Range { gpa: u64, len: u64 },
+    Xhci,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvictArgs {
+    #[serde(default)]
+    gpa: Option<u64>,
+    #[serde(default)]
+    len: Option<u64>,
+    #[serde(default)]
+    device: Option<String>,
+}
+
+fn evict_target(name: &str, a: Value) -> Result<EvictTarget, ApiError> {
+    match args::<EvictArgs>(name, a)? {
+        EvictArgs {
+            gpa: Some(gpa),
+            len: Some(len),
+            device: None,
+        } if len > 0 => Ok(EvictTarget::Range { gpa, len }),
+        EvictArgs {
+            gpa: None,
+            len: None,
+            device: Some(d),
+        } if d == "xhci" => Ok(EvictTarget::Xhci),
+        _ => Err(ApiError::bad_request(format!(
+            "{name}: give gpa and len (len > 0), or device \"xhci\""
+        ))),
+    }
 }
 
 /// `{"id": ...}` or `{"port": ...}`, exactly one.
@@ -221,6 +263,7 @@ impl Command {
                     )),
                 }
             }
+            cmd::DEBUG_EVICT => evict_target(name, a).map(Self::DebugEvict),
             _ => Err(ApiError::bad_request(format!(
                 "unknown command '{name}' (commands: {})",
                 cmd::ALL.join(", ")
@@ -334,6 +377,16 @@ mod tests {
         );
         let r = parse_request(br#"{"id":1,"cmd":"usb.detach","args":{"id":"x"}}"#);
         assert_eq!(r.command, Ok(Command::UsbDetach(UsbTarget::Id("x".into()))));
+        let r = parse_request(br#"{"cmd":"debug.evict","args":{"device":"xhci"}}"#);
+        assert_eq!(r.command, Ok(Command::DebugEvict(EvictTarget::Xhci)));
+        let r = parse_request(br#"{"cmd":"debug.evict","args":{"gpa":4096,"len":8192}}"#);
+        assert_eq!(
+            r.command,
+            Ok(Command::DebugEvict(EvictTarget::Range {
+                gpa: 4096,
+                len: 8192
+            }))
+        );
         let r = parse_request(br#"{"id":2,"cmd":"usb.wake","args":{"id":"x"}}"#);
         assert_eq!(r.command, Ok(Command::UsbWake(UsbTarget::Id("x".into()))));
         let r = parse_request(br#"{"cmd":"usb.detach","args":{"port":2}}"#);
@@ -381,6 +434,9 @@ mod tests {
         err_code(r#"{"id":7,"cmd":"balloon.set","args":{"size":-1}}"#);
         err_code(r#"{"id":7,"cmd":"balloon.set","args":{"size":1,"wait":true}}"#);
         err_code(r#"{"id":7,"cmd":"balloon.stats","args":{"x":1}}"#);
+        err_code(r#"{"id":6,"cmd":"debug.evict","args":{"gpa":4096}}"#);
+        err_code(r#"{"id":6,"cmd":"debug.evict","args":{"gpa":4096,"len":0}}"#);
+        err_code(r#"{"id":6,"cmd":"debug.evict","args":{"device":"virtio"}}"#);
     }
 
     #[test]
@@ -401,7 +457,7 @@ mod tests {
         assert_eq!(v, json!({"event":"usb.attached","ts_us":5,"data":{}}));
         let g: Value = serde_json::from_str(&greeting()).unwrap();
         assert_eq!(g["hello"]["version"], json!(1));
-        assert_eq!(g["hello"]["commands"].as_array().unwrap().len(), 8);
+        assert_eq!(g["hello"]["commands"].as_array().unwrap().len(), 9);
         assert!(!greeting().contains('\n') && !reply(&json!(1), &Ok(json!("a\nb"))).contains('\n'));
     }
 }

@@ -170,17 +170,32 @@ impl Budget {
     /// Charges a frame, waiting until the charge is under the limit. Gives up
     /// waiting when `abort` is set and charges anyway (an overshoot), so no
     /// faulting thread hangs once the pager failed or is stopping.
+    #[cfg(test)]
     pub fn take_waiting(&self, abort: &AtomicBool) -> (Source, Duration) {
+        self.take_waiting_unless(abort, || false)
+            .unwrap_or_else(|| unreachable!("a wait that never gives up returned none"))
+    }
+
+    /// [`Budget::take_waiting`] that charges nothing and returns `None` once
+    /// `give_up` is true (checked at least every poll interval).
+    pub fn take_waiting_unless(
+        &self,
+        abort: &AtomicBool,
+        give_up: impl Fn() -> bool,
+    ) -> Option<(Source, Duration)> {
         let start = Instant::now();
         let mut a = self.lock();
         loop {
             if a.charged < self.limit {
                 let s = self.charge_free(&mut a);
-                return (s, start.elapsed());
+                return Some((s, start.elapsed()));
             }
             if abort.load(Ordering::SeqCst) {
                 self.charge(&mut a);
-                return (Source::Overshoot, start.elapsed());
+                return Some((Source::Overshoot, start.elapsed()));
+            }
+            if give_up() {
+                return None;
             }
             self.kick.notify_one();
             a = self

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::noio::is_thread_noio;
+use devices::noio::{is_registered, is_thread_noio, is_thread_running_guest};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::around::{resolve_around, FAULT_AROUND_PAGES};
@@ -61,11 +61,86 @@ pub enum Step {
     Defer,
 }
 
-/// Faults waiting for the worker.
+/// Faults waiting for a worker. Two queues, each with its own worker: a
+/// swap-in parked on a quiesced volume must not hold up zero-fill faults
+/// that only wait for a frame, and the other way round.
 #[derive(Debug, Default)]
 pub struct Deferred {
     queue: Mutex<VecDeque<Fault>>,
     ready: Condvar,
+}
+
+/// What a deferred fault is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStage {
+    /// In a worker's queue behind other faults.
+    Queued,
+    /// For a frame (reclaim to make room under the limit).
+    Frame,
+    /// For its swap-in read (the swap volume may be quiesced).
+    SwapIn,
+}
+
+impl WaitStage {
+    pub fn describe(self) -> &'static str {
+        match self {
+            WaitStage::Queued => "queued behind other faults",
+            WaitStage::Frame => "a free frame (reclaim and writeback)",
+            WaitStage::SwapIn => "its swap-in read",
+        }
+    }
+}
+
+/// A fault a thread is blocked on, as the stall watchdog sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultWait {
+    pub tid: i32,
+    /// Page-aligned host address.
+    pub addr: usize,
+    pub since: Instant,
+    pub stage: WaitStage,
+}
+
+/// The deferred faults of every thread, by thread id.
+#[derive(Debug, Default)]
+pub struct FaultWaits(Mutex<std::collections::HashMap<i32, FaultWait>>);
+
+impl FaultWaits {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i32, FaultWait>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queued(&self, f: &Fault) {
+        self.lock().insert(
+            f.tid,
+            FaultWait {
+                tid: f.tid,
+                addr: f.addr,
+                since: Instant::now(),
+                stage: WaitStage::Queued,
+            },
+        );
+    }
+
+    fn stage(&self, tid: i32, stage: WaitStage) {
+        if let Some(w) = self.lock().get_mut(&tid) {
+            w.stage = stage;
+        }
+    }
+
+    fn done(&self, tid: i32, addr: usize) {
+        let mut m = self.lock();
+        if m.get(&tid).is_some_and(|w| w.addr == addr) {
+            m.remove(&tid);
+        }
+    }
+
+    /// Every deferred fault, oldest first.
+    pub fn all(&self) -> Vec<FaultWait> {
+        let mut v: Vec<FaultWait> = self.lock().values().copied().collect();
+        v.sort_by_key(|w| w.since);
+        v
+    }
 }
 
 impl Deferred {
@@ -191,6 +266,15 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
             return Ok(());
         }
         sh.uffd.read_events(&mut buf, &mut events)?;
+        // NOIO faults first: they must not queue behind the swap reads the
+        // handler does inline for ordinary faults. Only when the batch has
+        // no REMOVE event, whose order against faults matters.
+        if !events.iter().any(|e| matches!(e, UffdEvent::Remove { .. })) {
+            events.sort_by_key(|e| match *e {
+                UffdEvent::Fault { tid, .. } => !is_thread_noio(tid),
+                _ => true,
+            });
+        }
         for ev in &events {
             match *ev {
                 UffdEvent::Fault {
@@ -231,7 +315,16 @@ fn dispatch(
         }
         Step::Defer => {
             bump(&sh.counters.faults_deferred, 1);
-            sh.deferred.push(f);
+            sh.fault_waits.queued(&f);
+            let swapped = sh
+                .pages
+                .index_of_host(f.addr)
+                .is_some_and(|i| sh.pages.lock(i).kind == PageKind::Swapped);
+            if swapped {
+                sh.deferred_swap.push(f);
+            } else {
+                sh.deferred.push(f);
+            }
         }
     }
     Ok(())
@@ -250,11 +343,29 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
     };
     let host = f.addr;
     let noio = is_thread_noio(f.tid);
+    // A vCPU running guest code while the swap volume is quiesced: the
+    // guest's own access, which the guest cannot unblock by resuming its
+    // device while that vCPU is stuck. Served without waiting, like NOIO.
+    // So is a thread that is none of ours: the kernel faulting on a vCPU's
+    // behalf (KVM's asynchronous page fault worker).
+    let guest = !noio
+        && (is_thread_running_guest(f.tid) || !is_registered(f.tid))
+        && sh.swap.volume().is_quiesced();
     let c = &sh.counters;
     let mut p = sh.pages.lock(idx);
     if f.wp {
         return write_protect_fault(sh, p, host, noio);
     }
+    if guest
+        && matches!(
+            p.kind,
+            PageKind::Empty | PageKind::Swapped | PageKind::SwapIn
+        )
+    {
+        bump(&c.guest_faults_past_quiesce, 1);
+    }
+    let noio_counted = noio;
+    let noio = noio || guest;
     if !noio && matches!(p.kind, PageKind::Empty | PageKind::Swapped) {
         let Some(source) = sh.budget.try_take(false, 0) else {
             return Ok(Step::Defer);
@@ -282,7 +393,7 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
                 Ok(past) => past,
                 Err(e) => {
                     sh.fail(format!("swap-in of page {idx} failed: {e}"));
-                    return Ok(Step::Done);
+                    return release_after_failure(sh, p, host, f.write);
                 }
             };
             let slot = p.slot;
@@ -295,9 +406,11 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
                 }
                 Resolve::Done => p.slot = slot,
             }
-            bump(&c.noio_faults, 1);
-            bump(&c.noio_from_free, 1);
-            count_swap_fault(sh, past);
+            if noio_counted {
+                bump(&c.noio_faults, 1);
+                bump(&c.noio_swapin_takeovers, 1);
+            }
+            count_swap_fault(sh, past && noio_counted);
             Ok(Step::Done)
         }
         PageKind::Empty | PageKind::Swapped => {
@@ -325,7 +438,7 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
                     Err(e) => {
                         sh.budget.untake(source);
                         sh.fail(format!("swap-in of page {idx} failed: {e}"));
-                        return Ok(Step::Done);
+                        return release_after_failure(sh, p, host, f.write);
                     }
                 }
             }
@@ -349,15 +462,35 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
             }
             p.slot = slot;
             drop(p);
-            if noio {
+            if noio_counted {
                 bump(&c.noio_faults, 1);
             }
-            note_source(sh, noio, source);
+            note_source(sh, noio_counted, source);
             if swapped {
-                count_swap_fault(sh, past);
+                count_swap_fault(sh, past && noio_counted);
             } else {
                 bump(&c.faults_zero, 1);
             }
+            Ok(Step::Done)
+        }
+    }
+}
+
+/// After a fatal swap-in error: the VM is stopping, but the faulting thread
+/// must not stay blocked (it could never see the stop). It gets a zero page
+/// (the pager has failed; its memory is no longer trusted) and runs on.
+fn release_after_failure(
+    sh: &Shared,
+    mut p: PageRef<'_>,
+    host: usize,
+    write: bool,
+) -> Result<Step, PagerError> {
+    match fill(sh, &mut p, host, &ZERO_PAGE, write)? {
+        Resolve::Retry => Ok(Step::Retry),
+        Resolve::Done => Ok(Step::Done),
+        Resolve::Exists => {
+            drop(p);
+            wake(sh, host)?;
             Ok(Step::Done)
         }
     }
@@ -443,25 +576,43 @@ fn on_remove(sh: &Shared, start: usize, end: usize) {
     }
 }
 
-/// The worker: resolves deferred faults, waiting as long as it takes.
-pub fn run_worker(sh: &Shared) -> Result<(), PagerError> {
-    let mut staging = vec![0u8; PAGE_SIZE];
-    while let Some(f) = sh.deferred.pop(sh) {
+/// A worker: resolves the deferred faults of `queue`, waiting as long as it
+/// takes.
+pub fn run_worker(sh: &Shared, queue: &Deferred) -> Result<(), PagerError> {
+    // Room for a fault-around, for faults re-served by `resolve_now`.
+    let mut staging = vec![0u8; FAULT_AROUND_PAGES * PAGE_SIZE];
+    while let Some(f) = queue.pop(sh) {
         let start = Instant::now();
-        resolve_waiting(sh, f, &mut staging)?;
+        let resolved = resolve_waiting(sh, f, &mut staging);
+        sh.fault_waits.done(f.tid, f.addr);
+        resolved?;
         record_wait(&sh.counters, start.elapsed().as_nanos() as u64);
         wake(sh, f.addr)?;
     }
     Ok(())
 }
 
-fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), PagerError> {
+fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), PagerError> {
     let Some(idx) = sh.pages.index_of_host(f.addr) else {
         return Ok(());
     };
     let host = f.addr;
     let c = &sh.counters;
+    // NOIO lent to the faulting thread while it waited here (a NOIO path
+    // waits for that thread): stop waiting, serve it the NOIO way.
+    let lent = || is_thread_noio(f.tid);
     while !sh.stop.load(Ordering::SeqCst) {
+        if lent() {
+            match resolve_now(sh, f, around_buf)? {
+                Step::Done => return Ok(()),
+                Step::Retry => {
+                    bump(&c.fault_retries, 1);
+                    std::thread::sleep(WORKER_RETRY);
+                    continue;
+                }
+                Step::Defer => {} // no NOIO source after all: wait below
+            }
+        }
         let (kind, slot) = {
             let p = sh.pages.lock(idx);
             (p.kind, p.slot)
@@ -469,13 +620,31 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
         if !matches!(kind, PageKind::Empty | PageKind::Swapped) {
             return Ok(());
         }
-        let (source, _) = sh.budget.take_waiting(&sh.abort);
+        sh.fault_waits.stage(f.tid, WaitStage::Frame);
+        let Some((source, _)) = sh.budget.take_waiting_unless(&sh.abort, lent) else {
+            continue;
+        };
         let mut p = sh.pages.lock(idx);
         if p.kind != kind || p.slot != slot {
             drop(p);
             sh.budget.untake(source);
             continue;
         }
+        if kind == PageKind::Swapped && !sh.swap.volume().is_quiesced() {
+            // The frame came; the volume flows: read around the fault as
+            // the handler would (one read for the run of neighbours).
+            match resolve_around(sh, f, idx, p, source, around_buf)? {
+                Step::Done => return Ok(()),
+                Step::Retry => {
+                    bump(&c.fault_retries, 1);
+                    std::thread::sleep(WORKER_RETRY);
+                }
+                // Quiesced meanwhile (the frame went back): wait below.
+                Step::Defer => {}
+            }
+            continue;
+        }
+        let staging = &mut around_buf[..PAGE_SIZE];
         if kind == PageKind::Empty {
             match fill(sh, &mut p, host, &ZERO_PAGE, f.write)? {
                 Resolve::Done => {
@@ -499,16 +668,24 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
         // Swapped: claim the page, read without holding its lock.
         p.kind = PageKind::SwapIn;
         drop(p);
-        if let Err(e) = sh.swap.read_wait(slot, staging, &sh.abort) {
+        sh.fault_waits.stage(f.tid, WaitStage::SwapIn);
+        let read = sh
+            .swap
+            .read_wait_unless(slot, staging, || sh.abort.load(Ordering::SeqCst) || lent());
+        if let Err(e) = read {
             let mut p = sh.pages.lock(idx);
             if p.kind == PageKind::SwapIn {
                 p.kind = PageKind::Swapped;
                 drop(p);
                 sh.budget.untake(source);
             }
-            if !sh.abort.load(Ordering::SeqCst) {
-                sh.fail(format!("swap-in of page {idx} failed: {e}"));
+            if sh.abort.load(Ordering::SeqCst) {
+                return Ok(());
             }
+            if lent() {
+                continue;
+            }
+            sh.fail(format!("swap-in of page {idx} failed: {e}"));
             return Ok(());
         }
         loop {

@@ -37,6 +37,7 @@ mod around;
 mod budget;
 mod config;
 mod fault;
+mod nofault;
 mod pager;
 mod pages;
 mod reclaim;
@@ -45,7 +46,7 @@ mod swap;
 mod uffd;
 
 pub use config::{PagerConfig, MIN_LIMIT_PAGES};
-pub use pager::Pager;
+pub use pager::{BlockedFault, Pager, PagerProbe};
 pub use pages::RamRegion;
 pub use stats::{CounterSnapshot, PagerStats};
 pub use uffd::madvise_hugepage;

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::around::AroundState;
 use super::budget::Budget;
 use super::config::PagerConfig;
-use super::fault::{self, Deferred};
+use super::fault::{self, Deferred, FaultWaits};
 use super::pages::{PageKind, PageTable, RamRegion, NO_SLOT};
 use super::reclaim::{self, WritebackQueue};
 use super::stats::{bump, Counters, PagerStats};
@@ -27,7 +27,12 @@ pub struct Shared {
     pub swap: SwapStore,
     pub budget: Budget,
     pub counters: Counters,
+    /// Deferred faults that wait for a frame (zero fill) ...
     pub deferred: Deferred,
+    /// ... and those that wait for a swap-in read.
+    pub deferred_swap: Deferred,
+    /// Every deferred fault, for the stall watchdog.
+    pub fault_waits: FaultWaits,
     pub around: AroundState,
     pub wb: WritebackQueue,
     /// Orderly stop requested.
@@ -38,6 +43,8 @@ pub struct Shared {
     fatal_evt: EventFd,
     /// Host ranges the pager itself is about to `madvise` away.
     own_removes: OwnRemoves,
+    /// Copies of pages that may have been zapped from outside (see nofault.rs).
+    pub reader: super::nofault::NoFaultReader,
 }
 
 /// Host ranges the pager is `madvise`-ing away, with counts.
@@ -107,6 +114,7 @@ impl Shared {
         self.abort.store(true, Ordering::SeqCst);
         self.budget.wake_all();
         self.deferred.wake_all();
+        self.deferred_swap.wake_all();
         self.wb.wake_all();
     }
 
@@ -220,6 +228,8 @@ impl Pager {
             budget,
             counters: Counters::default(),
             deferred: Deferred::default(),
+            deferred_swap: Deferred::default(),
+            fault_waits: FaultWaits::default(),
             around: AroundState::default(),
             wb: WritebackQueue::default(),
             stop: AtomicBool::new(false),
@@ -227,6 +237,7 @@ impl Pager {
             fatal: Mutex::new(None),
             fatal_evt: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?,
             own_removes: OwnRemoves::default(),
+            reader: super::nofault::NoFaultReader::open().map_err(PagerError::Sys)?,
         });
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?;
         let handler_stop = stop_evt.try_clone().map_err(PagerError::Sys)?;
@@ -241,9 +252,12 @@ impl Pager {
             regions,
             _mappings: mappings,
         };
-        pager
-            .workers
-            .push(spawn(&shared, "pager-wait", fault::run_worker)?);
+        pager.workers.push(spawn(&shared, "pager-wait", |sh| {
+            fault::run_worker(sh, &sh.deferred)
+        })?);
+        pager.workers.push(spawn(&shared, "pager-swapin", |sh| {
+            fault::run_worker(sh, &sh.deferred_swap)
+        })?);
         pager
             .workers
             .push(spawn(&shared, "pager-reclaim", reclaim::run_reclaim)?);
@@ -257,6 +271,47 @@ impl Pager {
     /// reporting) and frees their swap slots; they read back as zeroes.
     /// Partial pages at the ends are kept. Runs `madvise` on the calling
     /// thread, which must not be a pager thread. Returns the pages dropped.
+    pub fn discard(&self, gpa: GuestAddress, len: u64) -> Result<u64, PagerError> {
+        self.probe().discard(gpa, len)
+    }
+
+    /// A handle other threads (the stall watchdog, the control API) keep to
+    /// read the counters and the blocked faults, and to evict on request.
+    pub fn probe(&self) -> PagerProbe {
+        PagerProbe {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A snapshot of every counter.
+    pub fn stats(&self) -> PagerStats {
+        self.probe().stats()
+    }
+}
+
+/// A fault some thread has been blocked on (see [`PagerProbe::blocked_faults`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockedFault {
+    pub tid: i32,
+    /// Guest-physical address of the page.
+    pub gpa: u64,
+    pub waited: std::time::Duration,
+    /// What it waits for, in words.
+    pub waiting_for: &'static str,
+}
+
+/// See [`Pager::probe`].
+#[derive(Clone)]
+pub struct PagerProbe {
+    shared: Arc<Shared>,
+}
+
+impl PagerProbe {
+    /// Drops guest pages `[gpa, gpa + len)` (balloon inflation, free page
+    /// reporting) and frees their swap slots; they read back as zeroes.
+    /// Partial pages at the ends are kept. Runs `madvise` on the calling
+    /// thread, which must not be a pager thread. Returns the pages dropped.
+    /// (On the probe so that the balloon's sink, a clone, can call it.)
     pub fn discard(&self, gpa: GuestAddress, len: u64) -> Result<u64, PagerError> {
         let sh = &self.shared;
         let runs = sh
@@ -307,6 +362,46 @@ impl Pager {
         Ok(total)
     }
 
+    /// Faults handed to the waiting workers and not resolved yet, oldest first.
+    pub fn blocked_faults(&self) -> Vec<BlockedFault> {
+        let sh = &self.shared;
+        sh.fault_waits
+            .all()
+            .into_iter()
+            .map(|w| BlockedFault {
+                tid: w.tid,
+                gpa: sh.pages.gpa_of_host(w.addr).unwrap_or(0),
+                waited: w.since.elapsed(),
+                waiting_for: w.stage.describe(),
+            })
+            .collect()
+    }
+
+    /// The swap volume's name.
+    pub fn swap_volume(&self) -> String {
+        self.shared.swap.volume().name().to_string()
+    }
+
+    /// Test aid (control API `debug.evict`): writes the resident pages of
+    /// `[gpa, gpa + len)` to swap, past a quiesced volume, and drops them,
+    /// so the next touch of each is a swap-in. Returns the pages evicted.
+    /// Not for the fault handler's thread (it `madvise`s).
+    pub fn evict(&self, gpa: GuestAddress, len: u64) -> Result<u64, PagerError> {
+        let sh = &self.shared;
+        let runs = sh
+            .pages
+            .guest_runs(gpa.0, len)
+            .ok_or(PagerError::NotRam { gpa: gpa.0, len })?;
+        let mut total = 0;
+        for (first, _, n) in runs {
+            for idx in first..first + n {
+                total += u64::from(evict_page(sh, idx)?);
+            }
+        }
+        bump(&sh.counters.evicted_on_request, total);
+        Ok(total)
+    }
+
     /// A snapshot of every counter.
     pub fn stats(&self) -> PagerStats {
         let sh = &self.shared;
@@ -323,7 +418,66 @@ impl Pager {
             fatal_error: sh.fatal_error(),
         }
     }
+}
 
+/// Evicts one resident page to swap (see [`PagerProbe::evict`]); whether it did.
+fn evict_page(sh: &Shared, idx: usize) -> Result<bool, PagerError> {
+    let host = sh.pages.host_of(idx);
+    let mut p = sh.pages.lock(idx);
+    if p.kind != PageKind::Resident || p.writeback {
+        return Ok(false);
+    }
+    // Write-protected first, so a write during the copy faults (and waits
+    // for the wake below) instead of being lost.
+    if sh.uffd.protect(host, PAGE_SIZE)? == super::uffd::Resolve::Retry {
+        return Ok(false);
+    }
+    let slot = match p.slot() {
+        Some(slot) if p.is_clean() => slot,
+        old => {
+            if let Some(slot) = old {
+                sh.swap.free(slot);
+            }
+            let home = u32::try_from(idx).unwrap_or(u32::MAX);
+            let slot = match sh.swap.alloc_at(home, 1) {
+                Some((slot, _)) => slot,
+                None => sh.swap.alloc()?,
+            };
+            let mut data = vec![0u8; PAGE_SIZE];
+            if sh.reader.read(host, &mut data).is_err() {
+                // Zapped from outside: its REMOVE event will empty it.
+                sh.swap.free(slot);
+                sh.uffd.unprotect(host, PAGE_SIZE)?;
+                return Ok(false);
+            }
+            if let Err(e) = sh.swap.write_past_quiesce(slot, &data) {
+                sh.swap.free(slot);
+                return Err(e.into());
+            }
+            slot
+        }
+    };
+    p.reset(PageKind::Evicting);
+    p.slot = slot;
+    drop(p);
+    let dropped = sh.drop_range(host, host + PAGE_SIZE);
+    let mut p = sh.pages.lock(idx);
+    if p.discarded {
+        sh.swap.free(slot);
+        p.reset(PageKind::Empty);
+    } else {
+        p.reset(PageKind::Swapped);
+        p.slot = slot;
+    }
+    drop(p);
+    sh.budget.release(1, true, false);
+    sh.uffd.wake(host, PAGE_SIZE)?;
+    dropped.map_err(PagerError::Sys)?;
+    bump(&sh.counters.pages_out, 1);
+    Ok(true)
+}
+
+impl Pager {
     /// Pages charged as resident right now.
     pub fn resident_pages(&self) -> usize {
         self.shared.budget.charged()
@@ -355,6 +509,7 @@ impl Pager {
         sh.abort.store(true, Ordering::SeqCst);
         sh.budget.wake_all();
         sh.deferred.wake_all();
+        sh.deferred_swap.wake_all();
         sh.wb.wake_all();
         // The reclaim thread may sit in madvise waiting for the handler to
         // read its REMOVE event: join the others before the handler.

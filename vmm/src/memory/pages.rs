@@ -211,6 +211,14 @@ impl PageTable {
         })
     }
 
+    /// The guest-physical address of host address `addr`, if it is guest RAM.
+    pub fn gpa_of_host(&self, addr: usize) -> Option<u64> {
+        self.regions.iter().find_map(|m| {
+            let off = addr.checked_sub(m.region.host_addr)?;
+            (off < m.region.len).then(|| m.region.guest_addr + off as u64)
+        })
+    }
+
     /// Host address of page `idx` (`idx < len()`).
     pub fn host_of(&self, idx: usize) -> usize {
         let m = self

@@ -73,6 +73,19 @@ counters! {
     noio_from_overshoot,
     /// NOIO swap-ins read past a quiesced volume.
     noio_reads_past_quiesce,
+    /// NOIO faults on a page the waiting worker was swapping in: read
+    /// inline, the worker's frame charge moved to them.
+    noio_swapin_takeovers,
+    /// Faults of vCPUs running guest code (or of the kernel on their behalf:
+    /// KVM's async page fault worker) while the swap volume was quiesced:
+    /// served like NOIO faults (no wait on the volume or on writeback),
+    /// since the guest cannot resume its device while stuck.
+    guest_faults_past_quiesce,
+    /// Writeback batches given up because a page had been zapped from
+    /// outside the pager (copied without faulting, see nofault.rs).
+    copies_skipped,
+    /// Pages evicted on request (the control API's `debug.evict` test aid).
+    evicted_on_request,
     /// Frames taken beyond limit + reserve.
     overshoot_events,
     /// Faults that waited for a frame or a quiesced volume, and for how long.

@@ -16,6 +16,27 @@ fn attach_watched(d: &mut Driver, port: u8, img: &TempImage) -> Arc<Volume> {
     volume
 }
 
+/// A started controller with a watched disk on `port`, enumerated and its
+/// events consumed: (driver, slot, volume).
+fn enumerated(usb2: u8, usb3: u8, port: u8, img: &TempImage) -> (Driver, u8, Arc<Volume>) {
+    let mut d = Driver::new(usb2, usb3);
+    let vol = attach_watched(&mut d, port, img);
+    d.start();
+    let slot = d.enumerate(port);
+    d.events();
+    (d, slot, vol)
+}
+
+/// The guest's side of a U0 transition: the PLC event, then PLC cleared.
+fn expect_plc_event(d: &mut Driver, port: u8) {
+    assert_ne!(d.portsc(port) & ps::PLC, 0);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .expect("port status change for the link change");
+    assert_eq!(ev.parameter >> 24, u64::from(port));
+    d.write_portsc(port, ps::PP | ps::PLC);
+}
+
 fn link_state(d: &mut Driver, port: u8) -> u32 {
     (d.portsc(port) & ps::PLS_MASK) >> ps::PLS_SHIFT
 }
@@ -61,11 +82,7 @@ fn read_checked(d: &mut Driver, slot: u8) {
 #[test]
 fn u3_suspends_the_device_and_quiesces_its_volume_u0_resumes_with_plc() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(0, 1);
-    let vol = attach_watched(&mut d, 1, &img);
-    d.start();
-    let slot = d.enumerate(1);
-    d.events();
+    let (mut d, slot, vol) = enumerated(0, 1, 1, &img);
     read_checked(&mut d, slot);
     suspend_port(&mut d, slot, 1);
     assert!(vol.is_quiesced(), "U3 quiesces the device's volume");
@@ -75,12 +92,7 @@ fn u3_suspends_the_device_and_quiesces_its_volume_u0_resumes_with_plc() {
     write_link(&mut d, 1, ps::PLS_U0);
     assert!(!vol.is_quiesced(), "U0 resumes the volume");
     assert_eq!(link_state(&mut d, 1), ps::PLS_U0);
-    assert_ne!(d.portsc(1) & ps::PLC, 0);
-    let ev = d
-        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
-        .expect("port status change for the U0 transition");
-    assert_eq!(ev.parameter >> 24, 1);
-    d.write_portsc(1, ps::PP | ps::PLC);
+    expect_plc_event(&mut d, 1);
     // Stopped endpoints restart on the doorbells the resume rings.
     read_checked(&mut d, slot);
     assert_eq!(d.xhci.endpoint_state(slot, DCI_IN), Some(EpState::Running));
@@ -91,11 +103,7 @@ fn u3_suspends_the_device_and_quiesces_its_volume_u0_resumes_with_plc() {
 #[test]
 fn usb2_resume_goes_through_resume_state_then_u0_with_plc() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(1, 0);
-    let vol = attach_watched(&mut d, 1, &img);
-    d.start();
-    let slot = d.enumerate(1);
-    d.events();
+    let (mut d, slot, vol) = enumerated(1, 0, 1, &img);
     write_link(&mut d, 1, ps::PLS_U3);
     assert!(vol.is_quiesced());
     write_link(&mut d, 1, ps::PLS_RESUME);
@@ -103,22 +111,14 @@ fn usb2_resume_goes_through_resume_state_then_u0_with_plc() {
     assert!(!vol.is_quiesced(), "resume signalling wakes the device");
     assert_eq!(d.portsc(1) & ps::PLC, 0);
     write_link(&mut d, 1, ps::PLS_U0);
-    assert_ne!(d.portsc(1) & ps::PLC, 0);
-    assert!(d
-        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
-        .is_some());
-    d.write_portsc(1, ps::PP | ps::PLC);
+    expect_plc_event(&mut d, 1);
     read_checked(&mut d, slot);
 }
 
 #[test]
 fn bulk_transfer_to_a_suspended_device_fails_without_waiting_on_its_volume() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(0, 1);
-    let vol = attach_watched(&mut d, 1, &img);
-    d.start();
-    let slot = d.enumerate(1);
-    d.events();
+    let (mut d, slot, vol) = enumerated(0, 1, 1, &img);
     suspend_port(&mut d, slot, 1);
     // A guest that rings a doorbell anyway: the doorbell restarts the
     // endpoint and the device answers with a transaction error at once.
@@ -132,11 +132,7 @@ fn bulk_transfer_to_a_suspended_device_fails_without_waiting_on_its_volume() {
 #[test]
 fn remote_wake_reports_resume_with_plc_and_wakes_the_device() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(1, 1);
-    let vol = attach_watched(&mut d, 2, &img);
-    d.start();
-    let slot = d.enumerate(2);
-    d.events();
+    let (mut d, slot, vol) = enumerated(1, 1, 2, &img);
     assert!(matches!(
         d.xhci.remote_wake(2),
         Err(XhciError::NotSuspended(2))
@@ -153,30 +149,17 @@ fn remote_wake_reports_resume_with_plc_and_wakes_the_device() {
     d.xhci.remote_wake(2).unwrap();
     assert!(!vol.is_quiesced(), "the waking device resumes its volume");
     assert_eq!(link_state(&mut d, 2), ps::PLS_RESUME);
-    assert_ne!(d.portsc(2) & ps::PLC, 0);
-    let ev = d
-        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
-        .expect("remote wake event");
-    assert_eq!(ev.parameter >> 24, 2);
     // Linux (SS port): clear PLC, write U0, wait for the next PLC.
-    d.write_portsc(2, ps::PP | ps::PLC);
+    expect_plc_event(&mut d, 2);
     write_link(&mut d, 2, ps::PLS_U0);
-    assert_ne!(d.portsc(2) & ps::PLC, 0);
-    assert!(d
-        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
-        .is_some());
-    d.write_portsc(2, ps::PP | ps::PLC);
+    expect_plc_event(&mut d, 2);
     read_checked(&mut d, slot);
 }
 
 #[test]
 fn detaching_a_suspended_device_resumes_its_volume_and_returns() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(0, 1);
-    let vol = attach_watched(&mut d, 1, &img);
-    d.start();
-    let slot = d.enumerate(1);
-    d.events();
+    let (mut d, slot, vol) = enumerated(0, 1, 1, &img);
     suspend_port(&mut d, slot, 1);
     let mut dev = d.xhci.detach(1).unwrap();
     assert!(dev.suspended());
@@ -327,4 +310,195 @@ fn restore_with_nothing_saved_reports_save_restore_error() {
     d.mem.write_obj(entry, GuestAddress(ERST)).unwrap();
     let sts = linux_resume_registers(&mut d, cmd);
     assert_ne!(sts & op::STS_SRE, 0, "{sts:#x}");
+}
+
+/// A device that records, for each hook, whether the calling thread was in
+/// a NOIO scope, and at resume how many Port Status Change events for its
+/// port were already in the event ring (guest memory touched first).
+struct Probe {
+    log: ProbeLog,
+    mem: GuestMemoryMmap,
+    suspended: bool,
+}
+
+fn psc_events_in_ring(mem: &GuestMemoryMmap) -> usize {
+    (0..u64::from(EVENT_TRBS))
+        .filter_map(|i| mem.read_obj::<Trb>(GuestAddress(EVENT_RING + 16 * i)).ok())
+        .filter(|t| t.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .count()
+}
+
+impl Probe {
+    fn note(&self, hook: &'static str) {
+        let n = psc_events_in_ring(&self.mem);
+        self.log
+            .lock()
+            .unwrap()
+            .push((hook, crate::noio::is_noio(), n));
+    }
+}
+
+impl crate::usb::UsbDevice for Probe {
+    fn max_speed(&self) -> UsbSpeed {
+        UsbSpeed::Super
+    }
+    fn set_speed(&mut self, _: UsbSpeed) {}
+    fn speed(&self) -> UsbSpeed {
+        UsbSpeed::Super
+    }
+    fn reset(&mut self) {
+        self.note("reset");
+    }
+    fn control(
+        &mut self,
+        _: &SetupPacket,
+        _: &mut dyn crate::usb::TransferBuffer,
+    ) -> crate::usb::TransferResult {
+        self.note("control");
+        crate::usb::TransferResult::completed(0)
+    }
+    fn bulk(
+        &mut self,
+        _: u8,
+        _: &mut dyn crate::usb::TransferBuffer,
+    ) -> crate::usb::TransferResult {
+        crate::usb::TransferResult::error(0)
+    }
+    fn halted(&self, _: u8) -> bool {
+        false
+    }
+    fn clear_halt(&mut self, _: u8) {}
+    fn endpoints(&self) -> Vec<crate::usb::EndpointInfo> {
+        Vec::new()
+    }
+    fn suspend(&mut self) {
+        self.suspended = true;
+        self.note("suspend");
+    }
+    fn resume(&mut self) {
+        if self.suspended {
+            self.suspended = false;
+            self.note("resume");
+        }
+    }
+    fn suspended(&self) -> bool {
+        self.suspended
+    }
+}
+
+type ProbeLog = Arc<std::sync::Mutex<Vec<(&'static str, bool, usize)>>>;
+
+fn probe_on(d: &mut Driver, port: u8) -> ProbeLog {
+    let log = ProbeLog::default();
+    let probe = Probe {
+        log: log.clone(),
+        mem: d.mem.clone(),
+        suspended: false,
+    };
+    d.xhci.attach(port, Box::new(probe)).unwrap();
+    log
+}
+
+/// Whether `hook` ran, each time in a NOIO scope.
+fn ran_noio(log: &ProbeLog, hook: &str) -> Vec<bool> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.0 == hook)
+        .map(|e| e.1)
+        .collect()
+}
+
+#[test]
+fn resume_paths_run_in_noio_scopes_and_touch_guest_memory_before_the_volume() {
+    let mut d = Driver::new(0, 1);
+    let log = probe_on(&mut d, 1);
+    d.start();
+    d.events();
+    d.write_portsc(1, ps::PP | ps::CHANGE_MASK);
+    write_link(&mut d, 1, ps::PLS_U3);
+    let psc_before = psc_events_in_ring(&d.mem);
+    write_link(&mut d, 1, ps::PLS_U0);
+    let entries = log.lock().unwrap().clone();
+    let resume = entries
+        .iter()
+        .find(|e| e.0 == "resume")
+        .expect("device resumed");
+    assert!(resume.1, "U3 -> U0 resume ran outside a NOIO scope");
+    assert_eq!(
+        resume.2,
+        psc_before + 1,
+        "the PLC event was not posted before the device resumed"
+    );
+    assert_eq!(
+        ran_noio(&log, "suspend"),
+        vec![false],
+        "suspend is no resume path"
+    );
+    // The host-side remote wake resumes in a NOIO scope, event first.
+    d.events();
+    d.write_portsc(1, ps::PP | ps::CHANGE_MASK);
+    write_link(&mut d, 1, ps::PLS_U3);
+    let psc_before = psc_events_in_ring(&d.mem);
+    d.xhci.remote_wake(1).unwrap();
+    let last = *log.lock().unwrap().last().unwrap();
+    assert_eq!(last.0, "resume");
+    assert!(last.1, "remote wake resumed outside a NOIO scope");
+    assert_eq!(last.2, psc_before + 1);
+    assert!(!crate::noio::is_noio(), "a scope leaked past its handler");
+}
+
+#[test]
+fn reset_paths_run_in_noio_scopes() {
+    let mut d = Driver::new(0, 1);
+    let log = probe_on(&mut d, 1);
+    d.start();
+    d.events();
+    // start() began with HCRST, which resets attached devices in NOIO.
+    assert_eq!(ran_noio(&log, "reset"), vec![true]);
+    // Port reset (PR) and warm reset (WPR) reset the device in NOIO.
+    d.write_portsc(1, ps::PP | ps::PR);
+    d.write_portsc(1, ps::PP | ps::WPR);
+    assert_eq!(ran_noio(&log, "reset"), vec![true, true, true]);
+    // Control transfers (Bulk-Only reset, re-enumeration) run in NOIO.
+    d.start();
+    d.events();
+    let slot = d.address(1);
+    d.control(slot, get_descriptor(1, 18), None);
+    let control = ran_noio(&log, "control");
+    assert!(
+        !control.is_empty() && control.iter().all(|&n| n),
+        "{control:?}"
+    );
+    assert!(!crate::noio::is_noio(), "a scope leaked past its handler");
+}
+
+/// An interrupt line that records whether each trigger came from a NOIO
+/// scope: the controller signals at the end of the handler that posted.
+#[derive(Default)]
+struct NoioIrq(std::sync::Mutex<Vec<bool>>);
+impl Interrupt for NoioIrq {
+    fn trigger(&self, _vector: u16) {
+        self.0.lock().unwrap().push(crate::noio::is_noio());
+    }
+}
+
+#[test]
+fn command_ring_runs_in_a_noio_scope() {
+    let mut d = Driver::new(0, 1);
+    let irq = Arc::new(NoioIrq::default());
+    d.xhci.set_interrupt(irq.clone());
+    d.start();
+    d.events();
+    irq.0.lock().unwrap().clear();
+    d.command(Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+    assert_eq!(
+        *irq.0.lock().unwrap(),
+        vec![true],
+        "command ring outside NOIO"
+    );
+    // An ERDP write is no resume or reset path.
+    d.w32(RT_BASE + rt::IR0 + rt::IMAN, rt::IMAN_IE);
+    d.command(Driver::cmd(trb_type::NOOP_COMMAND, 0, 0, 0));
+    assert!(!crate::noio::is_noio());
 }

@@ -1,0 +1,78 @@
+# USB runtime-PM benchmark (not a test): the guest-visible resume latency
+# of a USB disk with autosuspend on. Each cycle waits until the disk has
+# autosuspended, then times one 4 KiB O_DIRECT read with fio (its total
+# latency includes the runtime resume the read triggers) and prints
+# "PM-RESUME n=N us=LATENCY". Optionally under memory pressure (a
+# background loop re-reading a tmpfs file larger than the VMM's resident
+# limit). Then an idle stretch: "PM-IDLE controller_suspended_ms=X of=Y" from
+# the xHCI PCI function's runtime_suspended_time. Between the two, pmb_resets
+# bus resets (`sg_reset -b`: usb-storage's port reset path) timed between
+# two /dev/kmsg markers: "PM-RESET n=N us=DURATION".
+# Parameters: pmb_serial (bench), pmb_cycles (100), pmb_delay_ms (300),
+# pmb_pressure_mib (0: none), pmb_resets (20), pmb_idle_s (60), pmb_wait (60).
+. /lib/guest/lib.sh
+. /lib/guest/usb.sh
+usb_quiet
+FIO=/usr/local/bin/fio
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+s=$(param pmb_serial bench)
+cycles=$(param pmb_cycles 100)
+delay=$(param pmb_delay_ms 300)
+pressure=$(param pmb_pressure_mib 0)
+idle=$(param pmb_idle_s 60)
+resets=$(param pmb_resets 20)
+wait_s=$(param pmb_wait 60)
+[ -x $FIO ] || fail "fio missing at $FIO"
+
+
+d=$(usb_wait_dev "$s" "$wait_s") || fail "disk $s did not appear"
+udev=$(usb_dev_dir "$d")
+pci=$(dirname "$(readlink -f /sys/bus/usb/devices/usb1)")
+usb_roothubs_eager
+msg=$(usb_autosuspend_on "$d" "$delay") || fail "$msg"
+echo auto > "$pci/power/control"
+pid=
+if [ "$pressure" -gt 0 ]; then
+    mount -o remount,size=$((pressure + 32))m /tmp || fail "cannot grow /tmp"
+    dd if=/dev/urandom of=/tmp/pressure bs=1M count="$pressure" 2>/dev/null || fail "no pressure file"
+    ( while :; do md5sum < /tmp/pressure > /dev/null; done ) &
+    pid=$!
+fi
+echo "PM-BENCH-START dev=$d pressure_mib=$pressure delay_ms=$delay"
+n=1
+sectors=$(cat "/sys/block/$d/size")
+while [ "$n" -le "$cycles" ]; do
+    usb_wait_file_is "$udev/power/runtime_status" suspended "$wait_s" ||
+        fail "cycle $n: $udev did not autosuspend"
+    off=$(((n * 2654435761) % (sectors / 8) * 4096))
+    $FIO --name=resume --filename="/dev/$d" --rw=read --bs=4k --offset="$off" --size=4k \
+        --ioengine=psync --direct=1 --output-format=terse --terse-version=3 \
+        >/tmp/fio.out 2>/tmp/fio.err || { cat /tmp/fio.err; fail "fio failed in cycle $n"; }
+    # Terse v3 field 40: mean total read latency (us); one I/O.
+    us=$(awk -F';' '$1 == 3 { printf "%d", $40 }' /tmp/fio.out)
+    [ -n "$us" ] || { cat /tmp/fio.out; fail "no latency in cycle $n"; }
+    echo "PM-RESUME n=$n us=$us"
+    n=$((n + 1))
+done
+sg=$(ls "/sys/block/$d/device/scsi_generic" 2>/dev/null)
+n=1
+while [ "$n" -le "$resets" ]; do
+    [ -c "/dev/$sg" ] || fail "no sg device for $d ($sg)"
+    dd if="/dev/$d" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null
+    echo "PMB-RESET-START n=$n" > /dev/kmsg
+    sg_reset -b "/dev/$sg" || fail "sg_reset -b failed in reset $n"
+    echo "PMB-RESET-END n=$n" > /dev/kmsg
+    # dmesg stamps are [seconds.micros]: the difference in us.
+    us=$(dmesg | awk -v n="$n" '
+        { line = $0; sub(/^\[ */, "", line); split(line, f, /[] ]+/) }
+        f[2] == "PMB-RESET-START" && f[3] == "n=" n { t0 = f[1] }
+        f[2] == "PMB-RESET-END" && f[3] == "n=" n { printf "%d", (f[1] - t0) * 1000000 }')
+    echo "PM-RESET n=$n us=$us"
+    n=$((n + 1))
+done
+[ -n "$pid" ] && kill "$pid"
+before=$(cat "$pci/power/runtime_suspended_time")
+sleep "$idle"
+after=$(cat "$pci/power/runtime_suspended_time")
+echo "PM-IDLE controller_suspended_ms=$((after - before)) of=$((idle * 1000)) status=$(cat "$pci/power/runtime_status")"
+echo "PM-BENCH-DONE"

@@ -1,0 +1,239 @@
+//! The USB runtime-PM benchmark (not a test): the `usb-pm-bench` scenario
+//! times the first read after each autosuspend (the guest-visible resume
+//! latency) on our xHCI, on ours under memory pressure with swap on the
+//! disk's own volume (NOIO at work), and on QEMU's `qemu-xhci` +
+//! `usb-storage`, round-robin in one L1. The L1 script (shared with the USB
+//! disk benchmark) marks each run with `USB-BENCH-RUN variant=<name>
+//! rep=<n>`; the `PM-RESUME` and `PM-IDLE` lines after it belong to it.
+
+use std::fmt::Write as _;
+
+use crate::bench::{ours_argv, qemu_argv, Variant};
+use crate::harness::GuestRun;
+use crate::l1::L2_KERNEL;
+use crate::usb_bench::{qemu_disk_args, IMAGE, MARK_RUN, SERIAL};
+
+/// Our VMM, ours with a pager, and QEMU, as the table names them.
+pub const VARIANTS: &[(&str, &str)] = &[
+    ("ours", "ours"),
+    (
+        "ours-pressure",
+        "ours, limit + swap on the disk's volume, pressure",
+    ),
+    ("qemu", "QEMU qemu-xhci + usb-storage"),
+];
+
+/// The swap file of the pressure variant in L1's tmpfs.
+const SWAP: &str = "/tmp/pm-bench.swap";
+
+/// The three variants. `pressure_mib` goes on the pressure variant's
+/// command line only; its resident limit is `limit_mib`.
+pub fn variants(run: &GuestRun, cmdline: &str, pressure_mib: u32, limit_mib: u32) -> Vec<Variant> {
+    let disk = [
+        "--usb-storage".to_string(),
+        format!("path={IMAGE},port=5,id={SERIAL}"),
+    ];
+    let mut ours = ours_argv(run, cmdline, L2_KERNEL);
+    ours.extend(disk.clone());
+    let mut loaded = run.clone();
+    loaded.memory_opts = Some(format!(
+        "limit={limit_mib}M,swap={SWAP},swap_volume={SERIAL}"
+    ));
+    let loaded_cmdline = format!("{cmdline} pmb_pressure_mib={pressure_mib}");
+    let mut pressure = ours_argv(&loaded, &loaded_cmdline, L2_KERNEL);
+    pressure.extend(disk);
+    let mut qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
+    qemu.extend(qemu_disk_args());
+    vec![
+        Variant {
+            name: "ours",
+            argv: ours,
+        },
+        Variant {
+            name: "ours-pressure",
+            argv: pressure,
+        },
+        Variant {
+            name: "qemu",
+            argv: qemu,
+        },
+    ]
+}
+
+/// What one run reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PmRun {
+    pub variant: String,
+    pub resume_us: Vec<u64>,
+    pub reset_us: Vec<u64>,
+    /// (ms the controller was runtime-suspended, ms of the idle stretch).
+    pub idle: Option<(u64, u64)>,
+}
+
+fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Every run of the console with its `PM-RESUME` and `PM-IDLE` lines.
+pub fn parse(console: &str) -> Vec<PmRun> {
+    let mut runs: Vec<PmRun> = Vec::new();
+    for l in console.lines() {
+        if let Some(at) = l.find(MARK_RUN) {
+            if let Some(v) = kv(&l[at..], "variant") {
+                runs.push(PmRun {
+                    variant: v.to_string(),
+                    ..Default::default()
+                });
+            }
+        } else if let (Some(at), Some(run)) = (l.find("PM-RESUME "), runs.last_mut()) {
+            if let Some(us) = kv(&l[at..], "us").and_then(|v| v.parse().ok()) {
+                run.resume_us.push(us);
+            }
+        } else if let (Some(at), Some(run)) = (l.find("PM-RESET "), runs.last_mut()) {
+            if let Some(us) = kv(&l[at..], "us").and_then(|v| v.parse().ok()) {
+                run.reset_us.push(us);
+            }
+        } else if let (Some(at), Some(run)) = (l.find("PM-IDLE "), runs.last_mut()) {
+            let rest = &l[at..];
+            let ms = kv(rest, "controller_suspended_ms").and_then(|v| v.parse().ok());
+            let of = kv(rest, "of").and_then(|v| v.parse().ok());
+            run.idle = ms.zip(of);
+        }
+    }
+    runs
+}
+
+/// The `q`-quantile (0..=1, nearest rank) of `v`.
+pub fn quantile(v: &[u64], q: f64) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    Some(s[rank - 1])
+}
+
+/// The table: resume latency p50/p99 (all cycles of all runs of a
+/// variant), ratio to QEMU, and the controller's D3hot share of the idle
+/// stretch.
+pub fn render_table(runs: &[PmRun]) -> String {
+    let mut t = String::from(
+        "| VMM | cycles | resume p50 ms | resume p99 ms | p99 / QEMU p99 | resets | reset p50 ms | reset p99 ms | controller in D3hot while idle |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let all = |variant: &str| -> Vec<u64> {
+        runs.iter()
+            .filter(|r| r.variant == variant)
+            .flat_map(|r| r.resume_us.iter().copied())
+            .collect()
+    };
+    let resets = |variant: &str| -> Vec<u64> {
+        runs.iter()
+            .filter(|r| r.variant == variant)
+            .flat_map(|r| r.reset_us.iter().copied())
+            .collect()
+    };
+    let qemu_p99 = quantile(&all("qemu"), 0.99);
+    let ms = |us: Option<u64>| us.map_or("n/a".into(), |u| format!("{:.1}", u as f64 / 1000.0));
+    for (variant, label) in VARIANTS {
+        let v = all(variant);
+        let p99 = quantile(&v, 0.99);
+        let ratio = match (p99, qemu_p99) {
+            (Some(a), Some(b)) if b > 0 => format!("{:.2}x", a as f64 / b as f64),
+            _ => "n/a".into(),
+        };
+        let (susp, of) = runs
+            .iter()
+            .filter(|r| r.variant == *variant)
+            .filter_map(|r| r.idle)
+            .fold((0, 0), |(a, b), (s, o)| (a + s, b + o));
+        let idle = if of > 0 {
+            format!(
+                "{:.0}% ({:.1} of {:.0} s)",
+                100.0 * susp as f64 / of as f64,
+                susp as f64 / 1000.0,
+                of as f64 / 1000.0
+            )
+        } else {
+            "n/a".into()
+        };
+        let r = resets(variant);
+        let _ = writeln!(
+            t,
+            "| {label} | {} | {} | {} | {ratio} | {} | {} | {} | {idle} |",
+            v.len(),
+            ms(quantile(&v, 0.5)),
+            ms(p99),
+            r.len(),
+            ms(quantile(&r, 0.5)),
+            ms(quantile(&r, 0.99)),
+        );
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_image::Scenario;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(quantile(&v, 0.5), Some(50));
+        assert_eq!(quantile(&v, 0.99), Some(99));
+        assert_eq!(quantile(&[7], 0.99), Some(7));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn lines_belong_to_their_run_and_tabulate() {
+        let c = "\
+USB-BENCH-RUN variant=ours rep=0
+PM-RESUME n=1 us=2000
+[ 3.1] PM-RESUME n=2 us=4000
+PM-IDLE controller_suspended_ms=55000 of=60000 status=suspended
+USB-BENCH-RUN variant=qemu rep=0
+PM-RESUME n=1 us=8000
+PM-RESUME n=2 us=bad
+PM-IDLE controller_suspended_ms=0 of=60000 status=active
+USB-BENCH-RUN variant=ours-pressure rep=0
+PM-RESUME n=1 us=3000
+PM-RESET n=1 us=90000
+";
+        let r = parse(c);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].resume_us, vec![2000, 4000]);
+        assert_eq!(r[0].idle, Some((55000, 60000)));
+        assert_eq!(r[1].resume_us, vec![8000]);
+        let t = render_table(&r);
+        assert!(
+            t.contains("| ours | 2 | 2.0 | 4.0 | 0.50x | 0 | n/a | n/a | 92% (55.0 of 60 s) |"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "| QEMU qemu-xhci + usb-storage | 1 | 8.0 | 8.0 | 1.00x | 0 | n/a | n/a | 0% (0.0 of 60 s) |"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 1 | 3.0 | 3.0 | 0.38x | 1 | 90.0 | 90.0 | n/a |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn only_the_pressure_variant_gets_a_limit_and_the_pressure() {
+        let run = GuestRun::new(Scenario::inline("t", "true"));
+        let v = variants(&run, "c", 192, 112);
+        assert_eq!(v.len(), 3);
+        let joined = |i: usize| v[i].argv.join(" ");
+        assert!(!joined(0).contains("limit="));
+        assert!(joined(1).contains("limit=112M,swap=/tmp/pm-bench.swap,swap_volume=bench"));
+        assert!(joined(1).contains("pmb_pressure_mib=192"));
+        assert!(!joined(0).contains("pmb_pressure_mib"));
+        assert!(joined(2).contains("qemu-xhci"));
+    }
+}

@@ -62,8 +62,8 @@ struct Cli {
     #[arg(long, value_name = "vcpu|thread", default_value = "vcpu", value_parser = UsbIo::parse)]
     usb_io: UsbIo,
 
-    /// A virtio-balloon device: size=SIZE[,deflate_on_oom=on,
-    /// free_page_reporting=on,stats_interval=SECS,auto=on,auto_max=SIZE].
+    /// A virtio-balloon device:
+    /// size=SIZE[,deflate_on_oom=on,free_page_reporting=on,stats_interval=SECS,auto=on,auto_max=SIZE].
     /// size (default 0) is how much memory the balloon holds back from the
     /// guest, not the guest's size; change it with balloon.set on the control
     /// API. Inflated and reported pages go back to the host (through the pager

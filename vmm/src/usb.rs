@@ -282,6 +282,21 @@ impl UsbManager {
                 "read-write"
             }
         );
+        // Host I/O that waits on the sleeping disk (swap on its volume)
+        // asks it to signal remote wakeup, as I/O to a runtime-suspended
+        // disk resumes it.
+        let xhci = Arc::downgrade(&self.xhci);
+        volume.set_waker(Arc::new(move || {
+            if let Some(x) = xhci.upgrade() {
+                let r = x
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remote_wake(port);
+                if let Err(e) = r {
+                    log::debug!("usb: wake for host I/O on port {port}: {e}");
+                }
+            }
+        }));
         self.volumes.insert(info.id.clone(), volume);
         self.attached.insert(port, info.clone());
         Ok(info)
@@ -300,7 +315,9 @@ impl UsbManager {
             .attached
             .remove(&port)
             .ok_or_else(|| UsbError::NotFound(format!("on port {port}")))?;
-        self.volumes.remove(&info.id);
+        if let Some(v) = self.volumes.remove(&info.id) {
+            v.clear_waker();
+        }
         log::info!("usb: {} detached from port {port}", info.id);
         Ok(info)
     }

@@ -173,6 +173,7 @@ mod tests {
             quiesced_ms: 9000,
             quiesced_for_ms: 9000,
             owner: Some("USB disk 'pm' on port 5".into()),
+            wake_requests: 1,
             waiters: vec![devices::block::VolumeWaiter {
                 thread: "pager-swapin".into(),
                 waited_ms: 8000,

@@ -52,6 +52,8 @@ pub enum VmError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
+    Preflight(#[from] crate::preflight::PreflightError),
+    #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("guest memory pager")]
     Pager(#[from] crate::memory::PagerError),
@@ -143,8 +145,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         &cfg.cmdline,
         cfg.memory.size,
     )?;
-    let serial_out = serial_writer(&cfg.serial)?;
     check_disk_ids(&cfg.disks)?;
+    crate::preflight::check(&cfg.memory, &cfg.disks, &cfg.usb)?;
+    let serial_out = serial_writer(&cfg.serial)?;
     phase("checking the kernel and initramfs");
 
     let kvm = host::open_kvm(cfg.allow_pvm)?;

@@ -168,3 +168,116 @@ fn help_documents_every_option() {
     }
     assert!(Path::new(env!("CARGO_BIN_EXE_vmm")).exists());
 }
+
+/// A fresh directory for one test's files.
+fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn swap_never_overwrites_data_a_disk_or_a_symlink_target() {
+    let k = fake_bzimage(16 << 20);
+    let dir = test_dir("swap");
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let precious = dir.join("precious");
+    std::fs::write(&precious, &data).unwrap();
+    let mem = |swap: &Path| format!("size=512M,limit=64M,swap={}", swap.display());
+
+    // An ordinary file full of data.
+    let o = vmm(&["--kernel", s(&k), "--memory", &mem(&precious)]);
+    assert_clear_error(&o, "not a swap file of this VMM; refusing to overwrite it");
+
+    // The image of a disk of the same VM, named directly or through a hard
+    // link; an empty image (which an empty swap file would otherwise be).
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    std::fs::hard_link(&disk, dir.join("alias")).unwrap();
+    for swap in [disk.clone(), dir.join("alias")] {
+        let o = vmm(&[
+            "--kernel",
+            s(&k),
+            "--memory",
+            &mem(&swap),
+            "--disk",
+            &format!("path={},id=data", disk.display()),
+        ]);
+        assert_clear_error(&o, "is the disk image of --disk id=data");
+    }
+    let o = vmm(&[
+        "--kernel",
+        s(&k),
+        "--memory",
+        &mem(&disk),
+        "--usb-storage",
+        &format!("path={},id=stick", disk.display()),
+    ]);
+    assert_clear_error(&o, "is the disk image of --usb-storage id=stick");
+
+    // A symbolic link: to the data, and dangling (nothing may be created).
+    std::os::unix::fs::symlink(&precious, dir.join("link")).unwrap();
+    std::os::unix::fs::symlink(dir.join("new"), dir.join("dangling")).unwrap();
+    for link in ["link", "dangling"] {
+        let o = vmm(&["--kernel", s(&k), "--memory", &mem(&dir.join(link))]);
+        assert_clear_error(&o, "is a symbolic link");
+    }
+    assert!(
+        !dir.join("new").exists(),
+        "a file was created through the link"
+    );
+    // A directory.
+    let o = vmm(&["--kernel", s(&k), "--memory", &mem(&dir)]);
+    assert_clear_error(&o, "is not a regular file");
+
+    assert_eq!(std::fs::read(&precious).unwrap(), data, "data changed");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        vec![0u8; 4096],
+        "disk changed"
+    );
+}
+
+#[test]
+fn the_same_image_twice_read_write_is_refused() {
+    let k = fake_bzimage(16 << 20);
+    let dir = test_dir("lock");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 8192]).unwrap();
+    let o = vmm(&[
+        "--kernel",
+        s(&k),
+        "--disk",
+        &format!("path={},id=data", img.display()),
+        "--usb-storage",
+        &format!("path={},id=stick", img.display()),
+    ]);
+    assert_clear_error(&o, "--usb-storage id=stick: disk image");
+    assert!(o.stderr.contains("is in use"), "{}", o.stderr);
+    let o = vmm(&[
+        "--kernel",
+        s(&k),
+        "--disk",
+        &format!("path={},id=a", img.display()),
+        "--disk",
+        &format!("path={},id=b,readonly=on", img.display()),
+    ]);
+    assert_clear_error(&o, "--disk id=b: disk image");
+}
+
+#[test]
+fn images_smaller_than_a_sector_are_refused() {
+    let k = fake_bzimage(16 << 20);
+    let dir = test_dir("tiny");
+    let empty = dir.join("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    for opt in ["--disk", "--usb-storage"] {
+        let o = vmm(&["--kernel", s(&k), opt, s(&empty)]);
+        assert_clear_error(&o, "is 0 bytes; a disk needs at least one 512-byte sector");
+    }
+}

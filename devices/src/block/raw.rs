@@ -25,6 +25,18 @@ pub enum RawImageError {
     },
     #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}-byte sectors")]
     Unaligned { path: PathBuf, size: u64 },
+    #[error(
+        "disk image {path} is {size} bytes; a disk needs at least one {SECTOR_SIZE}-byte sector"
+    )]
+    TooSmall { path: PathBuf, size: u64 },
+    #[error("disk image {path} is in use: {}", if *readonly {
+        "something has it open read-write (another disk of this VM, the swap file, or another process)"
+    } else {
+        "something else has it open (another disk of this VM, the swap file, or another process)"
+    })]
+    Locked { path: PathBuf, readonly: bool },
+    #[error("an earlier flush of this disk failed ({0}); writes since may be lost, so every later flush fails too")]
+    EarlierFlushFailed(String),
     #[error("access at {offset:#x}+{len:#x} lies beyond the end of the disk ({size:#x} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("disk is read-only")]
@@ -42,6 +54,52 @@ pub struct RawImage {
     size: u64,
     readonly: bool,
     volume: Arc<Volume>,
+    /// The first failed `fdatasync`, kept like Linux's errseq: the kernel
+    /// reports a writeback error to one fsync only, so a later flush could
+    /// succeed although the data never reached the disk.
+    flush_error: std::sync::Mutex<Option<String>>,
+    /// Written since the last successful flush: closing syncs it.
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for RawImage {
+    /// Closing an image makes what the guest wrote durable (the guest may
+    /// not have flushed before the VM stopped, e.g. on SIGTERM).
+    fn drop(&mut self) {
+        if !self.readonly && self.dirty.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Err(e) = self.file.sync_data() {
+                log::error!(
+                    "disk image {}: fdatasync on close failed: {e}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Takes an advisory whole-file OFD lock on `file`: exclusive (a writer)
+/// or shared (readers). Held as long as the open file description lives;
+/// another open of the same file (in this process or any other) that
+/// conflicts fails instead of waiting.
+pub fn lock_file(file: &File, exclusive: bool) -> io::Result<()> {
+    let lock = libc::flock {
+        l_type: if exclusive {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads one `struct flock` that lives on this stack
+    // frame for the duration of the call; the fd is owned by `file`.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The size of an image: a regular file's length, or a block device's
@@ -74,7 +132,22 @@ impl RawImage {
             .write(!readonly)
             .open(path)
             .map_err(open_err)?;
+        if let Err(e) = lock_file(&file, !readonly) {
+            return Err(match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EACCES) => RawImageError::Locked {
+                    path: path.to_owned(),
+                    readonly,
+                },
+                _ => open_err(e),
+            });
+        }
         let size = image_size(&file).map_err(open_err)?;
+        if size < SECTOR_SIZE {
+            return Err(RawImageError::TooSmall {
+                path: path.to_owned(),
+                size,
+            });
+        }
         if size % SECTOR_SIZE != 0 {
             return Err(RawImageError::Unaligned {
                 path: path.to_owned(),
@@ -87,6 +160,8 @@ impl RawImage {
             size,
             readonly,
             volume,
+            flush_error: Default::default(),
+            dirty: Default::default(),
         })
     }
 
@@ -125,7 +200,9 @@ impl RawImage {
         if self.readonly {
             return Err(RawImageError::ReadOnly);
         }
-        self.check(offset, len)
+        self.check(offset, len)?;
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
@@ -244,13 +321,31 @@ impl RawImage {
         Ok(())
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable. Once a flush failed, every
+    /// later one fails too (see `flush_error`).
     pub fn flush(&self) -> Result<(), RawImageError> {
+        self.flush_with(|f| f.sync_data())
+    }
+
+    fn flush_with(&self, sync: impl FnOnce(&File) -> io::Result<()>) -> Result<(), RawImageError> {
         if self.readonly {
             return Ok(());
         }
+        let mut failed = self.flush_error.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = failed.as_ref() {
+            return Err(RawImageError::EarlierFlushFailed(e.clone()));
+        }
         let _io = self.volume.begin_io();
-        self.file.sync_data()?;
+        self.dirty
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = sync(&self.file) {
+            log::error!(
+                "disk image {}: fdatasync failed: {e}; later flushes will fail too",
+                self.path.display()
+            );
+            *failed = Some(e.to_string());
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -410,6 +505,7 @@ mod tests {
             img.read_vectored_at(&slices, 8192 - 100),
             Err(RawImageError::OutOfRange { .. })
         ));
+        drop(img);
         let ro = RawImage::open(&path, true, "ro").unwrap();
         assert!(matches!(
             ro.write_vectored_at(&slices, 0),
@@ -495,5 +591,62 @@ mod tests {
             RawImage::open(&odd, false, "odd"),
             Err(RawImageError::Unaligned { .. })
         ));
+    }
+
+    #[test]
+    fn images_are_locked_shared_for_readers_and_exclusive_for_a_writer() {
+        let (_d, path) = image(4096, 0);
+        let rw = RawImage::open(&path, false, "rw").unwrap();
+        for readonly in [false, true] {
+            let e = RawImage::open(&path, readonly, "again").unwrap_err();
+            assert!(matches!(e, RawImageError::Locked { .. }), "{e}");
+            assert!(e.to_string().contains("is in use"), "{e}");
+        }
+        drop(rw);
+        let r1 = RawImage::open(&path, true, "r1").unwrap();
+        let _r2 = RawImage::open(&path, true, "r2").unwrap();
+        assert!(matches!(
+            RawImage::open(&path, false, "w"),
+            Err(RawImageError::Locked {
+                readonly: false,
+                ..
+            })
+        ));
+        drop(r1);
+    }
+
+    #[test]
+    fn images_smaller_than_one_sector_are_refused() {
+        for len in [0, 1, 511] {
+            let (_d, path) = image(len, 0);
+            for readonly in [false, true] {
+                let e = RawImage::open(&path, readonly, "tiny").unwrap_err();
+                assert!(matches!(e, RawImageError::TooSmall { .. }), "{len}: {e}");
+                assert!(
+                    e.to_string().contains("at least one 512-byte sector"),
+                    "{e}"
+                );
+            }
+        }
+        let (_d, path) = image(512, 0);
+        assert_eq!(RawImage::open(&path, false, "one").unwrap().sectors(), 1);
+    }
+
+    #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        let (_d, path) = image(4096, 0);
+        let img = RawImage::open(&path, false, "d0").unwrap();
+        img.flush().unwrap();
+        let eio = || Err(io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(
+            img.flush_with(|_| eio()),
+            Err(RawImageError::Io(_))
+        ));
+        // The kernel would now report success (the error was consumed).
+        for _ in 0..3 {
+            let e = img.flush_with(|_| Ok(())).unwrap_err();
+            assert!(matches!(e, RawImageError::EarlierFlushFailed(_)), "{e}");
+        }
+        assert!(img.flush().is_err());
     }
 }

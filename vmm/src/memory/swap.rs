@@ -102,21 +102,50 @@ pub struct SwapStore {
 }
 
 impl SwapStore {
-    /// Creates (or truncates) the swap file at `path` with `slots` slots.
+    /// Creates the swap file at `path` with `slots` slots after a one-page
+    /// header holding [`crate::swapfile::MAGIC`]. An existing file is reused
+    /// only when it is empty or one of ours (see `crate::swapfile`); a
+    /// symbolic link is never followed. The file is locked (exclusive OFD
+    /// lock) for the store's lifetime, so it cannot be attached as a disk.
     pub fn create(path: &Path, slots: u32, volume: Arc<Volume>) -> Result<Self, SwapError> {
+        use crate::swapfile::{reusable, HEADER_LEN, MAGIC};
+        use std::os::unix::fs::OpenOptionsExt;
         let open_err = |source| SwapError::Open {
             path: path.display().to_string(),
             source,
         };
-        let file = OpenOptions::new()
+        let refuse = |what: &str| {
+            open_err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{what}; refusing to use it as swap"),
+            ))
+        };
+        let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    refuse("it is a symbolic link")
+                } else {
+                    open_err(e)
+                }
+            })?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.file_type().is_file() {
+            return Err(refuse("it is not a regular file"));
+        }
+        devices::block::lock_file(&file, true).map_err(open_err)?;
+        if !reusable(&mut file, meta.len()).map_err(open_err)? {
+            return Err(refuse("it holds data that is not a swap file of this VMM"));
+        }
+        // Old slots are stale: drop them, then size the file afresh (sparse).
+        file.set_len(0).map_err(open_err)?;
+        file.set_len(HEADER_LEN + u64::from(slots) * PAGE_SIZE as u64)
             .map_err(open_err)?;
-        file.set_len(u64::from(slots) * PAGE_SIZE as u64)
-            .map_err(open_err)?;
+        file.write_all_at(MAGIC, 0).map_err(open_err)?;
         Ok(Self {
             file,
             volume,
@@ -177,7 +206,7 @@ impl SwapStore {
     }
 
     fn offset(slot: u32) -> u64 {
-        u64::from(slot) * PAGE_SIZE as u64
+        crate::swapfile::HEADER_LEN + u64::from(slot) * PAGE_SIZE as u64
     }
 
     /// Reads `buf.len()` bytes (whole pages) from consecutive slots from `slot` on.

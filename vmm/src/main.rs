@@ -20,7 +20,9 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     kernel: PathBuf,
 
-    /// Initramfs image (cpio, optionally gzip-compressed; checked before boot).
+    /// Initramfs image: a newc cpio archive, plain or compressed. Plain and
+    /// gzip archives are checked end to end before boot; bzip2, lzma, xz,
+    /// lzo, lz4 and zstd pass with a warning; anything else is refused.
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
 

@@ -281,3 +281,30 @@ fn images_smaller_than_a_sector_are_refused() {
         assert_clear_error(&o, "is 0 bytes; a disk needs at least one 512-byte sector");
     }
 }
+
+#[test]
+fn garbage_initramfs_is_refused() {
+    let k = fake_bzimage(16 << 20);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let garbage: Vec<u8> = (0..100_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let known = [
+        [0x1f, 0x8b],
+        [0x42, 0x5a],
+        [0x5d, 0x00],
+        [0xfd, 0x37],
+        [0x89, 0x4c],
+        [0x02, 0x21],
+        [0x28, 0xb5],
+    ];
+    assert!(!known.iter().any(|m| garbage.starts_with(m)) && garbage[0] != b'0');
+    let p = scratch("garbage.img", &garbage);
+    let o = vmm(&["--kernel", s(&k), "--initramfs", s(&p)]);
+    assert_clear_error(&o, "neither a newc cpio archive nor a compressed one");
+}

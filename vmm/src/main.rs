@@ -5,13 +5,16 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::config::{DiskConfig, MemoryConfig, SerialConfig, UsbIo, UsbStorageConfig};
-use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE};
+use vmm::exit_status;
+use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE, MAX_CPUS};
 
 /// Boots a Linux kernel (bzImage or vmlinux) on KVM with a serial console.
 ///
-/// The exit status is the byte the guest wrote to the debug-exit port (0xf4),
-/// 0 when the guest rebooted or powered off (use `reboot=k`), and 1 on any
-/// error, which is printed as one line on stderr.
+/// Exit status: 0 when the guest rebooted cleanly or halted/powered off,
+/// the byte the guest wrote to the debug-exit port (0xf4), 1 on a VMM error
+/// and 2 on a bad option (both printed as one `error:` line on stderr), 76
+/// stall watchdog, 77 triple fault, 78 guest kernel panic, 79 every vCPU
+/// halted dead, 128+N stopped by signal N (SIGHUP, SIGINT, SIGTERM).
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -30,8 +33,9 @@ struct Cli {
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
 
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Number of vCPUs (1-254).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
     cpus: u8,
 
     /// Guest memory: size=SIZE[,limit=SIZE,swap=PATH,reserve=PAGES,swap_volume=ID].
@@ -98,7 +102,15 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Before any thread exists, so that all of them inherit the mask.
+    if let Err(e) = vmm::signals::block() {
+        eprintln!("error: cannot block the stop signals: {e}");
+        return ExitCode::from(exit_status::VMM_ERROR);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     env_logger::Builder::new()
         .filter_level(cli.log_level)
         .parse_default_env()
@@ -121,7 +133,7 @@ fn main() -> ExitCode {
         unsafe_disable_noio: cli.unsafe_disable_noio,
     };
     match vm::run(&cfg) {
-        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(exit_status::VMM_ERROR)),
         Err(e) => {
             let mut msg = format!("error: {e}");
             let mut source = std::error::Error::source(&e);
@@ -130,7 +142,35 @@ fn main() -> ExitCode {
                 source = s.source();
             }
             eprintln!("{msg}");
-            ExitCode::from(1)
+            ExitCode::from(exit_status::VMM_ERROR)
         }
+    }
+}
+
+/// `--help` and `--version` print as clap does and exit 0; a bad option is
+/// one `error:` line (clap's first paragraph, without its usage block) and
+/// status 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("{}", one_line(&e.render().to_string()));
+    ExitCode::from(exit_status::USAGE_ERROR)
+}
+
+/// The first paragraph of clap's message on one line, starting `error: `.
+fn one_line(text: &str) -> String {
+    let para: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = para.join(" ");
+    if line.starts_with("error:") {
+        line
+    } else {
+        format!("error: {line}")
     }
 }

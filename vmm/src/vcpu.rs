@@ -37,10 +37,21 @@ pub enum VcpuError {
 /// How the VM ended, decided by whoever asked first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
-    /// The guest chose an exit status (debug-exit port, reboot = 0).
+    /// The guest chose an exit status (debug-exit port, `vm.shutdown` = 0).
     Guest(i32),
     /// Something failed; the VMM exits non-zero.
     Error,
+    /// The guest reset the machine (i8042): a clean reboot, or a panic's
+    /// (see `exit_status::decide`).
+    Reset,
+    /// KVM reported a shutdown (triple fault).
+    TripleFault,
+    /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
+    GuestCrash,
+    /// Every vCPU halted with interrupts off, nothing can wake it.
+    HaltedDead,
+    /// The VMM got this signal (SIGTERM, SIGINT, SIGHUP).
+    Signal(i32),
 }
 
 /// The VM-wide stop request: first writer wins, everyone else sees it.
@@ -88,6 +99,10 @@ impl StopRequest for VmStop {
     fn request_stop(&self, code: i32) {
         self.stop(StopReason::Guest(code));
     }
+
+    fn request_reset(&self) {
+        self.stop(StopReason::Reset);
+    }
 }
 
 /// Everything a vCPU thread dispatches to.
@@ -98,6 +113,8 @@ pub struct ExitHandlers {
     pub stop: Arc<VmStop>,
     /// The VM's coalesced MMIO ring, drained after every KVM_RUN return.
     pub coalesced: Option<Arc<CoalescedRing>>,
+    /// Where a kicked vCPU records whether it can still run.
+    pub halt_probe: Option<Arc<crate::halt::HaltProbe>>,
 }
 
 pub struct Vcpu {
@@ -202,23 +219,28 @@ impl Vcpu {
                         }
                     }
                     VcpuExit::Hlt => {
-                        log::info!("vCPU {id}: halted with interrupts off; stopping the VM");
-                        h.stop.stop(StopReason::Guest(0));
+                        // Only without an in-kernel LAPIC, which this VMM
+                        // always has: KVM waits for interrupts itself.
+                        log::error!("vCPU {id}: unexpected HLT exit; stopping the VM");
+                        h.stop.stop(StopReason::Error);
                     }
                     VcpuExit::Shutdown => {
-                        log::info!("vCPU {id}: triple fault (guest reset); stopping the VM");
-                        h.stop.stop(StopReason::Guest(0));
+                        log::warn!("vCPU {id}: triple fault (KVM shutdown exit); stopping the VM");
+                        h.stop.stop(StopReason::TripleFault);
                     }
                     VcpuExit::SystemEvent(kind, _) => {
                         log::info!("vCPU {id}: system event {kind}; stopping the VM");
-                        let crash = kind == kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
-                        h.stop.stop(if crash {
-                            StopReason::Error
-                        } else {
-                            StopReason::Guest(0)
+                        h.stop.stop(match kind {
+                            kvm_bindings::KVM_SYSTEM_EVENT_CRASH => StopReason::GuestCrash,
+                            kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
+                            _ => StopReason::Guest(0),
                         });
                     }
-                    VcpuExit::Intr => {}
+                    VcpuExit::Intr => {
+                        if let Some(p) = &h.halt_probe {
+                            p.record(id, &self.fd);
+                        }
+                    }
                     VcpuExit::FailEntry(reason, cpu) => {
                         log::error!(
                             "vCPU {id}: KVM_RUN failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})"
@@ -237,7 +259,12 @@ impl Vcpu {
                         h.stop.stop(StopReason::Error);
                     }
                 },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EINTR => {
+                    if let Some(p) = &h.halt_probe {
+                        p.record(id, &self.fd);
+                    }
+                }
+                Err(e) if e.errno() == libc::EAGAIN => {}
                 Err(e) => {
                     log::error!("vCPU {id}: KVM_RUN: {e}");
                     h.stop.stop(StopReason::Error);

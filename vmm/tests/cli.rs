@@ -43,7 +43,16 @@ fn scratch(name: &str, data: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmm-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().write_all(data).unwrap();
+    // Tests run in parallel and share names (fake_bzimage): write aside,
+    // then rename, so no test ever reads a half-written file.
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let tmp = dir.join(format!(".{name}.{n}"));
+    std::fs::File::create(&tmp)
+        .unwrap()
+        .write_all(data)
+        .unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
     p
 }
 
@@ -119,6 +128,14 @@ fn truncated_initramfs() {
     assert!(o.stderr.contains("truncated or corrupt"), "{}", o.stderr);
 }
 
+fn assert_usage_error(o: &Outcome, needle: &str) {
+    assert_eq!(o.code, Some(2), "usage errors exit 2; stderr: {}", o.stderr);
+    let lines: Vec<_> = o.stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {}", o.stderr);
+    assert!(lines[0].starts_with("error: "), "{}", o.stderr);
+    assert!(lines[0].contains(needle), "'{needle}' not in: {}", o.stderr);
+}
+
 #[test]
 fn bad_options_are_rejected_by_the_parser() {
     let k = fake_bzimage(16 << 20);
@@ -133,18 +150,18 @@ fn bad_options_are_rejected_by_the_parser() {
             "limit= needs swap=PATH",
         ),
         (vec!["--serial", "pipe"], "not key=value"),
-        (vec!["--cpus", "0"], "at least 1"),
+        // --help says 1-254: both ends are refused by the parser.
+        (vec!["--cpus", "0"], "0 is not in 1..=254"),
+        (vec!["--cpus", "255"], "255 is not in 1..=254"),
+        (vec!["--cpus", "many"], "invalid digit"),
+        (vec!["--frobnicate"], "unexpected argument '--frobnicate'"),
     ] {
         let mut all = vec!["--kernel", k];
         all.extend(args.iter().copied());
-        let o = vmm(&all);
-        assert_ne!(o.code, Some(0), "{all:?} was accepted");
-        assert!(
-            o.stderr.contains(needle),
-            "{all:?}: '{needle}' not in {}",
-            o.stderr
-        );
+        assert_usage_error(&vmm(&all), needle);
     }
+    assert_usage_error(&vmm(&[]), "required arguments were not provided: --kernel");
+    assert_usage_error(&vmm(&["--kernel"]), "a value is required for '--kernel");
 }
 
 #[test]
@@ -167,6 +184,19 @@ fn help_documents_every_option() {
         assert!(help.contains(opt), "{opt} missing from --help");
     }
     assert!(Path::new(env!("CARGO_BIN_EXE_vmm")).exists());
+    // The exit statuses are documented where users look first.
+    for status in ["76", "77", "78", "79", "128+N"] {
+        assert!(
+            help.contains(status),
+            "exit status {status} missing from --help"
+        );
+    }
+    assert!(help.contains("1-254"), "--cpus range");
+    let version = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(version.status.success());
 }
 
 /// A fresh directory for one test's files.

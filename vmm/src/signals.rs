@@ -1,0 +1,110 @@
+//! SIGTERM, SIGINT and SIGHUP stop the VM the orderly way.
+//!
+//! `main` blocks the three signals before any thread exists, so every
+//! thread inherits the mask and no system call anywhere is interrupted by
+//! them; one thread takes them with `sigwait`. The first one stops the VM
+//! like any other stop request: vCPUs leave KVM_RUN, the serial input thread
+//! ends and the terminal leaves raw mode, devices stop, dirty disk images
+//! are synced and closed, the API socket file is removed, and the VMM exits
+//! with 128 + the signal number (129 SIGHUP, 130 SIGINT, 143 SIGTERM). A
+//! second one while that is under way (a stop stuck on I/O, say) restores
+//! the terminal and exits at once with the same status.
+//!
+//! The vCPU kick signal (SIGRTMIN, see `vcpu.rs`) is not among them and
+//! keeps its handler.
+
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::vcpu::{StopReason, VmStop};
+
+/// The signals that stop the VM.
+pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM];
+
+fn stop_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own;
+    // the signal numbers are valid.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in STOP_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the stop signals in the calling thread and in every thread it
+/// creates afterwards. Call first thing in `main`.
+pub fn block() -> io::Result<()> {
+    let set = stop_set();
+    // SAFETY: `set` is an initialised sigset_t; the old mask is not wanted.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+/// Starts the thread that turns the stop signals into a stop of the VM.
+pub fn watch(stop: Arc<VmStop>) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            // sigwait needs the signals blocked here too (they are when
+            // `block` ran before this thread was made).
+            let _ = block();
+            let set = stop_set();
+            let mut first = None;
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is initialised and `sig` is a valid out
+                // pointer for the duration of the call.
+                let r = unsafe { libc::sigwait(&set, &mut sig) };
+                if r != 0 {
+                    log::error!("sigwait: {}", io::Error::from_raw_os_error(r));
+                    return;
+                }
+                match first {
+                    None => {
+                        log::warn!("got signal {sig}; stopping the VM");
+                        first = Some(sig);
+                        stop.stop(StopReason::Signal(sig));
+                    }
+                    Some(_) => {
+                        crate::serial_input::restore_terminal();
+                        eprintln!("error: second stop signal ({sig}) while stopping; exiting now");
+                        std::process::exit(crate::exit_status::for_signal(sig));
+                    }
+                }
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::thread::JoinHandleExt;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_stop_signal_stops_the_vm_with_its_reason() {
+        // Blocked here, so blocked in the watcher from its first instruction
+        // (a thread inherits its creator's mask); then one SIGHUP sent to
+        // the watcher alone (the test's other threads do not block it).
+        block().unwrap();
+        let stop = VmStop::new().unwrap();
+        let t = watch(stop.clone()).unwrap();
+        // SAFETY: the thread runs until the process ends (it waits for
+        // signals forever), so its id stays valid.
+        unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stop.reason().is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(Instant::now() < deadline, "no stop after SIGHUP");
+        }
+        assert_eq!(stop.reason(), Some(StopReason::Signal(libc::SIGHUP)));
+        assert!(stop.is_stopping());
+    }
+}

@@ -68,9 +68,11 @@ impl UsbError {
             Self::Xhci(XhciError::NotSuspended(_)) => ErrorCode::Conflict,
             // Another disk, the swap file or another process holds it.
             Self::Image(RawImageError::Locked { .. }) => ErrorCode::Conflict,
-            Self::Image(RawImageError::TooSmall { .. } | RawImageError::Unaligned { .. }) => {
-                ErrorCode::BadRequest
-            }
+            Self::Image(
+                RawImageError::TooSmall { .. }
+                | RawImageError::Unaligned { .. }
+                | RawImageError::NotAnImage { .. },
+            ) => ErrorCode::BadRequest,
             Self::Image(_) | Self::Xhci(_) => ErrorCode::Internal,
         }
     }

@@ -150,12 +150,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         cfg.memory.size,
     )?;
     check_disk_ids(&cfg.disks)?;
-    crate::preflight::check(&cfg.memory, &cfg.disks, &cfg.usb)?;
-    let console_marks = Arc::new(crate::exit_status::ConsoleMarks::default());
-    let serial_out: Box<dyn Write + Send> = Box::new(crate::exit_status::ConsoleWatch::new(
-        serial_writer(&cfg.serial)?,
-        console_marks.clone(),
-    ));
+    crate::preflight::check_vm(cfg)?;
     phase("checking the kernel and initramfs");
 
     let kvm = host::open_kvm(cfg.allow_pvm)?;
@@ -166,6 +161,12 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             max,
         });
     }
+    // Created once nothing can refuse the VM before it runs.
+    let console_marks = Arc::new(crate::exit_status::ConsoleMarks::default());
+    let serial_out: Box<dyn Write + Send> = Box::new(crate::exit_status::ConsoleWatch::new(
+        serial_writer(&cfg.serial)?,
+        console_marks.clone(),
+    ));
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     let mem = create_guest_memory(&vm, &cfg.memory)?;
     setup_irqchip(&vm)?;

@@ -29,6 +29,8 @@ pub enum RawImageError {
         "disk image {path} is {size} bytes; a disk needs at least one {SECTOR_SIZE}-byte sector"
     )]
     TooSmall { path: PathBuf, size: u64 },
+    #[error("disk image {path} is not a regular file or a block device")]
+    NotAnImage { path: PathBuf },
     #[error("disk image {path} is in use: {}", if *readonly {
         "something has it open read-write (another disk of this VM, the swap file, or another process)"
     } else {
@@ -132,6 +134,12 @@ impl RawImage {
             .write(!readonly)
             .open(path)
             .map_err(open_err)?;
+        let kind = file.metadata().map_err(open_err)?.file_type();
+        if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+            return Err(RawImageError::NotAnImage {
+                path: path.to_owned(),
+            });
+        }
         if let Err(e) = lock_file(&file, !readonly) {
             return Err(match e.raw_os_error() {
                 Some(libc::EAGAIN | libc::EACCES) => RawImageError::Locked {
@@ -613,6 +621,14 @@ mod tests {
             })
         ));
         drop(r1);
+    }
+
+    #[test]
+    fn directories_are_not_images() {
+        let d = tempdir::Dir::new();
+        let e = RawImage::open(&d.0, true, "dir").unwrap_err();
+        assert!(matches!(e, RawImageError::NotAnImage { .. }), "{e}");
+        assert!(RawImage::open(&d.0, false, "dir").is_err());
     }
 
     #[test]

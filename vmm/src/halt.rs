@@ -140,6 +140,40 @@ pub fn watch(
 mod tests {
     use super::*;
 
+    /// The watcher kicks vCPU threads while they may be in a system call
+    /// other than KVM_RUN: that call must go on, not fail with EINTR.
+    #[test]
+    fn a_kick_restarts_the_system_call_it_interrupts() {
+        use std::os::unix::thread::JoinHandleExt;
+        crate::vcpu::install_kick_handler().unwrap();
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two fds into the array we own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (rd, wr) = (fds[0], fds[1]);
+        let reader = std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            // SAFETY: reads at most one byte into `b`; `rd` stays open
+            // until this thread is joined.
+            let n = unsafe { libc::read(rd, b.as_mut_ptr().cast(), 1) };
+            (n, std::io::Error::last_os_error().raw_os_error())
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..5 {
+            // SAFETY: the reader thread is joined below, after the kicks.
+            unsafe { libc::pthread_kill(reader.as_pthread_t(), SIGRTMIN()) };
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: writes one byte from a local to the pipe we own.
+        assert_eq!(unsafe { libc::write(wr, [7u8].as_ptr().cast(), 1) }, 1);
+        let (n, errno) = reader.join().unwrap();
+        assert_eq!(n, 1, "read failed after a kick: errno {errno:?}");
+        // SAFETY: both fds are ours and no longer used.
+        unsafe {
+            libc::close(rd);
+            libc::close(wr);
+        }
+    }
+
     #[test]
     fn dead_only_when_no_vcpu_can_run() {
         let p = HaltProbe::new(3);

@@ -338,8 +338,27 @@ impl std::fmt::Display for ExitCounts {
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Installs the (empty) handler for the signal that kicks vCPUs out of KVM_RUN.
+/// With SA_RESTART: a kick that lands while the vCPU thread is in another
+/// system call (disk I/O for a doorbell, console output) restarts that call
+/// instead of failing it with EINTR. KVM_RUN itself still returns EINTR
+/// (KVM does not ask for a restart), which is what the kick is for. The
+/// halt watcher (`crate::halt`) kicks once a second, so this matters.
 pub fn install_kick_handler() -> Result<(), VcpuError> {
-    register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::Signal)
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::Signal)?;
+    // SAFETY: sigaction reads and writes the struct on this stack frame
+    // only; the handler stays the one registered above, only its flags
+    // change.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(SIGRTMIN(), std::ptr::null(), &mut act) != 0 {
+            return Err(VcpuError::Signal(vmm_sys_util::errno::Error::last()));
+        }
+        act.sa_flags |= libc::SA_RESTART;
+        if libc::sigaction(SIGRTMIN(), &act, std::ptr::null_mut()) != 0 {
+            return Err(VcpuError::Signal(vmm_sys_util::errno::Error::last()));
+        }
+    }
+    Ok(())
 }
 
 /// Kicks every vCPU thread until it has seen the stop and exited, then joins.

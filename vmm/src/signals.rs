@@ -10,8 +10,10 @@
 //! second one while that is under way (a stop stuck on I/O, say) restores
 //! the terminal and exits at once with the same status.
 //!
-//! The vCPU kick signal (SIGRTMIN, see `vcpu.rs`) is not among them and
-//! keeps its handler.
+//! A signal the VMM was started with ignored (SIGHUP under `nohup`, SIGINT
+//! in a background job of a non-interactive shell) stays ignored: the
+//! kernel discards it before `sigwait` could take it. The vCPU kick signal
+//! (SIGRTMIN, see `vcpu.rs`) is not among them and keeps its handler.
 
 use std::io;
 use std::sync::Arc;

@@ -7,8 +7,9 @@
 //! ends and the terminal leaves raw mode, devices stop, dirty disk images
 //! are synced and closed, the API socket file is removed, and the VMM exits
 //! with 128 + the signal number (129 SIGHUP, 130 SIGINT, 143 SIGTERM). A
-//! second one while that is under way (a stop stuck on I/O, say) restores
-//! the terminal and exits at once with the same status.
+//! second one while that is under way, or a stop that takes longer than
+//! [`STOP_GRACE`] (a thread stuck on I/O, say), restores the terminal and
+//! exits at once with the same status: a signal always ends the VMM.
 //!
 //! A signal the VMM was started with ignored (SIGHUP under `nohup`, SIGINT
 //! in a background job of a non-interactive shell) stays ignored: the
@@ -20,6 +21,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::vcpu::{StopReason, VmStop};
+
+/// How long an orderly stop after a signal may take before the VMM exits
+/// anyway.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The signals that stop the VM.
 pub const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGHUP, libc::SIGINT, libc::SIGTERM];
@@ -51,6 +56,11 @@ pub fn block() -> io::Result<()> {
 
 /// Starts the thread that turns the stop signals into a stop of the VM.
 pub fn watch(stop: Arc<VmStop>) -> io::Result<JoinHandle<()>> {
+    watch_with(stop, STOP_GRACE)
+}
+
+/// [`watch`] with another grace period for the orderly stop.
+pub fn watch_with(stop: Arc<VmStop>, grace: std::time::Duration) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -58,30 +68,78 @@ pub fn watch(stop: Arc<VmStop>) -> io::Result<JoinHandle<()>> {
             // `block` ran before this thread was made).
             let _ = block();
             let set = stop_set();
-            let mut first = None;
+            let mut first: Option<libc::c_int> = None;
             loop {
-                let mut sig: libc::c_int = 0;
-                // SAFETY: `set` is initialised and `sig` is a valid out
-                // pointer for the duration of the call.
-                let r = unsafe { libc::sigwait(&set, &mut sig) };
-                if r != 0 {
-                    log::error!("sigwait: {}", io::Error::from_raw_os_error(r));
-                    return;
-                }
-                match first {
-                    None => {
+                let sig = match first {
+                    None => wait(&set, None),
+                    Some(_) => wait(&set, Some(grace)),
+                };
+                match (first, sig) {
+                    (None, Ok(Some(sig))) => {
                         log::warn!("got signal {sig}; stopping the VM");
                         first = Some(sig);
                         stop.stop(StopReason::Signal(sig));
                     }
-                    Some(_) => {
+                    (Some(first), Ok(None)) => {
+                        crate::serial_input::restore_terminal();
+                        eprintln!(
+                            "error: the VM did not stop within {} s of signal {first}; exiting now",
+                            grace.as_secs()
+                        );
+                        std::process::exit(crate::exit_status::for_signal(first));
+                    }
+                    (Some(_), Ok(Some(sig))) => {
                         crate::serial_input::restore_terminal();
                         eprintln!("error: second stop signal ({sig}) while stopping; exiting now");
                         std::process::exit(crate::exit_status::for_signal(sig));
                     }
+                    (None, Ok(None)) => {}
+                    (_, Err(e)) => {
+                        log::error!("waiting for signals: {e}");
+                        return;
+                    }
                 }
             }
         })
+}
+
+/// Waits for one of `set` (for at most `timeout`); `None` on timeout.
+fn wait(
+    set: &libc::sigset_t,
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Option<libc::c_int>> {
+    loop {
+        let r = match timeout {
+            None => {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is initialised and `sig` is a valid out
+                // pointer for the duration of the call.
+                let r = unsafe { libc::sigwait(set, &mut sig) };
+                if r != 0 {
+                    return Err(io::Error::from_raw_os_error(r));
+                }
+                return Ok(Some(sig));
+            }
+            Some(t) => {
+                let ts = libc::timespec {
+                    tv_sec: t.as_secs() as libc::time_t,
+                    tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+                };
+                // SAFETY: `set` and `ts` are initialised and outlive the
+                // call; no siginfo is asked for.
+                unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) }
+            }
+        };
+        if r >= 0 {
+            return Ok(Some(r));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => return Ok(None),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -97,7 +155,9 @@ mod tests {
         // the watcher alone (the test's other threads do not block it).
         block().unwrap();
         let stop = VmStop::new().unwrap();
-        let t = watch(stop.clone()).unwrap();
+        // A grace period longer than any test run: this thread must never
+        // end the test process.
+        let t = watch_with(stop.clone(), Duration::from_secs(1 << 30)).unwrap();
         // SAFETY: the thread runs until the process ends (it waits for
         // signals forever), so its id stays valid.
         unsafe { libc::pthread_kill(t.as_pthread_t(), libc::SIGHUP) };

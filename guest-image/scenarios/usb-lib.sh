@@ -87,3 +87,33 @@ usb_read_check() {
         { echo "data read back from $1 at $2 MiB differ from what was written ($4)"; return 1; }
     rm -f "/tmp/back.$4"
 }
+
+# usb_wait_file_is FILE VALUE SECONDS: bounded poll (every 50 ms) until FILE
+# holds VALUE (sysfs power/runtime_status and the like).
+usb_wait_file_is() {
+    i=0
+    while [ "$i" -lt $(($3 * 20)) ]; do
+        [ "$(cat "$1" 2>/dev/null)" = "$2" ] && return 0
+        sleep 0.05
+        i=$((i + 1))
+    done
+    return 1
+}
+
+# usb_autosuspend_on SDX DELAY_MS: power/control=auto and the autosuspend
+# delay on the disk's SCSI device and on its USB device (what TLP or
+# powertop do).
+usb_autosuspend_on() {
+    u=$(usb_dev_dir "$1") || { echo "no USB device behind $1"; return 1; }
+    for p in "/sys/block/$1/device/power" "$u/power"; do
+        echo "$2" > "$p/autosuspend_delay_ms" || { echo "cannot set $p/autosuspend_delay_ms"; return 1; }
+        echo auto > "$p/control" || { echo "cannot set $p/control"; return 1; }
+    done
+}
+
+# usb_roothubs_eager: root hubs suspend as soon as their ports do.
+usb_roothubs_eager() {
+    for h in /sys/bus/usb/devices/usb*; do
+        echo 0 > "$h/power/autosuspend_delay_ms"
+    done
+}

@@ -34,15 +34,6 @@ reset_every=$(param noio_reset_every 10)
 wait_s=$(param noio_wait 60)
 command -v sg_reset >/dev/null || fail "sg_reset is not in the image"
 
-wait_file_is() {
-    i=0
-    while [ "$i" -lt $(($3 * 20)) ]; do
-        [ "$(cat "$1" 2>/dev/null)" = "$2" ] && return 0
-        sleep 0.05
-        i=$((i + 1))
-    done
-    return 1
-}
 
 d=$(usb_wait_dev "$s" "$wait_s") || fail "disk $s did not appear"
 udev=$(usb_dev_dir "$d")
@@ -52,10 +43,7 @@ mount -o remount,size=$((pmib + slice + 32))m /tmp || fail "cannot grow /tmp"
 dd if=/dev/urandom of=/tmp/pressure bs=1M count="$pmib" 2>/dev/null || fail "cannot write the pressure file"
 want=$(md5sum < /tmp/pressure | cut -d' ' -f1)
 echo "USB-NOIO-SETUP dev=$d sg=$sg pressure_mib=$pmib md5=$want"
-for p in "/sys/block/$d/device/power" "$udev/power"; do
-    echo "$delay" > "$p/autosuspend_delay_ms" || fail "cannot set $p/autosuspend_delay_ms"
-    echo auto > "$p/control" || fail "cannot set $p/control"
-done
+msg=$(usb_autosuspend_on "$d" "$delay") || fail "$msg"
 
 n=1
 resets=0
@@ -73,7 +61,7 @@ while [ "$n" -le "$cycles" ]; do
         usb_write_check "$d" 40 1 "r$n" || fail "cycle $n: I/O after the bus reset failed"
         rm -f "/tmp/pat.r$n"
     fi
-    wait_file_is "$udev/power/runtime_status" suspended "$wait_s" ||
+    usb_wait_file_is "$udev/power/runtime_status" suspended "$wait_s" ||
         fail "cycle $n: $udev did not autosuspend ($(cat "$udev/power/runtime_status"))"
     echo "USB-NOIO-SLEEPING n=$n;"
     sleep "$hold"

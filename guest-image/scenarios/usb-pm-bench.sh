@@ -24,26 +24,12 @@ resets=$(param pmb_resets 20)
 wait_s=$(param pmb_wait 60)
 [ -x $FIO ] || fail "fio missing at $FIO"
 
-wait_file_is() {
-    i=0
-    while [ "$i" -lt $(($3 * 20)) ]; do
-        [ "$(cat "$1" 2>/dev/null)" = "$2" ] && return 0
-        sleep 0.05
-        i=$((i + 1))
-    done
-    return 1
-}
 
 d=$(usb_wait_dev "$s" "$wait_s") || fail "disk $s did not appear"
 udev=$(usb_dev_dir "$d")
 pci=$(dirname "$(readlink -f /sys/bus/usb/devices/usb1)")
-for h in /sys/bus/usb/devices/usb*; do
-    echo 0 > "$h/power/autosuspend_delay_ms"
-done
-for p in "/sys/block/$d/device/power" "$udev/power"; do
-    echo "$delay" > "$p/autosuspend_delay_ms" || fail "cannot set $p/autosuspend_delay_ms"
-    echo auto > "$p/control" || fail "cannot set $p/control"
-done
+usb_roothubs_eager
+msg=$(usb_autosuspend_on "$d" "$delay") || fail "$msg"
 echo auto > "$pci/power/control"
 pid=
 if [ "$pressure" -gt 0 ]; then
@@ -56,7 +42,7 @@ echo "PM-BENCH-START dev=$d pressure_mib=$pressure delay_ms=$delay"
 n=1
 sectors=$(cat "/sys/block/$d/size")
 while [ "$n" -le "$cycles" ]; do
-    wait_file_is "$udev/power/runtime_status" suspended "$wait_s" ||
+    usb_wait_file_is "$udev/power/runtime_status" suspended "$wait_s" ||
         fail "cycle $n: $udev did not autosuspend"
     off=$(((n * 2654435761) % (sectors / 8) * 4096))
     $FIO --name=resume --filename="/dev/$d" --rw=read --bs=4k --offset="$off" --size=4k \

@@ -36,16 +36,6 @@ delay=$(param pm_delay_ms 500)
 wait_s=$(param pm_wait 60)
 look_s=$(param pm_look_s 3)
 
-# wait_file_is FILE VALUE SECONDS: bounded poll until FILE holds VALUE.
-wait_file_is() {
-    i=0
-    while [ "$i" -lt $(($3 * 20)) ]; do
-        [ "$(cat "$1" 2>/dev/null)" = "$2" ] && return 0
-        sleep 0.05
-        i=$((i + 1))
-    done
-    return 1
-}
 
 # look TAG: asks L1 to record vm.info now and holds still meanwhile.
 look() {
@@ -53,15 +43,6 @@ look() {
     sleep "$look_s"
 }
 
-# autosuspend_on SDX: power/control=auto and the delay on the disk and on
-# its USB device.
-autosuspend_on() {
-    u=$(usb_dev_dir "$1") || fail "no USB device behind $1"
-    for p in "/sys/block/$1/device/power" "$u/power"; do
-        echo "$delay" > "$p/autosuspend_delay_ms" || fail "cannot set $p/autosuspend_delay_ms"
-        echo auto > "$p/control" || fail "cannot set $p/control"
-    done
-}
 
 # checked_io SDX N TAG: 1 MiB written at MiB N (O_DIRECT), read back, compared.
 checked_io() {
@@ -74,16 +55,13 @@ pci=$(dirname "$(readlink -f /sys/bus/usb/devices/usb1)")
 [ -e "$pci/power/control" ] || fail "no PCI function above usb1 ($pci)"
 echo on > "$pci/power/control"
 echo "USB-PM-SETUP dev=$d usb=${udev##*/} pci=${pci##*/} delay_ms=$delay"
-# Root hubs suspend as soon as their ports do.
-for h in /sys/bus/usb/devices/usb*; do
-    echo 0 > "$h/power/autosuspend_delay_ms"
-done
-autosuspend_on "$d"
+usb_roothubs_eager
+msg=$(usb_autosuspend_on "$d" "$delay") || fail "$msg"
 
 # --- link: port U3 / U0 with the controller in D0.
 n=1
 while [ "$n" -le "$link_cycles" ]; do
-    wait_file_is "$udev/power/runtime_status" suspended "$wait_s" ||
+    usb_wait_file_is "$udev/power/runtime_status" suspended "$wait_s" ||
         fail "link cycle $n: $udev did not autosuspend ($(cat "$udev/power/runtime_status"))"
     [ "$n" -eq 1 ] && look link-suspended
     checked_io "$d" $((n % 32 + 1)) "link$n"
@@ -95,7 +73,7 @@ echo "USB-PM-LINK cycles=$link_cycles io=ok"
 echo auto > "$pci/power/control"
 n=1
 while [ "$n" -le "$d3_cycles" ]; do
-    wait_file_is "$pci/power/runtime_status" suspended "$wait_s" ||
+    usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" ||
         fail "d3 cycle $n: controller did not runtime-suspend ($(cat "$pci/power/runtime_status"))"
     if [ "$n" -eq 1 ]; then
         echo "USB-PM-D3 power_state=$(cat "$pci/power_state" 2>/dev/null || echo unknown)"
@@ -107,22 +85,22 @@ done
 echo "USB-PM-D3-CYCLES cycles=$d3_cycles io=ok"
 
 # Remote wake: asleep again, L1 asks the device to wake the bus.
-wait_file_is "$pci/power/runtime_status" suspended "$wait_s" || fail "controller awake before the remote wake"
+usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" || fail "controller awake before the remote wake"
 before=$(cat "$udev/power/runtime_active_time")
 echo "USB-PM-WAKE-WANT;"
-wait_file_is "$udev/power/runtime_status" active "$wait_s" ||
+usb_wait_file_is "$udev/power/runtime_status" active "$wait_s" ||
     fail "the device did not wake after the host's remote wake"
 echo "USB-PM-WOKE dev_active_ms_before=$before"
 checked_io "$d" 40 wake
 
 # --- detach behind a D3hot controller.
-wait_file_is "$pci/power/runtime_status" suspended "$wait_s" || fail "controller awake before the detach"
+usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" || fail "controller awake before the detach"
 echo "USB-PM-DETACH-WANT;"
 usb_wait_gone "$d" "$wait_s" || fail "$d still there after the detach"
 echo "USB-PM-DETACHED"
 
 # --- idle controller: no device at all, then a hot-attach.
-wait_file_is "$pci/power/runtime_status" suspended "$wait_s" || fail "idle controller did not runtime-suspend"
+usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" || fail "idle controller did not runtime-suspend"
 look idle-suspended
 echo "USB-PM-ATTACH-WANT;"
 d2=$(usb_wait_dev "$hot" "$wait_s") || fail "disk $hot did not appear after attach to a sleeping controller"

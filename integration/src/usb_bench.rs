@@ -46,14 +46,7 @@ pub fn variants(run: &GuestRun, cmdline: &str) -> Vec<Variant> {
         format!("path={IMAGE},port=5,id={SERIAL}"),
     ]);
     let mut qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
-    qemu.extend([
-        "-device".into(),
-        "qemu-xhci,id=xhci".into(),
-        "-drive".into(),
-        format!("file={IMAGE},if=none,id=d0,{QEMU_DRIVE_OPTS}"),
-        "-device".into(),
-        format!("usb-storage,bus=xhci.0,drive=d0,serial={SERIAL}"),
-    ]);
+    qemu.extend(qemu_disk_args());
     let mut vcpu = ours.clone();
     vcpu.push("--usb-io=vcpu".into());
     ours.push("--usb-io=thread".into());
@@ -63,6 +56,18 @@ pub fn variants(run: &GuestRun, cmdline: &str) -> Vec<Variant> {
         argv: vcpu,
     });
     all
+}
+
+/// QEMU's `qemu-xhci` with the benchmark image as a `usb-storage` disk.
+pub fn qemu_disk_args() -> Vec<String> {
+    vec![
+        "-device".into(),
+        "qemu-xhci,id=xhci".into(),
+        "-drive".into(),
+        format!("file={IMAGE},if=none,id=d0,{QEMU_DRIVE_OPTS}"),
+        "-device".into(),
+        format!("usb-storage,bus=xhci.0,drive=d0,serial={SERIAL}"),
+    ]
 }
 
 /// QEMU, its libraries and firmware as L1 files (QEMU at [`QEMU_PATH`]).

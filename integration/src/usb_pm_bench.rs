@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use crate::bench::{ours_argv, qemu_argv, Variant};
 use crate::harness::GuestRun;
 use crate::l1::L2_KERNEL;
-use crate::usb_bench::{IMAGE, MARK_RUN, QEMU_DRIVE_OPTS, SERIAL};
+use crate::usb_bench::{qemu_disk_args, IMAGE, MARK_RUN, SERIAL};
 
 /// Our VMM, ours with a pager, and QEMU, as the table names them.
 pub const VARIANTS: &[(&str, &str)] = &[
@@ -43,14 +43,7 @@ pub fn variants(run: &GuestRun, cmdline: &str, pressure_mib: u32, limit_mib: u32
     let mut pressure = ours_argv(&loaded, &loaded_cmdline, L2_KERNEL);
     pressure.extend(disk);
     let mut qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
-    qemu.extend([
-        "-device".into(),
-        "qemu-xhci,id=xhci".into(),
-        "-drive".into(),
-        format!("file={IMAGE},if=none,id=d0,{QEMU_DRIVE_OPTS}"),
-        "-device".into(),
-        format!("usb-storage,bus=xhci.0,drive=d0,serial={SERIAL}"),
-    ]);
+    qemu.extend(qemu_disk_args());
     vec![
         Variant {
             name: "ours",

@@ -598,10 +598,17 @@ echo "L1-NOIO-EVICTS n=$((n - 1))"
 fn noio_run(cycles: u32, extra: &[&str]) -> RunResult {
     let sg_reset = find_program("sg_reset")
         .unwrap_or_else(|| panic!("sg_reset not found: run scripts/setup.sh (sg3-utils)"));
+    // Lean cycles (1 MiB of pressure I/O, 1 s of stillness for L1's evict)
+    // keep 100 of them within a CI run; the pressure file stays larger
+    // than the limit, so the pager swaps throughout.
     let mut run = usb_run("usb-noio")
         .memory_mib(192)
         .param("noio_serial", "noio")
         .param("noio_cycles", cycles)
+        .param("noio_slice_mib", 1)
+        .param("noio_hold_s", 1)
+        .param("noio_delay_ms", 200)
+        .timeout(Duration::from_secs(1800))
         .l2_binary(sg_reset, "usr/bin/sg_reset");
     run.modules.push("sg".into());
     run.memory_opts = Some("limit=64M,swap=/tmp/usb/swap.img,swap_volume=noio".into());

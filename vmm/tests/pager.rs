@@ -658,6 +658,57 @@ fn a_fault_waiting_on_the_volume_is_served_once_noio_is_lent_to_its_thread() {
     f.volume.resume();
 }
 
+/// A swap-in parked on a quiesced volume does not hold up a zero-fill
+/// fault that only waits for a frame: they wait in different queues.
+#[test]
+fn a_parked_swap_in_does_not_hold_up_zero_fill_faults() {
+    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
+    let mem = f.mem();
+    {
+        let _reg = register_current_thread();
+        for page in 0..2048 {
+            mem.fill(page, 1);
+        }
+    }
+    // Written back and clean: reclaim can free frames without I/O.
+    settle(&f);
+    let resident = f.physically_resident();
+    let swapped = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
+    f.volume.quiesce();
+    // An ordinary thread's swap-in: parked on the quiesced volume.
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _ = tx.send(mem.holds(swapped, 1));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "swap-in did not park"
+    );
+    // Fresh pages at the limit: zero fills that wait only for frames,
+    // which reclaim makes by dropping clean pages (no I/O).
+    let (ztx, zrx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        for page in 4096..4096 + 64 {
+            mem.fill(page, 2);
+        }
+        let _ = ztx.send((4096..4096 + 64).all(|p| mem.holds(p, 2)));
+    });
+    let ok = zrx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("zero fills waited behind the parked swap-in");
+    assert!(ok, "fresh pages lost their data");
+    assert!(
+        rx.try_recv().is_err(),
+        "the parked swap-in passed the quiesce"
+    );
+    f.volume.resume();
+    assert!(rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("swap-in after resume"));
+}
+
 fn eventually_empty(probe: &vmm::memory::PagerProbe) -> bool {
     (0..100).any(|_| {
         thread::sleep(Duration::from_millis(10));

@@ -121,9 +121,9 @@ pub fn resolve_around<'a>(
         sh.budget.release(extra - mapped_extra, false, false);
     };
     if !reads.is_empty() {
-        match sh.swap.try_read_runs(buf, &reads) {
-            Ok(true) => bump(&sh.counters.swap_reads, reads.len() as u64),
-            Ok(false) => {
+        match sh.swap.try_read_merged(buf, &reads) {
+            Ok(Some(calls)) => bump(&sh.counters.swap_reads, calls),
+            Ok(None) => {
                 sh.budget.untake(source);
                 give_back(0);
                 return Ok(Step::Defer);

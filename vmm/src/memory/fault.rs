@@ -592,7 +592,7 @@ pub fn run_worker(sh: &Shared, queue: &Deferred) -> Result<(), PagerError> {
     Ok(())
 }
 
-fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), PagerError> {
+fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), PagerError> {
     let Some(idx) = sh.pages.index_of_host(f.addr) else {
         return Ok(());
     };
@@ -603,7 +603,7 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
     let lent = || is_thread_noio(f.tid);
     while !sh.stop.load(Ordering::SeqCst) {
         if lent() {
-            match resolve_now(sh, f, staging)? {
+            match resolve_now(sh, f, around_buf)? {
                 Step::Done => return Ok(()),
                 Step::Retry => {
                     bump(&c.fault_retries, 1);
@@ -613,7 +613,6 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
                 Step::Defer => {} // no NOIO source after all: wait below
             }
         }
-        let staging = &mut staging[..PAGE_SIZE];
         let (kind, slot) = {
             let p = sh.pages.lock(idx);
             (p.kind, p.slot)
@@ -631,6 +630,21 @@ fn resolve_waiting(sh: &Shared, f: Fault, staging: &mut [u8]) -> Result<(), Page
             sh.budget.untake(source);
             continue;
         }
+        if kind == PageKind::Swapped && !sh.swap.volume().is_quiesced() {
+            // The frame came; the volume flows: read around the fault as
+            // the handler would (one read for the run of neighbours).
+            match resolve_around(sh, f, idx, p, source, around_buf)? {
+                Step::Done => return Ok(()),
+                Step::Retry => {
+                    bump(&c.fault_retries, 1);
+                    std::thread::sleep(WORKER_RETRY);
+                }
+                // Quiesced meanwhile (the frame went back): wait below.
+                Step::Defer => {}
+            }
+            continue;
+        }
+        let staging = &mut around_buf[..PAGE_SIZE];
         if kind == PageKind::Empty {
             match fill(sh, &mut p, host, &ZERO_PAGE, f.write)? {
                 Resolve::Done => {

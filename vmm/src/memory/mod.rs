@@ -37,6 +37,7 @@ mod around;
 mod budget;
 mod config;
 mod fault;
+mod nofault;
 mod pager;
 mod pages;
 mod reclaim;

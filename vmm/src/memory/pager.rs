@@ -43,6 +43,8 @@ pub struct Shared {
     fatal_evt: EventFd,
     /// Host ranges the pager itself is about to `madvise` away.
     own_removes: OwnRemoves,
+    /// Copies of pages that may have been zapped from outside (see nofault.rs).
+    pub reader: super::nofault::NoFaultReader,
 }
 
 /// Host ranges the pager is `madvise`-ing away, with counts.
@@ -235,6 +237,7 @@ impl Pager {
             fatal: Mutex::new(None),
             fatal_evt: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?,
             own_removes: OwnRemoves::default(),
+            reader: super::nofault::NoFaultReader::open().map_err(PagerError::Sys)?,
         });
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?;
         let handler_stop = stop_evt.try_clone().map_err(PagerError::Sys)?;
@@ -426,14 +429,18 @@ fn evict_page(sh: &Shared, idx: usize) -> Result<bool, PagerError> {
             if let Some(slot) = old {
                 sh.swap.free(slot);
             }
-            let slot = sh.swap.alloc()?;
-            let mut data = vec![0u8; PAGE_SIZE];
-            // SAFETY: the page is Resident under its lock, so it is mapped
-            // (every zap of guest RAM changes the state under this lock
-            // first) and write-protected; `data` is a separate buffer of one page.
-            unsafe {
-                std::ptr::copy_nonoverlapping(host as *const u8, data.as_mut_ptr(), PAGE_SIZE)
+            let home = u32::try_from(idx).unwrap_or(u32::MAX);
+            let slot = match sh.swap.alloc_at(home, 1) {
+                Some((slot, _)) => slot,
+                None => sh.swap.alloc()?,
             };
+            let mut data = vec![0u8; PAGE_SIZE];
+            if sh.reader.read(host, &mut data).is_err() {
+                // Zapped from outside: its REMOVE event will empty it.
+                sh.swap.free(slot);
+                sh.uffd.unprotect(host, PAGE_SIZE)?;
+                return Ok(false);
+            }
             if let Err(e) = sh.swap.write_past_quiesce(slot, &data) {
                 sh.swap.free(slot);
                 return Err(e.into());

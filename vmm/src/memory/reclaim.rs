@@ -229,8 +229,8 @@ fn start_writeback(
     }
     let n = pages.len();
     let host = sh.pages.host_of(first);
-    // The old copies are stale: give their slots back and take a run, so
-    // that the pages read back together too.
+    // The old copies are stale: give their slots back and take the pages'
+    // home slots (or a run), so that they read back together too.
     for p in pages.iter_mut() {
         if let Some(slot) = p.slot() {
             sh.swap.free(slot);
@@ -239,7 +239,12 @@ fn start_writeback(
     }
     let mut slots = Vec::with_capacity(n);
     while slots.len() < n {
-        let (start, count) = sh.swap.alloc_run((n - slots.len()) as u32)?;
+        let left = (n - slots.len()) as u32;
+        let home = u32::try_from(first + slots.len()).unwrap_or(u32::MAX);
+        let (start, count) = match sh.swap.alloc_at(home, left) {
+            Some(run) => run,
+            None => sh.swap.alloc_run(left)?,
+        };
         slots.extend(start..start + count);
     }
     if sh.uffd.protect(host, n * PAGE_SIZE)? == Resolve::Retry {
@@ -249,12 +254,16 @@ fn start_writeback(
         return Ok(());
     }
     let mut data = vec![0u8; n * PAGE_SIZE].into_boxed_slice();
-    // SAFETY: the pages are `Resident` under their locks, so they are mapped
-    // (every zap of guest RAM changes the state under this lock first) and
-    // reading them cannot fault; they are adjacent pages of one mapping and
-    // write-protected, so no thread changes them while they are copied.
-    // `data` is a separate heap buffer of the same length.
-    unsafe { std::ptr::copy_nonoverlapping(host as *const u8, data.as_mut_ptr(), n * PAGE_SIZE) };
+    // Write-protected, so no thread changes them while they are copied. The
+    // copy cannot fault even if a page was zapped from outside (its REMOVE
+    // event then waits for these locks): see nofault.rs.
+    if sh.reader.read(host, &mut data).is_err() {
+        slots.into_iter().for_each(|slot| sh.swap.free(slot));
+        sh.uffd.unprotect(host, n * PAGE_SIZE)?;
+        pages.clear();
+        bump(&sh.counters.copies_skipped, 1);
+        return Ok(());
+    }
     let mut job = WritebackJob {
         pages: Vec::with_capacity(n),
         data,

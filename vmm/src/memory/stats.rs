@@ -81,6 +81,9 @@ counters! {
     /// served like NOIO faults (no wait on the volume or on writeback),
     /// since the guest cannot resume its device while stuck.
     guest_faults_past_quiesce,
+    /// Writeback batches given up because a page had been zapped from
+    /// outside the pager (copied without faulting, see nofault.rs).
+    copies_skipped,
     /// Pages evicted on request (the control API's `debug.evict` test aid).
     evicted_on_request,
     /// Frames taken beyond limit + reserve.

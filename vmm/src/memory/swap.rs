@@ -27,6 +27,8 @@ use thiserror::Error;
 
 use super::PAGE_SIZE;
 
+/// Slots of waste a merged read-around accepts between two runs.
+pub const MERGE_GAP: u32 = 16;
 /// How long a blocked swap I/O sleeps between checks of the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(20);
 /// Most buffers one `pwritev` takes (`IOV_MAX`, POSIX `<limits.h>`; 1024 on Linux).
@@ -71,25 +73,40 @@ impl Slots {
         self.allocated[slot as usize / 64] |= 1 << (slot % 64);
     }
 
-    /// The first free slot at or after `from` (wrapping), word by word.
-    fn find_free(&self, from: u32, total: u32) -> Option<u32> {
-        let words = self.allocated.len();
-        let start_word = from as usize / 64;
-        for step in 0..=words {
-            let w = (start_word + step) % words;
-            let mut bits = !self.allocated[w];
-            if step == 0 {
-                // Skip slots of the first word before `from`.
-                bits &= u64::MAX << (from % 64);
+    /// The first run of `want` free consecutive slots at or after `from`
+    /// (wrapping), else the start of the longest run seen: a batch written
+    /// together should land in consecutive slots even when earlier frees
+    /// left the bitmap fragmented, so that it reads back with one `pread`.
+    fn find_run(&self, from: u32, total: u32, want: u32) -> Option<u32> {
+        let mut run: Option<(u32, u32)> = None;
+        let mut best: Option<(u32, u32)> = None;
+        let mut k = 0;
+        while k < total {
+            let slot = (from + k) % total;
+            if slot == 0 {
+                run = None; // wrapping breaks adjacency
             }
-            if bits != 0 {
-                let slot = (w * 64) as u32 + bits.trailing_zeros();
-                if slot < total {
-                    return Some(slot);
+            // Whole allocated words are skipped at once.
+            if slot.is_multiple_of(64) && self.allocated[slot as usize / 64] == u64::MAX {
+                run = None;
+                k += 64.min(total - slot);
+                continue;
+            }
+            if self.is_free(slot) {
+                let (start, len) = run.map_or((slot, 1), |(s, l)| (s, l + 1));
+                if len >= want {
+                    return Some(start);
                 }
+                run = Some((start, len));
+                if best.is_none_or(|(_, l)| len > l) {
+                    best = Some((start, len));
+                }
+            } else {
+                run = None;
             }
+            k += 1;
         }
-        None
+        best.map(|(start, _)| start)
     }
 }
 
@@ -182,7 +199,7 @@ impl SwapStore {
     pub fn alloc_run(&self, max: u32) -> Result<(u32, u32), SwapError> {
         let mut s = self.lock();
         let first = s
-            .find_free(s.cursor, self.total)
+            .find_run(s.cursor, self.total, max.max(1))
             .ok_or(SwapError::Full { slots: self.total })?;
         let mut count = 0;
         while count < max.max(1) && first + count < self.total && s.is_free(first + count) {
@@ -192,6 +209,25 @@ impl SwapStore {
         s.used += count;
         s.cursor = (first + count) % self.total;
         Ok((first, count))
+    }
+
+    /// Allocates up to `max` consecutive slots starting exactly at `home`,
+    /// if `home` is free: `(home, count)`. Page `i` uses slot `i` as its
+    /// home when it can (the swap file holds as many slots as guest RAM has
+    /// pages by default), so neighbours in memory are neighbours on swap
+    /// whatever order they were written in, and read back together.
+    pub fn alloc_at(&self, home: u32, max: u32) -> Option<(u32, u32)> {
+        let mut s = self.lock();
+        if home >= self.total || !s.is_free(home) {
+            return None;
+        }
+        let mut count = 0;
+        while count < max.max(1) && home + count < self.total && s.is_free(home + count) {
+            s.set(home + count);
+            count += 1;
+        }
+        s.used += count;
+        Some((home, count))
     }
 
     pub fn free(&self, slot: u32) {
@@ -293,6 +329,57 @@ impl SwapStore {
             self.pread(slot, dst)?;
         }
         Ok(true)
+    }
+
+    /// Like [`SwapStore::try_read_runs`], in as few `pread` calls as
+    /// bounded waste allows: runs whose slots lie at most [`MERGE_GAP`]
+    /// slots apart are read as one span (through a scratch buffer) and
+    /// scattered. Returns the `pread` calls made, `None` if quiesced.
+    pub fn try_read_merged(
+        &self,
+        buf: &mut [u8],
+        runs: &[(u32, usize, usize)],
+    ) -> Result<Option<u64>, SwapError> {
+        let Some(_io) = self.volume.try_begin_io() else {
+            return Ok(None);
+        };
+        let mut sorted = runs.to_vec();
+        sorted.sort_unstable_by_key(|r| r.0);
+        let mut calls = 0;
+        let mut i = 0;
+        while i < sorted.len() {
+            let first = sorted[i].0;
+            let mut end = first + (sorted[i].2 / PAGE_SIZE) as u32;
+            let mut j = i + 1;
+            while j < sorted.len() && sorted[j].0 <= end + MERGE_GAP {
+                end = end.max(sorted[j].0 + (sorted[j].2 / PAGE_SIZE) as u32);
+                j += 1;
+            }
+            if j == i + 1 {
+                let (slot, off, len) = sorted[i];
+                let dst = buf.get_mut(off..off + len).ok_or(SwapError::Io {
+                    op: "read",
+                    slot,
+                    source: io::Error::from(io::ErrorKind::InvalidInput),
+                })?;
+                self.pread(slot, dst)?;
+            } else {
+                let mut span = vec![0u8; (end - first) as usize * PAGE_SIZE];
+                self.pread(first, &mut span)?;
+                for &(slot, off, len) in &sorted[i..j] {
+                    let from = (slot - first) as usize * PAGE_SIZE;
+                    let dst = buf.get_mut(off..off + len).ok_or(SwapError::Io {
+                        op: "read",
+                        slot,
+                        source: io::Error::from(io::ErrorKind::InvalidInput),
+                    })?;
+                    dst.copy_from_slice(&span[from..from + len]);
+                }
+            }
+            calls += 1;
+            i = j;
+        }
+        Ok(Some(calls))
     }
 
     /// The NOIO read: through the volume when it flows, past the quiesce when
@@ -455,6 +542,37 @@ mod tests {
             .try_read_runs(&mut buf, &[(7, 5 * PAGE_SIZE, 2 * PAGE_SIZE)])
             .is_err());
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn merged_reads_cover_near_runs_in_one_call_and_scatter_them() {
+        let (s, path) = store(64);
+        let page = |b: u8| vec![b; PAGE_SIZE];
+        for slot in 0..64u32 {
+            s.write_run(slot, &[&page(slot as u8)], &AtomicBool::new(false))
+                .unwrap();
+        }
+        // Runs at slots 10, 12-13 and 40 into buffer positions 0, 1-2, 3.
+        let mut buf = vec![0u8; 4 * PAGE_SIZE];
+        let runs = [
+            (12, PAGE_SIZE, 2 * PAGE_SIZE),
+            (10, 0, PAGE_SIZE),
+            (40, 3 * PAGE_SIZE, PAGE_SIZE),
+        ];
+        let calls = s.try_read_merged(&mut buf, &runs).unwrap();
+        assert_eq!(calls, Some(2), "10 and 12-13 merge; 40 is too far");
+        for (i, want) in [10u8, 12, 13, 40].into_iter().enumerate() {
+            assert!(
+                buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                    .iter()
+                    .all(|&b| b == want),
+                "page {i}"
+            );
+        }
+        s.volume().quiesce();
+        assert_eq!(s.try_read_merged(&mut buf, &runs).unwrap(), None);
+        s.volume().resume();
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

@@ -16,6 +16,27 @@ fn attach_watched(d: &mut Driver, port: u8, img: &TempImage) -> Arc<Volume> {
     volume
 }
 
+/// A started controller with a watched disk on `port`, enumerated and its
+/// events consumed: (driver, slot, volume).
+fn enumerated(usb2: u8, usb3: u8, port: u8, img: &TempImage) -> (Driver, u8, Arc<Volume>) {
+    let mut d = Driver::new(usb2, usb3);
+    let vol = attach_watched(&mut d, port, img);
+    d.start();
+    let slot = d.enumerate(port);
+    d.events();
+    (d, slot, vol)
+}
+
+/// The guest's side of a U0 transition: the PLC event, then PLC cleared.
+fn expect_plc_event(d: &mut Driver, port: u8) {
+    assert_ne!(d.portsc(port) & ps::PLC, 0);
+    let ev = d
+        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
+        .expect("port status change for the link change");
+    assert_eq!(ev.parameter >> 24, u64::from(port));
+    d.write_portsc(port, ps::PP | ps::PLC);
+}
+
 fn link_state(d: &mut Driver, port: u8) -> u32 {
     (d.portsc(port) & ps::PLS_MASK) >> ps::PLS_SHIFT
 }
@@ -61,11 +82,7 @@ fn read_checked(d: &mut Driver, slot: u8) {
 #[test]
 fn u3_suspends_the_device_and_quiesces_its_volume_u0_resumes_with_plc() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(0, 1);
-    let vol = attach_watched(&mut d, 1, &img);
-    d.start();
-    let slot = d.enumerate(1);
-    d.events();
+    let (mut d, slot, vol) = enumerated(0, 1, 1, &img);
     read_checked(&mut d, slot);
     suspend_port(&mut d, slot, 1);
     assert!(vol.is_quiesced(), "U3 quiesces the device's volume");
@@ -75,12 +92,7 @@ fn u3_suspends_the_device_and_quiesces_its_volume_u0_resumes_with_plc() {
     write_link(&mut d, 1, ps::PLS_U0);
     assert!(!vol.is_quiesced(), "U0 resumes the volume");
     assert_eq!(link_state(&mut d, 1), ps::PLS_U0);
-    assert_ne!(d.portsc(1) & ps::PLC, 0);
-    let ev = d
-        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
-        .expect("port status change for the U0 transition");
-    assert_eq!(ev.parameter >> 24, 1);
-    d.write_portsc(1, ps::PP | ps::PLC);
+    expect_plc_event(&mut d, 1);
     // Stopped endpoints restart on the doorbells the resume rings.
     read_checked(&mut d, slot);
     assert_eq!(d.xhci.endpoint_state(slot, DCI_IN), Some(EpState::Running));
@@ -91,11 +103,7 @@ fn u3_suspends_the_device_and_quiesces_its_volume_u0_resumes_with_plc() {
 #[test]
 fn usb2_resume_goes_through_resume_state_then_u0_with_plc() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(1, 0);
-    let vol = attach_watched(&mut d, 1, &img);
-    d.start();
-    let slot = d.enumerate(1);
-    d.events();
+    let (mut d, slot, vol) = enumerated(1, 0, 1, &img);
     write_link(&mut d, 1, ps::PLS_U3);
     assert!(vol.is_quiesced());
     write_link(&mut d, 1, ps::PLS_RESUME);
@@ -103,22 +111,14 @@ fn usb2_resume_goes_through_resume_state_then_u0_with_plc() {
     assert!(!vol.is_quiesced(), "resume signalling wakes the device");
     assert_eq!(d.portsc(1) & ps::PLC, 0);
     write_link(&mut d, 1, ps::PLS_U0);
-    assert_ne!(d.portsc(1) & ps::PLC, 0);
-    assert!(d
-        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
-        .is_some());
-    d.write_portsc(1, ps::PP | ps::PLC);
+    expect_plc_event(&mut d, 1);
     read_checked(&mut d, slot);
 }
 
 #[test]
 fn bulk_transfer_to_a_suspended_device_fails_without_waiting_on_its_volume() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(0, 1);
-    let vol = attach_watched(&mut d, 1, &img);
-    d.start();
-    let slot = d.enumerate(1);
-    d.events();
+    let (mut d, slot, vol) = enumerated(0, 1, 1, &img);
     suspend_port(&mut d, slot, 1);
     // A guest that rings a doorbell anyway: the doorbell restarts the
     // endpoint and the device answers with a transaction error at once.
@@ -132,11 +132,7 @@ fn bulk_transfer_to_a_suspended_device_fails_without_waiting_on_its_volume() {
 #[test]
 fn remote_wake_reports_resume_with_plc_and_wakes_the_device() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(1, 1);
-    let vol = attach_watched(&mut d, 2, &img);
-    d.start();
-    let slot = d.enumerate(2);
-    d.events();
+    let (mut d, slot, vol) = enumerated(1, 1, 2, &img);
     assert!(matches!(
         d.xhci.remote_wake(2),
         Err(XhciError::NotSuspended(2))
@@ -153,30 +149,17 @@ fn remote_wake_reports_resume_with_plc_and_wakes_the_device() {
     d.xhci.remote_wake(2).unwrap();
     assert!(!vol.is_quiesced(), "the waking device resumes its volume");
     assert_eq!(link_state(&mut d, 2), ps::PLS_RESUME);
-    assert_ne!(d.portsc(2) & ps::PLC, 0);
-    let ev = d
-        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
-        .expect("remote wake event");
-    assert_eq!(ev.parameter >> 24, 2);
     // Linux (SS port): clear PLC, write U0, wait for the next PLC.
-    d.write_portsc(2, ps::PP | ps::PLC);
+    expect_plc_event(&mut d, 2);
     write_link(&mut d, 2, ps::PLS_U0);
-    assert_ne!(d.portsc(2) & ps::PLC, 0);
-    assert!(d
-        .take_event(|e| e.trb_type() == trb_type::PORT_STATUS_CHANGE)
-        .is_some());
-    d.write_portsc(2, ps::PP | ps::PLC);
+    expect_plc_event(&mut d, 2);
     read_checked(&mut d, slot);
 }
 
 #[test]
 fn detaching_a_suspended_device_resumes_its_volume_and_returns() {
     let img = TempImage::new(64);
-    let mut d = Driver::new(0, 1);
-    let vol = attach_watched(&mut d, 1, &img);
-    d.start();
-    let slot = d.enumerate(1);
-    d.events();
+    let (mut d, slot, vol) = enumerated(0, 1, 1, &img);
     suspend_port(&mut d, slot, 1);
     let mut dev = d.xhci.detach(1).unwrap();
     assert!(dev.suspended());

@@ -310,6 +310,10 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         let _ = t.join();
     }
     devices.shutdown();
+    // Written images reach the disk even if the guest did not flush them
+    // (a stop by signal or vm.shutdown).
+    let synced = devices::block::sync_all_images();
+    log::debug!("synced {synced} written disk image(s) at stop");
     if let Some(err) = pager.and_then(paging::finish) {
         return Err(VmError::PagerFailed(err));
     }

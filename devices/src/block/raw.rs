@@ -60,21 +60,60 @@ pub struct RawImage {
     /// reports a writeback error to one fsync only, so a later flush could
     /// succeed although the data never reached the disk.
     flush_error: std::sync::Mutex<Option<String>>,
-    /// Written since the last successful flush: closing syncs it.
-    dirty: std::sync::atomic::AtomicBool,
+    /// Written since the last flush: closing or [`sync_all_images`] syncs it.
+    dirty: Arc<Dirty>,
+}
+
+/// An image's "written since the last flush" flag, with its own handle on
+/// the file so that [`sync_all_images`] can sync it.
+#[derive(Debug)]
+struct Dirty {
+    flag: std::sync::atomic::AtomicBool,
+    file: File,
+    path: PathBuf,
+}
+
+impl Dirty {
+    fn set(&self, dirty: bool) {
+        self.flag.store(dirty, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Syncs the file if it was written since the last flush.
+    fn sync(&self, when: &str) -> bool {
+        if !self.flag.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        if let Err(e) = self.file.sync_data() {
+            log::error!(
+                "disk image {}: fdatasync {when} failed: {e}",
+                self.path.display()
+            );
+        }
+        true
+    }
+}
+
+/// Every writable image open now.
+static WRITABLE: std::sync::LazyLock<std::sync::Mutex<Vec<std::sync::Weak<Dirty>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Syncs every open image written since its last flush (the VM stopped:
+/// the guest may not have flushed, e.g. when the VMM got SIGTERM). Returns
+/// how many were synced.
+pub fn sync_all_images() -> usize {
+    let live: Vec<Arc<Dirty>> = {
+        let mut list = WRITABLE.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    live.iter().filter(|d| d.sync("at stop")).count()
 }
 
 impl Drop for RawImage {
-    /// Closing an image makes what the guest wrote durable (the guest may
-    /// not have flushed before the VM stopped, e.g. on SIGTERM).
+    /// Closing an image makes what the guest wrote durable.
     fn drop(&mut self) {
-        if !self.readonly && self.dirty.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Err(e) = self.file.sync_data() {
-                log::error!(
-                    "disk image {}: fdatasync on close failed: {e}",
-                    self.path.display()
-                );
-            }
+        if !self.readonly {
+            self.dirty.sync("on close");
         }
     }
 }
@@ -150,6 +189,16 @@ impl RawImage {
             });
         }
         let size = image_size(&file).map_err(open_err)?;
+        let dirty = Arc::new(Dirty {
+            flag: Default::default(),
+            file: file.try_clone().map_err(open_err)?,
+            path: path.to_owned(),
+        });
+        if !readonly {
+            let mut list = WRITABLE.lock().unwrap_or_else(|e| e.into_inner());
+            list.retain(|w| w.strong_count() > 0);
+            list.push(Arc::downgrade(&dirty));
+        }
         if size < SECTOR_SIZE {
             return Err(RawImageError::TooSmall {
                 path: path.to_owned(),
@@ -169,7 +218,7 @@ impl RawImage {
             readonly,
             volume,
             flush_error: Default::default(),
-            dirty: Default::default(),
+            dirty,
         })
     }
 
@@ -209,7 +258,7 @@ impl RawImage {
             return Err(RawImageError::ReadOnly);
         }
         self.check(offset, len)?;
-        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.dirty.set(true);
         Ok(())
     }
 
@@ -344,8 +393,7 @@ impl RawImage {
             return Err(RawImageError::EarlierFlushFailed(e.clone()));
         }
         let _io = self.volume.begin_io();
-        self.dirty
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.dirty.set(false);
         if let Err(e) = sync(&self.file) {
             log::error!(
                 "disk image {}: fdatasync failed: {e}; later flushes will fail too",
@@ -646,6 +694,25 @@ mod tests {
         }
         let (_d, path) = image(512, 0);
         assert_eq!(RawImage::open(&path, false, "one").unwrap().sectors(), 1);
+    }
+
+    #[test]
+    fn written_images_are_synced_at_stop_and_clean_ones_are_not() {
+        let (_d, path) = image(4096, 0);
+        let img = RawImage::open(&path, false, "d0").unwrap();
+        let (_d2, path2) = image(4096, 0);
+        let _clean = RawImage::open(&path2, false, "d1").unwrap();
+        img.write_at(&[1], 0).unwrap();
+        assert!(img.dirty.flag.load(std::sync::atomic::Ordering::SeqCst));
+        // At least this one (other tests' images may be written too).
+        assert!(sync_all_images() >= 1);
+        assert!(!img.dirty.flag.load(std::sync::atomic::Ordering::SeqCst));
+        img.write_at(&[2], 0).unwrap();
+        img.flush().unwrap();
+        assert!(
+            !img.dirty.flag.load(std::sync::atomic::Ordering::SeqCst),
+            "a flush cleans"
+        );
     }
 
     #[test]

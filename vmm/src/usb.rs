@@ -442,6 +442,11 @@ mod tests {
         let d = m.detach(&UsbTarget::Port(5)).unwrap();
         assert_eq!(d.id, "usb5");
         assert!(m.list().is_empty());
+        // A detached image is closed (its lock released): it attaches again.
+        for _ in 0..3 {
+            m.attach(&cfg(&img, Some(6), Some("again"))).unwrap();
+            m.detach(&UsbTarget::Id("again".into())).unwrap();
+        }
     }
 
     #[test]

@@ -41,14 +41,19 @@ struct Cli {
     /// Guest memory: size=SIZE[,limit=SIZE,swap=PATH,reserve=PAGES,swap_volume=ID].
     /// SIZE takes K/M/G/T suffixes. limit= caps resident guest RAM and pages the
     /// rest out to the swap file; reserve= holds pages back for no-I/O faults;
-    /// swap_volume= puts swap I/O on a disk's I/O queue.
+    /// swap_volume= puts swap I/O on a disk's I/O queue. The swap file is
+    /// created, or reused only when empty or a swap file of this VMM: a file
+    /// holding other data, a symbolic link or a disk image of this VM is
+    /// refused.
     #[arg(long, value_name = "OPTIONS", default_value = "size=512M", value_parser = MemoryConfig::parse)]
     memory: MemoryConfig,
 
     /// A virtio-blk disk on a raw image: path=PATH[,readonly=on,id=ID,queues=N].
     /// Repeat for more disks. id (default: the file name, at most 20
     /// characters) is the serial the guest reads and names the disk's I/O
-    /// volume; queues defaults to one per vCPU.
+    /// volume; queues defaults to one per vCPU. Images (here and for
+    /// --usb-storage) are locked while open, shared when read-only and
+    /// exclusive when read-write, and hold at least one 512-byte sector.
     #[arg(long = "disk", value_name = "OPTIONS", value_parser = DiskConfig::parse)]
     disks: Vec<DiskConfig>,
 

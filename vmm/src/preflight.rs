@@ -42,6 +42,32 @@ pub fn check_vm(cfg: &VmConfig) -> Result<(), PreflightError> {
     check(&cfg.memory, &cfg.disks, &cfg.usb)?;
     if let SerialConfig::File(path) = &cfg.serial {
         check_new_file("--serial file", path, false)?;
+        // Console output appended to a disk image or the swap file would
+        // corrupt it.
+        let images = cfg
+            .disks
+            .iter()
+            .map(|d| (format!("--disk id={}", d.id), d.path.as_path()))
+            .chain(cfg.usb.iter().map(|u| (usb_name(u), u.path.as_path())))
+            .chain(
+                cfg.memory
+                    .swap
+                    .iter()
+                    .map(|s| ("the swap file".to_string(), s.as_path())),
+            );
+        if let Ok(console) = std::fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt;
+            for (what, image) in images {
+                if std::fs::metadata(image)
+                    .is_ok_and(|m| (m.dev(), m.ino()) == (console.dev(), console.ino()))
+                {
+                    return Err(invalid(format!(
+                        "--serial file={}: is the image of {what}; console output would overwrite its data",
+                        path.display()
+                    )));
+                }
+            }
+        }
     }
     if let Some(path) = &cfg.api_socket {
         check_new_file("--api-socket", path, true)?;

@@ -570,6 +570,17 @@ fn every_bad_option_is_one_clear_line_and_leaves_nothing_behind() {
             "is a directory",
         ),
         (
+            "--serial: a disk image",
+            vec![
+                "--disk".into(),
+                format!("path={},id=d", p("disk.img")),
+                "--serial".into(),
+                format!("file={}", p("disk.img")),
+            ],
+            1,
+            "is the image of --disk id=d",
+        ),
+        (
             "--serial: no such directory",
             vec!["--serial".into(), format!("file={}", p("none/console.log"))],
             1,

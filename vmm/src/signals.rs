@@ -81,17 +81,15 @@ pub fn watch_with(stop: Arc<VmStop>, grace: std::time::Duration) -> io::Result<J
                         stop.stop(StopReason::Signal(sig));
                     }
                     (Some(first), Ok(None)) => {
-                        crate::serial_input::restore_terminal();
                         eprintln!(
                             "error: the VM did not stop within {} s of signal {first}; exiting now",
                             grace.as_secs()
                         );
-                        std::process::exit(crate::exit_status::for_signal(first));
+                        forced_exit(crate::exit_status::for_signal(first));
                     }
                     (Some(_), Ok(Some(sig))) => {
-                        crate::serial_input::restore_terminal();
                         eprintln!("error: second stop signal ({sig}) while stopping; exiting now");
-                        std::process::exit(crate::exit_status::for_signal(sig));
+                        forced_exit(crate::exit_status::for_signal(sig));
                     }
                     (None, Ok(None)) => {}
                     (_, Err(e)) => {
@@ -101,6 +99,31 @@ pub fn watch_with(stop: Arc<VmStop>, grace: std::time::Duration) -> io::Result<J
                 }
             }
         })
+}
+
+/// Files to remove when the VMM leaves without its orderly stop (the API
+/// socket).
+static REMOVE_ON_EXIT: std::sync::Mutex<Vec<std::path::PathBuf>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Removes `path` if the VMM exits through [`forced_exit`].
+pub fn remove_on_forced_exit(path: &std::path::Path) {
+    REMOVE_ON_EXIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(path.to_owned());
+}
+
+/// Leaves at once (a stop that cannot finish: a second signal, the grace
+/// period over, the stall watchdog): puts the terminal back, removes the
+/// registered files, exits with `status`.
+pub fn forced_exit(status: i32) -> ! {
+    crate::serial_input::restore_terminal();
+    let paths = std::mem::take(&mut *REMOVE_ON_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+    std::process::exit(status)
 }
 
 /// Waits for one of `set` (for at most `timeout`); `None` on timeout.

@@ -272,6 +272,8 @@ impl ApiServer {
         limits: Limits,
     ) -> Result<Self, ServerError> {
         let listener = bind(path)?;
+        // Also gone when the VMM cannot stop in order (crate::signals).
+        crate::signals::remove_on_forced_exit(path);
         let stopping = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Connections::default()));
         let requests = Arc::new(AtomicU64::new(0));

@@ -161,7 +161,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             max,
         });
     }
-    // Created once nothing can refuse the VM before it runs.
+    // Created only once every check passed and KVM is there.
     let console_marks = Arc::new(crate::exit_status::ConsoleMarks::default());
     let serial_out: Box<dyn Write + Send> = Box::new(crate::exit_status::ConsoleWatch::new(
         serial_writer(&cfg.serial)?,
@@ -283,11 +283,18 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     let _ = halt_watch.join();
     vcpu::stop_and_join(threads);
     // Linux writes its warm-reboot flag just before it resets (exit_status).
-    let warm_flag = vm_memory::Bytes::read_obj::<u16>(
-        &mem,
-        vm_memory::GuestAddress(crate::exit_status::WARM_REBOOT_FLAG_ADDR),
-    )
-    .ok();
+    // Read only then, and not past a failed pager (the read could fault on
+    // a page nobody serves any more).
+    let pager_failed = pager.as_ref().is_some_and(|p| p.fatal_error().is_some());
+    let warm_flag = (stop.reason() == Some(StopReason::Reset) && !pager_failed)
+        .then(|| {
+            vm_memory::Bytes::read_obj::<u16>(
+                &mem,
+                vm_memory::GuestAddress(crate::exit_status::WARM_REBOOT_FLAG_ADDR),
+            )
+            .ok()
+        })
+        .flatten();
     if pager.is_some() {
         // Quiesce counters of every volume (swap may share a disk's).
         let volumes: Vec<_> = devices::block::all_volumes()

@@ -6,10 +6,13 @@
 //! `halt` / `poweroff` (which Linux turns into a halt without ACPI) ends up
 //! here.
 //!
-//! A watcher thread kicks every vCPU out of KVM_RUN once a period with the
-//! kick signal; each vCPU records its KVM multiprocessing state and IF flag
-//! before it re-enters. [`STRIKES`] dead observations in a row stop the VM
-//! with [`StopReason::HaltedDead`].
+//! A watcher thread kicks every vCPU that is in KVM_RUN out of it once a
+//! period with the kick signal; each vCPU records its KVM multiprocessing
+//! state and IF flag before it re-enters. [`STRIKES`] dead observations in
+//! a row stop the VM with [`StopReason::HaltedDead`]. A vCPU thread that is
+//! emulating a device is not kicked (it is not halted), and no vCPU is
+//! kicked while the guest-memory pager has a fault waiting: a kick would
+//! restart that fault, which the stall watchdog times from its start.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -39,13 +42,31 @@ const RFLAGS_IF: u64 = 1 << 9;
 /// The last recorded state of each vCPU.
 pub struct HaltProbe {
     states: Vec<AtomicU8>,
+    /// Each vCPU thread's id (0 until it started).
+    tids: Vec<std::sync::atomic::AtomicI32>,
 }
 
 impl HaltProbe {
     pub fn new(cpus: u8) -> Arc<Self> {
         Arc::new(Self {
             states: (0..cpus).map(|_| AtomicU8::new(UNKNOWN)).collect(),
+            tids: (0..cpus).map(|_| Default::default()).collect(),
         })
+    }
+
+    /// Called by vCPU `id`'s thread when it starts.
+    pub fn register(&self, id: u8) {
+        if let Some(t) = self.tids.get(usize::from(id)) {
+            t.store(devices::noio::gettid(), Ordering::SeqCst);
+        }
+    }
+
+    /// Whether vCPU `i`'s thread is inside KVM_RUN (where a halt waits).
+    fn in_guest(&self, i: usize) -> bool {
+        self.tids
+            .get(i)
+            .map(|t| t.load(Ordering::SeqCst))
+            .is_some_and(|tid| tid != 0 && devices::noio::is_thread_running_guest(tid))
     }
 
     /// Called by vCPU `id`'s thread when KVM_RUN returned for a signal.
@@ -93,12 +114,14 @@ impl HaltProbe {
     }
 }
 
-/// Starts the watcher over the vCPU threads `vcpus` (their pthread ids).
+/// Starts the watcher over the vCPU threads `vcpus` (their pthread ids, in
+/// vCPU order). `busy` says when not to kick at all (a pager fault waits).
 /// It ends when the VM stops; join it before joining the vCPU threads.
 pub fn watch(
     probe: Arc<HaltProbe>,
     vcpus: Vec<libc::pthread_t>,
     stop: Arc<VmStop>,
+    busy: Box<dyn Fn() -> bool + Send>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("halt-watch".into())
@@ -107,10 +130,14 @@ pub fn watch(
             let tick = Duration::from_millis(50);
             'outer: while !stop.is_stopping() {
                 probe.forget();
-                for &t in &vcpus {
-                    // SAFETY: `t` is a vCPU thread that is not joined before
-                    // this watcher is (see vm::run), so the id is valid.
-                    unsafe { libc::pthread_kill(t, SIGRTMIN()) };
+                let kick = !busy();
+                for (i, &t) in vcpus.iter().enumerate() {
+                    if kick && probe.in_guest(i) {
+                        // SAFETY: `t` is a vCPU thread that is not joined
+                        // before this watcher is (see vm::run), so the id
+                        // is valid.
+                        unsafe { libc::pthread_kill(t, SIGRTMIN()) };
+                    }
                 }
                 let mut waited = Duration::ZERO;
                 while waited < PERIOD {
@@ -190,6 +217,15 @@ mod tests {
         assert!(p.all_dead());
         p.forget();
         assert!(!p.all_dead());
+        // Threads are kicked only inside KVM_RUN.
+        assert!(!p.in_guest(0), "not started");
+        p.register(0);
+        assert!(!p.in_guest(0), "registered, outside KVM_RUN");
+        let _noio = devices::noio::register_current_thread();
+        devices::noio::set_running_guest(true);
+        assert!(p.in_guest(0));
+        devices::noio::set_running_guest(false);
+        assert!(!p.in_guest(0));
         let waiting = HaltProbe::new(2);
         waiting.set(0, WAITING_FOR_SIPI);
         waiting.set(1, WAITING_FOR_SIPI);

@@ -181,6 +181,9 @@ impl Vcpu {
         let id = self.id;
         // The pager reads this thread's NOIO flag by tid when it faults.
         let _noio_registration = devices::noio::register_current_thread();
+        if let Some(p) = &h.halt_probe {
+            p.register(id);
+        }
         let mut exits = ExitCounts::default();
         while !h.stop.is_stopping() {
             // While in KVM_RUN a fault is the guest's own access (see

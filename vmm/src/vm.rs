@@ -227,7 +227,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     };
     let control = Control::new(
         cfg.api_socket.as_deref(),
-        VmHandler::new(usb, stop.clone(), facts, probe),
+        VmHandler::new(usb, stop.clone(), facts, probe.clone()),
     )?;
 
     phase("adding the devices");
@@ -261,7 +261,13 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     let halt_watch = {
         use std::os::unix::thread::JoinHandleExt;
         let ids = threads.iter().map(|t| t.as_pthread_t()).collect();
-        crate::halt::watch(halt_probe, ids, stop.clone())
+        let faults = probe.clone();
+        let busy = move || {
+            faults
+                .as_ref()
+                .is_some_and(|p| !p.blocked_faults().is_empty())
+        };
+        crate::halt::watch(halt_probe, ids, stop.clone(), Box::new(busy))
     };
     let halt_watch = match halt_watch {
         Ok(t) => t,

@@ -13,6 +13,10 @@
 //! | 129, 130, 143 | stopped by SIGHUP, SIGINT, SIGTERM (128 + signal number) |
 //! | other | the byte the guest wrote to the debug-exit port 0xf4 |
 //!
+//! A guest that stays in its panic (`panic=0`, the kernel's default: it
+//! spins forever) is stopped with 78 once its console's `---[ end Kernel
+//! panic` line is [`panic_grace`] old.
+//!
 //! How a panic is seen: Linux prints `Kernel panic - not syncing` on its
 //! console (watched on COM1 by [`ConsoleWatch`]), and with the default
 //! command line's `reboot=k,panic_warm` its panic reboot (`panic=-1`) writes
@@ -52,9 +56,32 @@ pub const WARM_REBOOT_FLAG: u16 = 0x1234;
 pub struct ConsoleMarks {
     panic: AtomicBool,
     halt: AtomicBool,
+    /// When the kernel printed the last line of its panic.
+    panic_end: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// How long a guest may stay in its panic after the last panic line before
+/// the VMM stops it: its `panic=N` countdown (the last `panic=` on the
+/// command line, as the kernel reads it) plus 5 s.
+pub fn panic_grace(cmdline: &str) -> std::time::Duration {
+    let n: i64 = cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("panic="))
+        .filter_map(|v| v.parse().ok())
+        .next_back()
+        .unwrap_or(0);
+    std::time::Duration::from_secs(n.clamp(0, 24 * 3600) as u64 + 5)
 }
 
 impl ConsoleMarks {
+    /// Whether the guest finished printing a panic at least `grace` ago.
+    pub fn stuck_in_panic(&self, grace: std::time::Duration) -> bool {
+        self.panic_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() >= grace)
+    }
+
     pub fn panicked(&self) -> bool {
         self.panic.load(Ordering::SeqCst)
     }
@@ -101,6 +128,14 @@ impl<W: Write> ConsoleWatch<W> {
         let has = |needle: &[u8]| self.line.windows(needle.len()).any(|w| w == needle);
         if has(b"Kernel panic - not syncing") {
             self.marks.panic.store(true, Ordering::SeqCst);
+        }
+        if has(b"---[ end Kernel panic - not syncing") {
+            let mut end = self
+                .marks
+                .panic_end
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            end.get_or_insert_with(std::time::Instant::now);
         }
         if has(b"reboot: System halted") || has(b"reboot: Power down") {
             self.marks.halt.store(true, Ordering::SeqCst);
@@ -187,6 +222,35 @@ mod tests {
             !m.panicked() && !m.said_halt(),
             "split across lines does not count"
         );
+    }
+
+    #[test]
+    fn a_guest_left_in_its_panic_is_noticed_after_its_countdown() {
+        use std::time::Duration;
+        assert_eq!(
+            panic_grace("console=ttyS0 panic=-1"),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            panic_grace("console=ttyS0"),
+            Duration::from_secs(5),
+            "default 0"
+        );
+        assert_eq!(
+            panic_grace("panic=10 quiet panic=30"),
+            Duration::from_secs(35)
+        );
+        assert_eq!(panic_grace("panic=x"), Duration::from_secs(5));
+        let m = watch(&[b"Kernel panic - not syncing: boom\n"]);
+        assert!(
+            !m.stuck_in_panic(Duration::ZERO),
+            "the panic is still printing"
+        );
+        let m = watch(&[
+            b"Kernel panic - not syncing: boom\n---[ end Kernel panic - not syncing: boom ]---\n",
+        ]);
+        assert!(m.stuck_in_panic(Duration::ZERO));
+        assert!(!m.stuck_in_panic(Duration::from_secs(60)));
     }
 
     #[test]

@@ -115,13 +115,16 @@ impl HaltProbe {
 }
 
 /// Starts the watcher over the vCPU threads `vcpus` (their pthread ids, in
-/// vCPU order). `busy` says when not to kick at all (a pager fault waits).
+/// vCPU order). `busy` says when not to kick at all (a pager fault waits);
+/// `panic_stuck` when the guest panicked and stays so (exit_status), which
+/// is checked once a period too.
 /// It ends when the VM stops; join it before joining the vCPU threads.
 pub fn watch(
     probe: Arc<HaltProbe>,
     vcpus: Vec<libc::pthread_t>,
     stop: Arc<VmStop>,
     busy: Box<dyn Fn() -> bool + Send>,
+    panic_stuck: Box<dyn Fn() -> bool + Send>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("halt-watch".into())
@@ -147,7 +150,10 @@ pub fn watch(
                     std::thread::sleep(tick);
                     waited += tick;
                 }
-                if probe.all_dead() {
+                if panic_stuck() {
+                    log::info!("the guest kernel panicked and stays in its panic; stopping the VM");
+                    stop.stop(StopReason::GuestCrash);
+                } else if probe.all_dead() {
                     strikes += 1;
                     if strikes >= STRIKES {
                         log::info!(

@@ -267,7 +267,18 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
                 .as_ref()
                 .is_some_and(|p| !p.blocked_faults().is_empty())
         };
-        crate::halt::watch(halt_probe, ids, stop.clone(), Box::new(busy))
+        let (marks, grace) = (
+            console_marks.clone(),
+            crate::exit_status::panic_grace(&cfg.cmdline),
+        );
+        let panic_stuck = move || marks.stuck_in_panic(grace);
+        crate::halt::watch(
+            halt_probe,
+            ids,
+            stop.clone(),
+            Box::new(busy),
+            Box::new(panic_stuck),
+        )
     };
     let halt_watch = match halt_watch {
         Ok(t) => t,

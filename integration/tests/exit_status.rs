@@ -1,6 +1,7 @@
 //! The VMM's exit status tells how the guest ended (README "Exit status"):
 //! a clean reboot, halt or poweroff is 0; a guest kernel panic is 78 (seen
-//! by the warm-reboot flag, by the console, or both); a kernel that cannot
+//! by the warm-reboot flag, by the console, or both; also one that stays,
+//! with `panic=0`); a kernel that cannot
 //! even start (cut short, or its compressed payload damaged) ends in a
 //! triple fault (77) or a dead halt (79), never 0; SIGTERM, SIGINT and
 //! SIGHUP stop the VM with 128 + the signal and remove the API socket. All
@@ -61,6 +62,13 @@ fn cases() -> Vec<(&'static str, String, &'static [i32])> {
             "panic-seen-on-the-console-alone",
             run(format!(
                 "console=ttyS0 reboot=k panic=-1 {BOOT} rdinit=/nope init=/nope"
+            )),
+            &[78],
+        ),
+        (
+            "panic-that-stays",
+            run(format!(
+                "console=ttyS0 reboot=k panic=0 {BOOT} rdinit=/nope init=/nope"
             )),
             &[78],
         ),

@@ -81,16 +81,16 @@ struct Outcome {
 }
 
 fn spawn(kernel: &Path, extra: &[&str]) -> Child {
+    let memory: &[&str] = if extra.contains(&"--memory") {
+        &[]
+    } else {
+        &["--memory", "size=128M"]
+    };
     Command::new(env!("CARGO_BIN_EXE_vmm"))
         .arg("--kernel")
         .arg(kernel)
-        .args([
-            "--allow-pvm",
-            "--memory",
-            "size=128M",
-            "--log-level",
-            "info",
-        ])
+        .args(["--allow-pvm", "--log-level", "info"])
+        .args(memory)
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -290,4 +290,65 @@ fn stop_signals_exit_128_plus_the_signal_and_remove_the_socket() {
         assert!(!sock.exists(), "signal {sig}: the API socket file was left");
         assert!(console.exists());
     }
+}
+
+#[test]
+fn the_swap_file_carries_the_magic_and_is_reused() {
+    if !kvm() {
+        return;
+    }
+    let swap = dir().join("swap");
+    let _ = std::fs::remove_file(&swap);
+    let code = [0xb0, 0x03, 0xe6, 0xf4, 0xeb, 0xfe];
+    let mem = format!("size=128M,limit=64M,swap={}", swap.display());
+    for round in 0..2 {
+        let o = run("swap-user", &code, &["--serial", "off", "--memory", &mem]);
+        expect(&o, 3, &format!("round {round}"));
+        let head = std::fs::read(&swap).unwrap();
+        assert_eq!(&head[..16], b"vmm-swap-file-v1", "round {round}");
+    }
+}
+
+#[test]
+fn an_image_in_use_by_another_vmm_is_refused() {
+    if !kvm() {
+        return;
+    }
+    let img = dir().join("shared.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir().join("api-lock.sock");
+    let k = kernel("idle", &[0xfb, 0xf4, 0xeb, 0xfd]);
+    let disk = format!("path={},id=d", img.display());
+    let first = spawn(
+        &k,
+        &[
+            "--serial",
+            "off",
+            "--disk",
+            &disk,
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < TIMEOUT, "first VMM did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for extra in [
+        vec!["--disk", disk.as_str()],
+        vec!["--disk", &format!("path={},readonly=on", img.display())],
+    ] {
+        let mut args = vec!["--serial", "off"];
+        args.extend(extra);
+        let o = finish(spawn(&k, &args), "second VMM");
+        expect(&o, 1, "the same image in a second VMM");
+        assert!(o.stderr.contains("is in use"), "{}", o.stderr);
+    }
+    // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+    assert_eq!(unsafe { libc::kill(first.id() as i32, libc::SIGTERM) }, 0);
+    expect(&finish(first, "first VMM"), 143, "SIGTERM");
+    // Closed: the image is free again.
+    let o = run("reset-after", RESET, &["--serial", "off", "--disk", &disk]);
+    expect(&o, 0, "the image once the first VMM is gone");
 }

@@ -352,3 +352,60 @@ fn an_image_in_use_by_another_vmm_is_refused() {
     let o = run("reset-after", RESET, &["--serial", "off", "--disk", &disk]);
     expect(&o, 0, "the image once the first VMM is gone");
 }
+
+/// Whether the terminal `fd` is in canonical mode with echo.
+fn canonical(fd: i32) -> bool {
+    // SAFETY: tcgetattr fills the termios we own from a valid fd.
+    let t = unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        assert_eq!(libc::tcgetattr(fd, &mut t), 0);
+        t
+    };
+    t.c_lflag & libc::ICANON != 0 && t.c_lflag & libc::ECHO != 0
+}
+
+#[test]
+fn sigterm_restores_the_terminal_the_console_made_raw() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if !kvm() {
+        return;
+    }
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds; no name, termios or window size.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: both fds were just opened and are owned from here on.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    use std::os::fd::AsRawFd;
+    assert!(canonical(slave.as_raw_fd()));
+    let sock = dir().join("api-tty.sock");
+    let k = kernel("idle-tty", &[0xfb, 0xf4, 0xeb, 0xfd]);
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--kernel")
+        .arg(&k)
+        .args(["--allow-pvm", "--memory", "size=128M", "--serial", "stdout"])
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !sock.exists() || canonical(slave.as_raw_fd()) {
+        assert!(start.elapsed() < TIMEOUT, "the console did not go raw");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    expect(&finish(child, "tty"), 143, "SIGTERM");
+    assert!(canonical(slave.as_raw_fd()), "the terminal was left raw");
+    drop(master);
+}

@@ -432,7 +432,7 @@ fn every_bad_option_is_one_clear_line_and_leaves_nothing_behind() {
                 format!("path={},port=0", p("disk.img")),
             ],
             2,
-            "numbered from 1",
+            "port=0 does not exist",
         ),
         (
             "--usb-storage: port=9",
@@ -440,8 +440,8 @@ fn every_bad_option_is_one_clear_line_and_leaves_nothing_behind() {
                 "--usb-storage".into(),
                 format!("path={},port=9", p("disk.img")),
             ],
-            1,
-            "port=9 does not exist",
+            2,
+            "port=9 does not exist: USB 2 ports are 1-4, USB 3 ports 5-8",
         ),
         (
             "--usb-storage: port=300",
@@ -450,7 +450,7 @@ fn every_bad_option_is_one_clear_line_and_leaves_nothing_behind() {
                 format!("path={},port=300", p("disk.img")),
             ],
             2,
-            "numbered from 1",
+            "port=300 does not exist",
         ),
         (
             "--usb-storage: port a word",

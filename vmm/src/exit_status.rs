@@ -113,6 +113,8 @@ impl<W: Write> ConsoleWatch<W> {
     }
 
     fn scan(&mut self, bytes: &[u8]) {
+        // Lines are matched when they end (the kernel ends each of these
+        // messages with a newline): one pass per line, not per byte.
         for &b in bytes {
             if b == b'\n' || b == b'\r' {
                 self.end_line();
@@ -120,8 +122,6 @@ impl<W: Write> ConsoleWatch<W> {
                 self.line.push(b);
             }
         }
-        // A line without its newline yet (the kernel's last words).
-        self.check_line();
     }
 
     fn check_line(&self) {
@@ -143,8 +143,10 @@ impl<W: Write> ConsoleWatch<W> {
     }
 
     fn end_line(&mut self) {
-        self.check_line();
-        self.line.clear();
+        if !self.line.is_empty() {
+            self.check_line();
+            self.line.clear();
+        }
     }
 }
 
@@ -210,8 +212,10 @@ mod tests {
             b"nic - not syncing: VFS: Unable to mount root\r\n",
         ]);
         assert!(m.panicked() && !m.said_halt());
-        let m = watch(&[b"[   3.4] reboot: System halted"]);
+        let m = watch(&[b"[   3.4] reboot: System halted\r\n"]);
         assert!(m.said_halt() && !m.panicked());
+        let m = watch(&[b"reboot: System hal"]);
+        assert!(!m.said_halt(), "matched once the line ends");
         let m = watch(&[b"reboot: Power ", b"down\n"]);
         assert!(m.said_halt());
         let m = watch(&[

@@ -39,6 +39,7 @@ fn invalid(msg: String) -> PreflightError {
 /// Every check of this module, in the order a user would fix them.
 pub fn check_vm(cfg: &VmConfig) -> Result<(), PreflightError> {
     check_names(&cfg.memory, &cfg.disks, &cfg.usb)?;
+    check_distinct_outputs(cfg)?;
     check(&cfg.memory, &cfg.disks, &cfg.usb)?;
     if let SerialConfig::File(path) = &cfg.serial {
         check_new_file("--serial file", path, false)?;
@@ -71,6 +72,38 @@ pub fn check_vm(cfg: &VmConfig) -> Result<(), PreflightError> {
     }
     if let Some(path) = &cfg.api_socket {
         check_new_file("--api-socket", path, true)?;
+    }
+    Ok(())
+}
+
+/// The files the VMM creates (swap file, serial log, API socket) must be
+/// three different paths: two of them on one file would overwrite each
+/// other (compared by name; files that exist already are compared by
+/// device and inode too, below).
+fn check_distinct_outputs(cfg: &VmConfig) -> Result<(), PreflightError> {
+    let absolute = |p: &Path| match std::path::absolute(p) {
+        Ok(a) => a,
+        Err(_) => p.to_owned(),
+    };
+    let mut outputs: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(s) = &cfg.memory.swap {
+        outputs.push(("--memory swap", absolute(s)));
+    }
+    if let SerialConfig::File(s) = &cfg.serial {
+        outputs.push(("--serial file", absolute(s)));
+    }
+    if let Some(s) = &cfg.api_socket {
+        outputs.push(("--api-socket", absolute(s)));
+    }
+    for (i, (a, pa)) in outputs.iter().enumerate() {
+        for (b, pb) in &outputs[i + 1..] {
+            if pa == pb {
+                return Err(invalid(format!(
+                    "{a} and {b} are both {}; give each its own file",
+                    pa.display()
+                )));
+            }
+        }
     }
     Ok(())
 }

@@ -581,6 +581,28 @@ fn every_bad_option_is_one_clear_line_and_leaves_nothing_behind() {
             "is the image of --disk id=d",
         ),
         (
+            "--serial: the swap file",
+            vec![
+                "--memory".into(),
+                format!("size=512M,limit=64M,swap={}", p("out")),
+                "--serial".into(),
+                format!("file={}", p("out")),
+            ],
+            1,
+            "--memory swap and --serial file are both",
+        ),
+        (
+            "--api-socket: the serial log",
+            vec![
+                "--serial".into(),
+                format!("file={}", p("out")),
+                "--api-socket".into(),
+                p("out"),
+            ],
+            1,
+            "--serial file and --api-socket are both",
+        ),
+        (
             "--serial: no such directory",
             vec!["--serial".into(), format!("file={}", p("none/console.log"))],
             1,

@@ -365,6 +365,9 @@ impl AcceptCtx {
         let idlest = c
             .open
             .iter()
+            // A regular slot is what the newcomer needs: the spare does not
+            // free one.
+            .filter(|(_, conn)| !conn.shutdown_only)
             .filter_map(|(k, conn)| conn.outbox.idle_for(now, conn.opened).map(|d| (d, *k)))
             .filter(|(d, _)| *d >= self.limits.idle_timeout)
             .max();

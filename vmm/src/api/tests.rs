@@ -261,6 +261,39 @@ fn idle_clients_make_room_for_a_new_one() {
 }
 
 #[test]
+fn an_idle_spare_connection_does_not_make_a_regular_slot() {
+    let path = socket_path();
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(300),
+    };
+    let server = ApiServer::start_with(&path, Arc::new(Fake), limits).unwrap();
+    let mut regular: Vec<_> = (0..MAX_CONNECTIONS)
+        .map(|_| Client::greeted(&path))
+        .collect();
+    let mut spare = Client::greeted(&path);
+    // The regular clients keep talking; the spare goes quiet.
+    for round in 0..5 {
+        std::thread::sleep(Duration::from_millis(100));
+        for c in &mut regular {
+            assert_eq!(
+                c.call(&format!(r#"{{"id":{round},"cmd":"vm.info"}}"#))["id"],
+                json!(round)
+            );
+        }
+    }
+    let mut extra = Client::connect(&path);
+    let r = extra.line().expect("busy reply");
+    assert_eq!(r["error"]["code"], json!("busy"), "{r}");
+    assert!(extra.line().is_none());
+    let r = spare.call(r#"{"id":"s","cmd":"vm.shutdown"}"#);
+    assert!(
+        r.get("ok").is_some(),
+        "the spare still serves vm.shutdown: {r}"
+    );
+    server.shutdown();
+}
+
+#[test]
 fn pipelined_replies_keep_request_order() {
     let (server, path) = server();
     let mut c = Client::greeted(&path);

@@ -43,8 +43,8 @@ pub fn check_vm(cfg: &VmConfig) -> Result<(), PreflightError> {
     check(&cfg.memory, &cfg.disks, &cfg.usb)?;
     if let SerialConfig::File(path) = &cfg.serial {
         check_new_file("--serial file", path, false)?;
-        // Console output appended to a disk image or the swap file would
-        // corrupt it.
+        // Console output appended to a disk image, the swap file, the
+        // kernel or the initramfs would corrupt it.
         let images = cfg
             .disks
             .iter()
@@ -55,6 +55,15 @@ pub fn check_vm(cfg: &VmConfig) -> Result<(), PreflightError> {
                     .swap
                     .iter()
                     .map(|s| ("the swap file".to_string(), s.as_path())),
+            )
+            .chain(std::iter::once((
+                "--kernel".to_string(),
+                cfg.kernel.as_path(),
+            )))
+            .chain(
+                cfg.initramfs
+                    .iter()
+                    .map(|i| ("--initramfs".to_string(), i.as_path())),
             );
         if let Ok(console) = std::fs::metadata(path) {
             use std::os::unix::fs::MetadataExt;
@@ -63,7 +72,7 @@ pub fn check_vm(cfg: &VmConfig) -> Result<(), PreflightError> {
                     .is_ok_and(|m| (m.dev(), m.ino()) == (console.dev(), console.ino()))
                 {
                     return Err(invalid(format!(
-                        "--serial file={}: is the image of {what}; console output would overwrite its data",
+                        "--serial file={}: is the file of {what}; console output would overwrite its data",
                         path.display()
                     )));
                 }

@@ -578,7 +578,13 @@ fn every_bad_option_is_one_clear_line_and_leaves_nothing_behind() {
                 format!("file={}", p("disk.img")),
             ],
             1,
-            "is the image of --disk id=d",
+            "is the file of --disk id=d",
+        ),
+        (
+            "--serial: the kernel",
+            vec!["--serial".into(), format!("file={}", p("bzImage"))],
+            1,
+            "is the file of --kernel",
         ),
         (
             "--serial: the swap file",

@@ -597,4 +597,32 @@ mod tests {
         s.volume().resume();
         std::fs::remove_file(path).unwrap();
     }
+
+    #[test]
+    fn the_swap_file_has_the_magic_is_locked_and_never_overwrites_data() {
+        let (s, path) = store(5); // a size no other test uses: its own file
+        let head = std::fs::read(&path).unwrap();
+        assert_eq!(&head[..16], crate::swapfile::MAGIC);
+        assert_eq!(
+            head.len() as u64,
+            crate::swapfile::HEADER_LEN + 5 * PAGE_SIZE as u64
+        );
+        // Locked: no disk can open it while the store lives.
+        for readonly in [false, true] {
+            assert!(matches!(
+                devices::block::RawImage::open(&path, readonly, "x"),
+                Err(devices::block::RawImageError::Locked { .. })
+            ));
+        }
+        drop(s);
+        // Reused once closed (ours), emptied and sized afresh.
+        let again = SwapStore::create(&path, 2, Volume::new("swap")).unwrap();
+        drop(again);
+        // Data that is not ours is refused, untouched.
+        std::fs::write(&path, b"precious data").unwrap();
+        let e = SwapStore::create(&path, 2, Volume::new("swap")).unwrap_err();
+        assert!(format!("{e:?}").contains("not a swap file"), "{e:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious data");
+        std::fs::remove_file(path).unwrap();
+    }
 }

@@ -41,8 +41,9 @@ pub fn start(bound: Duration, pager: Option<PagerProbe>) -> std::io::Result<()> 
                 if let Some(p) = &pager {
                     eprintln!("pager-stats {}", p.stats().to_json());
                 }
-                // The stalled thread cannot be joined: leave at once.
-                std::process::exit(i32::from(STALL_EXIT));
+                // The stalled thread cannot be joined: leave at once
+                // (terminal restored, API socket removed).
+                crate::signals::forced_exit(i32::from(STALL_EXIT));
             }
         })
         .map(drop)

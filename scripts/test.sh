@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Runs every test: host packages, the static VMM, the guest kernel,
-# busybox and the Debian root disk (fetched here so their progress shows),
-# then the whole workspace: unit tests and the nested end-to-end tests.
+# Runs every test: rustfmt and clippy (warnings are errors), host packages,
+# the static VMM, the guest kernel, busybox and the Debian root disk
+# (fetched here so their progress shows), then the whole workspace: unit tests and the nested end-to-end tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Formatting and lints first: cheap, and a failure here needs no guest
+# (clippy after setup.sh: building the workspace needs libclang-dev).
+command -v rustfmt >/dev/null && command -v cargo-clippy >/dev/null ||
+    rustup component add rustfmt clippy
+cargo fmt --all -- --check
 scripts/setup.sh
+cargo clippy --workspace --all-targets -- -D warnings
 scripts/build-vmm-static.sh
 cargo run -q -p guest-image -- kernel
 cargo run -q -p guest-image -- busybox

@@ -4,11 +4,12 @@
 //! Resident guest memory must stay within limit + reserve, by the pager's
 //! own counters and by smaps.
 //!
-//! Two sizes, both in CI: a tight one (512 MiB guest, 64 MiB limit, 160 MiB
-//! touched; 207 s in a clean CI run with batched paging) and the issue's
-//! full size (1 GiB guest, 256 MiB limit, 700 MiB touched; 469 s on a quiet
-//! machine with batched paging and fault-around, where per-page paging had
-//! needed over 25 minutes).
+//! Two sizes: a tight one in CI (512 MiB guest, 64 MiB limit, 160 MiB
+//! touched; 207 s in a clean CI run with batched paging) and, on demand
+//! (`cargo test -p integration --test pager -- --ignored`), the full size
+//! (1 GiB guest, 256 MiB limit, 700 MiB touched; 469 s on a quiet machine
+//! with batched paging and fault-around, where per-page paging had needed
+//! over 25 minutes): CI keeps its time for the runtime-PM and NOIO runs.
 
 use std::time::Duration;
 
@@ -65,6 +66,7 @@ fn overcommitted_guest_keeps_its_data_and_stays_under_the_limit() {
 }
 
 #[test]
+#[ignore = "long variant (~8 min): run on demand with --ignored"]
 fn overcommitted_guest_full_size() {
     overcommit(1024, 256, 700, Duration::from_secs(3600));
 }

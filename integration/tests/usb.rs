@@ -642,17 +642,30 @@ fn pager_counter(r: &RunResult, name: &str) -> u64 {
 
 /// NOIO on, the deadlock's conditions all present: swap on the USB disk's
 /// volume, a resident limit a third of the guest's RAM under constant
-/// pressure, the disk autosuspending 100 times with every controller
-/// structure evicted to swap while it sleeps, bus resets every 10 cycles.
+/// pressure, the disk autosuspending 40 times (100 in the on-demand
+/// variant) with every controller structure evicted to swap while it
+/// sleeps, bus resets every 10 cycles.
 /// Every resume and reset completes (no watchdog report, the VMM exits 0),
 /// the data is intact, and the counters show NOIO faults served past the
 /// quiesced volume.
 #[test]
 fn noio_resume_and_reset_paths_never_wait_on_their_own_swap_volume() {
+    noio_cycles(40);
+}
+
+/// The same at the full length: 100 cycles (~15 min on a loaded
+/// machine); on demand: `cargo test -p integration --test usb -- --ignored noio`.
+#[test]
+#[ignore = "long variant: run on demand with --ignored"]
+fn noio_holds_for_100_cycles() {
+    noio_cycles(100);
+}
+
+fn noio_cycles(cycles: u32) {
     if !nested() {
         return;
     }
-    let r = noio_run(100, &["--stall-watchdog=30"]);
+    let r = noio_run(cycles, &["--stall-watchdog=30"]);
     check_passed(&r);
     check(
         !r.console.contains("STALL-WATCHDOG"),
@@ -661,19 +674,19 @@ fn noio_resume_and_reset_paths_never_wait_on_their_own_swap_volume() {
     );
     check(
         r.console
-            .contains("USB-NOIO-CYCLES n=100 io=ok pressure=ok"),
+            .contains(&format!("USB-NOIO-CYCLES n={cycles} io=ok pressure=ok")),
         "not every cycle passed",
         &r,
     );
     check(
-        r.console.contains("L1-NOIO-EVICTS n=100"),
+        r.console.contains(&format!("L1-NOIO-EVICTS n={cycles}")),
         "L1 did not evict every cycle",
         &r,
     );
     for (counter, min) in [
         ("noio_faults", 1),
         ("noio_reads_past_quiesce", 1),
-        ("evicted_on_request", 100),
+        ("evicted_on_request", u64::from(cycles)),
         ("pages_out", 1),
     ] {
         let n = pager_counter(&r, counter);

@@ -307,6 +307,9 @@ pub struct UsbStorageConfig {
     pub id: Option<String>,
 }
 
+/// Root hub ports of the xHCI controller (USB 2 first, then USB 3).
+pub const USB_PORTS: u8 = crate::usb::USB2_PORTS + crate::usb::USB3_PORTS;
+
 /// Longest USB device id (it becomes the iSerialNumber string).
 pub const MAX_USB_ID: usize = 32;
 
@@ -328,8 +331,17 @@ impl UsbStorageConfig {
         let path = PathBuf::from(kv.required("path")?);
         let port = match kv.number("port")? {
             None => None,
-            Some(p @ 1..=255) => Some(p as u8),
-            Some(p) => return Err(invalid(OPT, format!("port={p}: ports are numbered from 1"))),
+            Some(p) if (1..=u64::from(USB_PORTS)).contains(&p) => Some(p as u8),
+            Some(p) => {
+                return Err(invalid(
+                    OPT,
+                    format!(
+                        "port={p} does not exist: USB 2 ports are 1-{}, USB 3 ports {}-{USB_PORTS}",
+                        crate::usb::USB2_PORTS,
+                        crate::usb::USB2_PORTS + 1
+                    ),
+                ))
+            }
         };
         let id = kv.take("id");
         if let Some(id) = &id {
@@ -604,6 +616,11 @@ mod tests {
         ));
         assert!(UsbStorageConfig::parse("path=/a,port=0").is_err());
         assert!(UsbStorageConfig::parse("path=/a,port=256").is_err());
+        assert!(UsbStorageConfig::parse("path=/a,port=8").is_ok());
+        let e = UsbStorageConfig::parse("path=/a,port=9")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port=9 does not exist"), "{e}");
         assert!(UsbStorageConfig::parse("path=/a,port=x").is_err());
         assert!(UsbStorageConfig::parse("path=/a,readonly=perhaps").is_err());
         assert!(UsbStorageConfig::parse("path=/a,id=has space").is_err());

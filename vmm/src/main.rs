@@ -5,13 +5,16 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::config::{BalloonConfig, DiskConfig, MemoryConfig, SerialConfig, UsbIo, UsbStorageConfig};
-use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE};
+use vmm::exit_status;
+use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE, MAX_CPUS};
 
 /// Boots a Linux kernel (bzImage or vmlinux) on KVM with a serial console.
 ///
-/// The exit status is the byte the guest wrote to the debug-exit port (0xf4),
-/// 0 when the guest rebooted or powered off (use `reboot=k`), and 1 on any
-/// error, which is printed as one line on stderr.
+/// Exit status: 0 when the guest rebooted cleanly or halted/powered off,
+/// the byte the guest wrote to the debug-exit port (0xf4), 1 on a VMM error
+/// and 2 on a bad option (both printed as one `error:` line on stderr), 76
+/// stall watchdog, 77 triple fault, 78 guest kernel panic, 79 every vCPU
+/// halted dead, 128+N stopped by signal N (SIGHUP, SIGINT, SIGTERM).
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -20,7 +23,9 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     kernel: PathBuf,
 
-    /// Initramfs image (cpio, optionally gzip-compressed; checked before boot).
+    /// Initramfs image: a newc cpio archive, plain or compressed. Plain and
+    /// gzip archives are checked end to end before boot; bzip2, lzma, xz,
+    /// lzo, lz4 and zstd pass with a warning; anything else is refused.
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
 
@@ -28,21 +33,27 @@ struct Cli {
     #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
 
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Number of vCPUs (1-254).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
     cpus: u8,
 
     /// Guest memory: size=SIZE[,limit=SIZE,swap=PATH,reserve=PAGES,swap_volume=ID].
     /// SIZE takes K/M/G/T suffixes. limit= caps resident guest RAM and pages the
     /// rest out to the swap file; reserve= holds pages back for no-I/O faults;
-    /// swap_volume= puts swap I/O on a disk's I/O queue.
+    /// swap_volume= puts swap I/O on a disk's I/O queue. The swap file is
+    /// created, or reused only when empty or a swap file of this VMM: a file
+    /// holding other data, a symbolic link or a disk image of this VM is
+    /// refused.
     #[arg(long, value_name = "OPTIONS", default_value = "size=512M", value_parser = MemoryConfig::parse)]
     memory: MemoryConfig,
 
     /// A virtio-blk disk on a raw image: path=PATH[,readonly=on,id=ID,queues=N].
     /// Repeat for more disks. id (default: the file name, at most 20
     /// characters) is the serial the guest reads and names the disk's I/O
-    /// volume; queues defaults to one per vCPU.
+    /// volume; queues defaults to one per vCPU. Images (here and for
+    /// --usb-storage) are locked while open, shared when read-only and
+    /// exclusive when read-write, and hold at least one 512-byte sector.
     #[arg(long = "disk", value_name = "OPTIONS", value_parser = DiskConfig::parse)]
     disks: Vec<DiskConfig>,
 
@@ -113,7 +124,15 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Before any thread exists, so that all of them inherit the mask.
+    if let Err(e) = vmm::signals::block() {
+        eprintln!("error: cannot block the stop signals: {e}");
+        return ExitCode::from(exit_status::VMM_ERROR);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     env_logger::Builder::new()
         .filter_level(cli.log_level)
         .parse_default_env()
@@ -137,7 +156,7 @@ fn main() -> ExitCode {
         unsafe_disable_noio: cli.unsafe_disable_noio,
     };
     match vm::run(&cfg) {
-        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(exit_status::VMM_ERROR)),
         Err(e) => {
             let mut msg = format!("error: {e}");
             let mut source = std::error::Error::source(&e);
@@ -146,7 +165,35 @@ fn main() -> ExitCode {
                 source = s.source();
             }
             eprintln!("{msg}");
-            ExitCode::from(1)
+            ExitCode::from(exit_status::VMM_ERROR)
         }
+    }
+}
+
+/// `--help` and `--version` print as clap does and exit 0; a bad option is
+/// one `error:` line (clap's first paragraph, without its usage block) and
+/// status 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("{}", one_line(&e.render().to_string()));
+    ExitCode::from(exit_status::USAGE_ERROR)
+}
+
+/// The first paragraph of clap's message on one line, starting `error: `.
+fn one_line(text: &str) -> String {
+    let para: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = para.join(" ");
+    if line.starts_with("error:") {
+        line
+    } else {
+        format!("error: {line}")
     }
 }

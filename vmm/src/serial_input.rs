@@ -42,6 +42,14 @@ impl Drop for RawTerminal {
     }
 }
 
+/// Puts a terminal on stdin back in canonical mode with echo, for an exit
+/// that skips [`RawTerminal`]'s drop (a second stop signal).
+pub fn restore_terminal() {
+    if std::io::IsTerminal::is_terminal(&io::stdin()) {
+        let _ = io::stdin().lock().set_canon_mode();
+    }
+}
+
 /// Whether `fd` has input (or EOF/hang-up) within `timeout`.
 fn readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {

@@ -66,6 +66,13 @@ impl UsbError {
             Self::PortTaken { .. } | Self::IdTaken(_) | Self::NoFreePort => ErrorCode::Conflict,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::Xhci(XhciError::NotSuspended(_)) => ErrorCode::Conflict,
+            // Another disk, the swap file or another process holds it.
+            Self::Image(RawImageError::Locked { .. }) => ErrorCode::Conflict,
+            Self::Image(
+                RawImageError::TooSmall { .. }
+                | RawImageError::Unaligned { .. }
+                | RawImageError::NotAnImage { .. },
+            ) => ErrorCode::BadRequest,
             Self::Image(_) | Self::Xhci(_) => ErrorCode::Internal,
         }
     }
@@ -282,6 +289,21 @@ impl UsbManager {
                 "read-write"
             }
         );
+        // Host I/O that waits on the sleeping disk (swap on its volume)
+        // asks it to signal remote wakeup, as I/O to a runtime-suspended
+        // disk resumes it.
+        let xhci = Arc::downgrade(&self.xhci);
+        volume.set_waker(Arc::new(move || {
+            if let Some(x) = xhci.upgrade() {
+                let r = x
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remote_wake(port);
+                if let Err(e) = r {
+                    log::debug!("usb: wake for host I/O on port {port}: {e}");
+                }
+            }
+        }));
         self.volumes.insert(info.id.clone(), volume);
         self.attached.insert(port, info.clone());
         Ok(info)
@@ -300,7 +322,9 @@ impl UsbManager {
             .attached
             .remove(&port)
             .ok_or_else(|| UsbError::NotFound(format!("on port {port}")))?;
-        self.volumes.remove(&info.id);
+        if let Some(v) = self.volumes.remove(&info.id) {
+            v.clear_waker();
+        }
         log::info!("usb: {} detached from port {port}", info.id);
         Ok(info)
     }
@@ -420,7 +444,12 @@ mod tests {
         assert_eq!((a.port, a.speed, a.id.as_str()), (5, "usb3", "usb5"));
         assert_eq!(a.size_bytes, 1 << 20);
         assert!(ccs(&x, 5), "connected on the controller");
-        let b = m.attach(&cfg(&img, Some(2), Some("stick"))).unwrap();
+        // The same image again is locked by the first disk.
+        let e = m.attach(&cfg(&img, Some(2), Some("again"))).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Conflict, "{e}");
+        assert!(m.list().len() == 1 && !ccs(&x, 2), "nothing plugged");
+        let img2 = Image::new("a2", 1 << 20);
+        let b = m.attach(&cfg(&img2, Some(2), Some("stick"))).unwrap();
         assert_eq!((b.port, b.speed), (2, "usb2"));
         assert_eq!(m.list(), vec![b.clone(), a.clone()]);
         assert_eq!(m.free_ports(), vec![1, 3, 4, 6, 7, 8]);
@@ -430,12 +459,22 @@ mod tests {
         let d = m.detach(&UsbTarget::Port(5)).unwrap();
         assert_eq!(d.id, "usb5");
         assert!(m.list().is_empty());
+        // A detached image is closed (its lock released): it attaches again.
+        for _ in 0..3 {
+            m.attach(&cfg(&img, Some(6), Some("again"))).unwrap();
+            m.detach(&UsbTarget::Id("again".into())).unwrap();
+        }
     }
 
     #[test]
     fn conflicts_and_bad_requests_have_codes() {
         let (mut m, x) = manager();
         let img = Image::new("b", 4096);
+        // Read-only: any number of disks may share the image.
+        let cfg = |img: &Image, port, id| UsbStorageConfig {
+            readonly: true,
+            ..cfg(img, port, id)
+        };
         m.attach(&cfg(&img, Some(1), Some("a"))).unwrap();
         let e = m.attach(&cfg(&img, Some(1), Some("b"))).unwrap_err();
         assert_eq!(e.code(), ErrorCode::Conflict);

@@ -37,10 +37,21 @@ pub enum VcpuError {
 /// How the VM ended, decided by whoever asked first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
-    /// The guest chose an exit status (debug-exit port, reboot = 0).
+    /// The guest chose an exit status (debug-exit port, `vm.shutdown` = 0).
     Guest(i32),
     /// Something failed; the VMM exits non-zero.
     Error,
+    /// The guest reset the machine (i8042): a clean reboot, or a panic's
+    /// (see `exit_status::decide`).
+    Reset,
+    /// KVM reported a shutdown (triple fault).
+    TripleFault,
+    /// The guest reported a crash (KVM_SYSTEM_EVENT_CRASH).
+    GuestCrash,
+    /// Every vCPU halted with interrupts off, nothing can wake it.
+    HaltedDead,
+    /// The VMM got this signal (SIGTERM, SIGINT, SIGHUP).
+    Signal(i32),
 }
 
 /// The VM-wide stop request: first writer wins, everyone else sees it.
@@ -88,6 +99,10 @@ impl StopRequest for VmStop {
     fn request_stop(&self, code: i32) {
         self.stop(StopReason::Guest(code));
     }
+
+    fn request_reset(&self) {
+        self.stop(StopReason::Reset);
+    }
 }
 
 /// Everything a vCPU thread dispatches to.
@@ -98,6 +113,8 @@ pub struct ExitHandlers {
     pub stop: Arc<VmStop>,
     /// The VM's coalesced MMIO ring, drained after every KVM_RUN return.
     pub coalesced: Option<Arc<CoalescedRing>>,
+    /// Where a kicked vCPU records whether it can still run.
+    pub halt_probe: Option<Arc<crate::halt::HaltProbe>>,
 }
 
 pub struct Vcpu {
@@ -164,6 +181,9 @@ impl Vcpu {
         let id = self.id;
         // The pager reads this thread's NOIO flag by tid when it faults.
         let _noio_registration = devices::noio::register_current_thread();
+        if let Some(p) = &h.halt_probe {
+            p.register(id);
+        }
         let mut exits = ExitCounts::default();
         while !h.stop.is_stopping() {
             // While in KVM_RUN a fault is the guest's own access (see
@@ -202,23 +222,28 @@ impl Vcpu {
                         }
                     }
                     VcpuExit::Hlt => {
-                        log::info!("vCPU {id}: halted with interrupts off; stopping the VM");
-                        h.stop.stop(StopReason::Guest(0));
+                        // Only without an in-kernel LAPIC, which this VMM
+                        // always has: KVM waits for interrupts itself.
+                        log::error!("vCPU {id}: unexpected HLT exit; stopping the VM");
+                        h.stop.stop(StopReason::Error);
                     }
                     VcpuExit::Shutdown => {
-                        log::info!("vCPU {id}: triple fault (guest reset); stopping the VM");
-                        h.stop.stop(StopReason::Guest(0));
+                        log::warn!("vCPU {id}: triple fault (KVM shutdown exit); stopping the VM");
+                        h.stop.stop(StopReason::TripleFault);
                     }
                     VcpuExit::SystemEvent(kind, _) => {
                         log::info!("vCPU {id}: system event {kind}; stopping the VM");
-                        let crash = kind == kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
-                        h.stop.stop(if crash {
-                            StopReason::Error
-                        } else {
-                            StopReason::Guest(0)
+                        h.stop.stop(match kind {
+                            kvm_bindings::KVM_SYSTEM_EVENT_CRASH => StopReason::GuestCrash,
+                            kvm_bindings::KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
+                            _ => StopReason::Guest(0),
                         });
                     }
-                    VcpuExit::Intr => {}
+                    VcpuExit::Intr => {
+                        if let Some(p) = &h.halt_probe {
+                            p.record(id, &self.fd);
+                        }
+                    }
                     VcpuExit::FailEntry(reason, cpu) => {
                         log::error!(
                             "vCPU {id}: KVM_RUN failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})"
@@ -237,7 +262,12 @@ impl Vcpu {
                         h.stop.stop(StopReason::Error);
                     }
                 },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EINTR => {
+                    if let Some(p) = &h.halt_probe {
+                        p.record(id, &self.fd);
+                    }
+                }
+                Err(e) if e.errno() == libc::EAGAIN => {}
                 Err(e) => {
                     log::error!("vCPU {id}: KVM_RUN: {e}");
                     h.stop.stop(StopReason::Error);
@@ -311,8 +341,27 @@ impl std::fmt::Display for ExitCounts {
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Installs the (empty) handler for the signal that kicks vCPUs out of KVM_RUN.
+/// With SA_RESTART: a kick that lands while the vCPU thread is in another
+/// system call (disk I/O for a doorbell, console output) restarts that call
+/// instead of failing it with EINTR. KVM_RUN itself still returns EINTR
+/// (KVM does not ask for a restart), which is what the kick is for. The
+/// halt watcher (`crate::halt`) kicks once a second, so this matters.
 pub fn install_kick_handler() -> Result<(), VcpuError> {
-    register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::Signal)
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(VcpuError::Signal)?;
+    // SAFETY: sigaction reads and writes the struct on this stack frame
+    // only; the handler stays the one registered above, only its flags
+    // change.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(SIGRTMIN(), std::ptr::null(), &mut act) != 0 {
+            return Err(VcpuError::Signal(vmm_sys_util::errno::Error::last()));
+        }
+        act.sa_flags |= libc::SA_RESTART;
+        if libc::sigaction(SIGRTMIN(), &act, std::ptr::null_mut()) != 0 {
+            return Err(VcpuError::Signal(vmm_sys_util::errno::Error::last()));
+        }
+    }
+    Ok(())
 }
 
 /// Kicks every vCPU thread until it has seen the stop and exited, then joins.

@@ -53,6 +53,8 @@ pub enum VmError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
+    Preflight(#[from] crate::preflight::PreflightError),
+    #[error(transparent)]
     Device(#[from] DeviceError),
     #[error("guest memory pager")]
     Pager(#[from] crate::memory::PagerError),
@@ -92,6 +94,8 @@ pub enum VmError {
     SerialInput(#[source] std::io::Error),
     #[error("cannot start the stall watchdog thread")]
     Watchdog(#[source] std::io::Error),
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
     #[error("cannot register {what} on the bus")]
     Bus {
         what: &'static str,
@@ -127,9 +131,11 @@ pub struct VmConfig {
 }
 
 /// The default guest command line: serial console, reboot through the
-/// keyboard controller (which ends the VM), no waiting for absent PS/2 devices.
+/// keyboard controller (which ends the VM), a panic reboots at once and
+/// warm (which tells it from a clean reboot, see `exit_status`), no waiting
+/// for absent PS/2 devices.
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd";
+    "console=ttyS0 reboot=k,panic_warm panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd";
 
 /// Builds and runs the VM until the guest stops it; returns the exit status
 /// the VMM should end with.
@@ -146,8 +152,8 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         &cfg.cmdline,
         cfg.memory.size,
     )?;
-    let serial_out = serial_writer(&cfg.serial)?;
     check_disk_ids(&cfg.disks)?;
+    crate::preflight::check_vm(cfg)?;
     if let Some(b) = &cfg.balloon {
         b.validate(&cfg.memory)?;
     }
@@ -161,6 +167,12 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             max,
         });
     }
+    // Created only once every check passed and KVM is there.
+    let console_marks = Arc::new(crate::exit_status::ConsoleMarks::default());
+    let serial_out: Box<dyn Write + Send> = Box::new(crate::exit_status::ConsoleWatch::new(
+        serial_writer(&cfg.serial)?,
+        console_marks.clone(),
+    ));
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     let mem = create_guest_memory(&vm, &cfg.memory)?;
     setup_irqchip(&vm)?;
@@ -171,6 +183,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     mptable::write(&mem, cfg.cpus, layout::MPTABLE_START).map_err(VmError::MpTable)?;
 
     let stop = VmStop::new().map_err(VmError::EventFd)?;
+    crate::signals::watch(stop.clone()).map_err(|e| VmError::Thread("signals", e))?;
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
     let serial = add_legacy_devices(&vm, &pio, &stop, serial_out)?;
@@ -229,7 +242,7 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     };
     let control = Control::new(
         cfg.api_socket.as_deref(),
-        VmHandler::new(usb, stop.clone(), facts, probe).with_balloon(balloon.clone()),
+        VmHandler::new(usb, stop.clone(), facts, probe.clone()).with_balloon(balloon.clone()),
     )?;
 
     phase("adding the devices");
@@ -241,11 +254,13 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         _ => None,
     };
     vcpu::install_kick_handler()?;
+    let halt_probe = crate::halt::HaltProbe::new(cfg.cpus);
     let handlers = ExitHandlers {
         pio,
         mmio,
         stop: stop.clone(),
         coalesced,
+        halt_probe: Some(halt_probe.clone()),
     };
     let mut threads = Vec::with_capacity(vcpus.len());
     for v in vcpus {
@@ -258,6 +273,36 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
             }
         }
     }
+    let halt_watch = {
+        use std::os::unix::thread::JoinHandleExt;
+        let ids = threads.iter().map(|t| t.as_pthread_t()).collect();
+        let faults = probe.clone();
+        let busy = move || {
+            faults
+                .as_ref()
+                .is_some_and(|p| !p.blocked_faults().is_empty())
+        };
+        let (marks, grace) = (
+            console_marks.clone(),
+            crate::exit_status::panic_grace(&cfg.cmdline),
+        );
+        let panic_stuck = move || marks.stuck_in_panic(grace);
+        crate::halt::watch(
+            halt_probe,
+            ids,
+            stop.clone(),
+            Box::new(busy),
+            Box::new(panic_stuck),
+        )
+    };
+    let halt_watch = match halt_watch {
+        Ok(t) => t,
+        Err(e) => {
+            stop.stop(StopReason::Error);
+            vcpu::stop_and_join(threads);
+            return Err(VmError::Thread("halt-watch", e));
+        }
+    };
     log::info!(
         "VM running: {} vCPU(s), {} MiB",
         cfg.cpus,
@@ -266,7 +311,22 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
 
     // Wait for the guest, a device, a vCPU or the API to ask for the end.
     control.run_until_stopped(&stop);
+    // Before the vCPU threads are joined: it signals them by thread id.
+    let _ = halt_watch.join();
     vcpu::stop_and_join(threads);
+    // Linux writes its warm-reboot flag just before it resets (exit_status).
+    // Read only then, and not past a failed pager (the read could fault on
+    // a page nobody serves any more).
+    let pager_failed = pager.as_ref().is_some_and(|p| p.fatal_error().is_some());
+    let warm_flag = (stop.reason() == Some(StopReason::Reset) && !pager_failed)
+        .then(|| {
+            vm_memory::Bytes::read_obj::<u16>(
+                &mem,
+                vm_memory::GuestAddress(crate::exit_status::WARM_REBOOT_FLAG_ADDR),
+            )
+            .ok()
+        })
+        .flatten();
     if pager.is_some() {
         // Quiesce counters of every volume (swap may share a disk's).
         let volumes: Vec<_> = devices::block::all_volumes()
@@ -293,6 +353,10 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         p.stop();
     }
     devices.shutdown();
+    // Written images reach the disk even if the guest did not flush them
+    // (a stop by signal or vm.shutdown).
+    let synced = devices::block::sync_all_images();
+    log::debug!("synced {synced} written disk image(s) at stop");
     if let Some(b) = &balloon {
         // Before the pager stops: its counters are part of the report.
         eprintln!("balloon-stats {}", b.report_json());
@@ -302,10 +366,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
     }
     // Keep guest memory alive until every vCPU has stopped using it.
     drop(mem);
-    Ok(match stop.reason() {
-        Some(StopReason::Guest(code)) => code,
-        Some(StopReason::Error) | None => 1,
-    })
+    let status = crate::exit_status::decide(stop.reason(), warm_flag, &console_marks);
+    log::info!("VM stopped ({:?}); exit status {status}", stop.reason());
+    Ok(status)
 }
 
 fn create_guest_memory(vm: &VmFd, cfg: &MemoryConfig) -> Result<GuestMemoryMmap, VmError> {

@@ -41,8 +41,9 @@ pub fn start(bound: Duration, pager: Option<PagerProbe>) -> std::io::Result<()> 
                 if let Some(p) = &pager {
                     eprintln!("pager-stats {}", p.stats().to_json());
                 }
-                // The stalled thread cannot be joined: leave at once.
-                std::process::exit(i32::from(STALL_EXIT));
+                // The stalled thread cannot be joined: leave at once
+                // (terminal restored, API socket removed).
+                crate::signals::forced_exit(i32::from(STALL_EXIT));
             }
         })
         .map(drop)
@@ -173,6 +174,7 @@ mod tests {
             quiesced_ms: 9000,
             quiesced_for_ms: 9000,
             owner: Some("USB disk 'pm' on port 5".into()),
+            wake_requests: 1,
             waiters: vec![devices::block::VolumeWaiter {
                 thread: "pager-swapin".into(),
                 waited_ms: 8000,

@@ -9,7 +9,7 @@
 mod raw;
 mod volume;
 
-pub use raw::{RawImage, RawImageError};
+pub use raw::{lock_file, sync_all_images, RawImage, RawImageError};
 pub use volume::{all_volumes, IoGuard, Volume, VolumeInfo, VolumeWaiter};
 
 /// Logical sector size every device model exposes.

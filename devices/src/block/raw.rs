@@ -25,6 +25,20 @@ pub enum RawImageError {
     },
     #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}-byte sectors")]
     Unaligned { path: PathBuf, size: u64 },
+    #[error(
+        "disk image {path} is {size} bytes; a disk needs at least one {SECTOR_SIZE}-byte sector"
+    )]
+    TooSmall { path: PathBuf, size: u64 },
+    #[error("disk image {path} is not a regular file or a block device")]
+    NotAnImage { path: PathBuf },
+    #[error("disk image {path} is in use: {}", if *readonly {
+        "something has it open read-write (another disk of this VM, the swap file, or another process)"
+    } else {
+        "something else has it open (another disk of this VM, the swap file, or another process)"
+    })]
+    Locked { path: PathBuf, readonly: bool },
+    #[error("an earlier flush of this disk failed ({0}); writes since may be lost, so every later flush fails too")]
+    EarlierFlushFailed(String),
     #[error("access at {offset:#x}+{len:#x} lies beyond the end of the disk ({size:#x} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("disk is read-only")]
@@ -42,6 +56,91 @@ pub struct RawImage {
     size: u64,
     readonly: bool,
     volume: Arc<Volume>,
+    /// The first failed `fdatasync`, kept like Linux's errseq: the kernel
+    /// reports a writeback error to one fsync only, so a later flush could
+    /// succeed although the data never reached the disk.
+    flush_error: std::sync::Mutex<Option<String>>,
+    /// Written since the last flush: closing or [`sync_all_images`] syncs it.
+    dirty: Arc<Dirty>,
+}
+
+/// An image's "written since the last flush" flag, with its own handle on
+/// the file so that [`sync_all_images`] can sync it.
+#[derive(Debug)]
+struct Dirty {
+    flag: std::sync::atomic::AtomicBool,
+    file: File,
+    path: PathBuf,
+}
+
+impl Dirty {
+    fn set(&self, dirty: bool) {
+        self.flag.store(dirty, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Syncs the file if it was written since the last flush.
+    fn sync(&self, when: &str) -> bool {
+        if !self.flag.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        if let Err(e) = self.file.sync_data() {
+            log::error!(
+                "disk image {}: fdatasync {when} failed: {e}",
+                self.path.display()
+            );
+        }
+        true
+    }
+}
+
+/// Every writable image open now.
+static WRITABLE: std::sync::LazyLock<std::sync::Mutex<Vec<std::sync::Weak<Dirty>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Syncs every open image written since its last flush (the VM stopped:
+/// the guest may not have flushed, e.g. when the VMM got SIGTERM). Returns
+/// how many were synced.
+pub fn sync_all_images() -> usize {
+    let live: Vec<Arc<Dirty>> = {
+        let mut list = WRITABLE.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    live.iter().filter(|d| d.sync("at stop")).count()
+}
+
+impl Drop for RawImage {
+    /// Closing an image makes what the guest wrote durable.
+    fn drop(&mut self) {
+        if !self.readonly {
+            self.dirty.sync("on close");
+        }
+    }
+}
+
+/// Takes an advisory whole-file OFD lock on `file`: exclusive (a writer)
+/// or shared (readers). Held as long as the open file description lives;
+/// another open of the same file (in this process or any other) that
+/// conflicts fails instead of waiting.
+pub fn lock_file(file: &File, exclusive: bool) -> io::Result<()> {
+    let lock = libc::flock {
+        l_type: if exclusive {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        } as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads one `struct flock` that lives on this stack
+    // frame for the duration of the call; the fd is owned by `file`.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The size of an image: a regular file's length, or a block device's
@@ -74,7 +173,38 @@ impl RawImage {
             .write(!readonly)
             .open(path)
             .map_err(open_err)?;
+        let kind = file.metadata().map_err(open_err)?.file_type();
+        if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+            return Err(RawImageError::NotAnImage {
+                path: path.to_owned(),
+            });
+        }
+        if let Err(e) = lock_file(&file, !readonly) {
+            return Err(match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EACCES) => RawImageError::Locked {
+                    path: path.to_owned(),
+                    readonly,
+                },
+                _ => open_err(e),
+            });
+        }
         let size = image_size(&file).map_err(open_err)?;
+        let dirty = Arc::new(Dirty {
+            flag: Default::default(),
+            file: file.try_clone().map_err(open_err)?,
+            path: path.to_owned(),
+        });
+        if !readonly {
+            let mut list = WRITABLE.lock().unwrap_or_else(|e| e.into_inner());
+            list.retain(|w| w.strong_count() > 0);
+            list.push(Arc::downgrade(&dirty));
+        }
+        if size < SECTOR_SIZE {
+            return Err(RawImageError::TooSmall {
+                path: path.to_owned(),
+                size,
+            });
+        }
         if size % SECTOR_SIZE != 0 {
             return Err(RawImageError::Unaligned {
                 path: path.to_owned(),
@@ -87,6 +217,8 @@ impl RawImage {
             size,
             readonly,
             volume,
+            flush_error: Default::default(),
+            dirty,
         })
     }
 
@@ -125,7 +257,9 @@ impl RawImage {
         if self.readonly {
             return Err(RawImageError::ReadOnly);
         }
-        self.check(offset, len)
+        self.check(offset, len)?;
+        self.dirty.set(true);
+        Ok(())
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
@@ -244,13 +378,30 @@ impl RawImage {
         Ok(())
     }
 
-    /// Makes every completed write durable.
+    /// Makes every completed write durable. Once a flush failed, every
+    /// later one fails too (see `flush_error`).
     pub fn flush(&self) -> Result<(), RawImageError> {
+        self.flush_with(|f| f.sync_data())
+    }
+
+    fn flush_with(&self, sync: impl FnOnce(&File) -> io::Result<()>) -> Result<(), RawImageError> {
         if self.readonly {
             return Ok(());
         }
+        let mut failed = self.flush_error.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = failed.as_ref() {
+            return Err(RawImageError::EarlierFlushFailed(e.clone()));
+        }
         let _io = self.volume.begin_io();
-        self.file.sync_data()?;
+        self.dirty.set(false);
+        if let Err(e) = sync(&self.file) {
+            log::error!(
+                "disk image {}: fdatasync failed: {e}; later flushes will fail too",
+                self.path.display()
+            );
+            *failed = Some(e.to_string());
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -410,6 +561,7 @@ mod tests {
             img.read_vectored_at(&slices, 8192 - 100),
             Err(RawImageError::OutOfRange { .. })
         ));
+        drop(img);
         let ro = RawImage::open(&path, true, "ro").unwrap();
         assert!(matches!(
             ro.write_vectored_at(&slices, 0),
@@ -495,5 +647,89 @@ mod tests {
             RawImage::open(&odd, false, "odd"),
             Err(RawImageError::Unaligned { .. })
         ));
+    }
+
+    #[test]
+    fn images_are_locked_shared_for_readers_and_exclusive_for_a_writer() {
+        let (_d, path) = image(4096, 0);
+        let rw = RawImage::open(&path, false, "rw").unwrap();
+        for readonly in [false, true] {
+            let e = RawImage::open(&path, readonly, "again").unwrap_err();
+            assert!(matches!(e, RawImageError::Locked { .. }), "{e}");
+            assert!(e.to_string().contains("is in use"), "{e}");
+        }
+        drop(rw);
+        let r1 = RawImage::open(&path, true, "r1").unwrap();
+        let _r2 = RawImage::open(&path, true, "r2").unwrap();
+        assert!(matches!(
+            RawImage::open(&path, false, "w"),
+            Err(RawImageError::Locked {
+                readonly: false,
+                ..
+            })
+        ));
+        drop(r1);
+    }
+
+    #[test]
+    fn directories_are_not_images() {
+        let d = tempdir::Dir::new();
+        let e = RawImage::open(&d.0, true, "dir").unwrap_err();
+        assert!(matches!(e, RawImageError::NotAnImage { .. }), "{e}");
+        assert!(RawImage::open(&d.0, false, "dir").is_err());
+    }
+
+    #[test]
+    fn images_smaller_than_one_sector_are_refused() {
+        for len in [0, 1, 511] {
+            let (_d, path) = image(len, 0);
+            for readonly in [false, true] {
+                let e = RawImage::open(&path, readonly, "tiny").unwrap_err();
+                assert!(matches!(e, RawImageError::TooSmall { .. }), "{len}: {e}");
+                assert!(
+                    e.to_string().contains("at least one 512-byte sector"),
+                    "{e}"
+                );
+            }
+        }
+        let (_d, path) = image(512, 0);
+        assert_eq!(RawImage::open(&path, false, "one").unwrap().sectors(), 1);
+    }
+
+    #[test]
+    fn written_images_are_synced_at_stop_and_clean_ones_are_not() {
+        let (_d, path) = image(4096, 0);
+        let img = RawImage::open(&path, false, "d0").unwrap();
+        let (_d2, path2) = image(4096, 0);
+        let _clean = RawImage::open(&path2, false, "d1").unwrap();
+        img.write_at(&[1], 0).unwrap();
+        assert!(img.dirty.flag.load(std::sync::atomic::Ordering::SeqCst));
+        // At least this one (other tests' images may be written too).
+        assert!(sync_all_images() >= 1);
+        assert!(!img.dirty.flag.load(std::sync::atomic::Ordering::SeqCst));
+        img.write_at(&[2], 0).unwrap();
+        img.flush().unwrap();
+        assert!(
+            !img.dirty.flag.load(std::sync::atomic::Ordering::SeqCst),
+            "a flush cleans"
+        );
+    }
+
+    #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        let (_d, path) = image(4096, 0);
+        let img = RawImage::open(&path, false, "d0").unwrap();
+        img.flush().unwrap();
+        let eio = || Err(io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(
+            img.flush_with(|_| eio()),
+            Err(RawImageError::Io(_))
+        ));
+        // The kernel would now report success (the error was consumed).
+        for _ in 0..3 {
+            let e = img.flush_with(|_| Ok(())).unwrap_err();
+            assert!(matches!(e, RawImageError::EarlierFlushFailed(_)), "{e}");
+        }
+        assert!(img.flush().is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     quiesced: bool,
     in_flight: u64,
@@ -20,7 +20,29 @@ struct State {
     waiters: Vec<(u64, String, Instant)>,
     /// Who sits on the volume, e.g. "USB disk 'pm' on port 5".
     owner: Option<String>,
+    /// Asked once per quiesce to wake the sleeping device (see `set_waker`).
+    waker: Option<Waker>,
+    /// Whether the waker ran during the current quiesce.
+    woken: bool,
+    wake_requests: u64,
 }
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("quiesced", &self.quiesced)
+            .field("in_flight", &self.in_flight)
+            .field("waiters", &self.waiters.len())
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the device sitting on a volume is asked to wake up.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// How long an I/O waits on a quiesced volume before the waker is asked.
+pub const WAKE_AFTER: Duration = Duration::from_millis(100);
 
 /// A thread waiting for a quiesced volume, as diagnostics show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -45,6 +67,9 @@ pub struct VolumeInfo {
     pub owner: Option<String>,
     /// Threads waiting for the volume to flow again, longest first.
     pub waiters: Vec<VolumeWaiter>,
+    /// Times an I/O that waited on the quiesced volume asked its device to
+    /// wake (remote wakeup of a suspended USB disk).
+    pub wake_requests: u64,
 }
 
 static NEXT_WAIT: AtomicU64 = AtomicU64::new(0);
@@ -91,6 +116,19 @@ impl Volume {
         v
     }
 
+    /// How to wake the device that sits on the volume when host I/O (swap
+    /// writeback, a swap-in) has waited [`WAKE_AFTER`] on it while it is
+    /// quiesced: as I/O to a runtime-suspended disk resumes it in Linux.
+    /// Called once per quiesce, on the waiting thread, without locks held.
+    pub fn set_waker(&self, waker: Waker) {
+        self.lock().waker = Some(waker);
+    }
+
+    /// Forgets the waker (the device left the volume).
+    pub fn clear_waker(&self) {
+        self.lock().waker = None;
+    }
+
     /// Says who sits on the volume (diagnostics: the watchdog names it).
     pub fn set_owner(&self, owner: impl Into<String>) {
         self.lock().owner = Some(owner.into());
@@ -121,6 +159,7 @@ impl Volume {
             quiesced_ms: (st.quiesced_total + current).as_millis() as u64,
             quiesced_for_ms: current.as_millis() as u64,
             owner: st.owner.clone(),
+            wake_requests: st.wake_requests,
             waiters: st
                 .waiters
                 .iter()
@@ -138,6 +177,7 @@ impl Volume {
         let mut st = self.lock();
         if !st.quiesced {
             st.quiesced = true;
+            st.woken = false;
             st.quiesces += 1;
             st.quiesced_since = Some(Instant::now());
         }
@@ -185,15 +225,30 @@ impl Volume {
         if st.quiesced {
             let id = NEXT_WAIT.fetch_add(1, Ordering::Relaxed);
             let thread = std::thread::current().name().unwrap_or("?").to_string();
-            st.waiters.push((id, thread, Instant::now()));
+            let since = Instant::now();
+            st.waiters.push((id, thread, since));
             while st.quiesced {
                 if give_up() {
                     st.waiters.retain(|w| w.0 != id);
                     return None;
                 }
+                if !st.woken && since.elapsed() >= WAKE_AFTER {
+                    if let Some(wake) = st.waker.clone() {
+                        st.woken = true;
+                        st.wake_requests += 1;
+                        drop(st);
+                        log::debug!(
+                            "volume {}: host I/O waits on a sleeping device: waking it",
+                            self.name
+                        );
+                        wake();
+                        st = self.lock();
+                        continue;
+                    }
+                }
                 st = self
                     .changed
-                    .wait_timeout(st, poll)
+                    .wait_timeout(st, poll.min(WAKE_AFTER))
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
@@ -319,6 +374,34 @@ mod tests {
         assert!(!t.join().unwrap(), "gave up while quiesced");
         assert!(vol.info().waiters.is_empty());
         assert!(all_volumes().iter().any(|v| Arc::ptr_eq(v, &vol)));
+    }
+
+    #[test]
+    fn io_waiting_on_a_quiesced_volume_wakes_its_device_once() {
+        let vol = Volume::new("wake");
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (v, c) = (Arc::downgrade(&vol), calls.clone());
+        vol.set_waker(Arc::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            // The device resumes (as a guest answering a remote wake does).
+            if let Some(v) = v.upgrade() {
+                v.resume();
+            }
+        }));
+        vol.quiesce();
+        let (a, b) = (vol.clone(), vol.clone());
+        let t1 = thread::spawn(move || a.begin_io().volume.name().len());
+        let t2 = thread::spawn(move || b.begin_io().volume.name().len());
+        t1.join().unwrap();
+        t2.join().unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "one wake per quiesce");
+        assert_eq!(vol.info().wake_requests, 1);
+        // A new quiesce may wake again; I/O that does not wait does not.
+        assert!(vol.try_begin_io().is_some());
+        vol.quiesce();
+        let g = vol.begin_io();
+        drop(g);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]

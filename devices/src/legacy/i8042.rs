@@ -118,7 +118,7 @@ impl I8042 {
 
     fn reset(&mut self) {
         log::info!("guest reset the machine through the i8042 controller");
-        self.stop.request_stop(0);
+        self.stop.request_reset();
     }
 }
 
@@ -156,6 +156,9 @@ pub(crate) mod tests {
         fn request_stop(&self, code: i32) {
             self.0.lock().unwrap().push(code);
         }
+        fn request_reset(&self) {
+            self.0.lock().unwrap().push(-1);
+        }
     }
 
     fn rd(dev: &mut I8042, off: u64) -> u8 {
@@ -190,7 +193,7 @@ pub(crate) mod tests {
         dev.write(0x60, 4, &[CMD_PULSE_RESET]);
         dev.write(0x60, 4, &[CMD_WRITE_OUTPUT_PORT]);
         dev.write(0x60, 0, &[0xfe]);
-        assert_eq!(*stops.0.lock().unwrap(), vec![0, 0]);
+        assert_eq!(*stops.0.lock().unwrap(), vec![-1, -1], "two resets");
     }
 
     #[test]

@@ -17,4 +17,10 @@ pub use serial::{EventFdTrigger, SerialPort, COM1_BASE, COM1_IRQ, SERIAL_LEN};
 pub trait StopRequest: Send + Sync {
     /// The guest wants the VM to end with process exit status `code`.
     fn request_stop(&self, code: i32);
+
+    /// The guest reset the machine (reboot, or a panic's reboot: the VMM
+    /// tells them apart). Without an override, a stop with status 0.
+    fn request_reset(&self) {
+        self.request_stop(0);
+    }
 }

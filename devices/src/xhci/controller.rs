@@ -661,10 +661,12 @@ impl Xhci {
         let was_u3 = p.link_state() == regs::port::PLS_U3;
         let reset = value & (regs::port::PR | regs::port::WPR) != 0;
         let link = value & regs::port::LWS != 0;
-        let _path = match () {
-            _ if reset => Some(PmPath::enter(format!("xhci port {port} reset"))),
-            _ if link && was_u3 => Some(PmPath::enter(format!("xhci port {port} resume from U3"))),
-            _ => None,
+        let _path = if reset {
+            Some(PmPath::enter(format!("xhci port {port} reset")))
+        } else if link && was_u3 {
+            Some(PmPath::enter(format!("xhci port {port} resume from U3")))
+        } else {
+            None
         };
         let event = p.write_portsc(value);
         let woke = was_u3 && p.link_state() != regs::port::PLS_U3;

@@ -1123,12 +1123,13 @@ fn portsc_change_bits_are_rw1c_and_link_states_follow_pls_writes() {
     assert_ne!(d.r32(OP_BASE + op::USBSTS) & op::STS_PCD, 0);
     d.w32(OP_BASE + op::USBSTS, op::STS_PCD);
     assert_eq!(d.r32(OP_BASE + op::USBSTS) & op::STS_PCD, 0);
-    // Errors of the host-side API.
+    // Errors of the host-side API (another image: this one is locked).
+    let other = TempImage::new(8);
     assert!(matches!(
         d.xhci.attach(
             2,
             Box::new(MassStorage::new(
-                img.open(false),
+                other.open(false),
                 MassStorageConfig::default()
             ))
         ),

@@ -8,6 +8,14 @@
 //! thread: requests are capped at [`MAX_REQUEST_BYTES`], connections at
 //! [`MAX_CONNECTIONS`], and outgoing lines go into a bounded per-connection
 //! queue whose overflow drops that connection (a client that does not read).
+//!
+//! Replies leave in request order even when a later request is answered
+//! first (a `busy` or a parse error while an earlier command still runs on
+//! the VMM thread): each request gets a sequence number and its reply waits
+//! for those before it. A full server never locks out `vm.shutdown`: a new
+//! client takes the slot of one that sent nothing for the idle timeout
+//! ([`IDLE_TIMEOUT`]), and when no client is idle, one extra connection
+//! beyond [`MAX_CONNECTIONS`] is kept for `vm.shutdown` alone.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Write};
@@ -31,6 +39,23 @@ pub const MAX_CONNECTIONS: usize = 8;
 const OUTBOX_LINES: usize = 256;
 /// A write to a client that takes longer than this drops the client.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A client that sent no request for this long, with no reply owed, gives
+/// up its connection when a new client finds the server full.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The connection limits (tests shorten the idle timeout).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            idle_timeout: IDLE_TIMEOUT,
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -63,6 +88,21 @@ enum Outgoing {
 struct Outbox {
     tx: SyncSender<Outgoing>,
     stream: UnixStream,
+    order: Mutex<ReplyOrder>,
+}
+
+/// Replies held back until every earlier request of the connection has its
+/// reply, so that they leave in request order.
+#[derive(Default)]
+struct ReplyOrder {
+    /// Sequence number of the next request read.
+    next_request: u64,
+    /// Sequence number of the next reply to send.
+    next_reply: u64,
+    /// Replies that came early: line, and whether to close after it.
+    early: BTreeMap<u64, (String, bool)>,
+    /// When the last request was read.
+    last_request: Option<std::time::Instant>,
 }
 
 impl Outbox {
@@ -83,18 +123,56 @@ impl Outbox {
             let _ = self.stream.shutdown(std::net::Shutdown::Both);
         }
     }
+
+    /// Numbers the next request.
+    fn next_request(&self) -> u64 {
+        let mut o = lock(&self.order);
+        o.last_request = Some(std::time::Instant::now());
+        o.next_request += 1;
+        o.next_request - 1
+    }
+
+    /// Sends the reply to request `seq` once those before it are out.
+    fn reply(&self, seq: u64, line: String, then_close: bool) {
+        let mut o = lock(&self.order);
+        o.early.insert(seq, (line, then_close));
+        loop {
+            let next = o.next_reply;
+            let Some((line, close)) = o.early.remove(&next) else {
+                break;
+            };
+            o.next_reply += 1;
+            self.push(line);
+            if close {
+                self.close();
+            }
+        }
+        if o.early.len() > OUTBOX_LINES {
+            log::warn!("api: client floods requests behind a slow one; closing it");
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// How long the client has been idle: no request for that long and no
+    /// reply owed (`None`: busy).
+    fn idle_for(&self, now: std::time::Instant, opened: std::time::Instant) -> Option<Duration> {
+        let o = lock(&self.order);
+        (o.next_reply == o.next_request)
+            .then(|| now.saturating_duration_since(o.last_request.unwrap_or(opened)))
+    }
 }
 
 /// Answers one request. Dropping it unanswered replies `internal`.
 pub struct Responder {
     id: Value,
+    seq: u64,
     outbox: Option<Arc<Outbox>>,
 }
 
 impl Responder {
     pub fn reply(mut self, result: Result<Value, ApiError>) {
         if let Some(out) = self.outbox.take() {
-            out.push(protocol::reply(&self.id, &result));
+            out.reply(self.seq, protocol::reply(&self.id, &result), false);
         }
     }
 
@@ -110,15 +188,24 @@ impl Drop for Responder {
                 ErrorCode::Internal,
                 "the request was dropped (VMM stopping)",
             );
-            out.push(protocol::reply(&self.id, &Err(e)));
+            out.reply(self.seq, protocol::reply(&self.id, &Err(e)), false);
         }
     }
+}
+
+/// One open connection.
+struct Conn {
+    outbox: Arc<Outbox>,
+    writer: Option<JoinHandle<()>>,
+    opened: std::time::Instant,
+    /// The spare connection kept for `vm.shutdown`.
+    shutdown_only: bool,
 }
 
 #[derive(Default)]
 struct Connections {
     next: u64,
-    open: BTreeMap<u64, (Arc<Outbox>, Option<JoinHandle<()>>)>,
+    open: BTreeMap<u64, Conn>,
 }
 
 /// Sends events to every connected client. Cheap to clone.
@@ -131,8 +218,8 @@ impl EventBus {
     /// Sends `{"event":name,"ts_us":..,"data":data}` to every client.
     pub fn emit(&self, name: &str, data: Value) {
         let line = protocol::event_line(name, protocol::now_us(), &data);
-        for (out, _) in lock(&self.conns).open.values() {
-            out.push(line.clone());
+        for c in lock(&self.conns).open.values() {
+            c.outbox.push(line.clone());
         }
     }
 }
@@ -175,7 +262,18 @@ fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 impl ApiServer {
     /// Listens on `path` and hands commands to `dispatch`.
     pub fn start(path: &Path, dispatch: Arc<dyn Dispatch>) -> Result<Self, ServerError> {
+        Self::start_with(path, dispatch, Limits::default())
+    }
+
+    /// [`ApiServer::start`] with other limits.
+    pub fn start_with(
+        path: &Path,
+        dispatch: Arc<dyn Dispatch>,
+        limits: Limits,
+    ) -> Result<Self, ServerError> {
         let listener = bind(path)?;
+        // Also gone when the VMM cannot stop in order (crate::signals).
+        crate::signals::remove_on_forced_exit(path);
         let stopping = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Connections::default()));
         let requests = Arc::new(AtomicU64::new(0));
@@ -184,6 +282,7 @@ impl ApiServer {
             conns: conns.clone(),
             dispatch,
             requests: requests.clone(),
+            limits,
         };
         let accept = thread::Builder::new()
             .name("api".into())
@@ -229,9 +328,9 @@ impl ApiServer {
             let mut c = lock(&self.conns);
             let open = std::mem::take(&mut c.open);
             open.into_values()
-                .filter_map(|(out, w)| {
-                    out.close();
-                    w
+                .filter_map(|c| {
+                    c.outbox.close();
+                    c.writer
                 })
                 .collect()
         };
@@ -254,9 +353,44 @@ struct AcceptCtx {
     conns: Arc<Mutex<Connections>>,
     dispatch: Arc<dyn Dispatch>,
     requests: Arc<AtomicU64>,
+    limits: Limits,
 }
 
 impl AcceptCtx {
+    /// Makes room for a new client in a full server: closes the client
+    /// idle longest, if one has been idle for the idle timeout. Returns
+    /// whether a slot was freed.
+    fn evict_idle(&self, c: &mut Connections) -> bool {
+        let now = std::time::Instant::now();
+        let idlest = c
+            .open
+            .iter()
+            // A regular slot is what the newcomer needs: the spare does not
+            // free one.
+            .filter(|(_, conn)| !conn.shutdown_only)
+            .filter_map(|(k, conn)| conn.outbox.idle_for(now, conn.opened).map(|d| (d, *k)))
+            .filter(|(d, _)| *d >= self.limits.idle_timeout)
+            .max();
+        let Some((idle, key)) = idlest else {
+            return false;
+        };
+        if let Some(conn) = c.open.remove(&key) {
+            log::info!("api: closing a client idle for {idle:?} to serve a new one");
+            let e = ApiError::new(
+                ErrorCode::Busy,
+                format!(
+                    "closed after {:.1} s without a request: a new client needed the connection",
+                    idle.as_secs_f32()
+                ),
+            );
+            conn.outbox.push(protocol::reply(&Value::Null, &Err(e)));
+            conn.outbox.close();
+            // Ends its reader (blocked in read) at once.
+            let _ = conn.outbox.stream.shutdown(std::net::Shutdown::Read);
+        }
+        true
+    }
+
     fn run(self, listener: UnixListener) {
         for stream in listener.incoming() {
             if self.stopping.load(Ordering::SeqCst) {
@@ -280,17 +414,24 @@ impl AcceptCtx {
     fn serve(&self, stream: UnixStream) -> io::Result<()> {
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let mut c = lock(&self.conns);
-        if c.open.len() >= MAX_CONNECTIONS {
-            drop(c);
-            let e = ApiError::new(ErrorCode::Busy, "too many API connections");
-            let mut s = stream;
-            let _ = writeln!(s, "{}", protocol::reply(&Value::Null, &Err(e)));
-            return Ok(());
+        let regular = c.open.values().filter(|x| !x.shutdown_only).count();
+        let spare_taken = c.open.values().any(|x| x.shutdown_only);
+        let mut shutdown_only = false;
+        if regular >= MAX_CONNECTIONS && !self.evict_idle(&mut c) {
+            if spare_taken {
+                drop(c);
+                let e = ApiError::new(ErrorCode::Busy, "too many API connections");
+                let mut s = stream;
+                let _ = writeln!(s, "{}", protocol::reply(&Value::Null, &Err(e)));
+                return Ok(());
+            }
+            shutdown_only = true;
         }
         let (tx, rx) = mpsc::sync_channel(OUTBOX_LINES);
         let outbox = Arc::new(Outbox {
             tx,
             stream: stream.try_clone()?,
+            order: Mutex::default(),
         });
         outbox.push(protocol::greeting());
         let key = c.next;
@@ -299,11 +440,20 @@ impl AcceptCtx {
         let writer = thread::Builder::new()
             .name("api-writer".into())
             .spawn(move || write_loop(write_stream, rx))?;
-        c.open.insert(key, (outbox.clone(), Some(writer)));
+        c.open.insert(
+            key,
+            Conn {
+                outbox: outbox.clone(),
+                writer: Some(writer),
+                opened: std::time::Instant::now(),
+                shutdown_only,
+            },
+        );
         drop(c);
         let reader = Reader {
             key,
             outbox,
+            shutdown_only,
             conns: self.conns.clone(),
             dispatch: self.dispatch.clone(),
             requests: self.requests.clone(),
@@ -312,8 +462,8 @@ impl AcceptCtx {
             .name("api-reader".into())
             .spawn(move || reader.run(stream));
         if let Err(e) = spawned {
-            if let Some((out, _)) = lock(&self.conns).open.remove(&key) {
-                out.close();
+            if let Some(conn) = lock(&self.conns).open.remove(&key) {
+                conn.outbox.close();
             }
             return Err(e);
         }
@@ -383,6 +533,8 @@ pub(crate) fn read_line_capped(
 struct Reader {
     key: u64,
     outbox: Arc<Outbox>,
+    /// The spare connection of a full server: `vm.shutdown` only.
+    shutdown_only: bool,
     conns: Arc<Mutex<Connections>>,
     dispatch: Arc<dyn Dispatch>,
     requests: Arc<AtomicU64>,
@@ -402,9 +554,19 @@ impl Reader {
                     let req = parse_request(&buf);
                     let responder = Responder {
                         id: req.id,
+                        seq: self.outbox.next_request(),
                         outbox: Some(self.outbox.clone()),
                     };
                     match req.command {
+                        Ok(cmd) if self.shutdown_only && !matches!(cmd, Command::VmShutdown) => {
+                            responder.error(
+                                ErrorCode::Busy,
+                                format!(
+                                    "all {MAX_CONNECTIONS} API connections are in use; this \
+                                     spare one takes only vm.shutdown"
+                                ),
+                            )
+                        }
                         Ok(cmd) => self.dispatch.dispatch(cmd, responder),
                         Err(e) => responder.reply(Err(e)),
                     }
@@ -413,8 +575,9 @@ impl Reader {
                     let e = ApiError::bad_request(format!(
                         "request longer than {MAX_REQUEST_BYTES} bytes; closing"
                     ));
-                    self.outbox.push(protocol::reply(&Value::Null, &Err(e)));
-                    self.outbox.close();
+                    let seq = self.outbox.next_request();
+                    self.outbox
+                        .reply(seq, protocol::reply(&Value::Null, &Err(e)), true);
                     break;
                 }
                 Ok(LineRead::Eof) | Err(_) => break,

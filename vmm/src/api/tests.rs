@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::protocol::MAX_REQUEST_BYTES;
-use super::server::{read_line_capped, LineRead, MAX_CONNECTIONS};
+use super::server::{read_line_capped, Limits, LineRead, MAX_CONNECTIONS};
 use super::*;
 
 struct Fake;
@@ -167,27 +167,166 @@ fn oversized_request_is_refused_and_the_connection_closed() {
 }
 
 #[test]
-fn connection_cap_answers_busy() {
+fn connection_cap_keeps_a_spare_for_shutdown_then_answers_busy() {
     let (server, path) = server();
     let clients: Vec<_> = (0..MAX_CONNECTIONS)
         .map(|_| Client::greeted(&path))
         .collect();
+    // The spare connection: greeted, but it takes only vm.shutdown.
+    let mut spare = Client::greeted(&path);
+    let r = spare.call(r#"{"id":1,"cmd":"vm.info"}"#);
+    assert_eq!(r["error"]["code"], json!("busy"), "{r}");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("only vm.shutdown"));
     let mut extra = Client::connect(&path);
     let r = extra.line().expect("busy reply");
     assert_eq!(r["error"]["code"], json!("busy"));
     assert!(extra.line().is_none());
+    let r = spare.call(r#"{"id":2,"cmd":"vm.shutdown"}"#);
+    assert_eq!(r, json!({"id":2,"ok":{"stopping":true}}));
     drop(clients);
     // Slots come back once clients leave (their readers see EOF).
     let mut ok = None;
     for _ in 0..100 {
-        let mut c = Client::connect(&path);
-        if c.line().is_some_and(|v| v.get("hello").is_some()) {
+        let mut c = Client::greeted(&path);
+        if c.call(r#"{"id":3,"cmd":"vm.info"}"#).get("ok").is_some() {
             ok = Some(c);
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(ok.is_some(), "no slot freed");
+    server.shutdown();
+}
+
+#[test]
+fn idle_clients_make_room_for_a_new_one() {
+    let path = socket_path();
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(300),
+    };
+    let server = ApiServer::start_with(&path, Arc::new(Fake), limits).unwrap();
+    let mut idle: Vec<_> = (0..MAX_CONNECTIONS)
+        .map(|_| Client::greeted(&path))
+        .collect();
+    // One keeps talking; the others go quiet past the timeout.
+    std::thread::sleep(Duration::from_millis(200));
+    let busy_one = idle.len() - 1;
+    assert_eq!(
+        idle[busy_one].call(r#"{"id":1,"cmd":"vm.info"}"#)["id"],
+        json!(1)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    // Two newcomers take two idle clients' slots (not the spare) and can
+    // do anything, vm.shutdown included.
+    let mut newcomers = Vec::new();
+    for id in [2, 3] {
+        newcomers.push(Client::greeted(&path));
+        let c = newcomers.last_mut().unwrap();
+        let r = c.call(&format!(r#"{{"id":{id},"cmd":"vm.info"}}"#));
+        assert_eq!(r["id"], json!(id), "{r}");
+        assert!(r.get("ok").is_some(), "a full slot, not the spare: {r}");
+        let r = c.call(r#"{"id":"s","cmd":"vm.shutdown"}"#);
+        assert!(r.get("ok").is_some(), "{r}");
+    }
+    // Exactly two of the quiet ones were told why, and closed.
+    let mut closed = 0;
+    for c in &mut idle[..busy_one] {
+        c.stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut s = String::new();
+        if let Ok(n) = c.reader.read_line(&mut s) {
+            if n > 0 {
+                let v: Value = serde_json::from_str(&s).unwrap();
+                assert_eq!(v["error"]["code"], json!("busy"), "{v}");
+                assert!(v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("without a request"));
+                assert!(c.line().is_none(), "closed after the notice");
+                closed += 1;
+            }
+        }
+    }
+    assert_eq!(closed, 2);
+    // The one that talked is still served.
+    assert_eq!(
+        idle[busy_one].call(r#"{"id":4,"cmd":"vm.info"}"#)["id"],
+        json!(4)
+    );
+    server.shutdown();
+}
+
+#[test]
+fn an_idle_spare_connection_does_not_make_a_regular_slot() {
+    let path = socket_path();
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(300),
+    };
+    let server = ApiServer::start_with(&path, Arc::new(Fake), limits).unwrap();
+    let mut regular: Vec<_> = (0..MAX_CONNECTIONS)
+        .map(|_| Client::greeted(&path))
+        .collect();
+    let mut spare = Client::greeted(&path);
+    // The regular clients keep talking; the spare goes quiet.
+    for round in 0..5 {
+        std::thread::sleep(Duration::from_millis(100));
+        for c in &mut regular {
+            assert_eq!(
+                c.call(&format!(r#"{{"id":{round},"cmd":"vm.info"}}"#))["id"],
+                json!(round)
+            );
+        }
+    }
+    let mut extra = Client::connect(&path);
+    let r = extra.line().expect("busy reply");
+    assert_eq!(r["error"]["code"], json!("busy"), "{r}");
+    assert!(extra.line().is_none());
+    let r = spare.call(r#"{"id":"s","cmd":"vm.shutdown"}"#);
+    assert!(
+        r.get("ok").is_some(),
+        "the spare still serves vm.shutdown: {r}"
+    );
+    server.shutdown();
+}
+
+#[test]
+fn pipelined_replies_keep_request_order() {
+    let (server, path) = server();
+    let mut c = Client::greeted(&path);
+    // vm.shutdown is answered 50 ms later from another thread; the others
+    // at once (an echo, a parse error, an unknown command, a dropped
+    // responder), yet every reply leaves in request order.
+    let lines = [
+        r#"{"id":1,"cmd":"vm.shutdown"}"#,
+        r#"{"id":2,"cmd":"vm.info"}"#,
+        "{\"id\":3,",
+        r#"{"id":4,"cmd":"nope"}"#,
+        r#"{"id":5,"cmd":"usb.list"}"#,
+        r#"{"id":6,"cmd":"vm.shutdown"}"#,
+        r#"{"id":7,"cmd":"vm.info"}"#,
+    ];
+    c.stream
+        .write_all(format!("{}\n", lines.join("\n")).as_bytes())
+        .unwrap();
+    let ids: Vec<Value> = (0..lines.len())
+        .map(|_| c.line().unwrap()["id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            json!(1),
+            json!(2),
+            Value::Null,
+            json!(4),
+            json!(5),
+            json!(6),
+            json!(7)
+        ]
+    );
     server.shutdown();
 }
 

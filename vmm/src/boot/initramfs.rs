@@ -3,8 +3,12 @@
 //! A truncated or corrupt initramfs makes the kernel panic long after the VMM
 //! started ("Initramfs unpacking failed"). Checking it first turns that into
 //! a clear error. The check walks newc cpio archives to their `TRAILER!!!`
-//! and verifies gzip members end to end (CRC and length); other compressions
-//! are passed through unchecked.
+//! and verifies gzip members end to end (CRC and length). What the kernel
+//! would refuse to unpack ("invalid magic at start of compressed archive")
+//! is refused here: anything that is neither a newc cpio archive nor starts
+//! with the magic of a compression the kernel knows. Those other
+//! compressions (bzip2, lzma, xz, lzo, lz4, zstd) are passed through
+//! unchecked, and the caller warns once that they were not checked.
 
 use std::io::{self, Read};
 
@@ -19,7 +23,20 @@ pub enum InitramfsError {
     BadCpio { offset: usize, what: &'static str },
     #[error("gzip stream at byte {offset} is truncated or corrupt: {message}")]
     BadGzip { offset: usize, message: String },
+    #[error("byte {offset} starts neither a newc cpio archive nor a compressed one (gzip, bzip2, lzma, xz, lzo, lz4, zstd){hint}")]
+    NotCpio { offset: usize, hint: &'static str },
 }
+
+/// The two-byte magics the kernel's initramfs unpacker recognises
+/// (lib/decompress.c), other than gzip, which is checked here.
+const OTHER_COMPRESSIONS: &[([u8; 2], &str)] = &[
+    ([0x42, 0x5a], "bzip2"),
+    ([0x5d, 0x00], "lzma"),
+    ([0xfd, 0x37], "xz"),
+    ([0x89, 0x4c], "lzo"),
+    ([0x02, 0x21], "lz4"),
+    ([0x28, 0xb5], "zstd"),
+];
 
 const NEWC_MAGIC: &[u8; 6] = b"070701";
 const NEWC_CRC_MAGIC: &[u8; 6] = b"070702";
@@ -34,6 +51,8 @@ pub struct Summary {
     pub gzip_members: usize,
     /// Bytes in formats this check does not read (xz, zstd, lz4, ...).
     pub unchecked_bytes: usize,
+    /// The compression of those bytes.
+    pub unchecked_format: Option<&'static str>,
 }
 
 /// Checks the whole initramfs image.
@@ -61,9 +80,23 @@ fn check_into(data: &[u8], base: usize, summary: &mut Summary) -> Result<(), Ini
             summary.gzip_members += 1;
             check_into(&plain, 0, summary)?;
             pos += consumed;
-        } else {
+        } else if let Some((_, name)) = OTHER_COMPRESSIONS
+            .iter()
+            .find(|(magic, _)| rest.starts_with(magic))
+        {
             summary.unchecked_bytes += rest.len();
+            summary.unchecked_format = Some(name);
             break;
+        } else {
+            let hint = if rest.starts_with(b"070707") {
+                ": an old-format (odc) cpio archive; the kernel reads only newc (cpio -H newc)"
+            } else {
+                ""
+            };
+            return Err(InitramfsError::NotCpio {
+                offset: base + pos,
+                hint,
+            });
         }
     }
     Ok(())
@@ -209,8 +242,56 @@ mod tests {
     }
 
     #[test]
-    fn passes_unknown_compression_through() {
+    fn passes_other_kernel_compressions_through_unchecked() {
         let xz = [0xfd, b'7', b'z', b'X', b'Z', 0, 1, 2];
-        assert_eq!(check(&xz).unwrap().unchecked_bytes, 8);
+        let s = check(&xz).unwrap();
+        assert_eq!((s.unchecked_bytes, s.unchecked_format), (8, Some("xz")));
+        let zstd = [0x28, 0xb5, 0x2f, 0xfd, 0, 0];
+        assert_eq!(check(&zstd).unwrap().unchecked_format, Some("zstd"));
+    }
+
+    #[test]
+    fn refuses_what_is_neither_cpio_nor_compressed() {
+        // 100 KB of pseudo-random bytes (xorshift), as in the issue.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut garbage: Vec<u8> = (0..100_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        garbage[0] = 0x42; // not "BZ"
+        garbage[1] = 0x00;
+        let e = check(&garbage).unwrap_err();
+        assert_eq!(
+            e,
+            InitramfsError::NotCpio {
+                offset: 0,
+                hint: ""
+            }
+        );
+        assert!(e.to_string().contains("neither a newc cpio archive"), "{e}");
+        // Garbage after a good archive (the kernel stops unpacking there).
+        let mut tail = archive();
+        tail.extend_from_slice(b"garbage!");
+        let at = archive().len();
+        assert_eq!(
+            check(&tail).unwrap_err(),
+            InitramfsError::NotCpio {
+                offset: at,
+                hint: ""
+            }
+        );
+        // Text, and an old-format cpio archive.
+        assert!(check(b"#!/bin/sh\necho hi\n").is_err());
+        let e = check(b"070707000000000000").unwrap_err().to_string();
+        assert!(e.contains("-H newc"), "{e}");
+        // Inside a gzip member too.
+        assert!(matches!(
+            check(&gz(b"not an archive")),
+            Err(InitramfsError::NotCpio { .. })
+        ));
     }
 }

@@ -164,6 +164,14 @@ impl BootPlan {
                         source,
                     })?;
                 log::debug!("initramfs {}: {summary:?}", p.display());
+                if let Some(format) = summary.unchecked_format {
+                    log::warn!(
+                        "initramfs {}: {} bytes of {format}-compressed data are passed to the \
+                         guest unchecked (only cpio and gzip are checked here)",
+                        p.display(),
+                        summary.unchecked_bytes
+                    );
+                }
                 Some(data)
             }
             None => None,

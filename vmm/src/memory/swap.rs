@@ -119,21 +119,50 @@ pub struct SwapStore {
 }
 
 impl SwapStore {
-    /// Creates (or truncates) the swap file at `path` with `slots` slots.
+    /// Creates the swap file at `path` with `slots` slots after a one-page
+    /// header holding [`crate::swapfile::MAGIC`]. An existing file is reused
+    /// only when it is empty or one of ours (see `crate::swapfile`); a
+    /// symbolic link is never followed. The file is locked (exclusive OFD
+    /// lock) for the store's lifetime, so it cannot be attached as a disk.
     pub fn create(path: &Path, slots: u32, volume: Arc<Volume>) -> Result<Self, SwapError> {
+        use crate::swapfile::{reusable, HEADER_LEN, MAGIC};
+        use std::os::unix::fs::OpenOptionsExt;
         let open_err = |source| SwapError::Open {
             path: path.display().to_string(),
             source,
         };
-        let file = OpenOptions::new()
+        let refuse = |what: &str| {
+            open_err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{what}; refusing to use it as swap"),
+            ))
+        };
+        let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    refuse("it is a symbolic link")
+                } else {
+                    open_err(e)
+                }
+            })?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.file_type().is_file() {
+            return Err(refuse("it is not a regular file"));
+        }
+        devices::block::lock_file(&file, true).map_err(open_err)?;
+        if !reusable(&mut file, meta.len()).map_err(open_err)? {
+            return Err(refuse("it holds data that is not a swap file of this VMM"));
+        }
+        // Old slots are stale: drop them, then size the file afresh (sparse).
+        file.set_len(0).map_err(open_err)?;
+        file.set_len(HEADER_LEN + u64::from(slots) * PAGE_SIZE as u64)
             .map_err(open_err)?;
-        file.set_len(u64::from(slots) * PAGE_SIZE as u64)
-            .map_err(open_err)?;
+        file.write_all_at(MAGIC, 0).map_err(open_err)?;
         Ok(Self {
             file,
             volume,
@@ -213,7 +242,7 @@ impl SwapStore {
     }
 
     fn offset(slot: u32) -> u64 {
-        u64::from(slot) * PAGE_SIZE as u64
+        crate::swapfile::HEADER_LEN + u64::from(slot) * PAGE_SIZE as u64
     }
 
     /// Reads `buf.len()` bytes (whole pages) from consecutive slots from `slot` on.
@@ -566,6 +595,34 @@ mod tests {
             Err(SwapError::Stopped)
         ));
         s.volume().resume();
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn the_swap_file_has_the_magic_is_locked_and_never_overwrites_data() {
+        let (s, path) = store(5); // a size no other test uses: its own file
+        let head = std::fs::read(&path).unwrap();
+        assert_eq!(&head[..16], crate::swapfile::MAGIC);
+        assert_eq!(
+            head.len() as u64,
+            crate::swapfile::HEADER_LEN + 5 * PAGE_SIZE as u64
+        );
+        // Locked: no disk can open it while the store lives.
+        for readonly in [false, true] {
+            assert!(matches!(
+                devices::block::RawImage::open(&path, readonly, "x"),
+                Err(devices::block::RawImageError::Locked { .. })
+            ));
+        }
+        drop(s);
+        // Reused once closed (ours), emptied and sized afresh.
+        let again = SwapStore::create(&path, 2, Volume::new("swap")).unwrap();
+        drop(again);
+        // Data that is not ours is refused, untouched.
+        std::fs::write(&path, b"precious data").unwrap();
+        let e = SwapStore::create(&path, 2, Volume::new("swap")).unwrap_err();
+        assert!(format!("{e:?}").contains("not a swap file"), "{e:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious data");
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -374,6 +374,8 @@ fn read_only_device_advertises_ro_and_no_discard() {
     let f = ro.device_features();
     assert_ne!(f & VIRTIO_BLK_F_RO, 0);
     assert_eq!(f & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    // The image is locked: read-only (shared) until this one is closed.
+    drop(ro);
     let rw = Block::new(
         RawImage::open(&image.0, false, "rw").unwrap(),
         BlockOptions {
@@ -408,6 +410,7 @@ fn read_only_device_advertises_ro_and_no_discard() {
     rw.read_config(0xffff_ffff_ffff_fff0, &mut cfg);
     assert_eq!(cfg, [0; 8]);
     assert_eq!(rw.queue_max_sizes(), vec![128; 4]);
+    drop(rw);
     assert!(Block::new(
         RawImage::open(&image.0, true, "a").unwrap(),
         BlockOptions {

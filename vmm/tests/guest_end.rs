@@ -1,0 +1,411 @@
+//! How a guest ends decides the VMM's exit status (README "Exit status"),
+//! with real guests: tiny bzImages whose 64-bit entry point is a few
+//! hand-assembled instructions (a reset through the i8042, a triple fault,
+//! `cli; hlt`, a panic's console lines, the debug-exit port, a spin), run
+//! directly on this host's /dev/kvm. On a PVM /dev/kvm (`--allow-pvm`) such
+//! code runs too; where no /dev/kvm can run a VM at all, every test here
+//! says so and passes without checking anything (the nested
+//! `integration/tests/exit_status.rs` covers Debian's kernel).
+//!
+//! Also the stop signals end to end: SIGTERM, SIGINT and SIGHUP stop a
+//! spinning guest with 128 + the signal and remove the API socket file.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-guest-end-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A bzImage (boot protocol 2.15, 64-bit entry) whose protected-mode part
+/// starts with `code` at the 64-bit entry point (offset 0x200).
+fn kernel(name: &str, code: &[u8]) -> PathBuf {
+    let setup_sects = 4usize;
+    let pm = (setup_sects + 1) * 512;
+    let mut img = vec![0u8; pm + 0x200 + code.len().max(0x1000)];
+    let mut put = |off: usize, b: &[u8]| img[off..off + b.len()].copy_from_slice(b);
+    put(0x1f1, &[setup_sects as u8]);
+    put(0x1fe, &0xaa55u16.to_le_bytes());
+    put(0x202, b"HdrS");
+    put(0x206, &0x020fu16.to_le_bytes());
+    put(0x211, &[1]); // LOADED_HIGH
+    put(0x214, &0x10_0000u32.to_le_bytes());
+    put(0x22c, &0x7fff_ffffu32.to_le_bytes());
+    put(0x236, &1u16.to_le_bytes()); // XLF_KERNEL_64
+    put(0x238, &2047u32.to_le_bytes());
+    put(0x258, &0x100_0000u64.to_le_bytes());
+    put(0x260, &(16u32 << 20).to_le_bytes());
+    put(pm + 0x200, code);
+    let p = dir().join(name);
+    std::fs::write(&p, img).unwrap();
+    p
+}
+
+/// `mov al, 0xfe; out 0x64, al; jmp $`: the i8042's reset line.
+const RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe];
+/// `cli; hlt; jmp back to the hlt`.
+const CLI_HLT: &[u8] = &[0xfa, 0xf4, 0xeb, 0xfd];
+/// `jmp $`.
+const SPIN: &[u8] = &[0xeb, 0xfe];
+/// `mov word [0x472], 0x1234`: Linux's warm-reboot flag.
+const WARM_FLAG: &[u8] = &[0x66, 0xc7, 0x04, 0x25, 0x72, 0x04, 0x00, 0x00, 0x34, 0x12];
+
+/// Prints `text` on COM1, then runs `tail`.
+fn print_then(text: &str, tail: &[u8]) -> Vec<u8> {
+    // lea rsi, [rip + msg]; mov dx, 0x3f8
+    // loop: lodsb; test al, al; jz done; out dx, al; jmp loop
+    // done: tail; msg: text, 0
+    let head_len = 7 + 4 + 8;
+    let msg_at = head_len + tail.len();
+    let rel = (msg_at - 7) as u32;
+    let mut c = vec![0x48, 0x8d, 0x35];
+    c.extend_from_slice(&rel.to_le_bytes());
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]);
+    c.extend_from_slice(&[0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8]);
+    c.extend_from_slice(tail);
+    c.extend_from_slice(text.as_bytes());
+    c.push(0);
+    c
+}
+
+struct Outcome {
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn spawn(kernel: &Path, extra: &[&str]) -> Child {
+    let memory: &[&str] = if extra.contains(&"--memory") {
+        &[]
+    } else {
+        &["--memory", "size=128M"]
+    };
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["--allow-pvm", "--log-level", "info"])
+        .args(memory)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm")
+}
+
+fn finish(mut child: Child, what: &str) -> Outcome {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            return Outcome {
+                code: status.code(),
+                stderr,
+            };
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: the VMM did not exit within {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run(name: &str, code: &[u8], extra: &[&str]) -> Outcome {
+    finish(spawn(&kernel(name, code), extra), name)
+}
+
+/// Whether this host's /dev/kvm runs a VM at all (asked once).
+fn kvm() -> bool {
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    *USABLE.get_or_init(|| {
+        let o = run(
+            "probe",
+            &[0xb0, 0x2a, 0xe6, 0xf4, 0xeb, 0xfe],
+            &["--serial", "off"],
+        );
+        if o.code == Some(42) {
+            true
+        } else {
+            eprintln!(
+                "skipped: no /dev/kvm here runs a VM (status {:?}: {})",
+                o.code,
+                o.stderr.trim()
+            );
+            false
+        }
+    })
+}
+
+fn expect(o: &Outcome, status: i32, what: &str) {
+    assert_eq!(o.code, Some(status), "{what}; stderr:\n{}", o.stderr);
+}
+
+#[test]
+fn a_clean_reset_exits_0() {
+    if !kvm() {
+        return;
+    }
+    expect(&run("reset", RESET, &["--serial", "off"]), 0, "reset");
+}
+
+#[test]
+fn the_debug_exit_byte_is_the_status() {
+    if !kvm() {
+        return;
+    }
+    let code = [0xb0, 0x03, 0xe6, 0xf4, 0xeb, 0xfe];
+    expect(
+        &run("debug-exit", &code, &["--serial", "off"]),
+        3,
+        "debug exit 3",
+    );
+}
+
+#[test]
+fn a_triple_fault_exits_77() {
+    if !kvm() {
+        return;
+    }
+    // ud2 with no IDT: #UD, #DF, shutdown.
+    let o = run("ud2", &[0x0f, 0x0b], &["--serial", "off"]);
+    expect(&o, 77, "triple fault");
+    assert!(o.stderr.contains("triple fault"), "{}", o.stderr);
+}
+
+#[test]
+fn a_dead_halt_exits_79_and_an_announced_one_0() {
+    if !kvm() {
+        return;
+    }
+    let start = Instant::now();
+    expect(
+        &run("cli-hlt", CLI_HLT, &["--serial", "off"]),
+        79,
+        "cli; hlt",
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+    // The other vCPU waits for its start-up IPI that never comes.
+    let o = run("cli-hlt-2", CLI_HLT, &["--serial", "off", "--cpus", "2"]);
+    expect(&o, 79, "cli; hlt with a second vCPU never started");
+    // `sti; hlt` is idle, not dead: still running when stopped by a signal.
+    // A halt the kernel announced is a clean stop (halt, poweroff).
+    let code = print_then("[    1.0] reboot: System halted\n", CLI_HLT);
+    expect(
+        &run("halted", &code, &["--serial", "off"]),
+        0,
+        "announced halt",
+    );
+}
+
+#[test]
+fn a_guest_panic_exits_78_however_it_is_seen() {
+    if !kvm() {
+        return;
+    }
+    // The warm-reboot flag alone (no console).
+    let mut code = WARM_FLAG.to_vec();
+    code.extend_from_slice(RESET);
+    expect(
+        &run("warm", &code, &["--serial", "off"]),
+        78,
+        "warm flag + reset",
+    );
+    // The console alone, then a reset.
+    let code = print_then("Kernel panic - not syncing: test\n", RESET);
+    expect(
+        &run("console-panic", &code, &["--serial", "off"]),
+        78,
+        "console + reset",
+    );
+    // A panic that stays (panic=0): stopped once its last line is 5 s old.
+    let code = print_then(
+        "Kernel panic - not syncing: test\n---[ end Kernel panic - not syncing: test ]---\n",
+        SPIN,
+    );
+    let start = Instant::now();
+    let o = run(
+        "panic-stays",
+        &code,
+        &["--serial", "off", "--cmdline", "panic=0"],
+    );
+    expect(&o, 78, "a panic that stays");
+    assert!(
+        start.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn stop_signals_exit_128_plus_the_signal_and_remove_the_socket() {
+    if !kvm() {
+        return;
+    }
+    let k = kernel("spin", &[0xfb, 0xf4, 0xeb, 0xfd]); // sti; hlt: idle
+    for (sig, status) in [
+        (libc::SIGTERM, 143),
+        (libc::SIGINT, 130),
+        (libc::SIGHUP, 129),
+    ] {
+        let sock = dir().join(format!("api-{sig}.sock"));
+        let console = dir().join(format!("console-{sig}.log"));
+        let child = spawn(
+            &k,
+            &[
+                "--api-socket",
+                sock.to_str().unwrap(),
+                "--serial",
+                &format!("file={}", console.display()),
+            ],
+        );
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(start.elapsed() < TIMEOUT, "no API socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Idle for a few halt-watcher rounds: not taken for dead.
+        std::thread::sleep(Duration::from_secs(4));
+        // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let o = finish(child, "signal");
+        expect(&o, status, &format!("signal {sig}"));
+        assert!(!sock.exists(), "signal {sig}: the API socket file was left");
+        assert!(console.exists());
+    }
+}
+
+#[test]
+fn the_swap_file_carries_the_magic_and_is_reused() {
+    if !kvm() {
+        return;
+    }
+    let swap = dir().join("swap");
+    let _ = std::fs::remove_file(&swap);
+    let code = [0xb0, 0x03, 0xe6, 0xf4, 0xeb, 0xfe];
+    let mem = format!("size=128M,limit=64M,swap={}", swap.display());
+    for round in 0..2 {
+        let o = run("swap-user", &code, &["--serial", "off", "--memory", &mem]);
+        expect(&o, 3, &format!("round {round}"));
+        let head = std::fs::read(&swap).unwrap();
+        assert_eq!(&head[..16], b"vmm-swap-file-v1", "round {round}");
+    }
+}
+
+#[test]
+fn an_image_in_use_by_another_vmm_is_refused() {
+    if !kvm() {
+        return;
+    }
+    let img = dir().join("shared.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir().join("api-lock.sock");
+    let k = kernel("idle", &[0xfb, 0xf4, 0xeb, 0xfd]);
+    let disk = format!("path={},id=d", img.display());
+    let first = spawn(
+        &k,
+        &[
+            "--serial",
+            "off",
+            "--disk",
+            &disk,
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < TIMEOUT, "first VMM did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for extra in [
+        vec!["--disk", disk.as_str()],
+        vec!["--disk", &format!("path={},readonly=on", img.display())],
+    ] {
+        let mut args = vec!["--serial", "off"];
+        args.extend(extra);
+        let o = finish(spawn(&k, &args), "second VMM");
+        expect(&o, 1, "the same image in a second VMM");
+        assert!(o.stderr.contains("is in use"), "{}", o.stderr);
+    }
+    // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+    assert_eq!(unsafe { libc::kill(first.id() as i32, libc::SIGTERM) }, 0);
+    expect(&finish(first, "first VMM"), 143, "SIGTERM");
+    // Closed: the image is free again.
+    let o = run("reset-after", RESET, &["--serial", "off", "--disk", &disk]);
+    expect(&o, 0, "the image once the first VMM is gone");
+}
+
+/// Whether the terminal `fd` is in canonical mode with echo.
+fn canonical(fd: i32) -> bool {
+    // SAFETY: tcgetattr fills the termios we own from a valid fd.
+    let t = unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        assert_eq!(libc::tcgetattr(fd, &mut t), 0);
+        t
+    };
+    t.c_lflag & libc::ICANON != 0 && t.c_lflag & libc::ECHO != 0
+}
+
+#[test]
+fn sigterm_restores_the_terminal_the_console_made_raw() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if !kvm() {
+        return;
+    }
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds; no name, termios or window size.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: both fds were just opened and are owned from here on.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    use std::os::fd::AsRawFd;
+    assert!(canonical(slave.as_raw_fd()));
+    let sock = dir().join("api-tty.sock");
+    let k = kernel("idle-tty", &[0xfb, 0xf4, 0xeb, 0xfd]);
+    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--kernel")
+        .arg(&k)
+        .args(["--allow-pvm", "--memory", "size=128M", "--serial", "stdout"])
+        .args(["--api-socket", sock.to_str().unwrap()])
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !sock.exists() || canonical(slave.as_raw_fd()) {
+        assert!(start.elapsed() < TIMEOUT, "the console did not go raw");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    expect(&finish(child, "tty"), 143, "SIGTERM");
+    assert!(canonical(slave.as_raw_fd()), "the terminal was left raw");
+    drop(master);
+}

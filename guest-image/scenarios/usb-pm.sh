@@ -7,12 +7,13 @@
 #         every cycle.
 #  d3:    power/control=auto on the xHCI PCI function too: with the disk and
 #         both root hubs suspended the controller reaches D3hot; I/O brings
-#         it back, pm_d3_cycles times. Then a host-side remote wake (L1 runs
-#         usb.wake) must bring the controller and the device back by itself.
-#  detach: the L1 script hot-detaches the disk while the controller is in
-#         D3hot; the disk must go away.
-#  idle:  the controller with no device reaches D3hot; L1 hot-attaches a
-#         second disk, which must appear and work.
+#         it back, pm_d3_cycles times.
+#  wake:  a host-side remote wake (L1 runs usb.wake) brings the controller
+#         and the device back by themselves, pm_wake_cycles times.
+#  hotplug: the L1 script hot-detaches the disk while the controller is in
+#         D3hot (the disk must go away), the controller with no device
+#         reaches D3hot again, L1 hot-attaches a disk (it must appear and
+#         work), pm_attach_cycles times.
 #
 # Every "look" (USB-PM-LOOK tag;) holds still for pm_look_s seconds so the
 # L1 script can record vm.info in that state (L1-PM-INFO tag ...). At the end
@@ -22,6 +23,7 @@
 #   pm_serial=ID       the disk plugged at start (pm)
 #   pm_hot_serial=ID   the disk L1 attaches in the idle phase (pm2)
 #   pm_link_cycles=N   (100)   pm_d3_cycles=N (20)
+#   pm_wake_cycles=N   (20)    pm_attach_cycles=N (20)
 #   pm_delay_ms=MS     autosuspend delay of the device and the disk (500)
 #   pm_wait=SECONDS    bound on each wait (60)
 #   pm_look_s=SECONDS  how long each look holds still (3)
@@ -32,6 +34,8 @@ s=$(param pm_serial pm)
 hot=$(param pm_hot_serial pm2)
 link_cycles=$(param pm_link_cycles 100)
 d3_cycles=$(param pm_d3_cycles 20)
+wake_cycles=$(param pm_wake_cycles 20)
+attach_cycles=$(param pm_attach_cycles 20)
 delay=$(param pm_delay_ms 500)
 wait_s=$(param pm_wait 60)
 look_s=$(param pm_look_s 3)
@@ -84,28 +88,41 @@ while [ "$n" -le "$d3_cycles" ]; do
 done
 echo "USB-PM-D3-CYCLES cycles=$d3_cycles io=ok"
 
-# Remote wake: asleep again, L1 asks the device to wake the bus.
-usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" || fail "controller awake before the remote wake"
-before=$(cat "$udev/power/runtime_active_time")
-echo "USB-PM-WAKE-WANT;"
-usb_wait_file_is "$udev/power/runtime_status" active "$wait_s" ||
-    fail "the device did not wake after the host's remote wake"
-echo "USB-PM-WOKE dev_active_ms_before=$before"
+# --- wake: asleep again, L1 asks the device to wake the bus (usb.wake);
+# the device and the controller must come back by themselves.
+n=1
+while [ "$n" -le "$wake_cycles" ]; do
+    usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" ||
+        fail "wake cycle $n: controller awake before the remote wake"
+    echo "USB-PM-WAKE-WANT n=$n;"
+    usb_wait_file_is "$udev/power/runtime_status" active "$wait_s" ||
+        fail "wake cycle $n: the device did not wake after the host's remote wake"
+    n=$((n + 1))
+done
 checked_io "$d" 40 wake
+echo "USB-PM-WAKES n=$wake_cycles io=ok"
 
-# --- detach behind a D3hot controller.
-usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" || fail "controller awake before the detach"
-echo "USB-PM-DETACH-WANT;"
-usb_wait_gone "$d" "$wait_s" || fail "$d still there after the detach"
-echo "USB-PM-DETACHED"
-
-# --- idle controller: no device at all, then a hot-attach.
-usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" || fail "idle controller did not runtime-suspend"
-look idle-suspended
-echo "USB-PM-ATTACH-WANT;"
-d2=$(usb_wait_dev "$hot" "$wait_s") || fail "disk $hot did not appear after attach to a sleeping controller"
-checked_io "$d2" 1 idle-attach
-echo "USB-PM-ATTACHED dev=$d2"
+# --- hotplug behind a D3hot controller: L1 detaches the disk while the
+# controller sleeps (the disk must go), the idle controller sleeps again,
+# L1 attaches a disk (it must appear and work), pm_attach_cycles times.
+n=1
+dev=$d
+while [ "$n" -le "$attach_cycles" ]; do
+    usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" ||
+        fail "attach cycle $n: controller awake before the detach"
+    echo "USB-PM-DETACH-WANT n=$n;"
+    usb_wait_gone "$dev" "$wait_s" || fail "attach cycle $n: $dev still there after the detach"
+    usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" ||
+        fail "attach cycle $n: idle controller did not runtime-suspend"
+    [ "$n" -eq 1 ] && look idle-suspended
+    echo "USB-PM-ATTACH-WANT n=$n;"
+    dev=$(usb_wait_dev "$hot" "$wait_s") ||
+        fail "attach cycle $n: disk $hot did not appear after attach to a sleeping controller"
+    msg=$(usb_autosuspend_on "$dev" "$delay") || fail "$msg"
+    checked_io "$dev" $((n % 8 + 1)) "attach$n"
+    n=$((n + 1))
+done
+echo "USB-PM-ATTACH-CYCLES n=$attach_cycles io=ok"
 
 bad=$(dmesg | grep -c -E "xHC error in resume|HC died|not responding|Reinit|restore state timeout|save state timeout")
 dmesg | grep -i -E "xhci|usb [0-9]" | tail -n 15

@@ -49,6 +49,10 @@ struct Cli {
     /// MiB the pager scenario touches (256 MiB guest, 64 MiB limit).
     #[arg(long, default_value_t = 96)]
     pager_touch: u32,
+    /// Drop a QEMU from the rotation once it has wedged this often (0:
+    /// never): the others go on to their --runs.
+    #[arg(long, default_value_t = 0)]
+    stop_after_wedges: usize,
     /// Appends each WEDGE-RUN line here as the runs end.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -126,11 +130,20 @@ fn main() -> Result<ExitCode> {
         let scenario = cli.scenarios[i % cli.scenarios.len()].as_str();
         // Alternate which QEMU goes first, so neither always follows the
         // other's load.
-        let order: Vec<&L1Qemu> = if i % 2 == 0 {
+        let mut order: Vec<&L1Qemu> = if i % 2 == 0 {
             qemus.iter().collect()
         } else {
             qemus.iter().rev().collect()
         };
+        if cli.stop_after_wedges > 0 {
+            order.retain(|q| {
+                let wedges = records
+                    .iter()
+                    .filter(|r: &&Record| r.qemu == q.label && r.outcome == Outcome::Wedged)
+                    .count();
+                wedges < cli.stop_after_wedges
+            });
+        }
         for q in order {
             let harness = Harness {
                 build: base.build.clone(),

@@ -49,15 +49,25 @@ pub fn classify(r: &RunResult, passed: bool) -> Outcome {
         Outcome::Wedged
     } else if passed {
         Outcome::Pass
-    } else if r.timed_out {
-        Outcome::Failed(format!("timed out after {:.0}s", r.wall.as_secs_f64()))
     } else {
-        Outcome::Failed(format!(
-            "verdict {:?} rc {:?} vmm_exit {:?}",
-            r.verdict, r.scenario_rc, r.vmm_exit
-        ))
+        let why = if r.timed_out {
+            format!("timed out after {:.0}s", r.wall.as_secs_f64())
+        } else {
+            format!(
+                "verdict {:?} rc {:?} vmm_exit {:?}",
+                r.verdict, r.scenario_rc, r.vmm_exit
+            )
+        };
+        // A QEMU stopped from outside says so (e.g. someone's `pkill`).
+        match r.console.lines().find(|l| l.contains(KILLED_FROM_OUTSIDE)) {
+            Some(l) => Outcome::Failed(format!("{why}; {}", l.trim())),
+            None => Outcome::Failed(why),
+        }
     }
 }
+
+/// What QEMU prints when a signal stops it.
+const KILLED_FROM_OUTSIDE: &str = "terminating on signal";
 
 impl Record {
     /// `WEDGE-RUN qemu=.. scenario=.. outcome=pass|wedged|fail kicked=0|1
@@ -330,6 +340,17 @@ mod tests {
             panic!("a failed scenario is a failure");
         };
         assert!(why.contains("Fail") && why.contains("Some(3)"), "{why}");
+        let mut k = result();
+        k.verdict = Verdict::NoVerdict;
+        k.vmm_exit = None;
+        k.console = "pager-touch: writing\nqemu-system-x86_64: terminating on signal 15 from pid 5681 (pkill)\n".into();
+        let Outcome::Failed(why) = classify(&k, false) else {
+            panic!("a killed L1 is a failure");
+        };
+        assert!(
+            why.ends_with("; qemu-system-x86_64: terminating on signal 15 from pid 5681 (pkill)"),
+            "{why}"
+        );
         // The caller's own checks decide a pass: a Pass verdict they reject
         // is a failure, not a completion.
         assert!(matches!(classify(&result(), false), Outcome::Failed(_)));

@@ -27,8 +27,9 @@ pub const TIMEOUT_ENV: &str = "VMM_TEST_TIMEOUT";
 pub const L1_MEMORY_MIB: u32 = 2048;
 /// Silence after which the harness asks L1's QEMU monitor what L1 is doing.
 pub const L1_SILENCE_PROBE: Duration = Duration::from_secs(60);
-/// Attempts at a run whose L1 keeps wedging (see `monitor`).
-pub const L1_ATTEMPTS: usize = 3;
+/// Env var asking for this many more attempts at a run whose L1 wedged (see
+/// `monitor`); unset or 0: a wedged L1 fails the run at once.
+pub const L1_RETRY_ENV: &str = "VMM_TEST_L1_RETRY";
 /// Gap between two looks at a silent L1 (and before the look after a key
 /// press).
 const L1_SECOND_LOOK: Duration = Duration::from_secs(5);
@@ -74,6 +75,8 @@ pub enum HarnessError {
     BadMode(String),
     #[error("no usable KVM here for direct mode ({0:?}); use the nested mode")]
     NoDirectKvm(KvmKind),
+    #[error("{L1_RETRY_ENV}={0:?} is not a number of retries (0, 1, 2, ...)")]
+    BadRetry(String),
     #[error("VMM scripts run in the nested or direct mode, not {0:?}")]
     ScriptMode(Mode),
     #[error(transparent)]
@@ -186,11 +189,17 @@ pub struct GuestRun {
     /// Our stdin becomes the console's input (L1's console, whose input our
     /// VMM forwards to the guest's serial port).
     pub interactive: bool,
+    /// Further attempts when L1 wedges (`$VMM_TEST_L1_RETRY`, default 0: a
+    /// wedge fails the run); only runs whose L1 disks can be copied afresh
+    /// are repeated.
+    pub l1_retries: usize,
 }
 
 impl GuestRun {
-    /// A run of `scenario` with 1 vCPU, 512 MiB and the default timeout
-    /// (or `$VMM_TEST_TIMEOUT`).
+    /// A run of `scenario` with 1 vCPU, 512 MiB, the default timeout (or
+    /// `$VMM_TEST_TIMEOUT`) and no retry of a wedged L1 (or
+    /// `$VMM_TEST_L1_RETRY`; a value that is not a number panics, naming
+    /// the variable).
     pub fn new(scenario: Scenario) -> Self {
         let timeout = std::env::var(TIMEOUT_ENV)
             .ok()
@@ -216,6 +225,7 @@ impl GuestRun {
             l1_silence_probe: L1_SILENCE_PROBE,
             echo_console: false,
             interactive: false,
+            l1_retries: l1_retries_from_env().unwrap_or_else(|e| panic!("{e}")),
         }
     }
 
@@ -310,6 +320,12 @@ impl GuestRun {
         self
     }
 
+    /// Repeats the run up to `n` more times when L1 wedges (0: never).
+    pub fn l1_retries(mut self, n: usize) -> Self {
+        self.l1_retries = n;
+        self
+    }
+
     /// The L2 kernel command line: the base, the run's parameters and,
     /// unless the run sets one, `watchdog=` at half the run's timeout (the
     /// guest init then reports a hung scenario's kernel state while the
@@ -325,6 +341,18 @@ impl GuestRun {
     /// When the guest's watchdog reports: half the timeout, at least 30 s.
     fn watchdog_secs(&self) -> u64 {
         (self.timeout.as_secs() / 2).max(30)
+    }
+}
+
+/// `$VMM_TEST_L1_RETRY` as a number of retries (unset or empty: 0).
+pub fn l1_retries_from_env() -> Result<usize, HarnessError> {
+    parse_l1_retries(std::env::var(L1_RETRY_ENV).ok().as_deref())
+}
+
+fn parse_l1_retries(value: Option<&str>) -> Result<usize, HarnessError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(0),
+        Some(v) => v.parse().map_err(|_| HarnessError::BadRetry(v.into())),
     }
 }
 
@@ -345,8 +373,12 @@ pub struct RunResult {
     pub timed_out: bool,
     /// L1 stopped for good (its timer died, see `monitor`) and was killed.
     pub l1_wedged: bool,
+    /// L1 was found stuck and the harness pressed a key on its keyboard
+    /// (this attempt): L1 either ran on thanks to the press, or is
+    /// [`RunResult::l1_wedged`].
+    pub l1_kicked: bool,
     /// The consoles of earlier attempts whose L1 wedged, when the run was
-    /// repeated (at most [`L1_ATTEMPTS`] in all).
+    /// repeated ([`GuestRun::l1_retries`]).
     pub wedged_attempts: Vec<String>,
     /// Time-stamped marker lines (L1-INIT, L1-KVM-READY, GUEST-INIT, ...).
     pub events: Vec<Event>,
@@ -370,14 +402,23 @@ impl RunResult {
     pub fn summary(&self) -> String {
         let no_kvm = self.console.contains(verdict::MARK_L1_NO_KVM);
         format!(
-            "mode={:?} verdict={:?} scenario_rc={:?} vmm_exit={:?} wall={:.1}s{}{}{}{}",
+            "mode={:?} verdict={:?} scenario_rc={:?} vmm_exit={:?} wall={:.1}s{}{}{}{}{}",
             self.mode,
             self.verdict,
             self.scenario_rc,
             self.vmm_exit,
             self.wall.as_secs_f64(),
             if self.timed_out { " TIMED OUT" } else { "" },
-            if self.l1_wedged { " L1 WEDGED" } else { "" },
+            if self.l1_wedged {
+                " L1 WEDGED (harness failure: L1's timer died, see the [harness] lines)"
+            } else {
+                ""
+            },
+            if self.l1_kicked && !self.l1_wedged {
+                " (L1 stuck once, woken by a key press)"
+            } else {
+                ""
+            },
             if self.wedged_attempts.is_empty() {
                 String::new()
             } else {
@@ -414,6 +455,8 @@ fn assets(build: &Path) -> Result<GuestAssets, HarnessError> {
 pub struct Harness {
     pub build: PathBuf,
     pub assets: GuestAssets,
+    /// The QEMU that runs L1 when not `$QEMU` ([`Harness::with_l1_qemu`]).
+    pub l1_qemu: Option<PathBuf>,
 }
 
 impl Harness {
@@ -422,7 +465,11 @@ impl Harness {
     pub fn new() -> Result<Self, HarnessError> {
         let build = guest_image::build_dir();
         let assets = assets(&build)?;
-        Ok(Self { build, assets })
+        Ok(Self {
+            build,
+            assets,
+            l1_qemu: None,
+        })
     }
 
     fn images(&self) -> PathBuf {
@@ -591,36 +638,55 @@ impl Harness {
             });
         }
         let l1_initrd = self.l1_initramfs(l2_initrd, &payload, &files, run.l1_disks.len())?;
-        let mut cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
-        // An L1 that stopped for good (QEMU TCG's, not ours: see
-        // `monitor`) is the harness failing, not the code under test: run
-        // again, on fresh copies of the L1 disks.
+        let (mut cap, mut kicked) =
+            self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
+        // An L1 that stopped for good (QEMU TCG's, not ours: see `monitor`)
+        // is the harness failing, not the code under test. It fails the run
+        // unless retries were asked for ($VMM_TEST_L1_RETRY): a retry would
+        // hide a hang of ours that looks the same from outside.
         let mut wedged_attempts = Vec::new();
-        while cap.wedged && run.repeatable() && wedged_attempts.len() + 1 < L1_ATTEMPTS {
+        while cap.wedged {
             let probes: Vec<&str> = cap
                 .console
                 .lines()
                 .filter(|l| l.starts_with("[harness]") || l.contains("KERNEL-MAP"))
                 .collect();
+            let again = run.repeatable() && wedged_attempts.len() < run.l1_retries;
             eprintln!(
-                "[harness] L1 wedged after {:.0}s; running {} again. What the monitor saw:\n{}",
+                "[harness] L1 wedged after {:.0}s in {}; {}. What the monitor saw:\n{}",
                 cap.wall.as_secs_f64(),
                 run.scenario.name,
+                if again {
+                    format!(
+                        "running it again (retry {} of {}, {L1_RETRY_ENV})",
+                        wedged_attempts.len() + 1,
+                        run.l1_retries
+                    )
+                } else if run.l1_retries > 0 && !run.repeatable() {
+                    "not repeated (an L1 disk is no copy)".to_string()
+                } else {
+                    format!("the run fails (set {L1_RETRY_ENV}=N to retry N times)")
+                },
                 probes.join("\n")
             );
+            if !again {
+                break;
+            }
             for (disk, pristine) in run.l1_disks.iter().zip(&run.l1_disk_pristine) {
                 if let Some(pristine) = pristine {
                     guest_image::rootfs::copy_image(pristine, disk)?;
                 }
             }
             wedged_attempts.push(std::mem::take(&mut cap.console));
-            cap = self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
+            (cap, kicked) =
+                self.boot_l1(&l1_initrd, &run.l1_disks, &opts(run), run.l1_silence_probe)?;
         }
         let mut vmm_exit = verdict::parse_l1_exit(&cap.console);
         if mode == Mode::NestedQemu {
             vmm_exit = vmm_exit.map(verdict::qemu_debug_exit_to_status);
         }
         let mut r = finish(mode, cap, vmm_exit);
+        r.l1_kicked = kicked;
         r.wedged_attempts = wedged_attempts;
         Ok(r)
     }
@@ -651,14 +717,22 @@ impl Harness {
     /// as its virtio disks. When L1 has been silent for `probe_after`, its
     /// monitor is asked what it is doing (reported on the console); an L1
     /// found stopped for good is killed ([`process::Captured::wedged`]).
+    /// Also says whether a key press was needed to get L1 going again.
     pub fn boot_l1(
         &self,
         l1_initrd: &Path,
         disks: &[PathBuf],
         opts: &RunOptions,
         probe_after: Duration,
-    ) -> Result<process::Captured, HarnessError> {
-        let mut cmd = Command::new(host::qemu_binary()?);
+    ) -> Result<(process::Captured, bool), HarnessError> {
+        let qemu = self.l1_qemu()?;
+        let mut cmd = Command::new(&qemu);
+        for dir in host::qemu_data_dirs(&qemu) {
+            cmd.arg("-L").arg(dir);
+        }
+        if let Some(dir) = host::qemu_module_dir(&qemu) {
+            cmd.env("QEMU_MODULE_DIR", dir);
+        }
         cmd.args(l1_qemu_args(
             &self.assets.kernel.vmlinuz,
             l1_initrd,
@@ -680,7 +754,24 @@ impl Harness {
         };
         let cap = process::run_bounded(&mut cmd, &opts);
         let _ = std::fs::remove_file(&hmp);
-        Ok(cap?)
+        // Whether the press helped (L1 ran on) or not (`wedged`).
+        Ok((cap?, kicked.get()))
+    }
+
+    /// The QEMU that runs L1: [`Harness::with_l1_qemu`]'s, else
+    /// [`host::qemu_binary`].
+    pub fn l1_qemu(&self) -> Result<PathBuf, HarnessError> {
+        match &self.l1_qemu {
+            Some(q) => Ok(q.clone()),
+            None => Ok(host::qemu_binary()?),
+        }
+    }
+
+    /// Runs L1 under `qemu` instead of `$QEMU` (the peer QEMU inside L1
+    /// stays `$QEMU`'s).
+    pub fn with_l1_qemu(mut self, qemu: impl Into<PathBuf>) -> Self {
+        self.l1_qemu = Some(qemu.into());
+        self
     }
 }
 
@@ -777,6 +868,7 @@ fn finish(mode: Mode, cap: process::Captured, vmm_exit: Option<i32>) -> RunResul
         wall: cap.wall,
         timed_out: cap.timed_out,
         l1_wedged: cap.wedged,
+        l1_kicked: false,
         wedged_attempts: Vec::new(),
         events: cap.events,
     }
@@ -931,6 +1023,20 @@ mod tests {
             .repeatable());
         let r = run().l1_disk_copy_of("/w/a.img", "/p/a.img");
         assert_eq!(r.l1_disks, vec![PathBuf::from("/w/a.img")]);
+    }
+
+    #[test]
+    fn l1_retries_only_when_asked() {
+        assert_eq!(parse_l1_retries(None).unwrap(), 0);
+        assert_eq!(parse_l1_retries(Some("")).unwrap(), 0);
+        assert_eq!(parse_l1_retries(Some("0")).unwrap(), 0);
+        assert_eq!(parse_l1_retries(Some(" 2 ")).unwrap(), 2);
+        for bad in ["yes", "-1", "1.5"] {
+            let e = parse_l1_retries(Some(bad)).unwrap_err();
+            assert!(e.to_string().contains(L1_RETRY_ENV), "{e}");
+        }
+        let run = GuestRun::new(Scenario::inline("t", "true")).l1_retries(3);
+        assert_eq!(run.l1_retries, 3);
     }
 
     #[test]

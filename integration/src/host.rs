@@ -174,6 +174,37 @@ pub fn qemu_binary() -> Result<PathBuf, HostError> {
         .ok_or_else(|| HostError::QemuMissing(name.into()))
 }
 
+/// Firmware directories (`-L`) for a QEMU unpacked outside `/usr`, e.g.
+/// Debian packages extracted with `dpkg-deb -x` under `PREFIX`
+/// (`PREFIX/usr/bin/qemu-system-x86_64`): its own `share/qemu` and
+/// `share/seabios`, which QEMU searches before its built-in paths (Debian's
+/// bookworm-backports build looks only in `/usr/share/...`, where the
+/// installed QEMU's older files are). None for a QEMU under `/usr` or one
+/// without a `share/qemu` beside its `bin`.
+pub fn qemu_data_dirs(qemu: &Path) -> Vec<PathBuf> {
+    let Some(prefix) = qemu.parent().and_then(Path::parent) else {
+        return Vec::new();
+    };
+    if prefix == Path::new("/usr") || !prefix.join("share/qemu").is_dir() {
+        return Vec::new();
+    }
+    ["share/qemu", "share/seabios"]
+        .iter()
+        .map(|d| prefix.join(d))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
+/// The module directory (`QEMU_MODULE_DIR`) of a QEMU unpacked outside
+/// `/usr` like for [`qemu_data_dirs`]: its own `lib/x86_64-linux-gnu/qemu`, so
+/// it does not try the installed QEMU's modules (which it refuses, "Only
+/// modules from the same build can be loaded", noise on L1's console).
+pub fn qemu_module_dir(qemu: &Path) -> Option<PathBuf> {
+    let prefix = qemu.parent()?.parent()?;
+    let dir = prefix.join("lib/x86_64-linux-gnu/qemu");
+    (prefix != Path::new("/usr") && dir.is_dir()).then_some(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +216,34 @@ mod tests {
         assert_eq!(classify_kvm(true, |m| m == "kvm_amd"), KvmKind::Ordinary);
         assert_eq!(classify_kvm(true, |m| m == "kvm_intel"), KvmKind::Ordinary);
         assert_eq!(classify_kvm(true, |_| false), KvmKind::Pvm);
+    }
+
+    #[test]
+    fn firmware_dirs_only_for_a_qemu_outside_usr() {
+        assert!(qemu_data_dirs(Path::new("/usr/bin/qemu-system-x86_64")).is_empty());
+        assert!(qemu_data_dirs(Path::new("qemu-system-x86_64")).is_empty());
+        let root = std::env::temp_dir().join(format!("qemu-prefix-{}", std::process::id()));
+        let qemu = root.join("usr/bin/qemu-system-x86_64");
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        assert!(qemu_data_dirs(&qemu).is_empty(), "no share/qemu yet");
+        std::fs::create_dir_all(root.join("usr/share/qemu")).unwrap();
+        assert_eq!(qemu_data_dirs(&qemu), vec![root.join("usr/share/qemu")]);
+        std::fs::create_dir_all(root.join("usr/share/seabios")).unwrap();
+        assert_eq!(
+            qemu_data_dirs(&qemu),
+            vec![root.join("usr/share/qemu"), root.join("usr/share/seabios")]
+        );
+        assert_eq!(qemu_module_dir(&qemu), None);
+        std::fs::create_dir_all(root.join("usr/lib/x86_64-linux-gnu/qemu")).unwrap();
+        assert_eq!(
+            qemu_module_dir(&qemu),
+            Some(root.join("usr/lib/x86_64-linux-gnu/qemu"))
+        );
+        assert_eq!(
+            qemu_module_dir(Path::new("/usr/bin/qemu-system-x86_64")),
+            None
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod usb;
 pub mod usb_bench;
 pub mod usb_pm_bench;
 pub mod verdict;
+pub mod wedge;
 
 pub use harness::{GuestRun, Harness, HarnessError, KernelForm, Mode, RunResult, ScriptPaths};
 pub use verdict::Verdict;

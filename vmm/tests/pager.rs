@@ -795,6 +795,97 @@ fn a_full_swap_store_is_fatal_and_signalled() {
     assert_eq!(f.pager().stats().fatal_error, Some(err));
 }
 
+/// A swap-in that fails (the swap file cut short under the pager) is fatal
+/// and signalled, and the faulting thread is not left blocked: it gets a
+/// page and runs on (the VM is being stopped).
+#[test]
+fn a_failed_swap_in_is_fatal_and_releases_the_faulting_thread() {
+    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
+    let mem = f.mem();
+    {
+        let _reg = register_current_thread();
+        for page in 0..2048 {
+            mem.fill(page, 1);
+        }
+    }
+    settle(&f);
+    let resident = f.physically_resident();
+    let swapped: Vec<usize> = (0..2048).filter(|&p| !resident[p]).take(8).collect();
+    assert_eq!(swapped.len(), 8);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.swap)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        for &p in &swapped {
+            let _ = mem.holds(p, 1);
+        }
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("a thread stayed blocked on a failed swap-in");
+    let err = f.pager().fatal_error().expect("no fatal error recorded");
+    assert!(err.contains("swap-in"), "{err}");
+}
+
+/// A NOIO fault on a page the waiting worker is swapping in (parked on a
+/// quiesced volume) reads it itself and is counted as a takeover, not as a
+/// frame from the free budget.
+#[test]
+fn a_noio_fault_takes_over_a_parked_swap_in_and_is_counted_so() {
+    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
+    let mem = f.mem();
+    let probe = f.pager().probe();
+    {
+        let _reg = register_current_thread();
+        for page in 0..2048 {
+            mem.fill(page, 1);
+        }
+    }
+    settle(&f);
+    let resident = f.physically_resident();
+    let page = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
+    f.volume.quiesce();
+    let (tx, rx) = mpsc::channel();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _ = tid_tx.send(devices::noio::gettid());
+        let _ = tx.send(mem.holds(page, 1));
+    });
+    let tid = tid_rx.recv().unwrap();
+    // Wait until the worker has claimed the page and parked on its read.
+    let parked = (0..500).any(|_| {
+        thread::sleep(Duration::from_millis(10));
+        probe
+            .blocked_faults()
+            .iter()
+            .any(|b| b.tid == tid && b.waiting_for == "its swap-in read")
+    });
+    assert!(parked, "{:?}", probe.blocked_faults());
+    let before = f.pager().stats().counters;
+    let (ntx, nrx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _noio = NoioScope::enter();
+        let _ = ntx.send(mem.holds(page, 1));
+    });
+    assert!(nrx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("NOIO fault blocked"));
+    assert!(rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the parked thread was not woken"));
+    let s = eventually(&f, |s| s.counters.noio_swapin_takeovers >= 1);
+    assert_eq!(s.counters.noio_swapin_takeovers, 1, "{s:?}");
+    assert_eq!(s.counters.noio_from_free, before.noio_from_free, "{s:?}");
+    f.volume.resume();
+}
+
 /// Host micro-benchmark, not a test: `cargo test --release -p vmm --test
 /// pager -- --ignored --nocapture bench`. Guest RAM of 64 MiB with a limit of
 /// 16 MiB: a write pass over fresh memory (page-out throughput), then a read

@@ -24,7 +24,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::budget::Source;
-use super::fault::{count_swap_in, note_source, Fault, Step};
+use super::fault::{count_swap_in, note_source, release_after_failure, Fault, Step};
 use super::pager::Shared;
 use super::pages::{PageKind, PageRef, NO_SLOT};
 use super::stats::bump;
@@ -132,7 +132,9 @@ pub fn resolve_around<'a>(
                 sh.budget.untake(source);
                 give_back(0);
                 sh.fail(format!("swap-in of pages {lo}..{} failed: {e}", lo + n));
-                return Ok(Step::Done);
+                let faulting = pages.swap_remove(fault_pos);
+                drop(pages);
+                return release_after_failure(sh, faulting, f.addr, f.write);
             }
         }
     }

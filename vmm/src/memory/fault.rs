@@ -479,7 +479,7 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
 /// After a fatal swap-in error: the VM is stopping, but the faulting thread
 /// must not stay blocked (it could never see the stop). It gets a zero page
 /// (the pager has failed; its memory is no longer trusted) and runs on.
-fn release_after_failure(
+pub fn release_after_failure(
     sh: &Shared,
     mut p: PageRef<'_>,
     host: usize,

@@ -266,15 +266,7 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
             return Ok(());
         }
         sh.uffd.read_events(&mut buf, &mut events)?;
-        // NOIO faults first: they must not queue behind the swap reads the
-        // handler does inline for ordinary faults. Only when the batch has
-        // no REMOVE event, whose order against faults matters.
-        if !events.iter().any(|e| matches!(e, UffdEvent::Remove { .. })) {
-            events.sort_by_key(|e| match *e {
-                UffdEvent::Fault { tid, .. } => !is_thread_noio(tid),
-                _ => true,
-            });
-        }
+        noio_first(&mut events, is_thread_noio);
         for ev in &events {
             match *ev {
                 UffdEvent::Fault {
@@ -299,6 +291,20 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
             dispatch(sh, f, &mut staging, &mut retry)?;
         }
     }
+}
+
+/// Puts the faults of NOIO threads first in a batch: they must not queue
+/// behind the swap reads the handler does inline for ordinary faults. Only
+/// when the batch has no REMOVE event, whose order against faults matters;
+/// otherwise (and among equals) the kernel's order stays.
+fn noio_first(events: &mut [UffdEvent], is_noio: impl Fn(i32) -> bool) {
+    if events.iter().any(|e| matches!(e, UffdEvent::Remove { .. })) {
+        return;
+    }
+    events.sort_by_key(|e| match *e {
+        UffdEvent::Fault { tid, .. } => !is_noio(tid),
+        _ => true,
+    });
 }
 
 fn dispatch(
@@ -717,4 +723,61 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(tid: i32, addr: usize) -> UffdEvent {
+        UffdEvent::Fault {
+            addr,
+            tid,
+            write: false,
+            wp: false,
+        }
+    }
+
+    fn order(events: &[UffdEvent]) -> Vec<usize> {
+        events
+            .iter()
+            .map(|e| match *e {
+                UffdEvent::Fault { addr, .. } => addr,
+                UffdEvent::Remove { start, .. } => start,
+                UffdEvent::Other => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn noio_faults_go_first_unless_a_remove_is_in_the_batch() {
+        // Threads 7 and 9 are NOIO.
+        let noio = |tid: i32| tid == 7 || tid == 9;
+        let mut batch = vec![
+            fault(1, 0x1000),
+            fault(7, 0x2000),
+            fault(2, 0x3000),
+            fault(9, 0x4000),
+        ];
+        noio_first(&mut batch, noio);
+        assert_eq!(
+            order(&batch),
+            vec![0x2000, 0x4000, 0x1000, 0x3000],
+            "stable within each class"
+        );
+        let mut with_remove = vec![
+            fault(1, 0x1000),
+            UffdEvent::Remove {
+                start: 0x5000,
+                end: 0x6000,
+            },
+            fault(7, 0x2000),
+        ];
+        noio_first(&mut with_remove, noio);
+        assert_eq!(
+            order(&with_remove),
+            vec![0x1000, 0x5000, 0x2000],
+            "order kept"
+        );
+    }
 }

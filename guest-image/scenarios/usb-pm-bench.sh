@@ -9,7 +9,9 @@
 # bus resets (`sg_reset -b`: usb-storage's port reset path) timed between
 # two /dev/kmsg markers: "PM-RESET n=N us=DURATION".
 # Parameters: pmb_serial (bench), pmb_cycles (100), pmb_delay_ms (300),
-# pmb_pressure_mib (0: none), pmb_resets (20), pmb_idle_s (60), pmb_wait (60).
+# pmb_pressure_mib (0: none), pmb_resets (20), pmb_idle_s (60), pmb_wait (60),
+# pmb_controller (auto: the xHCI PCI function may runtime-suspend; on: kept
+# in D0, so only the link suspends, as with QEMU's qemu-xhci).
 . /lib/guest/lib.sh
 . /lib/guest/usb.sh
 usb_quiet
@@ -21,6 +23,7 @@ delay=$(param pmb_delay_ms 300)
 pressure=$(param pmb_pressure_mib 0)
 idle=$(param pmb_idle_s 60)
 resets=$(param pmb_resets 20)
+controller=$(param pmb_controller auto)
 wait_s=$(param pmb_wait 60)
 [ -x $FIO ] || fail "fio missing at $FIO"
 
@@ -30,7 +33,7 @@ udev=$(usb_dev_dir "$d")
 pci=$(dirname "$(readlink -f /sys/bus/usb/devices/usb1)")
 usb_roothubs_eager
 msg=$(usb_autosuspend_on "$d" "$delay") || fail "$msg"
-echo auto > "$pci/power/control"
+echo "$controller" > "$pci/power/control" || fail "cannot set $pci/power/control to $controller"
 pid=
 if [ "$pressure" -gt 0 ]; then
     mount -o remount,size=$((pressure + 32))m /tmp || fail "cannot grow /tmp"

@@ -16,6 +16,7 @@ use crate::usb_bench::{qemu_disk_args, IMAGE, MARK_RUN, SERIAL};
 /// Our VMM, ours with a pager, and QEMU, as the table names them.
 pub const VARIANTS: &[(&str, &str)] = &[
     ("ours", "ours"),
+    ("ours-d0", "ours, controller kept in D0 (link PM only)"),
     (
         "ours-pressure",
         "ours, limit + swap on the disk's volume, pressure",
@@ -26,8 +27,10 @@ pub const VARIANTS: &[(&str, &str)] = &[
 /// The swap file of the pressure variant in L1's tmpfs.
 const SWAP: &str = "/tmp/pm-bench.swap";
 
-/// The three variants. `pressure_mib` goes on the pressure variant's
-/// command line only; its resident limit is `limit_mib`.
+/// The four variants. `pressure_mib` goes on the pressure variant's
+/// command line only; its resident limit is `limit_mib`. `ours-d0` keeps
+/// the controller in D0 (like QEMU's, which has no PCI PM): only the link
+/// suspends, so its resume is the like-for-like comparison.
 pub fn variants(run: &GuestRun, cmdline: &str, pressure_mib: u32, limit_mib: u32) -> Vec<Variant> {
     let disk = [
         "--usb-storage".to_string(),
@@ -35,6 +38,8 @@ pub fn variants(run: &GuestRun, cmdline: &str, pressure_mib: u32, limit_mib: u32
     ];
     let mut ours = ours_argv(run, cmdline, L2_KERNEL);
     ours.extend(disk.clone());
+    let mut d0 = ours_argv(run, &format!("{cmdline} pmb_controller=on"), L2_KERNEL);
+    d0.extend(disk.clone());
     let mut loaded = run.clone();
     loaded.memory_opts = Some(format!(
         "limit={limit_mib}M,swap={SWAP},swap_volume={SERIAL}"
@@ -48,6 +53,10 @@ pub fn variants(run: &GuestRun, cmdline: &str, pressure_mib: u32, limit_mib: u32
         Variant {
             name: "ours",
             argv: ours,
+        },
+        Variant {
+            name: "ours-d0",
+            argv: d0,
         },
         Variant {
             name: "ours-pressure",
@@ -228,12 +237,13 @@ PM-RESET n=1 us=90000
     fn only_the_pressure_variant_gets_a_limit_and_the_pressure() {
         let run = GuestRun::new(Scenario::inline("t", "true"));
         let v = variants(&run, "c", 192, 112);
-        assert_eq!(v.len(), 3);
+        assert_eq!(v.len(), 4);
         let joined = |i: usize| v[i].argv.join(" ");
         assert!(!joined(0).contains("limit="));
-        assert!(joined(1).contains("limit=112M,swap=/tmp/pm-bench.swap,swap_volume=bench"));
-        assert!(joined(1).contains("pmb_pressure_mib=192"));
+        assert!(joined(1).contains("pmb_controller=on") && !joined(0).contains("pmb_controller"));
+        assert!(joined(2).contains("limit=112M,swap=/tmp/pm-bench.swap,swap_volume=bench"));
+        assert!(joined(2).contains("pmb_pressure_mib=192"));
         assert!(!joined(0).contains("pmb_pressure_mib"));
-        assert!(joined(2).contains("qemu-xhci"));
+        assert!(joined(3).contains("qemu-xhci"));
     }
 }

@@ -264,7 +264,7 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
         .param("pmb_serial", usb_bench::SERIAL)
         .param("pmb_cycles", cycles)
         .param("pmb_idle_s", idle)
-        .timeout(Duration::from_secs(per_run * u64::from(3 * reps) + 300))
+        .timeout(Duration::from_secs(per_run * u64::from(4 * reps) + 300))
         .l2_binary(fio, "usr/local/bin/fio")
         .l2_binary(sg_reset, "usr/bin/sg_reset");
     run.modules = usb::GUEST_MODULES.iter().map(|m| m.to_string()).collect();
@@ -278,7 +278,7 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
         binary: host::vmm_binary(true)?,
         script,
     };
-    eprintln!("bench usb-pm: {reps} rounds of ours, ours under pressure and QEMU in one L1");
+    eprintln!("bench usb-pm: {reps} rounds of ours, ours in D0, ours under pressure and QEMU in one L1");
     let r = harness.run_l1_payload(&run, payload)?;
     let runs = usb_pm_bench::parse(&r.console);
     if runs.iter().all(|r| r.resume_us.is_empty()) {
@@ -311,7 +311,8 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
              `--memory size={PM_MEMORY_MIB}M,limit={PM_LIMIT_MIB}M,swap=...,swap_volume=bench` (the \
              limit is half the working set) while the guest re-reads a {PM_PRESSURE_MIB} MiB tmpfs \
              file in a loop: the resume paths run in NOIO scopes while the swap device is the \
-             disk being resumed. QEMU: `-M pc -accel kvm -device qemu-xhci -device usb-storage` \
+             disk being resumed. `ours, controller kept in D0`: the same with the PCI function's \
+             `power/control` left `on`, so only the link suspends, as with QEMU. QEMU: `-M pc -accel kvm -device qemu-xhci -device usb-storage` \
              (its controller never leaves D0). Last column: share of an idle stretch of {idle} s \
              after the cycles that the controller spent runtime-suspended (the PCI function's \
              `runtime_suspended_time`). Resets: 20 `sg_reset -b` per round on the awake \

@@ -530,17 +530,12 @@ fn noio_faults_complete_while_the_swap_volume_is_quiesced() {
     assert!(f.pager().fatal_error().is_none());
 }
 
-/// A vCPU running guest code that faults while the swap volume is quiesced
-/// is served past the quiesce (the guest could never resume its device
-/// while stuck); device emulation outside NOIO waits, and its blocked fault
-/// is on record (thread, guest page, what it waits for) with the volume's
-/// waiter. Also the evict test aid: a resident page goes to swap and reads
-/// back.
-#[test]
-fn guest_code_faults_pass_a_quiesced_volume_and_emulation_waits_on_record() {
+/// 8 MiB of guest RAM written (tag 1) through a 2 MiB limit and settled:
+/// most of it is on swap, written back. Returns the fixture, its memory and
+/// which of the 2048 written pages are mapped now.
+fn mostly_swapped() -> (Fixture, Mem, Vec<bool>) {
     let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
     let mem = f.mem();
-    let probe = f.pager().probe();
     {
         let _reg = register_current_thread();
         for page in 0..2048 {
@@ -549,6 +544,19 @@ fn guest_code_faults_pass_a_quiesced_volume_and_emulation_waits_on_record() {
     }
     settle(&f);
     let resident = f.physically_resident();
+    (f, mem, resident)
+}
+
+/// A vCPU running guest code that faults while the swap volume is quiesced
+/// is served past the quiesce (the guest could never resume its device
+/// while stuck); device emulation outside NOIO waits, and its blocked fault
+/// is on record (thread, guest page, what it waits for) with the volume's
+/// waiter. Also the evict test aid: a resident page goes to swap and reads
+/// back.
+#[test]
+fn guest_code_faults_pass_a_quiesced_volume_and_emulation_waits_on_record() {
+    let (f, mem, resident) = mostly_swapped();
+    let probe = f.pager().probe();
     let hot = (0..2048)
         .rev()
         .find(|&p| resident[p])
@@ -623,16 +631,7 @@ fn guest_code_faults_pass_a_quiesced_volume_and_emulation_waits_on_record() {
 /// waiting for its worker), without the volume being resumed.
 #[test]
 fn a_fault_waiting_on_the_volume_is_served_once_noio_is_lent_to_its_thread() {
-    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
-    let mem = f.mem();
-    {
-        let _reg = register_current_thread();
-        for page in 0..2048 {
-            mem.fill(page, 1);
-        }
-    }
-    settle(&f);
-    let resident = f.physically_resident();
+    let (f, mem, resident) = mostly_swapped();
     let page = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
     f.volume.quiesce();
     let (tx, rx) = mpsc::channel();
@@ -662,17 +661,7 @@ fn a_fault_waiting_on_the_volume_is_served_once_noio_is_lent_to_its_thread() {
 /// fault that only waits for a frame: they wait in different queues.
 #[test]
 fn a_parked_swap_in_does_not_hold_up_zero_fill_faults() {
-    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
-    let mem = f.mem();
-    {
-        let _reg = register_current_thread();
-        for page in 0..2048 {
-            mem.fill(page, 1);
-        }
-    }
-    // Written back and clean: reclaim can free frames without I/O.
-    settle(&f);
-    let resident = f.physically_resident();
+    let (f, mem, resident) = mostly_swapped();
     let swapped = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
     f.volume.quiesce();
     // An ordinary thread's swap-in: parked on the quiesced volume.
@@ -800,16 +789,7 @@ fn a_full_swap_store_is_fatal_and_signalled() {
 /// page and runs on (the VM is being stopped).
 #[test]
 fn a_failed_swap_in_is_fatal_and_releases_the_faulting_thread() {
-    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
-    let mem = f.mem();
-    {
-        let _reg = register_current_thread();
-        for page in 0..2048 {
-            mem.fill(page, 1);
-        }
-    }
-    settle(&f);
-    let resident = f.physically_resident();
+    let (f, mem, resident) = mostly_swapped();
     let swapped: Vec<usize> = (0..2048).filter(|&p| !resident[p]).take(8).collect();
     assert_eq!(swapped.len(), 8);
     std::fs::OpenOptions::new()
@@ -837,17 +817,8 @@ fn a_failed_swap_in_is_fatal_and_releases_the_faulting_thread() {
 /// frame from the free budget.
 #[test]
 fn a_noio_fault_takes_over_a_parked_swap_in_and_is_counted_so() {
-    let f = Fixture::new(32 * MIB, 2 * MIB, |_| {});
-    let mem = f.mem();
+    let (f, mem, resident) = mostly_swapped();
     let probe = f.pager().probe();
-    {
-        let _reg = register_current_thread();
-        for page in 0..2048 {
-            mem.fill(page, 1);
-        }
-    }
-    settle(&f);
-    let resident = f.physically_resident();
     let page = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
     f.volume.quiesce();
     let (tx, rx) = mpsc::channel();

@@ -278,7 +278,9 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
         binary: host::vmm_binary(true)?,
         script,
     };
-    eprintln!("bench usb-pm: {reps} rounds of ours, ours in D0, ours under pressure and QEMU in one L1");
+    eprintln!(
+        "bench usb-pm: {reps} rounds of ours, ours in D0, ours under pressure and QEMU in one L1"
+    );
     let r = harness.run_l1_payload(&run, payload)?;
     let runs = usb_pm_bench::parse(&r.console);
     if runs.iter().all(|r| r.resume_us.is_empty()) {

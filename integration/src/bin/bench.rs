@@ -243,6 +243,15 @@ fn main() -> Result<()> {
     }
 }
 
+/// The console lines holding any of `marks`, trimmed (a benchmark's raw lines).
+fn marked_lines<'a>(console: &'a str, marks: &[&str]) -> Vec<&'a str> {
+    console
+        .lines()
+        .filter(|l| marks.iter().any(|m| l.contains(m)))
+        .map(str::trim)
+        .collect()
+}
+
 /// Guest RAM, pressure file and resident limit of the USB PM benchmark:
 /// the limit is half the working set (the pressure file and ~40 MiB of
 /// guest kernel and init).
@@ -288,16 +297,10 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
     }
     let table = usb_pm_bench::render_table(&runs);
     println!("{table}");
-    let raw: Vec<&str> = r
-        .console
-        .lines()
-        .filter(|l| {
-            ["USB-BENCH-", "PM-IDLE", "PM-BENCH", "STALL-WATCHDOG"]
-                .iter()
-                .any(|m| l.contains(m))
-        })
-        .map(str::trim)
-        .collect();
+    let raw = marked_lines(
+        &r.console,
+        &["USB-BENCH-", "PM-IDLE", "PM-BENCH", "STALL-WATCHDOG"],
+    );
     println!("{}", raw.join("\n"));
     if let Some(file) = write {
         let body = format!(
@@ -470,22 +473,16 @@ fn disk(
     let names: Vec<&str> = variants.iter().map(|v| v.name).collect();
     let table = bench::render_disk_table(&results, &names);
     println!("{table}");
-    let raw: Vec<&str> = r
-        .console
-        .lines()
-        .filter(|l| {
-            [
-                "FIO-RESULT",
-                "BENCH-START",
-                "BENCH-RUN",
-                "blk-bench:",
-                "bench image:",
-            ]
-            .iter()
-            .any(|m| l.contains(m))
-        })
-        .map(str::trim)
-        .collect();
+    let raw = marked_lines(
+        &r.console,
+        &[
+            "FIO-RESULT",
+            "BENCH-START",
+            "BENCH-RUN",
+            "blk-bench:",
+            "bench image:",
+        ],
+    );
     eprintln!("{}", raw.join("\n"));
     if let Some(file) = write {
         let body = format!(
@@ -549,16 +546,7 @@ fn usb(reps: u32, runtime: u64, image_mib: u64, write: Option<PathBuf>) -> Resul
     }
     let table = usb_bench::render_table(&results);
     println!("{table}");
-    let raw: Vec<&str> = r
-        .console
-        .lines()
-        .filter(|l| {
-            ["USB-BENCH-", "FIO-RESULT", "usb-bench:"]
-                .iter()
-                .any(|m| l.contains(m))
-        })
-        .map(str::trim)
-        .collect();
+    let raw = marked_lines(&r.console, &["USB-BENCH-", "FIO-RESULT", "usb-bench:"]);
     println!("{}", raw.join("\n"));
     if let Some(file) = write {
         let body = format!(

@@ -15,6 +15,17 @@ pub fn mode() -> Mode {
     Mode::auto().unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Whether this host runs the nested L1 harness; tests that drive L1
+/// scripts say so and skip themselves elsewhere.
+pub fn nested() -> bool {
+    let mode = mode();
+    if mode != Mode::Nested {
+        eprintln!("this test drives the nested L1 harness; skipped in {mode:?} mode");
+        return false;
+    }
+    true
+}
+
 /// Asserts `ok`, with the run's summary and whole console in the message
 /// (and the consoles of earlier attempts whose L1 wedged).
 pub fn check(ok: bool, what: &str, r: &RunResult) {

@@ -24,7 +24,6 @@
 //!
 //! Needs the static VMM and vmm-ctl (scripts/build-vmm-static.sh).
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use guest_image::scenario::{FileMapping, MARK_INSMOD_FAIL};
@@ -32,35 +31,13 @@ use guest_image::Scenario;
 use integration::disk::MARK_HOST_VMM_RC;
 use integration::harness::vmm_args_with;
 use integration::l1::{L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
+use integration::testing::{check, harness, nested};
 use integration::usb::{field, UsbScript, MARK_L1_ABORT, VMM_CTL_PATH};
-use integration::{host, GuestRun, Harness, Mode, RunResult, Verdict};
+use integration::{host, GuestRun, RunResult, Verdict};
 
 const TIMEOUT: Duration = Duration::from_secs(1200);
 const MODULES: &[&str] = &["virtio_pci", "virtio_balloon"];
 const MIB: u64 = 1 << 20;
-
-fn harness() -> &'static Harness {
-    static H: OnceLock<Harness> = OnceLock::new();
-    H.get_or_init(|| Harness::new().unwrap_or_else(|e| panic!("guest assets: {e}")))
-}
-
-fn nested() -> bool {
-    let mode = Mode::auto().unwrap_or_else(|e| panic!("{e}"));
-    if mode != Mode::Nested {
-        eprintln!("this test drives the nested L1 harness; skipped in {mode:?} mode");
-        return false;
-    }
-    true
-}
-
-fn check(ok: bool, what: &str, r: &RunResult) {
-    assert!(
-        ok,
-        "{what}: {}\n----- console -----\n{}\n----- end console -----",
-        r.summary(),
-        r.console
-    );
-}
 
 /// Shell for the L1 driver: `sample PHASE` prints one `L1-BALLOON` line
 /// with the balloon's actual size, the pager's resident bytes and the

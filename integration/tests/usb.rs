@@ -7,7 +7,6 @@
 //! Needs the static VMM and vmm-ctl (scripts/build-vmm-static.sh) and, for
 //! the port-reset test, sg3-utils on the host (scripts/setup.sh).
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use guest_image::scenario::{FileMapping, MARK_INSMOD_FAIL};
@@ -18,10 +17,11 @@ use integration::disk::{
 };
 use integration::harness::vmm_args_with;
 use integration::l1::{L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
+use integration::testing::{check, harness, nested};
 use integration::usb::{
     field, find_program, guest_usb_lib, UsbScript, GUEST_MODULES, MARK_L1_ABORT, VMM_CTL_PATH,
 };
-use integration::{host, GuestRun, Harness, Mode, RunResult, Verdict};
+use integration::{host, GuestRun, RunResult, Verdict};
 
 /// Bound on one nested run (TCG L1 on a shared, loaded machine).
 const TIMEOUT: Duration = Duration::from_secs(1200);
@@ -34,31 +34,6 @@ const CRC_TRANSFORMS: &[(&str, &str)] = &[
     ("crc_t10dif", "crct10dif-generic"),
     ("crc64_rocksoft", "crc64-rocksoft-generic"),
 ];
-
-fn harness() -> &'static Harness {
-    static H: OnceLock<Harness> = OnceLock::new();
-    H.get_or_init(|| Harness::new().unwrap_or_else(|e| panic!("guest assets: {e}")))
-}
-
-/// These tests drive the VMM from an L1 script; they need the nested mode.
-fn nested() -> bool {
-    let mode = Mode::auto().unwrap_or_else(|e| panic!("{e}"));
-    if mode != Mode::Nested {
-        eprintln!("this test drives the nested L1 harness; skipped in {mode:?} mode");
-        return false;
-    }
-    true
-}
-
-/// Asserts with the whole console in the message.
-fn check(ok: bool, what: &str, r: &RunResult) {
-    assert!(
-        ok,
-        "{what}: {}\n----- console -----\n{}\n----- end console -----",
-        r.summary(),
-        r.console
-    );
-}
 
 /// A run of a `usb-*` scenario with the USB modules and helper file.
 ///

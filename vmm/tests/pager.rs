@@ -530,6 +530,19 @@ fn noio_faults_complete_while_the_swap_volume_is_quiesced() {
     assert!(f.pager().fatal_error().is_none());
 }
 
+/// A registered (ordinary, not NOIO) thread that checks `page` holds tag 1:
+/// its thread id, and where its answer arrives.
+fn spawn_reader(mem: Mem, page: usize) -> (i32, mpsc::Receiver<bool>) {
+    let (tx, rx) = mpsc::channel();
+    let (tid_tx, tid_rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _reg = register_current_thread();
+        let _ = tid_tx.send(devices::noio::gettid());
+        let _ = tx.send(mem.holds(page, 1));
+    });
+    (tid_rx.recv().unwrap(), rx)
+}
+
 /// 8 MiB of guest RAM written (tag 1) through a 2 MiB limit and settled:
 /// most of it is on swap, written back. Returns the fixture, its memory and
 /// which of the 2048 written pages are mapped now.
@@ -595,14 +608,7 @@ fn guest_code_faults_pass_a_quiesced_volume_and_emulation_waits_on_record() {
 
     // Device emulation (not NOIO) waits, on record.
     let plain = swapped[1];
-    let (tx, rx) = mpsc::channel();
-    let (tid_tx, tid_rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _reg = register_current_thread();
-        let _ = tid_tx.send(devices::noio::gettid());
-        let _ = tx.send(mem.holds(plain, 1));
-    });
-    let tid = tid_rx.recv().unwrap();
+    let (tid, rx) = spawn_reader(mem, plain);
     assert!(
         rx.recv_timeout(Duration::from_millis(500)).is_err(),
         "emulation fault passed"
@@ -634,14 +640,7 @@ fn a_fault_waiting_on_the_volume_is_served_once_noio_is_lent_to_its_thread() {
     let (f, mem, resident) = mostly_swapped();
     let page = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
     f.volume.quiesce();
-    let (tx, rx) = mpsc::channel();
-    let (tid_tx, tid_rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _reg = register_current_thread();
-        let _ = tid_tx.send(devices::noio::gettid());
-        let _ = tx.send(mem.holds(page, 1));
-    });
-    let tid = tid_rx.recv().unwrap();
+    let (tid, rx) = spawn_reader(mem, page);
     assert!(
         rx.recv_timeout(Duration::from_millis(500)).is_err(),
         "did not wait"
@@ -792,12 +791,18 @@ fn a_failed_swap_in_is_fatal_and_releases_the_faulting_thread() {
     let (f, mem, resident) = mostly_swapped();
     let swapped: Vec<usize> = (0..2048).filter(|&p| !resident[p]).take(8).collect();
     assert_eq!(swapped.len(), 8);
-    std::fs::OpenOptions::new()
+    // Cut the file short, again if a late writeback extends it.
+    let swap = std::fs::OpenOptions::new()
         .write(true)
         .open(&f.swap)
-        .unwrap()
-        .set_len(0)
         .unwrap();
+    for _ in 0..20 {
+        swap.set_len(0).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        if swap.metadata().unwrap().len() == 0 {
+            break;
+        }
+    }
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let _reg = register_current_thread();
@@ -821,14 +826,7 @@ fn a_noio_fault_takes_over_a_parked_swap_in_and_is_counted_so() {
     let probe = f.pager().probe();
     let page = (0..2048).find(|&p| !resident[p]).expect("a swapped page");
     f.volume.quiesce();
-    let (tx, rx) = mpsc::channel();
-    let (tid_tx, tid_rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _reg = register_current_thread();
-        let _ = tid_tx.send(devices::noio::gettid());
-        let _ = tx.send(mem.holds(page, 1));
-    });
-    let tid = tid_rx.recv().unwrap();
+    let (tid, rx) = spawn_reader(mem, page);
     // Wait until the worker has claimed the page and parked on its read.
     let parked = (0..500).any(|_| {
         thread::sleep(Duration::from_millis(10));

@@ -15,6 +15,18 @@ pub fn mode() -> Mode {
     Mode::auto().unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// `(rc, value)` from the first console line holding `MARK NAME rc=RC KEY=VALUE`
+/// (the per-case lines the L1 scripts of the exit-status and bad-input tests print).
+pub fn case_result(console: &str, mark: &str, name: &str, key: &str) -> Option<(i32, String)> {
+    let prefix = format!("{mark} {name} rc=");
+    let sep = format!(" {key}=");
+    console.lines().find_map(|l| {
+        let rest = &l[l.find(&prefix)? + prefix.len()..];
+        let (rc, value) = rest.split_once(sep.as_str())?;
+        Some((rc.trim().parse().ok()?, value.trim().to_string()))
+    })
+}
+
 /// Whether this host runs the nested L1 harness; tests that drive L1
 /// scripts say so and skip themselves elsewhere.
 pub fn nested() -> bool {

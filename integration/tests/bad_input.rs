@@ -66,12 +66,7 @@ fn script(vmm: &str, kernel: &str, initrd: &str, scratch: &str) -> String {
 }
 
 fn parse(console: &str, name: &str) -> Option<(i32, String)> {
-    let prefix = format!("BAD-INPUT {name} rc=");
-    console.lines().find_map(|l| {
-        let rest = &l[l.find(&prefix)? + prefix.len()..];
-        let (rc, last) = rest.split_once(" last=")?;
-        Some((rc.trim().parse().ok()?, last.trim().to_string()))
-    })
+    integration::testing::case_result(console, "BAD-INPUT", name, "last")
 }
 
 #[test]

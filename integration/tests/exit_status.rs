@@ -131,12 +131,7 @@ fn script(vmm: &str, kernel: &str, initrd: &str, scratch: &str) -> String {
 }
 
 fn parse(console: &str, name: &str) -> Option<(i32, String)> {
-    let prefix = format!("EXIT-STATUS {name} rc=");
-    console.lines().find_map(|l| {
-        let rest = &l[l.find(&prefix)? + prefix.len()..];
-        let (rc, socket) = rest.split_once(" socket=")?;
-        Some((rc.trim().parse().ok()?, socket.trim().to_string()))
-    })
+    integration::testing::case_result(console, "EXIT-STATUS", name, "socket")
 }
 
 #[test]

@@ -12,6 +12,13 @@ pub const L2_BASE: &str =
 /// Base command line for the L1 (QEMU) kernel.
 pub const L1_BASE: &str = "console=ttyS0 panic=-1 quiet";
 
+/// Keeps L1's LAPIC timer in periodic mode (no dynamic ticks, no
+/// high-resolution one-shot programming). Under QEMU's TCG an L1 timer
+/// interrupt is sometimes left pending and untaken until some other
+/// interrupt arrives (see HARNESS.md); a one-shot timer then never fires
+/// again, a periodic one is that other interrupt, every tick.
+pub const L1_PERIODIC_TICK: &str = "nohz=off highres=off";
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CmdlineError {
     #[error("scenario parameter {0:?} must be key=value with no spaces or quotes")]

@@ -457,6 +457,29 @@ pub struct Harness {
     pub assets: GuestAssets,
     /// The QEMU that runs L1 when not `$QEMU` ([`Harness::with_l1_qemu`]).
     pub l1_qemu: Option<PathBuf>,
+    /// How L1's kernel drives its LAPIC timer.
+    pub l1_tick: L1Tick,
+}
+
+/// How L1's kernel drives its LAPIC timer (see HARNESS.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum L1Tick {
+    /// A periodic tick ([`cmdline::L1_PERIODIC_TICK`]): what the harness
+    /// uses, since a new timer interrupt gets a stuck TCG L1 going again.
+    #[default]
+    Periodic,
+    /// The kernel's default one-shot timer (dynamic ticks): for measuring.
+    OneShot,
+}
+
+impl L1Tick {
+    /// L1's kernel command line with this tick.
+    pub fn cmdline(self) -> String {
+        match self {
+            L1Tick::Periodic => format!("{} {}", cmdline::L1_BASE, cmdline::L1_PERIODIC_TICK),
+            L1Tick::OneShot => cmdline::L1_BASE.to_string(),
+        }
+    }
 }
 
 impl Harness {
@@ -469,6 +492,7 @@ impl Harness {
             build,
             assets,
             l1_qemu: None,
+            l1_tick: L1Tick::default(),
         })
     }
 
@@ -737,6 +761,7 @@ impl Harness {
             &self.assets.kernel.vmlinuz,
             l1_initrd,
             L1_MEMORY_MIB,
+            &self.l1_tick.cmdline(),
         ));
         for d in disks {
             cmd.args(l1_disk_args(d));
@@ -835,7 +860,7 @@ fn probe_l1(hmp: &Path, silent_for: Duration, kicked: &std::cell::Cell<bool>) ->
         monitor::l1_state(hmp)
     });
     let wedged = match third {
-        Ok((c, _)) if !c.timer_dead() => {
+        Ok((c, _)) if !c.timer_stalled() => {
             report.push_str(&format!(
                 "a key press on L1's keyboard woke it: {}\n",
                 c.summary()
@@ -875,7 +900,7 @@ fn finish(mode: Mode, cap: process::Captured, vmm_exit: Option<i32>) -> RunResul
 }
 
 /// QEMU arguments for the L1 machine.
-pub fn l1_qemu_args(kernel: &Path, initrd: &Path, memory_mib: u32) -> Vec<String> {
+pub fn l1_qemu_args(kernel: &Path, initrd: &Path, memory_mib: u32, cmdline: &str) -> Vec<String> {
     [
         "-accel",
         "tcg",
@@ -894,7 +919,7 @@ pub fn l1_qemu_args(kernel: &Path, initrd: &Path, memory_mib: u32) -> Vec<String
         "-initrd",
         &initrd.display().to_string(),
         "-append",
-        cmdline::L1_BASE,
+        cmdline,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -1061,7 +1086,19 @@ mod tests {
         let a = qemu_l2_args(&run, "k", "i", "c", "kvm");
         assert_eq!(&a[..4], &["-accel", "kvm", "-cpu", "host"]);
         assert!(a.contains(&"isa-debug-exit,iobase=0xf4,iosize=0x01".to_string()));
-        let l1 = l1_qemu_args(Path::new("k"), Path::new("i"), 2048);
+        let l1 = l1_qemu_args(
+            Path::new("k"),
+            Path::new("i"),
+            2048,
+            &L1Tick::Periodic.cmdline(),
+        );
+        let append = l1.iter().position(|s| s == "-append").unwrap();
+        assert!(
+            l1[append + 1].ends_with("nohz=off highres=off"),
+            "{}",
+            l1[append + 1]
+        );
+        assert!(!L1Tick::OneShot.cmdline().contains("nohz"));
         let smp = l1.iter().position(|s| s == "-smp").unwrap();
         assert_eq!(l1[smp + 1], "1");
         assert!(l1.contains(&"EPYC,+svm,+npt".to_string()));

@@ -91,6 +91,10 @@ pub struct L1State {
     /// The LAPIC timer is L1's clock event: one-shot and not masked (a
     /// TSC-deadline or masked timer says nothing through its count).
     pub timer_one_shot: bool,
+    /// The LAPIC timer ticks periodically and is not masked.
+    pub timer_periodic: bool,
+    /// The LAPIC timer's vector (`(vec N)` on the LVTT line).
+    pub timer_vector: Option<u8>,
     /// The LAPIC timer's current count; 0 when it is not running.
     pub timer_count: Option<u64>,
     pub isr: String,
@@ -121,6 +125,10 @@ impl L1State {
                 .and_then(|f| u64::from_str_radix(&f, 16).ok())
                 .map(|f| f & RFLAGS_IF != 0),
             timer_one_shot: lvtt.contains("one-shot") && !lvtt.contains("masked"),
+            timer_periodic: lvtt.contains("periodic") && !lvtt.contains("masked"),
+            timer_vector: lvtt
+                .split_once("(vec ")
+                .and_then(|(_, v)| v.trim_end_matches(')').trim().parse().ok()),
             timer_count: word_after(lapic, "current_count = ").and_then(|c| c.parse().ok()),
             isr: line_after(lapic, "ISR"),
             irr: line_after(lapic, "IRR"),
@@ -133,6 +141,19 @@ impl L1State {
         self.timer_one_shot && self.timer_count == Some(0)
     }
 
+    /// The timer's vector waits in IRR, not taken.
+    pub fn timer_pending(&self) -> bool {
+        self.timer_vector
+            .is_some_and(|v| self.irr.split_whitespace().any(|w| w == v.to_string()))
+    }
+
+    /// L1's clock is not getting through: a one-shot timer that is dead, or
+    /// a periodic one whose vector waits in IRR (a healthy L1 takes it
+    /// within microseconds of each tick).
+    pub fn timer_stalled(&self) -> bool {
+        self.timer_dead() || (self.timer_periodic && self.timer_pending())
+    }
+
     pub fn summary(&self) -> String {
         format!(
             "RIP={} halted={} IF={} lapic-timer={} count={} ISR={} IRR={}",
@@ -142,6 +163,8 @@ impl L1State {
                 .map_or("?", |on| if on { "1" } else { "0" }),
             if self.timer_one_shot {
                 "one-shot"
+            } else if self.timer_periodic {
+                "periodic"
             } else {
                 "other"
             },
@@ -152,13 +175,16 @@ impl L1State {
     }
 }
 
-/// Two looks some seconds apart both find the one-shot timer dead and the
-/// vCPU at the same instruction: L1 is stuck for good. One look is not
-/// enough: a healthy L1 can be caught between its timer running out and the
-/// interrupt being taken (count 0, vector in IRR), but it has moved on by
-/// the next look.
+/// Two looks some seconds apart both find the timer stalled
+/// ([`L1State::timer_stalled`]) and the vCPU at the same instruction: L1 is
+/// stuck for good. One look is not enough: a healthy L1 can be caught
+/// between its timer firing and the interrupt being taken (vector in IRR),
+/// but it has moved on by the next look.
 pub fn stuck(first: &L1State, second: &L1State) -> bool {
-    first.timer_dead() && second.timer_dead() && !first.rip.is_empty() && first.rip == second.rip
+    first.timer_stalled()
+        && second.timer_stalled()
+        && !first.rip.is_empty()
+        && first.rip == second.rip
 }
 
 /// Presses (and releases) Shift on L1's PS/2 keyboard: an interrupt that
@@ -224,6 +250,30 @@ mod tests {
         );
         assert!(!stuck(&wedged, &armed));
         assert!(!stuck(&armed, &wedged));
+    }
+
+    #[test]
+    fn a_periodic_timer_is_stalled_only_while_its_vector_waits() {
+        let periodic = LAPIC.replace("one-shot", "periodic");
+        let pending = L1State::parse(REGS, &periodic);
+        assert!(pending.timer_periodic && !pending.timer_one_shot);
+        assert_eq!(pending.timer_vector, Some(236));
+        assert!(pending.timer_pending());
+        assert!(!pending.timer_dead());
+        assert!(pending.timer_stalled());
+        assert!(pending.summary().contains("lapic-timer=periodic"));
+        assert!(stuck(&pending, &pending.clone()));
+        // Another vector in IRR is not the timer's.
+        let other = L1State::parse(REGS, &periodic.replace("IRR\t 236", "IRR\t 34"));
+        assert!(!other.timer_pending() && !other.timer_stalled());
+        let taken = L1State::parse(REGS, &periodic.replace("IRR\t 236 ", "IRR\t (none)"));
+        assert!(!taken.timer_stalled());
+        assert!(!stuck(&pending, &taken));
+        let masked = periodic.replace(
+            "edge                 periodic",
+            "edge  masked         periodic",
+        );
+        assert!(!L1State::parse(REGS, &masked).timer_stalled());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! and the table over many of them.
 //!
 //! The verdicts are the harness's own: [`RunResult::l1_wedged`] (the
-//! monitor found L1's one-shot LAPIC timer dead and its vCPU not moving,
+//! monitor found L1's LAPIC timer stalled and its vCPU not moving,
 //! and a key press did not bring the timer back; see `monitor`),
 //! [`RunResult::l1_kicked`] (the harness pressed that key), and the
 //! scenario's own pass check. A run that fails any other way (timeout,

@@ -22,7 +22,7 @@ use clap::Parser;
 use guest_image::scenario::FileMapping;
 use guest_image::Scenario;
 use integration::disk::{self, DiskImage, MARK_HOST_VMM_RC};
-use integration::harness::vmm_args_with;
+use integration::harness::{vmm_args_with, L1Tick};
 use integration::l1::{L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
 use integration::usb::{find_program, guest_usb_lib, UsbScript, GUEST_MODULES, VMM_CTL_PATH};
 use integration::wedge::{self, Outcome, Record};
@@ -59,6 +59,11 @@ struct Cli {
     /// Writes the console of every run that did not pass here.
     #[arg(long)]
     keep: Option<PathBuf>,
+    /// L1's timer: periodic (the harness's default) or one-shot (the
+    /// kernel's default, dynamic ticks). A one-shot run's QEMU label ends
+    /// in "/one-shot".
+    #[arg(long, value_parser = ["periodic", "one-shot"], default_value = "periodic")]
+    l1_tick: String,
     /// Print the tables of the WEDGE-RUN lines in these saved logs and exit.
     #[arg(long, num_args = 1..)]
     table: Vec<PathBuf>,
@@ -104,9 +109,17 @@ fn main() -> Result<ExitCode> {
     } else {
         cli.qemus.clone()
     };
+    let tick = if cli.l1_tick == "one-shot" {
+        L1Tick::OneShot
+    } else {
+        L1Tick::Periodic
+    };
     let mut qemus = Vec::new();
     for path in paths {
-        let label = label_of(&path)?;
+        let mut label = label_of(&path)?;
+        if tick == L1Tick::OneShot {
+            label.push_str("/one-shot");
+        }
         eprintln!(
             "[wedge-rate] L1 QEMU {label}: {} {}{}",
             path.display(),
@@ -149,6 +162,7 @@ fn main() -> Result<ExitCode> {
                 build: base.build.clone(),
                 assets: base.assets.clone(),
                 l1_qemu: None,
+                l1_tick: tick,
             }
             .with_l1_qemu(&q.path);
             eprintln!(

@@ -97,6 +97,7 @@ impl PolicyThread {
         let thread = std::thread::Builder::new()
             .name("balloon-policy".into())
             .spawn(move || {
+                crate::seccomp::apply(crate::seccomp::ThreadKind::Helper);
                 while !flag.load(Ordering::Acquire) {
                     std::thread::sleep(TICK);
                     let stats = pager.stats();

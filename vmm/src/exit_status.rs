@@ -6,6 +6,7 @@
 //! | 0 | the guest rebooted cleanly, halted or powered off (its kernel said so), or wrote 0 to the debug-exit port |
 //! | 1 | VMM error (one `error:` line on stderr) |
 //! | 2 | usage error: a bad option (one `error:` line) |
+//! | 75 | a thread made a system call its seccomp filter forbids (`--seccomp on`, the default; one `error: seccomp:` line) |
 //! | 76 | the stall watchdog stopped the VMM |
 //! | 77 | triple fault: KVM's shutdown exit (a guest crash, or `reboot=t`) |
 //! | 78 | guest kernel panic |
@@ -35,6 +36,7 @@ use crate::vcpu::StopReason;
 pub const CLEAN: u8 = 0;
 pub const VMM_ERROR: u8 = 1;
 pub const USAGE_ERROR: u8 = 2;
+pub const SECCOMP_VIOLATION: u8 = crate::seccomp::SECCOMP_EXIT;
 pub const STALL_WATCHDOG: u8 = crate::watchdog::STALL_EXIT;
 pub const TRIPLE_FAULT: u8 = 77;
 pub const GUEST_PANIC: u8 = 78;

@@ -129,6 +129,7 @@ pub fn watch(
     std::thread::Builder::new()
         .name("halt-watch".into())
         .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Helper);
             let mut strikes = 0;
             let tick = Duration::from_millis(50);
             'outer: while !stop.is_stopping() {

@@ -20,6 +20,7 @@ pub mod memory;
 pub mod paging;
 pub mod preflight;
 pub mod read_slot;
+pub mod seccomp;
 pub mod serial_input;
 pub mod signals;
 pub mod swapfile;

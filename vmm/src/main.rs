@@ -14,7 +14,8 @@ use vmm::vm::{self, VmConfig, DEFAULT_CMDLINE, MAX_CPUS};
 /// the byte the guest wrote to the debug-exit port (0xf4), 1 on a VMM error
 /// and 2 on a bad option (both printed as one `error:` line on stderr), 76
 /// stall watchdog, 77 triple fault, 78 guest kernel panic, 79 every vCPU
-/// halted dead, 128+N stopped by signal N (SIGHUP, SIGINT, SIGTERM).
+/// halted dead, 75 a system call its seccomp filter forbids, 128+N stopped
+/// by signal N (SIGHUP, SIGINT, SIGTERM).
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -118,6 +119,14 @@ struct Cli {
     #[arg(long)]
     unsafe_disable_noio: bool,
 
+    /// Seccomp filters, one system call list per kind of VMM thread (vCPU,
+    /// device event loop, pager, API, main, helpers): on (a call outside its
+    /// thread's list prints one `error: seccomp:` line naming the call and
+    /// the thread, and the VMM exits with status 75), log (the kernel allows
+    /// such a call and logs it, see dmesg; for debugging), or off.
+    #[arg(long, value_name = "on|log|off", default_value = "on", value_parser = vmm::seccomp::Mode::parse)]
+    seccomp: vmm::seccomp::Mode,
+
     /// Run even on a PVM /dev/kvm (stock kernels hang there; for experiments).
     #[arg(long, hide = true)]
     allow_pvm: bool,
@@ -138,6 +147,11 @@ fn main() -> ExitCode {
         .parse_default_env()
         .format_timestamp_millis()
         .init();
+    // Before the VM's threads: each installs its filter as it starts.
+    if let Err(e) = vmm::seccomp::init(cli.seccomp) {
+        eprintln!("error: {e}");
+        return ExitCode::from(exit_status::VMM_ERROR);
+    }
     let cfg = VmConfig {
         kernel: cli.kernel,
         initramfs: cli.initramfs,

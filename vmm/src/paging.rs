@@ -52,6 +52,7 @@ fn watch_fatal(pager: &Pager, stop: Arc<VmStop>) -> Result<(), PagerError> {
     std::thread::Builder::new()
         .name("pager-watch".into())
         .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Helper);
             if fd.read().is_ok() {
                 log::error!("pager failed; stopping the VM");
                 stop.stop(StopReason::Error);

@@ -109,7 +109,10 @@ pub fn pump(input: RawFd, serial: &Mutex<SerialPort>, stop: &VmStop) {
 pub fn start(serial: Arc<Mutex<SerialPort>>, stop: Arc<VmStop>) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("serial-input".into())
-        .spawn(move || pump(io::stdin().as_raw_fd(), &serial, &stop))
+        .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Helper);
+            pump(io::stdin().as_raw_fd(), &serial, &stop)
+        })
 }
 
 #[cfg(test)]

@@ -64,6 +64,7 @@ pub fn watch_with(stop: Arc<VmStop>, grace: std::time::Duration) -> io::Result<J
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Helper);
             // sigwait needs the signals blocked here too (they are when
             // `block` ran before this thread was made).
             let _ = block();

@@ -178,6 +178,7 @@ impl Vcpu {
     }
 
     fn run(mut self, h: ExitHandlers) {
+        crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu);
         let id = self.id;
         // The pager reads this thread's NOIO flag by tid when it faults.
         let _noio_registration = devices::noio::register_current_thread();

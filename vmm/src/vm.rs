@@ -309,6 +309,9 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         cfg.memory.size >> 20
     );
 
+    // Every start-up thread exists (none inherits this filter) and the main
+    // thread creates none from here on (see seccomp.rs).
+    crate::seccomp::apply(crate::seccomp::ThreadKind::Main);
     // Wait for the guest, a device, a vCPU or the API to ask for the end.
     control.run_until_stopped(&stop);
     // Before the vCPU threads are joined: it signals them by thread id.

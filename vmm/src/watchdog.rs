@@ -27,7 +27,9 @@ const TICK: Duration = Duration::from_millis(250);
 pub fn start(bound: Duration, pager: Option<PagerProbe>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("stall-watchdog".into())
-        .spawn(move || loop {
+        .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Helper);
+            loop {
             std::thread::sleep(TICK);
             let faults = pager
                 .as_ref()
@@ -44,6 +46,7 @@ pub fn start(bound: Duration, pager: Option<PagerProbe>) -> std::io::Result<()> 
                 // The stalled thread cannot be joined: leave at once
                 // (terminal restored, API socket removed).
                 crate::signals::forced_exit(i32::from(STALL_EXIT));
+            }
             }
         })
         .map(drop)

@@ -60,6 +60,8 @@ impl EventLoop {
         let thread = thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                // Before anything else (the VMM's seccomp filter).
+                crate::thread_start();
                 // Device threads register so the pager can read their NOIO flag.
                 let _noio = crate::noio::register_current_thread();
                 let _ = tid_tx.send(crate::noio::gettid());

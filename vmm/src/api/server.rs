@@ -286,7 +286,11 @@ impl ApiServer {
         };
         let accept = thread::Builder::new()
             .name("api".into())
-            .spawn(move || ctx.run(listener))
+            .spawn(move || {
+                // Its reader and writer threads inherit this filter.
+                crate::seccomp::apply(crate::seccomp::ThreadKind::Api);
+                ctx.run(listener)
+            })
             .map_err(ServerError::Thread)?;
         log::info!("control API on {}", path.display());
         Ok(Self {

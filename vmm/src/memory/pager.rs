@@ -550,6 +550,7 @@ fn spawn(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            crate::seccomp::apply(crate::seccomp::ThreadKind::Pager);
             let outcome = catch_unwind(AssertUnwindSafe(|| body(&sh)));
             let stopping = sh.stop.load(Ordering::SeqCst);
             match outcome {

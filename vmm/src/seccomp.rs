@@ -405,7 +405,8 @@ pub fn rules(kind: ThreadKind) -> Rules {
         }
         ThreadKind::Helper => {
             // signals: sigwait/sigtimedwait; serial-input: poll and read
-            // stdin; stall-watchdog: /proc/self/task/N/comm.
+            // stdin; stall-watchdog: /proc/self/task/N/comm for its report
+            // (std's read_to_string also asks the size and position).
             allow(
                 &mut r,
                 &[
@@ -414,6 +415,10 @@ pub fn rules(kind: ThreadKind) -> Rules {
                     libc::SYS_ppoll,
                     libc::SYS_openat,
                     libc::SYS_fcntl,
+                    libc::SYS_statx,
+                    libc::SYS_fstat,
+                    libc::SYS_newfstatat,
+                    libc::SYS_lseek,
                 ],
             );
             // halt-watch kicks vCPUs.

@@ -558,6 +558,12 @@ fn every_bad_option_is_one_clear_line_and_leaves_nothing_behind() {
             "neither vcpu nor thread",
         ),
         (
+            "--seccomp: unknown",
+            vec!["--seccomp".into(), "kill".into()],
+            2,
+            "not on, log or off",
+        ),
+        (
             "--serial: unknown",
             vec!["--serial".into(), "pipe".into()],
             2,

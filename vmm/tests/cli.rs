@@ -155,6 +155,8 @@ fn bad_options_are_rejected_by_the_parser() {
         (vec!["--cpus", "255"], "255 is not in 1..=254"),
         (vec!["--cpus", "many"], "invalid digit"),
         (vec!["--frobnicate"], "unexpected argument '--frobnicate'"),
+        (vec!["--seccomp", "kill"], "'kill' is not on, log or off"),
+        (vec!["--seccomp", ""], "'' is not on, log or off"),
     ] {
         let mut all = vec!["--kernel", k];
         all.extend(args.iter().copied());
@@ -180,12 +182,13 @@ fn help_documents_every_option() {
         "--memory",
         "--serial",
         "--log-level",
+        "--seccomp",
     ] {
         assert!(help.contains(opt), "{opt} missing from --help");
     }
     assert!(Path::new(env!("CARGO_BIN_EXE_vmm")).exists());
     // The exit statuses are documented where users look first.
-    for status in ["76", "77", "78", "79", "128+N"] {
+    for status in ["75", "76", "77", "78", "79", "128+N"] {
         assert!(
             help.contains(status),
             "exit status {status} missing from --help"

@@ -168,9 +168,13 @@ fn allow_if(rules: &mut Rules, nr: libc::c_long, more: Vec<SeccompRule>) {
 /// A rule: argument `arg` (32 bits) compared with `op` to `value`.
 fn arg32(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompRule {
     // Only fails on an empty condition list or an argument index above 5.
-    SeccompRule::new(vec![
-        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).expect("valid condition")
-    ])
+    SeccompRule::new(vec![SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        op,
+        value,
+    )
+    .expect("valid condition")])
     .expect("valid rule")
 }
 
@@ -433,7 +437,10 @@ pub fn rules(kind: ThreadKind) -> Rules {
         }
         ThreadKind::Main => {
             // The control loop waits on the stop and API eventfds.
-            allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_eventfd2]);
+            allow(
+                &mut r,
+                &[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_eventfd2],
+            );
             // usb.attach: open the image, check it (stat, size), lock it
             // (OFD lock), path checks (realpath: readlink, getcwd).
             allow(
@@ -614,7 +621,11 @@ fn report_line(out: &mut [u8; 256], name: &[u8; 16], nr: i32) -> usize {
     };
     put(b"error: seccomp: thread '");
     let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    put(if name_len == 0 { b"?" } else { &name[..name_len] });
+    put(if name_len == 0 {
+        b"?"
+    } else {
+        &name[..name_len]
+    });
     put(b"' made the forbidden system call ");
     let mut digits = [0u8; 12];
     let mut i = digits.len();

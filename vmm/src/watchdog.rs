@@ -30,23 +30,24 @@ pub fn start(bound: Duration, pager: Option<PagerProbe>) -> std::io::Result<()> 
         .spawn(move || {
             crate::seccomp::apply(crate::seccomp::ThreadKind::Helper);
             loop {
-            std::thread::sleep(TICK);
-            let faults = pager
-                .as_ref()
-                .map(PagerProbe::blocked_faults)
-                .unwrap_or_default();
-            let swap = pager.as_ref().map(PagerProbe::swap_volume);
-            let volumes = all_volumes_info();
-            if let Some(report) = check(bound, &active_paths(), &faults, &volumes, swap.as_deref())
-            {
-                eprintln!("{report}");
-                if let Some(p) = &pager {
-                    eprintln!("pager-stats {}", p.stats().to_json());
+                std::thread::sleep(TICK);
+                let faults = pager
+                    .as_ref()
+                    .map(PagerProbe::blocked_faults)
+                    .unwrap_or_default();
+                let swap = pager.as_ref().map(PagerProbe::swap_volume);
+                let volumes = all_volumes_info();
+                if let Some(report) =
+                    check(bound, &active_paths(), &faults, &volumes, swap.as_deref())
+                {
+                    eprintln!("{report}");
+                    if let Some(p) = &pager {
+                        eprintln!("pager-stats {}", p.stats().to_json());
+                    }
+                    // The stalled thread cannot be joined: leave at once
+                    // (terminal restored, API socket removed).
+                    crate::signals::forced_exit(i32::from(STALL_EXIT));
                 }
-                // The stalled thread cannot be joined: leave at once
-                // (terminal restored, API socket removed).
-                crate::signals::forced_exit(i32::from(STALL_EXIT));
-            }
             }
         })
         .map(drop)

@@ -442,10 +442,7 @@ fn threads_of_a_full_vm(tag: &str, extra: &[&str], settle: Duration) -> Vec<(Str
     let disk = d.join(format!("disk-{tag}.img"));
     let usb = d.join(format!("usb-{tag}.img"));
     for p in [&disk, &usb] {
-        std::fs::File::create(p)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
+        std::fs::File::create(p).unwrap().set_len(1 << 20).unwrap();
     }
     let sock = d.join(format!("api-{tag}.sock"));
     let swap = d.join(format!("swap-{tag}"));
@@ -523,9 +520,13 @@ fn every_vmm_thread_runs_under_a_seccomp_filter_by_default() {
         .iter()
         .filter(|(n, m)| m != "2" && !n.starts_with("kvm"))
         .collect();
-    assert!(unfiltered.is_empty(), "threads without a filter: {unfiltered:?}");
+    assert!(
+        unfiltered.is_empty(),
+        "threads without a filter: {unfiltered:?}"
+    );
 
-    let threads = threads_of_a_full_vm("seccomp-off", &["--seccomp", "off"], Duration::from_secs(3));
+    let threads =
+        threads_of_a_full_vm("seccomp-off", &["--seccomp", "off"], Duration::from_secs(3));
     let filtered: Vec<_> = threads
         .iter()
         .filter(|(n, m)| m != "0" && !n.starts_with("kvm"))

@@ -131,7 +131,12 @@ fn every_kind_refuses_a_forbidden_call_and_runs_what_it_needs() {
 #[test]
 fn vcpu_threads_run_kvm_ioctls_only_and_cannot_open_files() {
     let (kvm, uffd, tty, open) = under(ThreadKind::Vcpu, || {
-        (ioctl(KVM_RUN), ioctl(UFFDIO_WAKE), ioctl(libc::TCGETS), open_statm())
+        (
+            ioctl(KVM_RUN),
+            ioctl(UFFDIO_WAKE),
+            ioctl(libc::TCGETS),
+            open_statm(),
+        )
     });
     assert_eq!(kvm, EBADF, "KVM_RUN reaches the kernel");
     assert_eq!(uffd, EPERM);
@@ -243,7 +248,10 @@ fn the_report_line_names_the_thread_and_the_call() {
         line.starts_with("error: seccomp: thread 'vcpu3' made the forbidden system call 41 ("),
         "{line}"
     );
-    assert!(line.ends_with('\n') && line.matches('\n').count() == 1, "{line}");
+    assert!(
+        line.ends_with('\n') && line.matches('\n').count() == 1,
+        "{line}"
+    );
 }
 
 /// Set in the child processes of `a_forbidden_call_exits_75_naming_the_thread`.

@@ -278,6 +278,15 @@ fn base(r: &mut Rules) {
             libc::SYS_gettid,
             libc::SYS_getrandom,
             libc::SYS_sched_getaffinity,
+            // A panic's report: with RUST_BACKTRACE the backtrace looks for
+            // the binary's symbols (its opens fail with EACCES on threads
+            // that refuse `openat`, and the frames stay unnamed).
+            libc::SYS_getcwd,
+            libc::SYS_readlink,
+            libc::SYS_statx,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            libc::SYS_lseek,
         ],
     );
     // A Rust abort raises SIGABRT on the calling thread.

@@ -273,23 +273,39 @@ fn seccomp_child() {
         return;
     };
     let (mode, kind) = spec.split_once(':').unwrap();
+    let (mode, panic) = match mode.strip_suffix("+panic") {
+        Some(m) => (m, true),
+        None => (mode, false),
+    };
     let kind = kind_named(kind);
     init(Mode::parse(mode).unwrap()).unwrap();
     let r = std::thread::Builder::new()
         .name(format!("t-{kind:?}"))
         .spawn(move || {
             apply(kind);
+            if panic {
+                panic!("a panic under the {kind:?} filter");
+            }
             socketpair()
         })
         .unwrap()
-        .join()
-        .unwrap();
+        .join();
+    if r.is_err() {
+        eprintln!("the thread panicked and the process lives on");
+        return;
+    }
+    let r = r.unwrap();
     // Only reached when the call was allowed (log mode).
     eprintln!("socketpair returned {r}");
 }
 
 fn run_child(mode: &str, kind: ThreadKind) -> std::process::Output {
+    run_child_env(mode, kind, &[])
+}
+
+fn run_child_env(mode: &str, kind: ThreadKind, env: &[(&str, &str)]) -> std::process::Output {
     Command::new(std::env::current_exe().unwrap())
+        .envs(env.iter().copied())
         .args([
             "--exact",
             "seccomp::tests::seccomp_child",
@@ -322,4 +338,22 @@ fn log_mode_lets_the_call_through() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("socketpair returned 0"), "{stderr}");
+}
+
+/// A panicking thread prints its message and its backtrace (with
+/// RUST_BACKTRACE=1, which reads the executable's symbols) under every
+/// kind's filter, instead of the filter turning the panic into exit 75.
+#[test]
+fn a_panic_with_a_backtrace_is_reported_under_every_filter() {
+    for kind in ThreadKind::ALL {
+        let out = run_child_env("on+panic", kind, &[("RUST_BACKTRACE", "1")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{kind:?}: {:?} {stderr}", out.status);
+        assert!(stderr.contains("a panic under the"), "{kind:?}: {stderr}");
+        assert!(stderr.contains("stack backtrace:"), "{kind:?}: {stderr}");
+        assert!(
+            stderr.contains("the thread panicked and the process lives on"),
+            "{kind:?}: {stderr}"
+        );
+    }
 }

@@ -569,6 +569,14 @@ pub fn apply(kind: ThreadKind) {
     }
 }
 
+/// For a thread that runs under the filter it inherited (`api-reader`,
+/// `api-writer`): records its name for the SIGSYS report, installs nothing.
+pub fn inherited() {
+    if FILTERS.get().is_some() {
+        remember_thread_name();
+    }
+}
+
 fn apply_programs(kind: ThreadKind, f: &Filters) -> Result<(), SeccompError> {
     remember_thread_name();
     // This thread's malloc arena, before its opens are refused (module doc).
@@ -594,11 +602,8 @@ thread_local! {
 
 fn remember_thread_name() {
     let mut buf = [0u8; 16];
-    let name = std::thread::current()
-        .name()
-        .unwrap_or("main")
-        .as_bytes()
-        .to_vec();
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("main").as_bytes();
     let n = name.len().min(15);
     buf[..n].copy_from_slice(&name[..n]);
     THREAD_NAME.with(|c| c.set(buf));

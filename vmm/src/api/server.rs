@@ -443,7 +443,11 @@ impl AcceptCtx {
         let write_stream = stream.try_clone()?;
         let writer = thread::Builder::new()
             .name("api-writer".into())
-            .spawn(move || write_loop(write_stream, rx))?;
+            .spawn(move || {
+                // Runs under the `api` filter it inherits.
+                crate::seccomp::inherited();
+                write_loop(write_stream, rx)
+            })?;
         c.open.insert(
             key,
             Conn {
@@ -464,7 +468,11 @@ impl AcceptCtx {
         };
         let spawned = thread::Builder::new()
             .name("api-reader".into())
-            .spawn(move || reader.run(stream));
+            .spawn(move || {
+                // Runs under the `api` filter it inherits.
+                crate::seccomp::inherited();
+                reader.run(stream)
+            });
         if let Err(e) = spawned {
             if let Some(conn) = lock(&self.conns).open.remove(&key) {
                 conn.outbox.close();

@@ -182,7 +182,7 @@ fn the_api_thread_makes_its_connection_threads_and_nothing_else() {
     let (spawned, kvm, open, connect) = under(ThreadKind::Api, || {
         let spawned = std::thread::Builder::new()
             .name("api-reader".into())
-            .spawn(|| socketpair())
+            .spawn(socketpair)
             .map(|t| t.join().unwrap());
         (
             spawned,

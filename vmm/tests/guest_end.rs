@@ -9,6 +9,12 @@
 //!
 //! Also the stop signals end to end: SIGTERM, SIGINT and SIGHUP stop a
 //! spinning guest with 128 + the signal and remove the API socket file.
+//! And seccomp (on by default in every run here): every VMM thread carries
+//! a filter, a paging guest and the control API with hot-plug run under
+//! them (RELIABILITY.md "Seccomp").
+//!
+//! `VMM_TEST_BIN=PATH` runs these against another `vmm` binary, e.g. the
+//! static one of `scripts/build-vmm-static.sh`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,6 +23,13 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `vmm` binary under test: this build's, or `VMM_TEST_BIN`.
+fn vmm_bin() -> PathBuf {
+    std::env::var_os("VMM_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vmm")))
+}
 
 fn dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("vmm-guest-end-{}", std::process::id()));
@@ -86,7 +99,7 @@ fn spawn(kernel: &Path, extra: &[&str]) -> Child {
     } else {
         &["--memory", "size=128M"]
     };
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
+    Command::new(vmm_bin())
         .arg("--kernel")
         .arg(kernel)
         .args(["--allow-pvm", "--log-level", "info"])
@@ -388,7 +401,7 @@ fn sigterm_restores_the_terminal_the_console_made_raw() {
     assert!(canonical(slave.as_raw_fd()));
     let sock = dir().join("api-tty.sock");
     let k = kernel("idle-tty", &[0xfb, 0xf4, 0xeb, 0xfd]);
-    let child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+    let child = Command::new(vmm_bin())
         .arg("--kernel")
         .arg(&k)
         .args(["--allow-pvm", "--memory", "size=128M", "--serial", "stdout"])
@@ -534,14 +547,9 @@ fn every_vmm_thread_runs_under_a_seccomp_filter_by_default() {
     assert!(filtered.is_empty(), "--seccomp off: {filtered:?}");
 }
 
-/// A guest that writes 96 MiB with a 32 MiB resident limit and reads it
-/// all back: the pager's threads fault, swap out and swap in under their
-/// filters (status 0: every word read back; 1 from the guest otherwise).
-#[test]
-fn a_paging_guest_runs_under_the_filters() {
-    if !kvm() {
-        return;
-    }
+/// Guest code that writes each page of 32-128 MiB with its address, reads
+/// every one back, then resets (status 0); a wrong word: debug exit 1.
+fn paging_code() -> Vec<u8> {
     let (start, end) = (0x200_0000u64, 0x800_0000u64);
     let mut code = Vec::new();
     let mut fails = Vec::new();
@@ -571,6 +579,34 @@ fn a_paging_guest_runs_under_the_filters() {
         let rel = (fail - (at + 4)) as i32;
         code[at..at + 4].copy_from_slice(&rel.to_le_bytes());
     }
+    code
+}
+
+/// The pager-stats line of a paging run: swap was written and read.
+fn assert_paged(o: &Outcome, what: &str) {
+    expect(o, 0, what);
+    assert!(!o.stderr.contains("error: seccomp"), "{what}: {}", o.stderr);
+    let stats = o
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("pager-stats "))
+        .expect("pager-stats line");
+    let v: serde_json::Value = serde_json::from_str(&stats["pager-stats ".len()..]).unwrap();
+    assert!(v["swap_writes"].as_u64().unwrap() > 0, "{what}: {stats}");
+    assert!(v["swap_reads"].as_u64().unwrap() > 0, "{what}: {stats}");
+}
+
+/// A guest that writes 96 MiB with a 32 MiB resident limit and reads it
+/// all back: the pager's threads fault, swap out and swap in under their
+/// filters (status 0: every word read back; 1 from the guest otherwise).
+/// Twice: swap on its own volume, then on a USB disk's volume with USB
+/// transfers on the controller's thread (`--usb-io thread`) and the API on.
+#[test]
+fn a_paging_guest_runs_under_the_filters() {
+    if !kvm() {
+        return;
+    }
+    let code = paging_code();
     let swap = dir().join("swap-paging");
     let o = run(
         "paging",
@@ -582,13 +618,141 @@ fn a_paging_guest_runs_under_the_filters() {
             "off",
         ],
     );
-    expect(&o, 0, "paging guest");
-    let stats = o
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("pager-stats "))
-        .expect("pager-stats line");
-    let v: serde_json::Value = serde_json::from_str(&stats["pager-stats ".len()..]).unwrap();
-    assert!(v["swap_writes"].as_u64().unwrap() > 0, "{stats}");
-    assert!(v["swap_reads"].as_u64().unwrap() > 0, "{stats}");
+    assert_paged(&o, "paging guest");
+
+    let usb = dir().join("usb-paging.img");
+    std::fs::File::create(&usb)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let swap = dir().join("swap-paging-usb");
+    let sock = dir().join("api-paging.sock");
+    let o = run(
+        "paging-usb",
+        &code,
+        &[
+            "--memory",
+            &format!("size=256M,limit=32M,swap={},swap_volume=u1", swap.display()),
+            "--usb-storage",
+            &format!("path={},id=u1", usb.display()),
+            "--usb-io",
+            "thread",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--serial",
+            "off",
+        ],
+    );
+    assert_paged(&o, "paging guest, swap on a USB disk's volume");
+}
+
+/// Runs `vmm-ctl CMD [ARGS]` against `sock`; its first reply line.
+fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm-ctl"))
+        .arg("--socket")
+        .arg(sock)
+        .args(["--timeout", "10"])
+        .args(args)
+        .output()
+        .expect("run vmm-ctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().next().unwrap_or("null")).unwrap_or_default()
+}
+
+/// The control API end to end under the filters (API, main, device and
+/// vCPU threads): every command against a running VM with a virtio disk,
+/// a USB disk, the pager and a balloon, hot-plug and detach included, an
+/// event connection left open, then `vm.shutdown`: status 0, no seccomp line.
+#[test]
+fn the_control_api_and_hotplug_run_under_the_filters() {
+    if !kvm() {
+        return;
+    }
+    let d = dir();
+    let img = |name: &str| {
+        let p = d.join(name);
+        std::fs::File::create(&p)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        p
+    };
+    let (disk, usb, hot, ro) = (
+        img("api-disk.img"),
+        img("api-usb.img"),
+        img("api-hot.img"),
+        img("api-ro.img"),
+    );
+    let sock = d.join("api-all.sock");
+    let swap = d.join("swap-api");
+    let k = kernel("idle-api", &[0xfb, 0xf4, 0xeb, 0xfd]); // sti; hlt
+    let child = spawn(
+        &k,
+        &[
+            "--cpus",
+            "2",
+            "--memory",
+            &format!("size=128M,limit=32M,swap={}", swap.display()),
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--usb-storage",
+            &format!("path={}", usb.display()),
+            "--balloon",
+            "size=0,stats_interval=1,auto=on,free_page_reporting=on,deflate_on_oom=on",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--serial",
+            "off",
+        ],
+    );
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < TIMEOUT, "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut events = Command::new(env!("CARGO_BIN_EXE_vmm-ctl"))
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--events", "--timeout", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ok = |r: serde_json::Value, what: &str| {
+        assert!(r.get("ok").is_some(), "{what}: {r}");
+        r
+    };
+    ok(ctl(&sock, &["vm.info"]), "vm.info");
+    let hot_arg = format!(r#"{{"path":"{}","id":"hot"}}"#, hot.display());
+    ok(ctl(&sock, &["usb.attach", &hot_arg]), "usb.attach");
+    let ro_arg = format!(r#"{{"path":"{}","readonly":true,"port":2}}"#, ro.display());
+    ok(ctl(&sock, &["usb.attach", &ro_arg]), "usb.attach readonly");
+    ok(ctl(&sock, &["usb.list"]), "usb.list");
+    ok(
+        ctl(&sock, &["debug.evict", r#"{"device":"xhci"}"#]),
+        "evict xhci",
+    );
+    ok(
+        ctl(&sock, &["debug.evict", r#"{"gpa":0,"len":1048576}"#]),
+        "evict RAM",
+    );
+    // Not suspended (no guest driver): a conflict reply, still a reply.
+    let r = ctl(&sock, &["usb.wake", r#"{"id":"hot"}"#]);
+    assert!(r.get("error").is_some() || r.get("ok").is_some(), "{r}");
+    ok(ctl(&sock, &["usb.detach", r#"{"id":"hot"}"#]), "usb.detach");
+    ok(
+        ctl(&sock, &["balloon.set", r#"{"size":"32M"}"#]),
+        "balloon.set",
+    );
+    ok(ctl(&sock, &["balloon.stats"]), "balloon.stats");
+    // A refused request: an error object, the VMM lives on.
+    let r = ctl(&sock, &["usb.detach", r#"{"id":"nosuch"}"#]);
+    assert!(r.get("error").is_some(), "{r}");
+    // Some balloon-policy and halt-watch rounds.
+    std::thread::sleep(Duration::from_millis(2500));
+    ok(ctl(&sock, &["vm.shutdown"]), "vm.shutdown");
+    let o = finish(child, "api");
+    expect(&o, 0, "vm.shutdown");
+    assert!(!o.stderr.contains("error: seccomp"), "{}", o.stderr);
+    let _ = events.wait();
 }

@@ -36,20 +36,23 @@
 //! # What a forbidden syscall does
 //!
 //! `on` (the default): the kernel sends SIGSYS to the thread (SECCOMP_RET_TRAP);
-//! [`on_sigsys`] writes one line `error: seccomp: thread 'NAME' made the
-//! forbidden system call N (x86_64)` on stderr and the process exits with
+//! `on_sigsys` writes one line `error: seccomp: thread 'NAME' made the
+//! forbidden system call N (...)` on stderr and the process exits with
 //! [`SECCOMP_EXIT`] (75) at once, without the orderly stop (no terminal
 //! restore, the API socket file stays). `log`: the kernel allows the call
 //! and logs it (SECCOMP_RET_LOG: a `type=1326 audit` line with `syscall=N`
 //! in the kernel log, `dmesg`), for finding a missing entry. `off`: no filter.
 //!
-//! `openat` is not in the vCPU, pager and API lists, but it fails with
-//! EACCES there instead of trapping (a second filter on those threads): the
-//! C library's malloc opens `/sys/devices/system/cpu/online` when a thread
-//! first creates an arena and `/proc/sys/vm/overcommit_memory` the first
-//! time it shrinks a thread heap, from whichever thread gets there first,
-//! and it copes with a failed open. [`apply`] makes one allocation before
-//! the filter so that a thread's own arena exists by then.
+//! vCPU, pager and API threads need no file opened, but `openat` fails
+//! there with EACCES instead of stopping the VMM: the C library's malloc
+//! opens `/sys/devices/system/cpu/online` (and `/proc/stat`) to size its
+//! arena count once a process has more than 8 arenas, and
+//! `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread
+//! heap, from whichever thread gets there first, and it copes with a failed
+//! open (seen under strace). A second filter on those threads answers
+//! `openat` with EACCES; their kind's list lets `openat` through, because a
+//! trap from it would win over the errno. [`apply`] also makes one
+//! allocation before the filters so that the thread's arena exists by then.
 //!
 //! # Arguments
 //!

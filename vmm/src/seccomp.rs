@@ -272,6 +272,10 @@ fn base(r: &mut Rules) {
             libc::SYS_rt_sigreturn,
             libc::SYS_rt_sigprocmask,
             libc::SYS_sigaltstack,
+            // A crash stays a crash: Rust's SIGSEGV/SIGBUS handler puts the
+            // default action back before the fault repeats (a trap there
+            // would report a crash as a seccomp stop).
+            libc::SYS_rt_sigaction,
             // Thread and process exit.
             libc::SYS_exit,
             libc::SYS_exit_group,

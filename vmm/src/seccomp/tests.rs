@@ -277,12 +277,33 @@ fn seccomp_child() {
         Some(m) => (m, true),
         None => (mode, false),
     };
+    let (mode, segv) = match mode.strip_suffix("+segv") {
+        Some(m) => (m, true),
+        None => (mode, false),
+    };
+    // A page that faults on any access, mapped before the filter.
+    // SAFETY: an anonymous PROT_NONE mapping of one page; nothing else uses it.
+    let trap_page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    } as usize;
     let kind = kind_named(kind);
     init(Mode::parse(mode).unwrap()).unwrap();
     let r = std::thread::Builder::new()
         .name(format!("t-{kind:?}"))
         .spawn(move || {
             apply(kind);
+            if segv {
+                // SAFETY: deliberately faults (the page is PROT_NONE): the
+                // process must die by SIGSEGV, as without a filter.
+                unsafe { std::ptr::read_volatile(trap_page as *const u8) };
+            }
             if panic {
                 panic!("a panic under the {kind:?} filter");
             }
@@ -355,5 +376,24 @@ fn a_panic_with_a_backtrace_is_reported_under_every_filter() {
             stderr.contains("the thread panicked and the process lives on"),
             "{kind:?}: {stderr}"
         );
+    }
+}
+
+/// A crash stays a crash: a thread that faults on bad memory kills the
+/// process with SIGSEGV under every filter (Rust's handler puts the default
+/// action back first), not with the seccomp stop.
+#[test]
+fn a_segfault_stays_a_segfault_under_every_filter() {
+    use std::os::unix::process::ExitStatusExt;
+    for kind in ThreadKind::ALL {
+        let out = run_child("on+segv", kind);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSEGV),
+            "{kind:?}: {:?} {stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("error: seccomp"), "{kind:?}: {stderr}");
     }
 }

@@ -149,7 +149,7 @@ fn main() -> ExitCode {
         .init();
     // Before the VM's threads: each installs its filter as it starts.
     if let Err(e) = vmm::seccomp::init(cli.seccomp) {
-        eprintln!("error: {e}");
+        eprintln!("{}", error_line(&e));
         return ExitCode::from(exit_status::VMM_ERROR);
     }
     let cfg = VmConfig {
@@ -172,16 +172,21 @@ fn main() -> ExitCode {
     match vm::run(&cfg) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(exit_status::VMM_ERROR)),
         Err(e) => {
-            let mut msg = format!("error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("{}", error_line(&e));
             ExitCode::from(exit_status::VMM_ERROR)
         }
     }
+}
+
+/// `error: ` and the error with its chain of causes, on one line.
+fn error_line(e: &dyn std::error::Error) -> String {
+    let mut msg = format!("error: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
 }
 
 /// `--help` and `--version` print as clap does and exit 0; a bad option is

@@ -146,6 +146,8 @@ pub enum SeccompError {
     Handler(#[source] std::io::Error),
     #[error("cannot install the seccomp filter")]
     Apply(#[source] seccompiler::Error),
+    #[error("this kernel has no seccomp filters (CONFIG_SECCOMP_FILTER); run with --seccomp off")]
+    Unsupported(#[source] std::io::Error),
 }
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
@@ -549,6 +551,12 @@ pub fn init(mode: Mode) -> Result<(), SeccompError> {
         Mode::On => SeccompAction::Trap,
         Mode::Log => SeccompAction::Log,
     };
+    // Asked here, on the main thread, so that a kernel without seccomp is
+    // one clear error before any VM thread exists.
+    // SAFETY: PR_GET_SECCOMP takes no pointer and changes nothing.
+    if unsafe { libc::prctl(libc::PR_GET_SECCOMP) } < 0 {
+        return Err(SeccompError::Unsupported(std::io::Error::last_os_error()));
+    }
     let mut by_kind = BTreeMap::new();
     for kind in ThreadKind::ALL {
         by_kind.insert(kind, program(kind, other.clone())?);

@@ -333,6 +333,21 @@ fn file_io(r: &mut Rules) {
     );
 }
 
+/// Timers: the xHCI interrupt moderation timer (armed by whichever thread
+/// raises an xHCI interrupt: a vCPU with `--usb-io vcpu`, the `xhci` loop,
+/// the main thread on hot-plug) and the balloon's statistics timer
+/// (created when the guest driver starts the device, on a vCPU thread).
+fn timers(r: &mut Rules) {
+    allow(
+        r,
+        &[
+            libc::SYS_timerfd_create,
+            libc::SYS_timerfd_settime,
+            libc::SYS_timerfd_gettime,
+        ],
+    );
+}
+
 /// Creating threads (only `api` does after start-up).
 fn spawn_threads(r: &mut Rules) {
     allow(
@@ -365,6 +380,7 @@ pub fn rules(kind: ThreadKind) -> Rules {
             // `--usb-io vcpu` USB transfers do disk I/O here.
             allow(&mut r, &[libc::SYS_eventfd2]);
             file_io(&mut r);
+            timers(&mut r);
         }
         ThreadKind::Device => {
             // The event loop.
@@ -386,6 +402,7 @@ pub fn rules(kind: ThreadKind) -> Rules {
             allow_if(&mut r, libc::SYS_ioctl, uffd_ioctls());
             // Disk I/O of virtio-blk and USB storage (`--usb-io thread`).
             file_io(&mut r);
+            timers(&mut r);
             // The balloon's resident-set figure (/proc/self/statm).
             allow(&mut r, &[libc::SYS_openat, libc::SYS_mincore]);
         }
@@ -452,6 +469,7 @@ pub fn rules(kind: ThreadKind) -> Rules {
             // balloon-policy changes the balloon's target: a config
             // interrupt (KVM_IRQ_LINE without MSI-X).
             allow_if(&mut r, libc::SYS_ioctl, kvm_ioctls());
+            timers(&mut r);
         }
         ThreadKind::Main => {
             // The control loop waits on the stop and API eventfds.
@@ -472,8 +490,10 @@ pub fn rules(kind: ThreadKind) -> Rules {
                 ],
             );
             file_io(&mut r);
-            // ioeventfds and memory slots at detach and stop, KVM_IRQ_LINE.
+            // ioeventfds and memory slots at detach and stop, KVM_IRQ_LINE;
+            // hot-plug raises xHCI port events (moderation timer).
             allow_if(&mut r, libc::SYS_ioctl, kvm_ioctls());
+            timers(&mut r);
             // The pager's unregister at stop.
             allow_if(&mut r, libc::SYS_ioctl, uffd_ioctls());
             // The console back out of raw mode.

@@ -128,6 +128,30 @@ fn every_kind_refuses_a_forbidden_call_and_runs_what_it_needs() {
     }
 }
 
+/// Arms, reads and disarms a timerfd made before the filter (the xHCI
+/// moderation timer, the balloon's statistics timer).
+fn timer_works(mut t: vmm_sys_util::timerfd::TimerFd) -> bool {
+    t.reset(std::time::Duration::from_secs(10), None).is_ok()
+        && t.is_armed().unwrap_or(false)
+        && t.clear().is_ok()
+        && vmm_sys_util::timerfd::TimerFd::new().is_ok()
+}
+
+#[test]
+fn vcpu_device_main_and_helper_threads_run_interrupt_timers() {
+    for kind in [
+        ThreadKind::Vcpu,
+        ThreadKind::Device,
+        ThreadKind::Main,
+        ThreadKind::Helper,
+    ] {
+        let t = vmm_sys_util::timerfd::TimerFd::new().unwrap();
+        assert!(under(kind, move || timer_works(t)), "{kind:?}");
+    }
+    let t = vmm_sys_util::timerfd::TimerFd::new().unwrap();
+    assert!(!under(ThreadKind::Pager, move || timer_works(t)), "pager");
+}
+
 #[test]
 fn vcpu_threads_run_kvm_ioctls_only_and_cannot_open_files() {
     let (kvm, uffd, tty, open) = under(ThreadKind::Vcpu, || {

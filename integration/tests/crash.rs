@@ -142,6 +142,7 @@ fn kill_script(
          r=1\n\
          while [ $r -le {rounds} ]; do\n\
          echo \"{MARK_ROUND} $r\"\n\
+         : > {log}\n\
          {writer} > {log} 2>&1 </dev/null &\n\
          pid=$!\n\
          t=0\n\

@@ -9,8 +9,12 @@ use thiserror::Error;
 pub const L2_BASE: &str =
     "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.nomux i8042.dumbkbd";
 
-/// Base command line for the L1 (QEMU) kernel.
-pub const L1_BASE: &str = "console=ttyS0 panic=-1 quiet";
+/// Base command line for the L1 (QEMU) kernel. `no_timer_check`: the
+/// kernel's boot-time check that the PIT ticks through the IO-APIC counts
+/// ticks over a busy-wait, which a TCG L1 on a loaded host can fail
+/// ("IO-APIC + timer doesn't work!", a panic at boot; seen once with the
+/// machine's two cores running three L1s and builds).
+pub const L1_BASE: &str = "console=ttyS0 panic=-1 quiet no_timer_check";
 
 /// Keeps L1's LAPIC timer in periodic mode (no dynamic ticks, no
 /// high-resolution one-shot programming). Under QEMU's TCG an L1 timer

@@ -811,7 +811,7 @@ fn opts(run: &GuestRun) -> RunOptions<'static> {
 }
 
 /// Looks at a silent L1 twice, [`L1_SECOND_LOOK`] apart. When both looks
-/// find its one-shot LAPIC timer not running and its vCPU at the same
+/// find its LAPIC timer stalled (`L1State::timer_stalled`) and its vCPU at the same
 /// instruction ([`monitor::stuck`]), presses a key on L1's keyboard (a new
 /// interrupt makes QEMU look at the APIC again, where the timer's vector
 /// waits in IRR; that has woken such an L1, not always) and looks a third

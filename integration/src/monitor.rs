@@ -9,6 +9,9 @@
 //! `sti; hlt`, a key press on its keyboard has woken it (seen live), but
 //! not every time (once L1 left the halt with the vector still pending);
 //! spinning in L2 on a lock the other L2 vCPU holds, it does not wake.
+//! QEMU 10.0.2 did the same once in CI. The harness now gives L1 a
+//! periodic tick (`harness::L1Tick`), which raises the vector again every
+//! 4 ms; the looks below recognise a stalled periodic timer too.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

@@ -159,7 +159,8 @@ fn console_output_written_just_before_exit_arrives() {
 /// The harness's look at a silent L1 (through QEMU's monitor) reads the
 /// real vCPU and LAPIC state and leaves a merely sleeping L1 running: an
 /// L1 that sleeps 25 s in silence is probed (twice: at 8 s and 21 s),
-/// found with its one-shot timer alive, and finishes its payload.
+/// found with its periodic timer alive (the harness's `L1Tick::Periodic`),
+/// and finishes its payload.
 #[test]
 fn a_silent_but_sleeping_l1_is_probed_and_left_running() {
     if mode() != Mode::Nested {
@@ -177,7 +178,7 @@ fn a_silent_but_sleeping_l1_is_probed_and_left_running() {
     check(!r.timed_out && !r.l1_wedged, "L1 did not finish", &r);
     check(r.wedged_attempts.is_empty(), "the run was repeated", &r);
     // The first look once L1's payload sleeps (on a loaded host L1's own
-    // boot can be silent for 8 s too, with its timer not yet one-shot).
+    // boot can be silent for 8 s too, with its timer not yet periodic).
     let probe = r
         .console
         .lines()
@@ -186,8 +187,8 @@ fn a_silent_but_sleeping_l1_is_probed_and_left_running() {
     check(probe.is_some(), "the silent L1 was not probed", &r);
     eprintln!("{}", probe.unwrap());
     check(
-        probe.unwrap().contains("lapic-timer=one-shot") && !probe.unwrap().contains("count=?"),
-        "the probe could not read L1's one-shot LAPIC timer",
+        probe.unwrap().contains("lapic-timer=periodic") && !probe.unwrap().contains("count=?"),
+        "the probe could not read L1's periodic LAPIC timer",
         &r,
     );
     check(

@@ -237,6 +237,39 @@ fn the_main_thread_cannot_create_threads_after_start_up() {
     assert_eq!(uffd, EBADF);
 }
 
+/// What the stall watchdog's report and a forced exit do on a helper
+/// thread: read a thread's name from /proc, check the terminal, remove the
+/// API socket file.
+#[test]
+fn helper_threads_can_report_a_stall_and_leave_at_once() {
+    let file = std::env::temp_dir().join(format!("seccomp-helper-{}", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    let f = file.clone();
+    let (comm, tty, removed) = under(ThreadKind::Helper, move || {
+        let comm = std::fs::read_to_string("/proc/thread-self/comm");
+        // isatty/tcgetattr: TCGETS on stdin, answered (a terminal or
+        // ENOTTY) rather than refused.
+        // SAFETY: a zeroed termios is a valid buffer for TCGETS to fill.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        let tty = sys(
+            libc::SYS_ioctl,
+            0,
+            libc::TCGETS,
+            &mut t as *mut libc::termios as u64,
+            0,
+        );
+        (
+            comm.map(|c| c.trim().to_string()),
+            tty,
+            std::fs::remove_file(&f),
+        )
+    });
+    assert_eq!(comm.ok().as_deref(), Some("test-Helper"));
+    assert_ne!(tty, EPERM, "TCGETS refused");
+    assert!(removed.is_ok(), "{removed:?}");
+    assert!(!file.exists());
+}
+
 #[test]
 fn helper_threads_kick_and_wait_for_signals_but_do_no_disk_io() {
     let (kick, pwrite, sigwait) = under(ThreadKind::Helper, || {

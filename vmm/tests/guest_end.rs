@@ -646,6 +646,20 @@ fn a_paging_guest_runs_under_the_filters() {
     assert_paged(&o, "paging guest, swap on a USB disk's volume");
 }
 
+/// Kills process `pid` if the test panics while it is armed (so that a
+/// failed assertion does not leave a VMM running).
+struct KillOnPanic(Option<u32>);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if let (Some(pid), true) = (self.0, std::thread::panicking()) {
+            // SAFETY: kill(2) on our own child, not reaped yet (disarmed
+            // before it is).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Runs `vmm-ctl CMD [ARGS]` against `sock`; its first reply line.
 fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_vmm-ctl"))
@@ -705,6 +719,7 @@ fn the_control_api_and_hotplug_run_under_the_filters() {
             "off",
         ],
     );
+    let mut guard = KillOnPanic(Some(child.id()));
     let start = Instant::now();
     while !sock.exists() {
         assert!(start.elapsed() < TIMEOUT, "no API socket");
@@ -718,6 +733,7 @@ fn the_control_api_and_hotplug_run_under_the_filters() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut events_guard = KillOnPanic(Some(events.id()));
     let ok = |r: serde_json::Value, what: &str| {
         assert!(r.get("ok").is_some(), "{what}: {r}");
         r
@@ -751,8 +767,10 @@ fn the_control_api_and_hotplug_run_under_the_filters() {
     // Some balloon-policy and halt-watch rounds.
     std::thread::sleep(Duration::from_millis(2500));
     ok(ctl(&sock, &["vm.shutdown"]), "vm.shutdown");
+    guard.0 = None;
     let o = finish(child, "api");
     expect(&o, 0, "vm.shutdown");
     assert!(!o.stderr.contains("error: seccomp"), "{}", o.stderr);
+    events_guard.0 = None;
     let _ = events.wait();
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod device_manager;
 pub mod exit_status;
+pub mod fd_wait;
 pub mod guest_ram;
 pub mod halt;
 pub mod host;

@@ -2,6 +2,7 @@
 //! fate to the VM: a fatal pager error stops the VM loudly, and its counters
 //! are printed as JSON on exit.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use devices::block::Volume;
@@ -53,10 +54,20 @@ fn watch_fatal(pager: &Pager, stop: Arc<VmStop>) -> Result<(), PagerError> {
         .name("pager-watch".into())
         .spawn(move || {
             crate::seccomp::apply(crate::seccomp::ThreadKind::Helper);
-            if fd.read().is_ok() {
-                log::error!("pager failed; stopping the VM");
-                stop.stop(StopReason::Error);
+            // The eventfd is non-blocking (the pager's own threads poll it):
+            // wait for it to be readable before each read.
+            loop {
+                if crate::fd_wait::readable(fd.as_raw_fd(), None).is_err() {
+                    return;
+                }
+                match fd.read() {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return,
+                }
             }
+            log::error!("pager failed; stopping the VM");
+            stop.stop(StopReason::Error);
         })
         .map_err(PagerError::Sys)?;
     Ok(())

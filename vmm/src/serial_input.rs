@@ -50,23 +50,6 @@ pub fn restore_terminal() {
     }
 }
 
-/// Whether `fd` has input (or EOF/hang-up) within `timeout`.
-fn readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    match n {
-        -1 => Err(io::Error::last_os_error()),
-        0 => Ok(false),
-        _ => Ok(true),
-    }
-}
-
 /// Copies `input` into `serial` until EOF, an error, or `stop`.
 pub fn pump(input: RawFd, serial: &Mutex<SerialPort>, stop: &VmStop) {
     let mut buf = [0u8; 64];
@@ -76,7 +59,7 @@ pub fn pump(input: RawFd, serial: &Mutex<SerialPort>, stop: &VmStop) {
             std::thread::sleep(POLL_INTERVAL);
             continue;
         }
-        match readable(input, POLL_INTERVAL) {
+        match crate::fd_wait::readable(input, Some(POLL_INTERVAL)) {
             Ok(false) => continue,
             Ok(true) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

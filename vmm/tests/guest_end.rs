@@ -517,8 +517,9 @@ fn every_vmm_thread_runs_under_a_seccomp_filter_by_default() {
         "pager-swapin",
         "pager-reclaim",
         "pager-writeback",
-        // Not "pager-watch": it reads a non-blocking eventfd and ends at
-        // once (a bug of its own, reported); its list is Helper's.
+        // It waits for the pager's fatal-error eventfd (it used to read the
+        // non-blocking fd once and end).
+        "pager-watch",
         "api",
         "signals",
         "stall-watchdog",

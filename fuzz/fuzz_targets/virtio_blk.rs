@@ -9,7 +9,7 @@ use devices::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_fuzz::virtq::{QueueOp, Virtqueues, DATA};
-use vmm_fuzz::{scratch_disk, Arbitrary};
+use vmm_fuzz::{scratch_disk, Arbitrary, Pick};
 
 /// Every feature the device can offer; the driver acks any subset.
 const FEATURES: u64 = VIRTIO_F_VERSION_1
@@ -33,19 +33,13 @@ const TYPES: [u32; 6] = [
 ];
 
 #[derive(Arbitrary, Debug)]
-enum RequestType {
-    Known(u8),
-    Raw(u32),
-}
-
-#[derive(Arbitrary, Debug)]
 enum Op {
     Queue(QueueOp),
     /// A request header (struct virtio_blk_req's first 16 bytes) in the
     /// data area.
     Header {
         at: u16,
-        kind: RequestType,
+        kind: Pick<u32>,
         sector: u64,
     },
 }
@@ -72,10 +66,7 @@ fuzz_target!(|input: Input| {
         match op {
             Op::Queue(op) => vq.apply(op, true, &mut |slot| worker.process_queue(slot)),
             Op::Header { at, kind, sector } => {
-                let kind = match kind {
-                    RequestType::Known(i) => TYPES[usize::from(i) % TYPES.len()],
-                    RequestType::Raw(t) => t,
-                };
+                let kind = kind.get(&TYPES);
                 let at = DATA + u64::from(at);
                 let mem = vq.mem.memory();
                 mem.write_obj(kind, GuestAddress(at)).unwrap();

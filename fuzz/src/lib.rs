@@ -9,8 +9,9 @@
 
 pub mod virtq;
 
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 pub use arbitrary::{Arbitrary, Unstructured};
@@ -20,36 +21,33 @@ use devices::block::RawImage;
 /// fuzzer tries is near an edge.
 pub const DISK_SECTORS: u64 = 64;
 
-/// A raw image of [`DISK_SECTORS`] sectors, made once per process and
-/// shared by every run: only its bytes change between runs, and no model
-/// branches on disk contents. Made on tmpfs when there is one (a flush is
-/// then free), and unlinked as soon as it is open, so nothing is left
-/// behind.
+/// A raw image of [`DISK_SECTORS`] sectors with a volume of its own,
+/// opened afresh for each run (a device may leave its volume quiesced),
+/// over one file per process and `readonly`. The file is on tmpfs when
+/// there is one (a flush is then free) and unlinked as soon as it exists;
+/// it is reopened through `/proc/self/fd`, so nothing is left behind.
 pub fn scratch_disk(readonly: bool) -> Arc<RawImage> {
-    static RW: OnceLock<Arc<RawImage>> = OnceLock::new();
-    static RO: OnceLock<Arc<RawImage>> = OnceLock::new();
-    let cell = if readonly { &RO } else { &RW };
-    cell.get_or_init(|| {
-        static N: AtomicU64 = AtomicU64::new(0);
+    static RW: OnceLock<File> = OnceLock::new();
+    static RO: OnceLock<File> = OnceLock::new();
+    let file = if readonly { &RO } else { &RW }.get_or_init(|| {
         let shm = PathBuf::from("/dev/shm");
         let dir = if shm.is_dir() {
             shm
         } else {
             std::env::temp_dir()
         };
-        let path = dir.join(format!(
-            "vmm-fuzz-{}-{}.img",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
+        let path = dir.join(format!("vmm-fuzz-{}-{readonly}.img", std::process::id()));
         // Sector i holds the byte i: misplaced I/O would show in a debugger.
         let bytes: Vec<u8> = (0..DISK_SECTORS * 512).map(|i| (i / 512) as u8).collect();
         std::fs::write(&path, bytes).expect("write the scratch disk");
-        let image = RawImage::open(&path, readonly, "fuzz").expect("open the scratch disk");
+        let file = File::open(&path).expect("open the scratch disk");
         std::fs::remove_file(&path).expect("unlink the scratch disk");
-        Arc::new(image)
-    })
-    .clone()
+        file
+    });
+    // Forget the volumes of earlier runs (the list only prunes when read).
+    drop(devices::block::all_volumes());
+    let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    Arc::new(RawImage::open(&path, readonly, "fuzz").expect("open the scratch disk"))
 }
 
 /// Where a guest buffer is: in a target's data area (most of the time, so
@@ -86,6 +84,24 @@ impl FuzzLen {
             FuzzLen::Sectors(n) => u32::from(n) * 512,
             FuzzLen::Bytes(n) => u32::from(n),
             FuzzLen::Raw(n) => n,
+        }
+    }
+}
+
+/// An opcode or type field: one the model implements (from its list), or
+/// any value.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub enum Pick<T> {
+    Known(u8),
+    Raw(T),
+}
+
+impl<T: Copy> Pick<T> {
+    /// The value, taking `Known` from `known` (which must not be empty).
+    pub fn get(self, known: &[T]) -> T {
+        match self {
+            Pick::Known(i) => known[usize::from(i) % known.len()],
+            Pick::Raw(v) => v,
         }
     }
 }

@@ -6,6 +6,8 @@
 
 #![no_main]
 
+use std::sync::Arc;
+
 use devices::usb::mass_storage::test_utils::{cbw, SCSI_OPCODES};
 use devices::usb::mass_storage::{MassStorage, MassStorageConfig, BULK_IN, BULK_OUT};
 use devices::usb::{SetupPacket, UsbDevice, UsbSpeed};
@@ -79,7 +81,7 @@ fuzz_target!(|input: Input| {
         max_speed: speed,
         ..Default::default()
     };
-    let mut dev = MassStorage::new(scratch_disk(input.readonly), config);
+    let mut dev = MassStorage::new(Arc::new(scratch_disk(input.readonly)), config);
     for op in input.ops {
         match op {
             Op::Command {

@@ -4,6 +4,8 @@
 
 #![no_main]
 
+use std::sync::Arc;
+
 use devices::virtio::block::*;
 use devices::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use libfuzzer_sys::fuzz_target;
@@ -58,7 +60,7 @@ fuzz_target!(|input: Input| {
     let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
     id[..4].copy_from_slice(b"fuzz");
     let mut worker = BlockWorker::new(
-        scratch_disk(input.readonly),
+        Arc::new(scratch_disk(input.readonly)),
         id,
         vq.activation(input.features & FEATURES),
     );

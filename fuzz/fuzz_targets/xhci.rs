@@ -6,6 +6,8 @@
 
 #![no_main]
 
+use std::sync::Arc;
+
 use devices::usb::mass_storage::test_utils::{cbw, SCSI_OPCODES};
 use devices::usb::mass_storage::{MassStorage, MassStorageConfig};
 use devices::xhci::regs::{DB_BASE, MMIO_SIZE, PORT_BASE, PORT_STRIDE};
@@ -164,7 +166,10 @@ fn trb(t: FuzzTrb) -> Trb {
 }
 
 fn attach(d: &mut Driver, port: u8, readonly: bool) {
-    let disk = MassStorage::new(scratch_disk(readonly), MassStorageConfig::default());
+    let disk = MassStorage::new(
+        Arc::new(scratch_disk(readonly)),
+        MassStorageConfig::default(),
+    );
     d.xhci
         .attach(port, Box::new(disk))
         .expect("the port is free");

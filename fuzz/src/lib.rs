@@ -1,6 +1,6 @@
 //! What the fuzz targets share: the scratch disk images, the guest address
-//! vocabulary, and a driver for split virtqueues whose every move comes
-//! from the fuzz input.
+//! vocabulary, a driver for split virtqueues whose every move comes from
+//! the fuzz input, and an event loop that runs device workers inline.
 //!
 //! A target is a hostile guest: it builds descriptors, rings, TRBs and
 //! contexts in guest memory from the input and hands them to a device
@@ -12,10 +12,13 @@ pub mod virtq;
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub use arbitrary::{Arbitrary, Unstructured};
 use devices::block::RawImage;
+use devices::pci::IrqLevel;
+use devices::virtio::{Worker, WorkerError, WorkerHost, WorkerId};
+use event_manager::{EventManager, SubscriberOps};
 
 /// Sectors of the scratch disks: small, so that every sector number the
 /// fuzzer tries is near an edge.
@@ -26,7 +29,7 @@ pub const DISK_SECTORS: u64 = 64;
 /// over one file per process and `readonly`. The file is on tmpfs when
 /// there is one (a flush is then free) and unlinked as soon as it exists;
 /// it is reopened through `/proc/self/fd`, so nothing is left behind.
-pub fn scratch_disk(readonly: bool) -> Arc<RawImage> {
+pub fn scratch_disk(readonly: bool) -> RawImage {
     static RW: OnceLock<File> = OnceLock::new();
     static RO: OnceLock<File> = OnceLock::new();
     let file = if readonly { &RO } else { &RW }.get_or_init(|| {
@@ -47,7 +50,7 @@ pub fn scratch_disk(readonly: bool) -> Arc<RawImage> {
     // Forget the volumes of earlier runs (the list only prunes when read).
     drop(devices::block::all_volumes());
     let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    Arc::new(RawImage::open(&path, readonly, "fuzz").expect("open the scratch disk"))
+    RawImage::open(&path, readonly, "fuzz").expect("open the scratch disk")
 }
 
 /// Where a guest buffer is: in a target's data area (most of the time, so
@@ -104,4 +107,45 @@ impl<T: Copy> Pick<T> {
             Pick::Raw(v) => v,
         }
     }
+}
+
+/// Runs device workers on the fuzzing thread: the transport starts and
+/// stops them as the event loop would, and [`InlineWorkers::run`] handles
+/// whatever their eventfds have pending (queue notifications), so a run
+/// is deterministic.
+pub struct InlineWorkers(Mutex<EventManager<Worker>>);
+
+impl InlineWorkers {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self(Mutex::new(
+            EventManager::new().expect("an epoll instance"),
+        )))
+    }
+
+    /// One pass over the ready events, without waiting.
+    pub fn run(&self) {
+        let mut manager = self.0.lock().unwrap();
+        manager.run_with_timeout(0).expect("epoll_wait");
+    }
+}
+
+impl WorkerHost for InlineWorkers {
+    fn start(&self, worker: Worker) -> Result<WorkerId, WorkerError> {
+        Ok(self.0.lock().unwrap().add_subscriber(worker))
+    }
+
+    fn stop(&self, id: WorkerId) -> Result<(), WorkerError> {
+        let mut manager = self.0.lock().unwrap();
+        manager
+            .remove_subscriber(id)
+            .map(drop)
+            .map_err(WorkerError::from)
+    }
+}
+
+/// An INTx line that goes nowhere.
+pub struct NoLine;
+
+impl IrqLevel for NoLine {
+    fn set_level(&self, _asserted: bool) {}
 }

@@ -10,6 +10,7 @@
 pub mod virtq;
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -24,33 +25,60 @@ use event_manager::{EventManager, SubscriberOps};
 /// fuzzer tries is near an edge.
 pub const DISK_SECTORS: u64 = 64;
 
-/// A raw image of [`DISK_SECTORS`] sectors with a volume of its own,
-/// opened afresh for each run (a device may leave its volume quiesced),
-/// over one file per process and `readonly`. The file is on tmpfs when
-/// there is one (a flush is then free) and unlinked as soon as it exists;
-/// it is reopened through `/proc/self/fd`, so nothing is left behind.
-pub fn scratch_disk(readonly: bool) -> RawImage {
-    static RW: OnceLock<File> = OnceLock::new();
-    static RO: OnceLock<File> = OnceLock::new();
-    let file = if readonly { &RO } else { &RW }.get_or_init(|| {
+/// A file that exists only while the process does: made on tmpfs when
+/// there is one, unlinked at once, and reopened by path through
+/// `/proc/self/fd` (so code that takes a path can read it, and nothing is
+/// left behind when a fuzzer is killed).
+pub struct ScratchFile(File);
+
+impl ScratchFile {
+    pub fn new(name: &str) -> Self {
         let shm = PathBuf::from("/dev/shm");
         let dir = if shm.is_dir() {
             shm
         } else {
             std::env::temp_dir()
         };
-        let path = dir.join(format!("vmm-fuzz-{}-{readonly}.img", std::process::id()));
+        let path = dir.join(format!("vmm-fuzz-{}-{name}", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .expect("create a scratch file");
+        std::fs::remove_file(&path).expect("unlink the scratch file");
+        Self(file)
+    }
+
+    /// A path that opens the file.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.0.as_raw_fd()))
+    }
+
+    /// Makes `bytes` the whole file; returns its path.
+    pub fn set(&self, bytes: &[u8]) -> PathBuf {
+        self.0.set_len(0).expect("truncate a scratch file");
+        self.0.write_all_at(bytes, 0).expect("write a scratch file");
+        self.path()
+    }
+}
+
+/// A raw image of [`DISK_SECTORS`] sectors with a volume of its own,
+/// opened afresh for each run (a device may leave its volume quiesced),
+/// over one [`ScratchFile`] per process and `readonly`.
+pub fn scratch_disk(readonly: bool) -> RawImage {
+    static RW: OnceLock<ScratchFile> = OnceLock::new();
+    static RO: OnceLock<ScratchFile> = OnceLock::new();
+    let file = if readonly { &RO } else { &RW }.get_or_init(|| {
+        let file = ScratchFile::new(if readonly { "ro.img" } else { "rw.img" });
         // Sector i holds the byte i: misplaced I/O would show in a debugger.
         let bytes: Vec<u8> = (0..DISK_SECTORS * 512).map(|i| (i / 512) as u8).collect();
-        std::fs::write(&path, bytes).expect("write the scratch disk");
-        let file = File::open(&path).expect("open the scratch disk");
-        std::fs::remove_file(&path).expect("unlink the scratch disk");
+        file.set(&bytes);
         file
     });
     // Forget the volumes of earlier runs (the list only prunes when read).
     drop(devices::block::all_volumes());
-    let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-    RawImage::open(&path, readonly, "fuzz").expect("open the scratch disk")
+    RawImage::open(&file.path(), readonly, "fuzz").expect("open the scratch disk")
 }
 
 /// Where a guest buffer is: in a target's data area (most of the time, so

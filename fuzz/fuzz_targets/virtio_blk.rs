@@ -66,7 +66,7 @@ fuzz_target!(|input: Input| {
     );
     for op in input.ops {
         match op {
-            Op::Queue(op) => vq.apply(op, true, &mut |slot| worker.process_queue(slot)),
+            Op::Queue(op) => vq.apply(op, true, &mut |slot| Some(worker.process_queue(slot))),
             Op::Header { at, kind, sector } => {
                 let kind = kind.get(&TYPES);
                 let at = DATA + u64::from(at);

@@ -150,6 +150,11 @@ impl InlineWorkers {
         )))
     }
 
+    /// Adds a worker, as `start` does.
+    pub fn add(&self, worker: Worker) -> WorkerId {
+        self.0.lock().unwrap().add_subscriber(worker)
+    }
+
     /// One pass over the ready events, without waiting.
     pub fn run(&self) {
         let mut manager = self.0.lock().unwrap();
@@ -159,7 +164,7 @@ impl InlineWorkers {
 
 impl WorkerHost for InlineWorkers {
     fn start(&self, worker: Worker) -> Result<WorkerId, WorkerError> {
-        Ok(self.0.lock().unwrap().add_subscriber(worker))
+        Ok(self.add(worker))
     }
 
     fn stop(&self, id: WorkerId) -> Result<(), WorkerError> {

@@ -64,13 +64,18 @@ impl Virtqueues {
     /// `num` queues of `size` entries each (`size` made a power of two in
     /// 2..=256, `num` 1..=[`MAX_QUEUES`]).
     pub fn new(num: u16, size: u16) -> Self {
+        Self::in_memory(guest_memory(MEM_SIZE), num, size)
+    }
+
+    /// The same in `mem`, whose first [`MEM_SIZE`] bytes must be RAM.
+    pub fn in_memory(mem: GuestMemoryAtomic<GuestMemoryMmap>, num: u16, size: u16) -> Self {
         let num = num.clamp(1, MAX_QUEUES);
         let size = size.clamp(2, 256).next_power_of_two().min(256);
         let rings = (0..num)
             .map(|i| TestRing::new(RING_BASE + u64::from(i) * RING_STRIDE, size))
             .collect();
         Self {
-            mem: guest_memory(MEM_SIZE),
+            mem,
             rings,
             irq: Arc::new(CountingInterrupt::default()),
         }
@@ -87,14 +92,15 @@ impl Virtqueues {
     }
 
     /// Applies one move; `Process` calls `process(slot)`, the device's
-    /// queue processing. When `returns_all` (a device that holds no
-    /// buffer), every chain the device reports completed must be in the
-    /// used ring, with a head inside the ring.
+    /// queue processing, which says what it did when it knows. When
+    /// `returns_all` (a device that holds no buffer), every chain the
+    /// device reports completed must be in the used ring, with a head
+    /// inside the ring.
     pub fn apply(
         &mut self,
         op: QueueOp,
         returns_all: bool,
-        process: &mut dyn FnMut(usize) -> ProcessStats,
+        process: &mut dyn FnMut(usize) -> Option<ProcessStats>,
     ) {
         let mem = self.mem.memory();
         match op {
@@ -141,7 +147,9 @@ impl Virtqueues {
                 let slot = self.slot(queue);
                 let ring = &self.rings[slot];
                 let before = ring.used_idx(&mem);
-                let stats = process(slot);
+                let Some(stats) = process(slot) else {
+                    return;
+                };
                 assert!(
                     stats.completed <= u32::from(ring.size),
                     "one pass completed {} chains on a ring of {}",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets in fuzz/ and runs each one.
 #
-#   scripts/fuzz.sh --seconds 20            every target, 20 s each (CI's pass)
+#   scripts/fuzz.sh --seconds 15            every target, 15 s each (CI's pass)
 #   scripts/fuzz.sh --runs 10000000 xhci    one target, 10^7 executions
 #   scripts/fuzz.sh --list                  the targets
 #

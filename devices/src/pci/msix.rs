@@ -422,9 +422,10 @@ impl Interrupt for Msix {
     }
 }
 
-/// A router that records what it was asked to do, for tests of any device.
-#[cfg(test)]
-pub(crate) mod test_router {
+/// A router that records what it was asked to do, for tests of any device
+/// (and the fuzz crate in ../fuzz).
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_router {
     use super::*;
 
     #[derive(Default)]

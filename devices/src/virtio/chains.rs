@@ -3,7 +3,7 @@
 //! buffers added while notifications were off (VIRTIO_RING_F_EVENT_IDX), and
 //! signal the driver when the ring says so (§2.7.7, §2.7.10).
 
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{ActivatedQueue, VirtioInterrupt};
@@ -31,8 +31,10 @@ pub enum Disposition {
 
 /// Runs `handle` on up to `budget` available chains of `aq`. A head index
 /// the ring cannot take back (the driver published garbage) is consumed and
-/// counted against the budget but not completed. `tag` names the device in
-/// log lines.
+/// counted against the budget but not completed. An available ring that
+/// cannot be read, or whose index is more than the ring's size ahead of the
+/// device, ends the pass: nothing on it can be trusted until the driver
+/// writes a sane index (and notifies). `tag` names the device in log lines.
 pub fn process_chains<'m, F>(
     aq: &mut ActivatedQueue,
     mem: &'m GuestMemoryMmap,
@@ -53,7 +55,18 @@ where
                 log::warn!("{tag}: disable notification: {e}");
             }
         }
-        while let Some(chain) = aq.queue.pop_descriptor_chain(mem) {
+        loop {
+            // Not `pop_descriptor_chain`, which reads a broken ring as an
+            // empty one: with EVENT_IDX, re-enabling notifications would
+            // then report buffers forever.
+            let chain = match aq.queue.iter(mem) {
+                Ok(mut chains) => chains.next(),
+                Err(e) => {
+                    log::warn!("{tag}: unusable available ring: {e}");
+                    break 'outer;
+                }
+            };
+            let Some(chain) = chain else { break };
             let head = chain.head_index();
             if let Disposition::Used(len) = handle(chain) {
                 match aq.queue.add_used(mem, head, len) {
@@ -115,5 +128,51 @@ fn notify(aq: &mut ActivatedQueue, mem: &GuestMemoryMmap, interrupt: &VirtioInte
             true
         }
         Ok(false) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+    use super::*;
+    use crate::virtio::test_utils::{activation, guest_memory, CountingInterrupt, TestRing};
+    use crate::virtio::VIRTIO_RING_F_EVENT_IDX;
+
+    /// Found by the virtio_blk fuzz target: with EVENT_IDX, an available
+    /// index more than a ring's size ahead of the device made every pop
+    /// fail while re-enabling notifications kept reporting buffers, so the
+    /// queue loop spun forever on the event-loop thread.
+    #[test]
+    fn an_avail_index_too_far_ahead_ends_the_pass() {
+        let mem = guest_memory(1 << 20);
+        let ring = TestRing::new(0x1000, 4);
+        let mut a = activation(
+            &mem,
+            Arc::new(CountingInterrupt::default()),
+            std::slice::from_ref(&ring),
+            VIRTIO_RING_F_EVENT_IDX,
+        );
+        mem.memory()
+            .write_obj(0x3333u16, GuestAddress(ring.avail + 2))
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut aq = a.queues.remove(0);
+            let m = a.mem.memory();
+            let stats = process_chains(&mut aq, &m, &a.interrupt, 4, "test", |_| {
+                Disposition::Used(0)
+            });
+            let _ = tx.send(stats);
+        });
+        let stats = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the queue pass never ended");
+        assert_eq!(stats.completed, 0);
+        assert!(!stats.more);
     }
 }

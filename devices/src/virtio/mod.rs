@@ -18,8 +18,8 @@ mod interrupt;
 mod transport;
 mod worker;
 
-#[cfg(test)]
-pub(crate) mod test_utils;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 pub use interrupt::VirtioInterrupt;
 pub use transport::{

@@ -3,11 +3,14 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::interrupt::Interrupt;
+use crate::virtio::{ActivatedQueue, Activation, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 
 pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
@@ -43,6 +46,25 @@ impl TestRing {
             size,
             next_desc: 0,
             avail_idx: 0,
+        }
+    }
+
+    /// The device side of this ring, as the transport hands it over at
+    /// DRIVER_OK: queue `index`, enabled, with EVENT_IDX as negotiated.
+    pub fn activated_queue(&self, index: u16, event_idx: bool) -> ActivatedQueue {
+        let mut q = Queue::new(self.size).unwrap();
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(self.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(self.used))
+            .unwrap();
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        ActivatedQueue {
+            index,
+            queue: q,
+            event: EventFd::new(EFD_NONBLOCK).unwrap(),
         }
     }
 
@@ -111,6 +133,33 @@ impl TestRing {
     pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
         mem.write_obj(v, GuestAddress(self.avail + 4 + 2 * u64::from(self.size)))
             .unwrap();
+    }
+}
+
+/// What the transport hands a device at DRIVER_OK when the driver enabled
+/// every ring of `rings`: queue `i` on MSI-X vector `i + 1`, configuration
+/// changes on vector 0, EVENT_IDX as `acked_features` say.
+pub fn activation(
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    irq: Arc<dyn Interrupt>,
+    rings: &[TestRing],
+    acked_features: u64,
+) -> Activation {
+    let interrupt = VirtioInterrupt::new(irq, rings.len());
+    interrupt.set_config_vector(0);
+    let event_idx = acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+    let queues = (0u16..)
+        .zip(rings)
+        .map(|(i, ring)| {
+            interrupt.set_queue_vector(i, i + 1);
+            ring.activated_queue(i, event_idx)
+        })
+        .collect();
+    Activation {
+        mem: mem.clone(),
+        interrupt,
+        queues,
+        acked_features,
     }
 }
 

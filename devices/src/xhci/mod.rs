@@ -28,6 +28,8 @@ pub mod slot;
 pub mod transfer;
 pub mod trb;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 #[cfg(test)]
 mod tests;
 

@@ -112,7 +112,12 @@ impl KernelKind {
     /// buffer, `init_size` from `pref_address`).
     fn end(&self) -> u64 {
         match self {
-            Self::BzImage(h) => h.pref_address.max(HIMEM_START) + u64::from(h.init_size),
+            // Saturating: a header may name any 64-bit address; such a
+            // kernel does not fit, which the memory check then reports.
+            Self::BzImage(h) => h
+                .pref_address
+                .max(HIMEM_START)
+                .saturating_add(u64::from(h.init_size)),
             Self::Elf(k) => k.end,
         }
     }
@@ -192,20 +197,23 @@ impl BootPlan {
 
         let kernel_end = kind.end();
         let initrd_len = initramfs.as_ref().map_or(0, |d| d.len() as u64);
-        let need = kernel_end + page_align(initrd_len) + MEMORY_SLACK;
+        let need = kernel_end
+            .saturating_add(page_align(initrd_len))
+            .saturating_add(MEMORY_SLACK);
         if mem_size < need {
             return Err(BootError::MemoryTooSmall {
                 have_mib: mem_size >> 20,
                 need_mib: need.div_ceil(1 << 20),
             });
         }
-        // The initramfs goes as high as the kernel allows, out of its way.
+        // The initramfs goes as high as the kernel allows, out of its way
+        // (None inside: no room at all below initrd_addr_max).
         let initrd_at = initramfs.as_ref().map(|d| {
             let top = low_ram_end(mem_size).min(kind.initrd_addr_max() + 1);
-            (top - d.len() as u64) & !0xfff
+            top.checked_sub(d.len() as u64).map(|at| at & !0xfff)
         });
         if let Some(at) = initrd_at {
-            if at < kernel_end {
+            if !matches!(at, Some(at) if at >= kernel_end) {
                 return Err(BootError::MemoryTooSmall {
                     have_mib: mem_size >> 20,
                     need_mib: need.div_ceil(1 << 20),
@@ -218,7 +226,7 @@ impl BootPlan {
             initramfs,
             cmdline: cmdline_bytes,
             mem_size,
-            initrd_at,
+            initrd_at: initrd_at.flatten(),
         })
     }
 
@@ -326,6 +334,11 @@ mod tests {
     }
 
     fn fake_bzimage(init_size: u32) -> Vec<u8> {
+        fake_bzimage_with(|h| h.init_size = init_size)
+    }
+
+    /// A bzImage whose setup header `edit` changed.
+    fn fake_bzimage_with(edit: impl FnOnce(&mut setup_header)) -> Vec<u8> {
         let mut img = vec![0u8; 0x4000];
         let mut h = setup_header {
             setup_sects: 4,
@@ -336,11 +349,12 @@ mod tests {
             cmdline_size: 2047,
             initrd_addr_max: 0x7fff_ffff,
             pref_address: 0x100_0000,
-            init_size,
+            init_size: 20 << 20,
             code32_start: 0x10_0000,
             ..Default::default()
         };
         h.boot_flag = 0xaa55;
+        edit(&mut h);
         let off = SETUP_HEADER_OFFSET as usize;
         img[off..off + h.as_slice().len()].copy_from_slice(h.as_slice());
         img
@@ -419,6 +433,31 @@ mod tests {
                 .contains("not a Linux bzImage or x86-64 vmlinux ELF"),
             "{e}"
         );
+    }
+
+    /// Found by the boot fuzz target: `pref_address + init_size` overflowed
+    /// (a panic in a debug build; in release a wrapped end that passed the
+    /// memory check).
+    #[test]
+    fn a_kernel_preferring_the_top_of_the_address_space_does_not_fit() {
+        let k = temp(
+            "bz-top",
+            &fake_bzimage_with(|h| h.pref_address = u64::MAX - 0xfff),
+        );
+        let e = BootPlan::new(&k, None, "", 256 << 20).err().unwrap();
+        assert!(matches!(e, BootError::MemoryTooSmall { .. }), "{e}");
+    }
+
+    /// An initrd_addr_max below the initramfs's size left no room under it
+    /// (the placement subtracted past zero).
+    #[test]
+    fn an_initramfs_larger_than_initrd_addr_max_does_not_fit() {
+        let k = temp("bz-lowmax", &fake_bzimage_with(|h| h.initrd_addr_max = 0));
+        let initrd = temp("lowmax.img", &[0xfd, b'7', b'z', b'X', b'Z', 0]);
+        let e = BootPlan::new(&k, Some(&initrd), "", 256 << 20)
+            .err()
+            .unwrap();
+        assert!(matches!(e, BootError::MemoryTooSmall { .. }), "{e}");
     }
 
     #[test]

@@ -441,5 +441,7 @@ impl UsbDevice for MassStorage {
     }
 }
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 #[cfg(test)]
 pub(crate) mod tests;

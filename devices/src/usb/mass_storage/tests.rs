@@ -1,6 +1,6 @@
 //! Mass-storage tests driven the way usb-storage drives the device.
 
-use super::bot::{CswStatus, CBW_SIGNATURE, CSW_SIGNATURE};
+use super::bot::{CswStatus, CSW_SIGNATURE};
 use super::scsi::{opcode, Sense};
 use super::*;
 use crate::usb::TransferStatus;
@@ -9,12 +9,7 @@ use std::path::PathBuf;
 
 mod random_host;
 
-/// Opcodes the device implements (and a few it does not), so that random
-/// CDBs reach the SCSI handlers.
-pub(crate) const SCSI_OPCODES: &[u8] = &[
-    0x00, 0x03, 0x12, 0x1a, 0x1b, 0x1e, 0x23, 0x25, 0x28, 0x2a, 0x2f, 0x35, 0x5a, 0x88, 0x8a, 0x91,
-    0x9e, 0xa0,
-];
+pub(crate) use super::test_utils::{cbw, SCSI_OPCODES};
 
 /// A throwaway image file removed on drop.
 pub(crate) struct TempImage(pub PathBuf);
@@ -82,17 +77,6 @@ fn control(
         length: data.len() as u16,
     };
     dev.control(&setup, data)
-}
-
-pub(crate) fn cbw(tag: u32, len: u32, data_in: bool, cdb: &[u8]) -> Vec<u8> {
-    let mut b = vec![0u8; 31];
-    b[..4].copy_from_slice(&CBW_SIGNATURE.to_le_bytes());
-    b[4..8].copy_from_slice(&tag.to_le_bytes());
-    b[8..12].copy_from_slice(&len.to_le_bytes());
-    b[12] = if data_in { 0x80 } else { 0 };
-    b[14] = cdb.len() as u8;
-    b[15..15 + cdb.len()].copy_from_slice(cdb);
-    b
 }
 
 /// (tag, residue, status) of a CSW.

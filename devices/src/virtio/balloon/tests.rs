@@ -6,16 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::Role;
 use super::*;
 use crate::virtio::test_utils::{Buf, CountingInterrupt, TestRing};
-use crate::virtio::{
-    ActivatedQueue, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-};
+use crate::virtio::{Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
 const MIB: u64 = 1 << 20;
 /// Guest RAM: [0, 16 MiB) and [32 MiB, 48 MiB), a hole between.
@@ -106,19 +102,7 @@ fn fixture_with(features: u64, size: u64) -> Fixture {
     for i in 0..used {
         interrupt.set_queue_vector(i, i + 1);
         let ring = TestRing::new(0x1000 + u64::from(i) * 0x10000, QSIZE);
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.try_set_desc_table_address(GuestAddress(ring.desc))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(ring.avail))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(ring.used))
-            .unwrap();
-        q.set_ready(true);
-        queues.push(ActivatedQueue {
-            index: i,
-            queue: q,
-            event: EventFd::new(EFD_NONBLOCK).unwrap(),
-        });
+        queues.push(ring.activated_queue(i, false));
         rings.push(ring);
     }
     let worker = balloon
@@ -163,20 +147,7 @@ fn rebuild_worker(
         .enumerate()
         .map(|(i, (role, ring))| {
             interrupt.set_queue_vector(i as u16, i as u16 + 1);
-            let mut q = Queue::new(QSIZE).unwrap();
-            q.try_set_desc_table_address(GuestAddress(ring.desc))
-                .unwrap();
-            q.try_set_avail_ring_address(GuestAddress(ring.avail))
-                .unwrap();
-            q.try_set_used_ring_address(GuestAddress(ring.used))
-                .unwrap();
-            q.set_ready(true);
-            let aq = ActivatedQueue {
-                index: i as u16,
-                queue: q,
-                event: EventFd::new(EFD_NONBLOCK).unwrap(),
-            };
-            (role, aq)
+            (role, ring.activated_queue(i as u16, false))
         })
         .collect();
     BalloonWorker::new(

@@ -4,16 +4,14 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::block::RawImage;
-use crate::virtio::test_utils::{guest_memory, Buf, CountingInterrupt, TempImage, TestRing};
-use crate::virtio::{
-    ActivatedQueue, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX,
+use crate::virtio::test_utils::{
+    activation, guest_memory, Buf, CountingInterrupt, TempImage, TestRing,
 };
+use crate::virtio::{VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 
 mod random_driver;
 
@@ -38,39 +36,15 @@ fn fixture_with(readonly: bool, features: u64, queues: u16) -> Fixture {
     let disk = RawImage::open(&image.0, readonly, "t").unwrap();
     let mem = guest_memory(MEM_SIZE);
     let irq = Arc::new(CountingInterrupt::default());
-    let interrupt = VirtioInterrupt::new(irq.clone(), usize::from(queues));
-    let mut rings = Vec::new();
-    let mut aqs = Vec::new();
-    for i in 0..queues {
-        interrupt.set_queue_vector(i, i + 1);
-        let ring = TestRing::new(0x1000 + u64::from(i) * 0x10000, QSIZE);
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.try_set_desc_table_address(GuestAddress(ring.desc))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(ring.avail))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(ring.used))
-            .unwrap();
-        q.set_event_idx(features & VIRTIO_RING_F_EVENT_IDX != 0);
-        q.set_ready(true);
-        aqs.push(ActivatedQueue {
-            index: i,
-            queue: q,
-            event: EventFd::new(EFD_NONBLOCK).unwrap(),
-        });
-        rings.push(ring);
-    }
+    let rings: Vec<_> = (0..queues)
+        .map(|i| TestRing::new(0x1000 + u64::from(i) * 0x10000, QSIZE))
+        .collect();
     let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
     id[..9].copy_from_slice(b"disk-id-7");
     let worker = BlockWorker::new(
         Arc::new(disk),
         id,
-        Activation {
-            mem: mem.clone(),
-            interrupt,
-            queues: aqs,
-            acked_features: features,
-        },
+        activation(&mem, irq.clone(), &rings, features),
     );
     Fixture {
         mem,

@@ -59,26 +59,6 @@ fn random_trb(rng: &mut Rng, types: std::ops::RangeInclusive<u32>) -> Trb {
     }
 }
 
-/// Registers a driver writes, for writes that reach real handlers more
-/// often than a random offset would.
-const REGISTERS: &[u64] = &[
-    OP_BASE + op::USBCMD,
-    OP_BASE + op::USBSTS,
-    OP_BASE + op::DNCTRL,
-    OP_BASE + op::CRCR_LO,
-    OP_BASE + op::CRCR_HI,
-    OP_BASE + op::DCBAAP_LO,
-    OP_BASE + op::DCBAAP_HI,
-    OP_BASE + op::CONFIG,
-    RT_BASE + rt::IR0 + rt::IMAN,
-    RT_BASE + rt::IR0 + rt::IMOD,
-    RT_BASE + rt::IR0 + rt::ERSTSZ,
-    RT_BASE + rt::IR0 + rt::ERSTBA_LO,
-    RT_BASE + rt::IR0 + rt::ERSTBA_HI,
-    RT_BASE + rt::IR0 + rt::ERDP_LO,
-    RT_BASE + rt::IR0 + rt::ERDP_HI,
-];
-
 /// Runs `f` and fails the test if it took longer than [`ACCESS_BOUND`].
 fn bounded<T>(what: &str, seed: u64, step: usize, f: impl FnOnce() -> T) -> T {
     let t = Instant::now();

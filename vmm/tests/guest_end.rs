@@ -647,6 +647,57 @@ fn a_paging_guest_runs_under_the_filters() {
     assert_paged(&o, "paging guest, swap on a USB disk's volume");
 }
 
+/// Unmounts a test's tmpfs when dropped.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A fatal pager error stops the VM: with its swap file on a 1 MiB tmpfs,
+/// the pager's first writeback past 1 MiB fails (ENOSPC), and the VM ends
+/// with status 1 and the pager's error instead of leaving its vCPUs
+/// waiting on faults no one serves (the run's time bound would fail it).
+/// Needs the right to mount a tmpfs (root); skipped otherwise.
+#[test]
+fn a_fatal_pager_error_stops_the_vm() {
+    if !kvm() {
+        return;
+    }
+    let fs = dir().join("tiny-swap-fs");
+    std::fs::create_dir_all(&fs).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&fs)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("cannot mount a tmpfs here (not root?): skipped");
+        return;
+    }
+    let _unmount = Mounted(fs.clone());
+    let swap = fs.join("swap");
+    let o = run(
+        "pager-fatal",
+        &paging_code(),
+        &[
+            "--memory",
+            &format!("size=256M,limit=32M,swap={}", swap.display()),
+            "--serial",
+            "off",
+        ],
+    );
+    expect(&o, 1, "a pager that cannot write its swap file");
+    assert!(
+        o.stderr.contains("pager failed; stopping the VM"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains("error: seccomp"), "{}", o.stderr);
+}
+
 /// Kills process `pid` if the test panics while it is armed (so that a
 /// failed assertion does not leave a VMM running).
 struct KillOnPanic(Option<u32>);

@@ -660,8 +660,9 @@ fn install_sigsys_handler() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Formats the report line into `out`; returns its length.
-fn report_line(out: &mut [u8; 256], name: &[u8; 16], nr: i32) -> usize {
+/// Formats the report line into `out` (the call's first two arguments in
+/// hex: an ioctl's request, a signal); returns its length.
+fn report_line(out: &mut [u8; 256], name: &[u8; 16], nr: i32, args: [u64; 2]) -> usize {
     let mut len = 0;
     let mut put = |b: &[u8]| {
         let n = b.len().min(out.len() - len);
@@ -693,19 +694,43 @@ fn report_line(out: &mut [u8; 256], name: &[u8; 16], nr: i32) -> usize {
         digits[i] = b'-';
     }
     put(&digits[i..]);
+    for (k, a) in args.iter().enumerate() {
+        put(if k == 0 { b" args 0x" } else { b", 0x" });
+        let mut hex = [0u8; 16];
+        let mut j = hex.len();
+        let mut v = *a;
+        loop {
+            j -= 1;
+            hex[j] = b"0123456789abcdef"[(v & 0xf) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        put(&hex[j..]);
+    }
     put(b" (x86_64; name it with `ausyscall N` or asm/unistd_64.h); stopping the VMM\n");
     len
 }
 
 /// SIGSYS from a SECCOMP_RET_TRAP: report the call and the thread, exit 75.
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: for a seccomp SIGSYS the kernel fills siginfo's `_sigsys`
     // member: `_call_addr` (a pointer) at offset 16 and `_syscall` (an
     // int) at offset 24 on 64-bit Linux; `info` points to that siginfo.
     let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(24) as *const i32) };
+    // SAFETY: with SA_SIGINFO the third argument is the interrupted
+    // thread's ucontext_t; the call's arguments are in its registers.
+    let args = unsafe {
+        let gregs = &(*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs;
+        [
+            gregs[libc::REG_RDI as usize] as u64,
+            gregs[libc::REG_RSI as usize] as u64,
+        ]
+    };
     let name = THREAD_NAME.with(Cell::get);
     let mut line = [0u8; 256];
-    let len = report_line(&mut line, &name, nr);
+    let len = report_line(&mut line, &name, nr, args);
     // SAFETY: write and _exit are async-signal-safe and allowed by every
     // thread's filter; `line` is valid for `len` bytes.
     unsafe {

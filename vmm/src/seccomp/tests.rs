@@ -299,10 +299,12 @@ fn the_report_line_names_the_thread_and_the_call() {
     let mut out = [0u8; 256];
     let mut name = [0u8; 16];
     name[..5].copy_from_slice(b"vcpu3");
-    let n = report_line(&mut out, &name, 41);
+    let n = report_line(&mut out, &name, 16, [9, 0x5401]);
     let line = std::str::from_utf8(&out[..n]).unwrap();
     assert!(
-        line.starts_with("error: seccomp: thread 'vcpu3' made the forbidden system call 41 ("),
+        line.starts_with(
+            "error: seccomp: thread 'vcpu3' made the forbidden system call 16 args 0x9, 0x5401 ("
+        ),
         "{line}"
     );
     assert!(

@@ -138,7 +138,9 @@ fn kill_script(
     let template = format!("{dir}/crash-verify.tmpl");
     let _ = write!(
         s,
-        "cat > {template} <<'VERIFIER'\n{verifier}\nVERIFIER\n\
+        "# L1's kernel messages on the console would split the lines printed below.\n\
+         echo 1 > /proc/sys/kernel/printk\n\
+         cat > {template} <<'VERIFIER'\n{verifier}\nVERIFIER\n\
          r=1\n\
          while [ $r -le {rounds} ]; do\n\
          echo \"{MARK_ROUND} $r\"\n\
@@ -182,7 +184,8 @@ fn blocks(text: &str, mark: &str) -> HashMap<(String, u32), String> {
             let disk = w.next()?.to_string();
             let block = w.next()?.parse().ok()?;
             let md5 = w.next()?;
-            (md5.len() == 32).then(|| ((disk, block), md5.to_string()))
+            let md5_like = md5.len() == 32 && md5.bytes().all(|b| b.is_ascii_hexdigit());
+            md5_like.then(|| ((disk, block), md5.to_string()))
         })
         .collect()
 }
@@ -251,6 +254,7 @@ fn block_lines_are_parsed_per_disk() {
     let text = "x CRASH-ACK vda 0 0123456789abcdef0123456789abcdef\n\
                 CRASH-ACK usb 0 fedcba9876543210fedcba9876543210\r\n\
                 CRASH-ACK usb 1 short\n\
+                CRASH-ACK usb 2 0123456789abcdef0123456789abcde[\n\
                 [ 3.2] noise\n";
     let b = blocks(text, "CRASH-ACK ");
     assert_eq!(b.len(), 2);

@@ -224,6 +224,16 @@ fn terminal_ioctls() -> Vec<SeccompRule> {
     .collect()
 }
 
+/// Terminal queries (isatty, the window size): the logger asks whether
+/// stderr is a terminal from whichever thread logs (seen: a vCPU's
+/// triple-fault warning with stderr on L1's console).
+fn terminal_queries() -> Vec<SeccompRule> {
+    [libc::TCGETS, libc::TIOCGWINSZ]
+        .into_iter()
+        .map(ioctl_eq)
+        .collect()
+}
+
 /// fd-flag ioctls the standard library uses (`set_nonblocking` is FIONBIO).
 fn fd_ioctls() -> Vec<SeccompRule> {
     [libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX]
@@ -304,6 +314,7 @@ fn base(r: &mut Rules) {
         libc::SYS_tgkill,
         vec![arg32(2, SeccompCmpOp::Eq, libc::SIGABRT as u64)],
     );
+    allow_if(r, libc::SYS_ioctl, terminal_queries());
 }
 
 /// Reads and writes of disk images and the swap file, flushes, discards.

@@ -154,16 +154,20 @@ fn vcpu_device_main_and_helper_threads_run_interrupt_timers() {
 
 #[test]
 fn vcpu_threads_run_kvm_ioctls_only_and_cannot_open_files() {
-    let (kvm, uffd, tty, open) = under(ThreadKind::Vcpu, || {
+    let (kvm, uffd, isatty, tty, open) = under(ThreadKind::Vcpu, || {
         (
             ioctl(KVM_RUN),
             ioctl(UFFDIO_WAKE),
             ioctl(libc::TCGETS),
+            ioctl(libc::TCSETS),
             open_statm(),
         )
     });
     assert_eq!(kvm, EBADF, "KVM_RUN reaches the kernel");
     assert_eq!(uffd, EPERM);
+    // The logger's isatty(stderr) from a vCPU's warning; setting a
+    // terminal stays refused.
+    assert_eq!(isatty, EBADF, "TCGETS reaches the kernel");
     assert_eq!(tty, EPERM);
     assert_eq!(open, -(libc::EACCES as i64));
 }

@@ -2,9 +2,9 @@
 //! and the BARs (MSI-X table and PBA, xHCI registers, virtio-pci common
 //! and device configuration, notifications) of an xHCI controller and a
 //! two-queue virtio-blk function, with device-side MSI-X triggers and the
-//! virtio worker run between accesses. Covers BAR sizing and moves,
-//! command-register decoding, PMCSR D0/D3hot, MSI-X enable, function and
-//! vector masking, and the virtio status state machine.
+//! virtio worker run between accesses; a bring-up move takes the virtio
+//! function to DRIVER_OK on two rings that the usual queue moves then fill
+//! and notify through the BAR.
 
 #![no_main]
 
@@ -12,18 +12,25 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
 use devices::pci::msix::test_router::RecordingRouter;
-use devices::pci::{BarAllocation, PciBus, PciConfigIo, SharedPciDevice};
+use devices::pci::{
+    BarAllocation, PciBus, PciConfigIo, SharedPciDevice, COMMAND, COMMAND_BUS_MASTER,
+    COMMAND_MEMORY_SPACE,
+};
 use devices::virtio::block::{Block, BlockOptions};
+use devices::virtio::common_cfg_offsets::*;
 use devices::virtio::test_utils::guest_memory;
-use devices::virtio::{VirtioPciDevice, VirtioPciOptions};
+use devices::virtio::{
+    VirtioPciDevice, VirtioPciOptions, NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, STATUS_ACKNOWLEDGE,
+    STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_BAR,
+};
 use devices::xhci::{XhciConfig, XhciPci};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vmm_fuzz::virtq::{QueueOp, Virtqueues, MEM_SIZE};
 use vmm_fuzz::{scratch_disk, Arbitrary, InlineWorkers, NoLine};
 
 /// The 32-bit MMIO hole the BARs are allocated in.
 const HOLE: (u64, u64) = (0xc000_0000, 0x1000_0000);
-const MEM_SIZE: usize = 1 << 20;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -59,6 +66,46 @@ enum Op {
     Memory { offset: u32, bytes: Vec<u8> },
     /// The event loop runs the virtio worker.
     RunWorkers,
+    /// The virtio driver's bring-up as Linux does it (memory decoding and
+    /// bus mastering on, features acked from `features`, both queues on
+    /// the rings of [`Virtqueues`], DRIVER_OK), each step a BAR write.
+    BringUp { features: u64 },
+    /// A move on the virtio rings; a notification goes through the BAR.
+    Queue(QueueOp),
+}
+
+/// The virtio function's device number and its first BAR (the
+/// common configuration, notifications) in the allocation list.
+const VIRTIO_DEVICE: u8 = 2;
+const VIRTIO_BARS: usize = 2;
+
+fn bring_up(bus: &PciBus, bar: &mut BarAllocation, vq: &Virtqueues, features: u64) {
+    let command = COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER;
+    bus.config_write(VIRTIO_DEVICE, 0, COMMAND, &command.to_le_bytes());
+    let mut w = |offset: u64, value: u64, len: usize| {
+        bar.region
+            .write(bar.address, offset, &value.to_le_bytes()[..len]);
+    };
+    let ack = u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    w(DEVICE_STATUS, u64::from(STATUS_ACKNOWLEDGE), 1);
+    w(DEVICE_STATUS, ack, 1);
+    for half in 0..2u64 {
+        w(DRIVER_FEATURE_SELECT, half, 4);
+        w(DRIVER_FEATURE, (features >> (32 * half)) & 0xffff_ffff, 4);
+    }
+    w(DEVICE_STATUS, ack | u64::from(STATUS_FEATURES_OK), 1);
+    w(CONFIG_MSIX_VECTOR, 0, 2);
+    for (i, ring) in vq.rings.iter().enumerate() {
+        w(QUEUE_SELECT, i as u64, 2);
+        w(QUEUE_SIZE, u64::from(ring.size), 2);
+        w(QUEUE_MSIX_VECTOR, i as u64 + 1, 2);
+        w(QUEUE_DESC, ring.desc, 8);
+        w(QUEUE_DRIVER, ring.avail, 8);
+        w(QUEUE_DEVICE, ring.used, 8);
+        w(QUEUE_ENABLE, 1, 2);
+    }
+    let ok = STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+    w(DEVICE_STATUS, ack | u64::from(ok), 1);
 }
 
 /// 1, 2, 4 or 8 bytes (up to `max`).
@@ -99,7 +146,13 @@ fuzz_target!(|ops: Vec<Op>| {
     ] {
         bars.extend(bus.attach(dev).unwrap().1);
     }
+    let virtio_bar = &bars[VIRTIO_BARS];
+    assert_eq!(
+        (virtio_bar.device_number, virtio_bar.index),
+        (VIRTIO_DEVICE, VIRTIO_BAR)
+    );
     let mut cfg_io = PciConfigIo::new(bus.clone());
+    let mut vq = Virtqueues::in_memory(mem.clone(), 2, 16);
 
     for op in ops {
         match op {
@@ -155,6 +208,15 @@ fuzz_target!(|ops: Vec<Op>| {
                     .write(&bytes, GuestAddress(u64::from(offset) % MEM_SIZE as u64));
             }
             Op::RunWorkers => workers.run(),
+            Op::BringUp { features } => bring_up(&bus, &mut bars[VIRTIO_BARS], &vq, features),
+            Op::Queue(op) => vq.apply(op, false, &mut |slot| {
+                let notify = NOTIFY_OFFSET + slot as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+                let b = &mut bars[VIRTIO_BARS];
+                b.region
+                    .write(b.address, notify, &(slot as u16).to_le_bytes());
+                workers.run();
+                None
+            }),
         }
     }
 });

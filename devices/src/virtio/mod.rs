@@ -21,9 +21,21 @@ mod worker;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
+/// Field offsets of the common configuration structure (§4.1.4.3), for
+/// drivers in tests and the fuzz crate.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod common_cfg_offsets {
+    pub use super::common_cfg::{
+        CONFIG_MSIX_VECTOR, DEVICE_FEATURE, DEVICE_FEATURE_SELECT, DEVICE_STATUS, DRIVER_FEATURE,
+        DRIVER_FEATURE_SELECT, QUEUE_DESC, QUEUE_DEVICE, QUEUE_DRIVER, QUEUE_ENABLE,
+        QUEUE_MSIX_VECTOR, QUEUE_SELECT, QUEUE_SIZE,
+    };
+}
+
 pub use interrupt::VirtioInterrupt;
 pub use transport::{
-    VirtioPciDevice, VirtioPciError, VirtioPciOptions, MSIX_BAR, NOTIFY_OFF_MULTIPLIER, VIRTIO_BAR,
+    VirtioPciDevice, VirtioPciError, VirtioPciOptions, MSIX_BAR, NOTIFY_OFFSET,
+    NOTIFY_OFF_MULTIPLIER, VIRTIO_BAR,
 };
 pub use worker::{EventLoop, WorkerError, WorkerHost, WorkerId};
 

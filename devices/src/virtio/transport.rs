@@ -43,7 +43,8 @@ const ISR_OFFSET: u64 = 0x1000;
 const ISR_LEN: u64 = 4;
 const DEVICE_CFG_OFFSET: u64 = 0x2000;
 const DEVICE_CFG_LEN: u64 = 0x1000;
-const NOTIFY_OFFSET: u64 = 0x3000;
+/// Where the notification area starts in the virtio BAR.
+pub const NOTIFY_OFFSET: u64 = 0x3000;
 /// Queue `n` notifies at `NOTIFY_OFFSET + n * NOTIFY_OFF_MULTIPLIER` (§4.1.4.4).
 pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 const MSIX_BAR_SIZE: u64 = 0x1000;

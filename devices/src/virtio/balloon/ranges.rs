@@ -71,12 +71,14 @@ pub fn ram_runs(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Runs {
         out.bad_pages = len.div_ceil(BALLOON_PAGE_SIZE);
         return out;
     };
-    let first = gpa.next_multiple_of(BALLOON_PAGE_SIZE);
+    // No whole page: none starts in the range, or (None) `gpa` lies in the
+    // last page below 2^64, so no page starts at or after it.
+    let first = gpa.checked_next_multiple_of(BALLOON_PAGE_SIZE);
     let last = end & !(BALLOON_PAGE_SIZE - 1);
-    if first >= last {
+    let Some(first) = first.filter(|&f| f < last) else {
         out.bad_pages = u64::from(len > 0);
         return out;
-    }
+    };
     out.bad_pages += u64::from(first != gpa) + u64::from(last != end);
     let mut cur = first;
     while cur < last {

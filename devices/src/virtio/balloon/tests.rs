@@ -234,6 +234,24 @@ fn inflate_discards_exactly_the_valid_coalesced_pfns() {
     assert!(f.irq.count() > irqs, "used buffer signalled");
 }
 
+/// Found by the balloon fuzz target: a reported range starting in the last
+/// page below 2^64 overflowed rounding its start up to a page (a panic in
+/// a debug build; in release the start wrapped to 0 and every page of guest
+/// RAM was discarded).
+#[test]
+fn a_range_in_the_last_page_of_the_address_space_is_one_bad_page() {
+    let mem = memory();
+    let r = ram_runs(&mem.memory(), u64::MAX - 0xffe, 0xffe);
+    assert_eq!(
+        r,
+        Runs {
+            runs: vec![],
+            pages: 0,
+            bad_pages: 1
+        }
+    );
+}
+
 #[test]
 fn adjacent_regions_never_share_a_run() {
     let mem = GuestMemoryMmap::from_ranges(&[

@@ -25,7 +25,13 @@ pub enum InitramfsError {
     BadGzip { offset: usize, message: String },
     #[error("byte {offset} starts neither a newc cpio archive nor a compressed one (gzip, bzip2, lzma, xz, lzo, lz4, zstd){hint}")]
     NotCpio { offset: usize, hint: &'static str },
+    #[error("gzip stream at byte {offset} inflates to more than {limit} bytes")]
+    TooLarge { offset: usize, limit: u64 },
 }
+
+/// Most bytes one gzip member may inflate to: far beyond any initramfs a
+/// guest can unpack, and a bound on what a gzip bomb costs the host.
+const MAX_PLAIN: u64 = 4 << 30;
 
 /// The two-byte magics the kernel's initramfs unpacker recognises
 /// (lib/decompress.c), other than gzip, which is checked here.
@@ -60,12 +66,27 @@ pub fn check(image: &[u8]) -> Result<Summary, InitramfsError> {
     if image.is_empty() {
         return Err(InitramfsError::Empty);
     }
+    check_limited(image, MAX_PLAIN)
+}
+
+/// [`check`] with each gzip member bounded to `max_plain` bytes.
+fn check_limited(image: &[u8], max_plain: u64) -> Result<Summary, InitramfsError> {
     let mut summary = Summary::default();
-    check_into(image, 0, &mut summary)?;
+    check_into(image, 0, None, max_plain, &mut summary)?;
     Ok(summary)
 }
 
-fn check_into(data: &[u8], base: usize, summary: &mut Summary) -> Result<(), InitramfsError> {
+/// Walks `data`: archives, padding and compressed members. `inside` is the
+/// offset of the gzip member `data` came out of: the kernel reads only cpio
+/// archives and padding there (a compressed stream inside one is junk to
+/// its unpacker), so the check does not recurse a second time.
+fn check_into(
+    data: &[u8],
+    base: usize,
+    inside: Option<usize>,
+    max_plain: u64,
+    summary: &mut Summary,
+) -> Result<(), InitramfsError> {
     let mut pos = 0;
     while pos < data.len() {
         let rest = &data[pos..];
@@ -75,10 +96,15 @@ fn check_into(data: &[u8], base: usize, summary: &mut Summary) -> Result<(), Ini
         } else if rest.starts_with(NEWC_MAGIC) || rest.starts_with(NEWC_CRC_MAGIC) {
             pos += walk_cpio(rest, base + pos)?;
             summary.cpio_archives += 1;
+        } else if inside.is_some() {
+            return Err(InitramfsError::NotCpio {
+                offset: base + pos,
+                hint: " (inside a gzip member, which must hold only cpio archives and padding)",
+            });
         } else if rest.starts_with(&GZIP_MAGIC) {
-            let (consumed, plain) = gunzip_member(rest, base + pos)?;
+            let (consumed, plain) = gunzip_member(rest, base + pos, max_plain)?;
             summary.gzip_members += 1;
-            check_into(&plain, 0, summary)?;
+            check_into(&plain, 0, Some(base + pos), max_plain, summary)?;
             pos += consumed;
         } else if let Some((_, name)) = OTHER_COMPRESSIONS
             .iter()
@@ -163,11 +189,22 @@ fn plain_size_hint(data: &[u8]) -> usize {
 }
 
 /// Decompresses one gzip member; returns (compressed length, plain bytes).
-fn gunzip_member(data: &[u8], offset: usize) -> Result<(usize, Vec<u8>), InitramfsError> {
+fn gunzip_member(
+    data: &[u8],
+    offset: usize,
+    max_plain: u64,
+) -> Result<(usize, Vec<u8>), InitramfsError> {
     let mut cursor = io::Cursor::new(data);
-    let mut plain = Vec::with_capacity(plain_size_hint(data));
-    let result = GzDecoder::new(&mut cursor).read_to_end(&mut plain);
+    let mut plain = Vec::with_capacity(plain_size_hint(data).min(max_plain as usize));
+    // One byte past the bound tells "exactly the bound" from "more".
+    let result = GzDecoder::new(&mut cursor)
+        .take(max_plain + 1)
+        .read_to_end(&mut plain);
     match result {
+        Ok(n) if n as u64 > max_plain => Err(InitramfsError::TooLarge {
+            offset,
+            limit: max_plain,
+        }),
         Ok(_) => Ok((cursor.position() as usize, plain)),
         Err(e) => Err(InitramfsError::BadGzip {
             offset,
@@ -293,5 +330,39 @@ mod tests {
             check(&gz(b"not an archive")),
             Err(InitramfsError::NotCpio { .. })
         ));
+    }
+
+    #[test]
+    fn a_gzip_member_inside_a_gzip_member_is_refused_not_unpacked() {
+        // The kernel's unpacker treats it as junk; unpacking it here would
+        // let a file nest members to any depth (stack) or ratio (memory).
+        let nested = gz(&gz(&archive()));
+        let e = check(&nested).unwrap_err();
+        assert!(
+            matches!(e, InitramfsError::NotCpio { offset: 0, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("must hold only cpio archives"), "{e}");
+        // A cpio archive, padding, then another archive inside one member
+        // still passes.
+        let mut two = archive();
+        two.extend_from_slice(&[0; 4]);
+        two.extend_from_slice(&archive());
+        assert_eq!(check(&gz(&two)).unwrap().cpio_archives, 2);
+    }
+
+    #[test]
+    fn a_member_inflating_past_the_bound_is_refused() {
+        let mut big = archive();
+        big.resize(64 << 10, 0); // padding after the archive
+        let image = gz(&big);
+        assert!(check_limited(&image, 64 << 10).is_ok());
+        assert_eq!(
+            check_limited(&image, (64 << 10) - 1).unwrap_err(),
+            InitramfsError::TooLarge {
+                offset: 0,
+                limit: (64 << 10) - 1
+            }
+        );
     }
 }

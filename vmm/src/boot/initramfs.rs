@@ -342,7 +342,10 @@ mod tests {
             matches!(e, InitramfsError::NotCpio { offset: 0, .. }),
             "{e:?}"
         );
-        assert!(e.to_string().contains("must hold only cpio archives"), "{e}");
+        assert!(
+            e.to_string().contains("must hold only cpio archives"),
+            "{e}"
+        );
         // A cpio archive, padding, then another archive inside one member
         // still passes.
         let mut two = archive();

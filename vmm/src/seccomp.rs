@@ -37,7 +37,7 @@
 //!
 //! `on` (the default): the kernel sends SIGSYS to the thread (SECCOMP_RET_TRAP);
 //! `on_sigsys` writes one line `error: seccomp: thread 'NAME' made the
-//! forbidden system call N (...)` on stderr and the process exits with
+//! forbidden system call N args 0xA, 0xB (...)` on stderr and the process exits with
 //! [`SECCOMP_EXIT`] (75) at once, without the orderly stop (no terminal
 //! restore, the API socket file stays). `log`: the kernel allows the call
 //! and logs it (SECCOMP_RET_LOG: a `type=1326 audit` line with `syscall=N`

@@ -786,7 +786,7 @@ while [ "$r" -lt {reps} ]; do
          tmpfs and free it, then the host inflates a {balloon_mib} MiB balloon and deflates \
          it, then the guest fills {fill_mib} MiB of tmpfs and frees it. Ours: `--balloon \
          size=0,free_page_reporting=on` (no pager: discards are `MADV_DONTNEED`), driven by \
-         `vmm-ctl balloon.set`, `actual` polled from `vm.info`. QEMU 7.2: `-M pc -accel kvm \
+         `vmm-ctl balloon.set`, `actual` polled from `vm.info`. QEMU (10.0.2, bookworm-backports): `-M pc -accel kvm \
          -device virtio-balloon-pci,free-page-reporting=on`, driven by HMP `balloon \
          {guest_mib}` and polled by `info balloon`. Both polls run every ~0.15 s plus the \
          poll's own time in the one-vCPU TCG L1. Residency: Rss of the largest mapping \

@@ -31,14 +31,25 @@ pub const PHASES: &[(&str, &str, &str)] = &[
     ("checksum 2", "] first pass md5", "] second pass md5"),
 ];
 
-/// Ours with the pager (limit `limit_mib`) and QEMU `-M pc` (its limit is
-/// the cgroup's, set by [`script`]). `run.memory_opts` is ignored.
+/// Ours without a limit: what the limit costs, in the same L1.
+pub const UNLIMITED: &str = "ours-nolimit";
+
+/// Ours with the pager (limit `limit_mib`), QEMU `-M pc` (its limit is the
+/// cgroup's, set by [`script`]) and ours without a limit.
+/// `run.memory_opts` is ignored.
 pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
     let mut paged = run.clone();
     paged.memory_opts = Some(format!("limit={limit_mib}M,swap={SWAP_FILE}"));
     let ours = ours_argv(&paged, cmdline, L2_KERNEL);
     let qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
-    ours_vs(ours, "qemu", qemu)
+    let mut plain = run.clone();
+    plain.memory_opts = None;
+    let mut v = ours_vs(ours, "qemu", qemu);
+    v.push(Variant {
+        name: UNLIMITED,
+        argv: ours_argv(&plain, cmdline, L2_KERNEL),
+    });
+    v
 }
 
 /// The L1 script: zram swap and the cgroup hierarchy once, then `reps`
@@ -106,6 +117,8 @@ pub struct PagerRun {
     pub rep: u32,
     /// Seconds per entry of [`PHASES`], when both stamps were printed.
     pub phases: Vec<Option<f64>>,
+    /// The guest's uptime when the scenario started: its boot to init.
+    pub boot_s: Option<f64>,
     pub wall_s: Option<f64>,
     /// The guest verified its data (`pager-touch: ok`).
     pub ok: bool,
@@ -149,6 +162,7 @@ pub fn parse(console: &str) -> Vec<PagerRun> {
                 variant,
                 rep,
                 phases,
+                boot_s: stamp(&lines, PHASES[0].1),
                 wall_s: num("end").zip(num("start")).map(|(e, s)| e - s),
                 // QEMU's exit status comes from isa-debug-exit (odd even on
                 // success): the guest's own verdict decides.
@@ -224,6 +238,39 @@ pub fn render_table(runs: &[PagerRun], touch_mib: u32) -> String {
     t
 }
 
+/// What the limit costs: ours with the limit vs ours without one (time
+/// ratios; issue 16's goal for the boot is <= 1.2x).
+pub fn render_limit_table(runs: &[PagerRun]) -> String {
+    let mut t = String::from(
+        "| | ours with the limit s (runs) | ours without a limit s (runs) | with / without (time) |\n\
+         |---|---|---|---|\n",
+    );
+    let mut rows = vec!["boot to init (guest uptime at the scenario's start)"];
+    rows.extend(PHASES.iter().map(|(name, _, _)| *name));
+    rows.push("workload (all three)");
+    for (i, name) in rows.into_iter().enumerate() {
+        // Row 0 is the boot, then the rows of `row_value` from its first.
+        let f = |r: &PagerRun| match i {
+            0 => r.boot_s,
+            _ => row_value(r, i - 1),
+        };
+        let (o, on) = med(runs, "ours", f);
+        let (u, un) = med(runs, UNLIMITED, f);
+        let secs = |s: Option<f64>| s.map_or("n/a".into(), |s| format!("{s:.1}"));
+        let ratio = match (o, u) {
+            (Some(o), Some(u)) if u > 0.0 => format!("{:.2}x", o / u),
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(
+            t,
+            "| {name} | {} ({on}) | {} ({un}) | {ratio} |",
+            secs(o),
+            secs(u)
+        );
+    }
+    t
+}
+
 /// The ours / QEMU throughput ratio of the whole workload, if both ran.
 pub fn workload_ratio(runs: &[PagerRun]) -> Option<f64> {
     let total = |r: &PagerRun| row_value(r, PHASES.len());
@@ -257,12 +304,20 @@ PAGER-BENCH-END variant=qemu rep=0 rc=1 start=50.00 end=110.00 l1_pswpin=5 l1_ps
 PAGER-BENCH-RUN variant=ours rep=1
 pager-touch: [10.00] writing 100 MiB of random data to tmpfs
 PAGER-BENCH-END variant=ours rep=1 rc=143 start=1 end=2
+PAGER-BENCH-RUN variant=ours-nolimit rep=0
+pager-touch: [8.00] writing 100 MiB of random data to tmpfs
+pager-touch: [13.00] first checksum pass
+pager-touch: [15.00] first pass md5 abc -
+pager-touch: [17.00] second pass md5 abc -
+pager-touch: ok
+PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpin=0 l1_pswpout=0
 ";
 
     #[test]
     fn runs_are_parsed_and_tabulated() {
         let runs = parse(CONSOLE);
-        assert_eq!(runs.len(), 3);
+        assert_eq!(runs.len(), 4);
+        assert_eq!(runs[0].boot_s, Some(10.0));
         assert_eq!(runs[0].phases, vec![Some(10.0), Some(5.0), Some(5.0)]);
         assert_eq!(runs[0].wall_s, Some(40.5));
         assert!(runs[0].ok && runs[1].ok);
@@ -278,6 +333,12 @@ PAGER-BENCH-END variant=ours rep=1 rc=143 start=1 end=2
             "{t}"
         );
         assert_eq!(workload_ratio(&runs), Some(2.0));
+        let t = render_limit_table(&runs);
+        assert!(
+            t.contains("| boot to init (guest uptime at the scenario's start) | 10.0 (1) | 8.0 (1) | 1.25x |"),
+            "{t}"
+        );
+        assert!(t.contains("| write | 10.0 (1) | 5.0 (1) | 2.00x |"), "{t}");
     }
 
     #[test]
@@ -288,6 +349,12 @@ PAGER-BENCH-END variant=ours rep=1 rc=143 start=1 end=2
             .argv
             .contains(&format!("size=512M,limit=256M,swap={SWAP_FILE}")));
         assert!(v[1].argv.iter().any(|a| a == "512"));
+        assert_eq!(v[2].name, UNLIMITED);
+        assert!(
+            !v[2].argv.iter().any(|a| a.contains("limit=")),
+            "{:?}",
+            v[2].argv
+        );
         let s = script(2, 600, 256, 512, &v);
         assert!(s.contains("echo 512M > /sys/block/zram0/disksize"), "{s}");
         assert!(

@@ -337,6 +337,102 @@ fn fault_around_never_maps_past_the_limit() {
     assert_eq!(s.counters.overshoot_events, 0);
 }
 
+/// The first page of the 2 MiB host block holding `page`, and the block's
+/// length in pages cut to the fixture's RAM.
+fn block_of(f: &Fixture, page: usize) -> std::ops::Range<usize> {
+    const BLOCK: usize = 512;
+    let into = (f.base / PAGE_SIZE + page) % BLOCK;
+    let lo = page.saturating_sub(into);
+    lo..(lo + BLOCK).min(f.pages)
+}
+
+#[test]
+fn a_first_write_fills_its_whole_block_while_memory_is_plentiful() {
+    let f = Fixture::new(64 * MIB, 64 * MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    let page = 5000;
+    let block = block_of(&f, page);
+    mem.fill(page, 7);
+    let s = f.pager().stats().counters;
+    assert_eq!((s.block_fills, s.faults_zero), (1, 1), "{s:?}");
+    let resident = f.physically_resident();
+    let mapped = block.clone().filter(|&i| resident[i]).count();
+    assert_eq!(
+        mapped,
+        block.len(),
+        "block {block:?}: {mapped} pages mapped"
+    );
+    assert_eq!(f.resident_count(), block.len(), "pages outside the block");
+    // The rest of the block is writable already: no more faults.
+    for i in block.clone() {
+        if i != page {
+            mem.fill(i, 8);
+        }
+    }
+    let s = f.pager().stats().counters;
+    assert_eq!((s.faults_zero, s.faults_write_protect), (1, 0), "{s:?}");
+    for i in block {
+        assert!(mem.holds(i, if i == page { 7 } else { 8 }), "page {i}");
+    }
+}
+
+#[test]
+fn no_block_fill_once_memory_is_short() {
+    // A limit of 4 MiB: a 2 MiB block would cross the low watermark soon.
+    let f = Fixture::new(16 * MIB, 4 * MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    let blocks: Vec<usize> = (0..4).map(|b| block_of(&f, 1024).start + b * 512).collect();
+    for &b in &blocks {
+        mem.fill(b + 3, 1);
+    }
+    let s = f.pager().stats();
+    assert_eq!(s.counters.block_fills, 1, "{s:?}");
+    assert!(s.peak_resident_pages <= s.limit_pages, "{s:?}");
+    for &b in &blocks {
+        assert!(mem.holds(b + 3, 1));
+    }
+}
+
+#[test]
+fn block_filled_pages_are_evicted_page_by_page_and_zero_ones_without_writes() {
+    let f = Fixture::new(64 * MIB, 16 * MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    // Sparse first writes: each fills its block while memory is plentiful.
+    let first = block_of(&f, 0).end % 512;
+    let marked = |i: usize| i % 7 == 3;
+    for i in (first..first + 6 * 512).filter(|&i| marked(i)) {
+        mem.fill(i, 5);
+    }
+    let filled = f.pager().stats().counters;
+    assert!(filled.block_fills >= 5, "{filled:?}");
+    // Stream through the rest: the blocks are evicted, page by page.
+    for round in 1..=2 {
+        for i in first + 6 * 512..f.pages {
+            mem.fill(i, round);
+        }
+    }
+    settle(&f);
+    for i in first..first + 6 * 512 {
+        assert!(mem.holds(i, if marked(i) { 5 } else { 0 }), "page {i}");
+    }
+    for i in first + 6 * 512..f.pages {
+        assert!(mem.holds(i, 2), "page {i}");
+    }
+    let s = f.pager().stats();
+    let c = &s.counters;
+    eprintln!("{}", s.to_json());
+    // The never-written pages of the blocks went without a write.
+    assert!(c.zero_pages_dropped >= 2048, "{c:?}");
+    assert!(
+        s.peak_resident_pages <= s.limit_pages + s.reserve_pages,
+        "{s:?}"
+    );
+    assert!(s.fatal_error.is_none());
+}
+
 #[test]
 fn clean_pages_are_dropped_without_writes() {
     let f = Fixture::new(16 * MIB, 4 * MIB, |_| {});
@@ -911,4 +1007,75 @@ fn bench_fault_latency_and_throughput() {
         s.counters.bytes_read / MIB as u64,
     );
     println!("{}", s.to_json());
+}
+
+/// Host micro-benchmark, not a test: `cargo test --release -p vmm --test
+/// pager -- --ignored --nocapture bench_fresh`. Fills 256 MiB of fresh guest
+/// RAM with one `memset` through the pager (limit = the RAM's size, and
+/// limit = half of it with the first 96 MiB written: no reclaim in either)
+/// and the same `memset` on plain anonymous memory: 4 KiB pages (no advice)
+/// and transparent huge pages (`MADV_HUGEPAGE`, as guest RAM without a
+/// limit). Three rounds each, medians; ratios are pager time / plain time.
+#[test]
+#[ignore]
+fn bench_fresh_memory_vs_memset() {
+    const RAM: usize = 256 * MIB;
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+    fn timed_memset(base: usize, len: usize) -> f64 {
+        let t = Instant::now();
+        // SAFETY: `base..base+len` is a live read-write mapping owned by the
+        // caller for the duration of the call.
+        unsafe { std::ptr::write_bytes(base as *mut u8, 0xa5, len) };
+        t.elapsed().as_secs_f64()
+    }
+    let plain = |huge: bool| {
+        let mem = vmm::guest_ram::map(&[(GuestAddress(0), RAM)], huge).unwrap();
+        let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+        timed_memset(base, RAM)
+    };
+    let paged = |limit: usize, len: usize| {
+        let f = Fixture::new(RAM, limit, |_| {});
+        let _reg = register_current_thread();
+        let s = timed_memset(f.base, len);
+        let st = f.pager().stats();
+        assert!(st.fatal_error.is_none(), "{st:?}");
+        (s, st.counters.faults_zero)
+    };
+    let mut rows: Vec<(&str, Vec<f64>, usize, u64)> = Vec::new();
+    let mut small = Vec::new();
+    let mut huge = Vec::new();
+    let mut full = Vec::new();
+    let mut half = Vec::new();
+    let (mut full_faults, mut half_faults) = (0, 0);
+    for _ in 0..3 {
+        small.push(plain(false));
+        huge.push(plain(true));
+        let (s, n) = paged(RAM, RAM);
+        full.push(s);
+        full_faults = n;
+        let (s, n) = paged(RAM / 2, 96 * MIB);
+        half.push(s);
+        half_faults = n;
+    }
+    rows.push(("plain_4k", small, RAM, 0));
+    rows.push(("plain_thp", huge, RAM, 0));
+    rows.push(("pager_limit_100", full, RAM, full_faults));
+    rows.push(("pager_limit_50", half, 96 * MIB, half_faults));
+    let rate = |v: &[f64], len: usize| len as f64 / MIB as f64 / median(v.to_vec());
+    let base_4k = rate(&rows[0].1, rows[0].2);
+    let base_thp = rate(&rows[1].1, rows[1].2);
+    for (name, v, len, faults) in &rows {
+        let r = rate(v, *len);
+        println!(
+            "BENCH-FRESH {name} mib_s={r:.0} faults={faults} vs_4k={:.2} vs_thp={:.2} runs_s={:?}",
+            base_4k / r,
+            base_thp / r,
+            v.iter()
+                .map(|s| (s * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>()
+        );
+    }
 }

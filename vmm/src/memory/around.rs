@@ -20,6 +20,15 @@
 //! write-protect fault on each. Linux does no fault-around for anonymous
 //! memory at all; the streaming test keeps scattered first writes from
 //! turning untouched neighbours into dirty pages that must be written back.
+//!
+//! Block fill: while memory is plentiful (the charge stays under reclaim's
+//! low watermark with a whole block added), a write fault on a never-written
+//! page maps every never-written page of its aligned 2 MiB block writable in
+//! one `UFFDIO_COPY`, as the kernel fills a transparent huge page on a first
+//! touch of memory it manages itself: one round trip per 2 MiB instead of
+//! one per window. The block's pages are ordinary 4 KiB pages to reclaim,
+//! dirty until written back; writeback leaves the ones still all zero
+//! without a slot and drops them for free (reclaim.rs).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -35,6 +44,13 @@ use super::{PagerError, PAGE_SIZE};
 /// window of 64 KiB, Linux's default `fault_around_bytes` (mm/memory.c) and
 /// twice its default swap read-ahead cluster (`vm.page-cluster` = 3).
 pub const FAULT_AROUND_PAGES: usize = 16;
+
+/// Pages of one block fill: an aligned 2 MiB (a huge page's worth).
+pub const BLOCK_PAGES: usize = 512;
+
+/// The source of block fills. Never written, so the kernel backs it with
+/// its shared zero page: copies from it read one cache-hot page.
+static ZERO_BLOCK: [u8; BLOCK_PAGES * PAGE_SIZE] = [0; BLOCK_PAGES * PAGE_SIZE];
 
 /// What fault-around remembers between faults.
 #[derive(Debug, Default)]
@@ -53,17 +69,43 @@ impl AroundState {
     }
 }
 
-/// Neighbours of `idx` in `range` that are unmapped and idle, nearest first;
-/// stops at the first that is not (or whose lock is held).
-fn neighbours<'a>(sh: &'a Shared, range: impl Iterator<Item = usize>) -> Vec<PageRef<'a>> {
+/// Neighbours of `idx` in `range` that are unmapped and idle (never written
+/// only, with `fresh_only`), nearest first; stops at the first that is not
+/// (or whose lock is held).
+fn neighbours<'a>(
+    sh: &'a Shared,
+    range: impl Iterator<Item = usize>,
+    fresh_only: bool,
+) -> Vec<PageRef<'a>> {
     let mut out = Vec::new();
     for j in range {
         match sh.pages.try_lock(j) {
-            Some(q) if matches!(q.kind, PageKind::Empty | PageKind::Swapped) => out.push(q),
+            Some(q)
+                if q.kind == PageKind::Empty || (q.kind == PageKind::Swapped && !fresh_only) =>
+            {
+                out.push(q)
+            }
             _ => break,
         }
     }
     out
+}
+
+/// The pages a fault on `idx` maps at most: its aligned block (aligned in
+/// host addresses, as a huge page) or its fault-around window, cut to its
+/// region.
+fn window(sh: &Shared, idx: usize, block: bool) -> (usize, usize) {
+    let region = sh.pages.region_pages(idx);
+    let (lo, len) = if block {
+        let into_block = sh.pages.host_of(idx) / PAGE_SIZE % BLOCK_PAGES;
+        (idx.saturating_sub(into_block), BLOCK_PAGES)
+    } else {
+        (
+            idx / FAULT_AROUND_PAGES * FAULT_AROUND_PAGES,
+            FAULT_AROUND_PAGES,
+        )
+    };
+    (lo.max(region.start), (lo + len).min(region.end))
 }
 
 /// Serves fault `f` on page `idx` (locked in `p`, `Empty` or `Swapped`, a
@@ -77,15 +119,13 @@ pub fn resolve_around<'a>(
     source: Source,
     buf: &mut [u8],
 ) -> Result<Step, PagerError> {
-    let fresh_stream = f.write && p.kind == PageKind::Empty && sh.around.streaming_write(idx);
-    let region = sh.pages.region_pages(idx);
-    let window = idx / FAULT_AROUND_PAGES * FAULT_AROUND_PAGES;
-    let (win_lo, win_hi) = (
-        window.max(region.start),
-        (window + FAULT_AROUND_PAGES).min(region.end),
-    );
-    let mut above = neighbours(sh, idx + 1..win_hi);
-    let mut below = neighbours(sh, (win_lo..idx).rev());
+    let fresh_write = f.write && p.kind == PageKind::Empty;
+    let block = fresh_write && sh.budget.plentiful(BLOCK_PAGES);
+    // A block fill maps its pages writable like a write stream does.
+    let fresh_stream = fresh_write && (sh.around.streaming_write(idx) || block);
+    let (win_lo, win_hi) = window(sh, idx, block);
+    let mut above = neighbours(sh, idx + 1..win_hi, block);
+    let mut below = neighbours(sh, (win_lo..idx).rev(), block);
     let extra = sh.budget.try_take_extra(above.len() + below.len());
     // Forward first: sequential access is the common pattern.
     above.truncate(extra);
@@ -97,31 +137,16 @@ pub fn resolve_around<'a>(
     pages.push(p);
     pages.append(&mut above);
     let n = pages.len();
-    let buf = &mut buf[..n * PAGE_SIZE];
-
     // Contents: zeroes, or read in runs of consecutive slots.
     let mut reads: Vec<(u32, usize, usize)> = Vec::new();
-    for (i, q) in pages.iter().enumerate() {
-        let off = i * PAGE_SIZE;
-        if q.kind != PageKind::Swapped {
-            buf[off..off + PAGE_SIZE].fill(0);
-            continue;
-        }
-        match reads.last_mut() {
-            Some((slot, start, len))
-                if *start + *len == off
-                    && u64::from(*slot) + (*len / PAGE_SIZE) as u64 == u64::from(q.slot) =>
-            {
-                *len += PAGE_SIZE
-            }
-            _ => reads.push((q.slot, off, PAGE_SIZE)),
-        }
+    if !block {
+        plan_contents(&pages, &mut buf[..n * PAGE_SIZE], &mut reads);
     }
     let give_back = |mapped_extra: usize| {
         sh.budget.release(extra - mapped_extra, false, false);
     };
     if !reads.is_empty() {
-        match sh.swap.try_read_merged(buf, &reads) {
+        match sh.swap.try_read_merged(&mut buf[..n * PAGE_SIZE], &reads) {
             Ok(Some(calls)) => bump(&sh.counters.swap_reads, calls),
             Ok(None) => {
                 sh.budget.untake(source);
@@ -138,6 +163,12 @@ pub fn resolve_around<'a>(
             }
         }
     }
+
+    let data: &[u8] = if block {
+        &ZERO_BLOCK[..n * PAGE_SIZE]
+    } else {
+        &buf[..n * PAGE_SIZE]
+    };
 
     // Protection per page: the faulting page as accessed, neighbours
     // write-protected (clean) unless fresh ones in a write stream.
@@ -166,7 +197,7 @@ pub fn resolve_around<'a>(
                 .unwrap_or(seg_hi);
             let (done, res) = sh.uffd.copy_range(
                 host_lo + start * PAGE_SIZE,
-                &buf[start * PAGE_SIZE..end * PAGE_SIZE],
+                &data[start * PAGE_SIZE..end * PAGE_SIZE],
                 wp[start],
             )?;
             mapped[start..start + done].fill(true);
@@ -204,6 +235,9 @@ pub fn resolve_around<'a>(
     }
     give_back(mapped_extra);
     bump(&sh.counters.fault_around_pages, mapped_extra as u64);
+    if block && mapped_extra > 0 {
+        bump(&sh.counters.block_fills, 1);
+    }
     let fault_swapped = reads
         .iter()
         .any(|&(_, off, len)| (off..off + len).contains(&(fault_pos * PAGE_SIZE)));
@@ -230,6 +264,28 @@ pub fn resolve_around<'a>(
         Resolve::Retry => Step::Retry,
         _ => Step::Done,
     })
+}
+
+/// Zeroes the window's never-written pages in `buf` and plans the reads of
+/// its swapped ones: `(first slot, offset in buf, length)` per run of
+/// consecutive slots.
+fn plan_contents(pages: &[PageRef<'_>], buf: &mut [u8], reads: &mut Vec<(u32, usize, usize)>) {
+    for (i, q) in pages.iter().enumerate() {
+        let off = i * PAGE_SIZE;
+        if q.kind != PageKind::Swapped {
+            buf[off..off + PAGE_SIZE].fill(0);
+            continue;
+        }
+        match reads.last_mut() {
+            Some((slot, start, len))
+                if *start + *len == off
+                    && u64::from(*slot) + (*len / PAGE_SIZE) as u64 == u64::from(q.slot) =>
+            {
+                *len += PAGE_SIZE
+            }
+            _ => reads.push((q.slot, off, PAGE_SIZE)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -167,6 +167,12 @@ impl Budget {
         n
     }
 
+    /// Whether `n` more frames would leave the charge at or under reclaim's
+    /// low watermark: memory is plentiful, reclaim would not start.
+    pub fn plentiful(&self, n: usize) -> bool {
+        self.lock().charged + n <= self.low
+    }
+
     /// Charges a frame, waiting until the charge is under the limit. Gives up
     /// waiting when `abort` is set and charges anyway (an overshoot), so no
     /// faulting thread hangs once the pager failed or is stopping.

@@ -58,6 +58,12 @@ counters! {
     /// Neighbours of a faulting page mapped with it (swap read-around and
     /// zero fault-around), by the same `UFFDIO_COPY`.
     fault_around_pages,
+    /// Write faults on never-written pages served with their whole 2 MiB
+    /// block while memory was plentiful (their neighbours count above).
+    block_fills,
+    /// Dirty pages found all zero when staged for writeback: left clean
+    /// without a swap slot and dropped without a write.
+    zero_pages_dropped,
     /// Pages written again during their writeback (stay dirty).
     redirtied_in_writeback,
     /// Pages dropped by `Pager::discard` (balloon, free page reporting).

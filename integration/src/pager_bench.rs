@@ -24,6 +24,9 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Marks the start and the end of one run in the console.
 pub const MARK_RUN: &str = "PAGER-BENCH-RUN";
 pub const MARK_END: &str = "PAGER-BENCH-END";
+/// CPU seconds of each of our VMM's threads in one run (user/system/guest,
+/// sampled every second, so up to a second short) and of the whole L1.
+pub const MARK_CPU: &str = "PAGER-BENCH-CPU";
 /// The phases of `pager-touch`, as (name, line that starts it, line that ends it).
 pub const PHASES: &[(&str, &str, &str)] = &[
     ("write", "] writing", "] first checksum pass"),
@@ -66,6 +69,8 @@ pub fn script(
         "export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\n\
          up() {{ cut -d' ' -f1 /proc/uptime; }}\n\
          vm() {{ awk -v k=\"$1\" '$1 == k {{print $2}}' /proc/vmstat; }}\n\
+         thread_cpu() {{ awk '{{ n = substr($0, index($0, \"(\") + 1); n = substr(n, 1, index(n, \")\") - 1); gsub(/ /, \"_\", n); sub(/^.*\\) /, \"\"); u[n] += $12; s[n] += $13; g[n] += $41 }} END {{ for (n in u) printf \"%s=%.2f/%.2f/%.2f \", n, u[n] / 100, s[n] / 100, g[n] / 100 }}'; }}\n\
+         l1_cpu() {{ head -1 /proc/stat | awk -v a=\"$1\" '{{ split(a, o, \" \"); printf \"user=%.2f system=%.2f idle=%.2f guest=%.2f\", ($2 - o[2]) / 100, ($4 - o[4]) / 100, ($5 - o[5]) / 100, ($10 - o[10]) / 100 }}'; }}\n\
          echo {zram_mib}M > /sys/block/zram0/disksize || exit 91\n\
          mkswap /dev/zram0 >/dev/null && swapon /dev/zram0 || exit 92\n\
          mkdir -p {CGROUP_ROOT} && mount -t cgroup2 none {CGROUP_ROOT} || exit 93\n\
@@ -95,7 +100,22 @@ pub fn script(
         } else {
             let _ = writeln!(
                 s,
-                "    timeout {per_run_s} {argv} </dev/null 2>&1\n    rc=$?\n    extra=\"\""
+                "    cpu0=$(head -1 /proc/stat)\n    \
+                 {argv} </dev/null 2>&1 &\n    \
+                 t=$!\n    \
+                 (sleep {per_run_s}; kill $t 2>/dev/null) &\n    \
+                 k=$!\n    \
+                 while kill -0 $t 2>/dev/null; do\n        \
+                 cat /proc/$t/task/*/stat > /tmp/tstat.new 2>/dev/null && mv /tmp/tstat.new /tmp/tstat\n        \
+                 sleep 1\n    \
+                 done\n    \
+                 wait $t\n    \
+                 rc=$?\n    \
+                 kill $k 2>/dev/null\n    \
+                 echo \"{MARK_CPU} variant={name} rep=$r $(thread_cpu < /tmp/tstat) l1: $(l1_cpu \"$cpu0\")\"\n    \
+                 rm -f /tmp/tstat\n    \
+                 extra=\"\"",
+                name = v.name
             );
         }
         let _ = writeln!(
@@ -362,6 +382,7 @@ PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpi
             "{s}"
         );
         assert!(s.contains("timeout 600 sh -c"), "{s}");
-        assert!(s.contains("timeout 600 '/vmm'"), "{s}");
+        assert!(s.contains("(sleep 600; kill $t 2>/dev/null) &"), "{s}");
+        assert!(s.contains("PAGER-BENCH-CPU variant=ours rep=$r"), "{s}");
     }
 }

@@ -19,6 +19,15 @@ use std::path::Path;
 use crate::harness::{qemu_l2_args, vmm_args_with, GuestRun};
 use crate::l1::{L2_INITRD, L2_KERNEL, QEMU_FIRMWARE_PATH, QEMU_PATH, VMM_PATH};
 
+/// Shell functions for L1 scripts that say where CPU time went:
+/// `thread_cpu < stat-lines` sums `/proc/PID/task/*/stat` lines per thread
+/// name as `name=user/system/guest` seconds; `l1_cpu "$before"` prints
+/// L1's user, system, idle and guest seconds since `before`, a copy of
+/// `/proc/stat`'s first line.
+pub const CPU_SH: &str = r#"thread_cpu() { awk '{ n = substr($0, index($0, "(") + 1); n = substr(n, 1, index(n, ")") - 1); gsub(/ /, "_", n); sub(/^.*\) /, ""); u[n] += $12; s[n] += $13; g[n] += $41 } END { for (n in u) printf "%s=%.2f/%.2f/%.2f ", n, u[n] / 100, s[n] / 100, g[n] / 100 }'; }
+l1_cpu() { head -1 /proc/stat | awk -v a="$1" '{ split(a, o, " "); printf "user=%.2f system=%.2f idle=%.2f guest=%.2f", ($2 - o[2]) / 100, ($4 - o[4]) / 100, ($5 - o[5]) / 100, ($10 - o[10]) / 100 }'; }
+"#;
+
 /// One variant of the same work: a name and its argv inside L1.
 pub struct Variant {
     pub name: &'static str,

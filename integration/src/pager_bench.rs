@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::{median, ours_argv, ours_vs, qemu_argv, Variant};
+use crate::bench::{median, ours_argv, ours_vs, qemu_argv, Variant, CPU_SH};
 use crate::harness::GuestRun;
 use crate::l1::{sh_quote, L2_KERNEL};
 
@@ -66,11 +66,9 @@ pub fn script(
     variants: &[Variant],
 ) -> String {
     let mut s = format!(
-        "export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\n\
+        "export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\n{CPU_SH}\
          up() {{ cut -d' ' -f1 /proc/uptime; }}\n\
          vm() {{ awk -v k=\"$1\" '$1 == k {{print $2}}' /proc/vmstat; }}\n\
-         thread_cpu() {{ awk '{{ n = substr($0, index($0, \"(\") + 1); n = substr(n, 1, index(n, \")\") - 1); gsub(/ /, \"_\", n); sub(/^.*\\) /, \"\"); u[n] += $12; s[n] += $13; g[n] += $41 }} END {{ for (n in u) printf \"%s=%.2f/%.2f/%.2f \", n, u[n] / 100, s[n] / 100, g[n] / 100 }}'; }}\n\
-         l1_cpu() {{ head -1 /proc/stat | awk -v a=\"$1\" '{{ split(a, o, \" \"); printf \"user=%.2f system=%.2f idle=%.2f guest=%.2f\", ($2 - o[2]) / 100, ($4 - o[4]) / 100, ($5 - o[5]) / 100, ($10 - o[10]) / 100 }}'; }}\n\
          echo {zram_mib}M > /sys/block/zram0/disksize || exit 91\n\
          mkswap /dev/zram0 >/dev/null && swapon /dev/zram0 || exit 92\n\
          mkdir -p {CGROUP_ROOT} && mount -t cgroup2 none {CGROUP_ROOT} || exit 93\n\

@@ -560,7 +560,7 @@ fn number_after(line: &str, key: &str) -> u64 {
 #[test]
 #[ignore]
 fn bench_balloon_vs_qemu() {
-    use integration::bench::{median, ours_argv, qemu_argv, update_section};
+    use integration::bench::{median, ours_argv, qemu_argv, update_section, CPU_SH};
     use integration::l1::sh_quote;
     use integration::usb_bench::qemu_l1_files;
 
@@ -619,7 +619,7 @@ fn bench_balloon_vs_qemu() {
     let guest_mib = mem_mib - balloon_mib;
     let mut s = format!(
         r#"export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
-D={d}
+{CPU_SH}D={d}
 up() {{ cut -d' ' -f1 /proc/uptime; }}
 num() {{ sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }}
 running() {{ [ ! -f "$D/rc" ]; }}
@@ -669,11 +669,14 @@ while [ "$r" -lt {reps} ]; do
     ( {argv} </dev/null 2>&1 & echo $! > "$D/pid"; wait $!; echo $? > "$D/rc" ) > "$D/console.log" &
     wait_console BALLOON-TOUCHED 600 || echo "BENCH-BALLOON-ABORT variant={name}: no BALLOON-TOUCHED"
     touched=$(ram_rss_kb)
+    cpu0=$(head -1 /proc/stat)
+    thr0=$(cat /proc/$(cat "$D/pid")/task/*/stat | thread_cpu)
     t0=$(up)
     {inflate}
     i=0
     while [ "$({actual})" != "{target}" ] && [ "$i" -lt 1500 ] && running; do sleep 0.15; i=$((i + 1)); done
     t1=$(up)
+    echo "BENCH-BALLOON-CPU variant={name} rep=$r l1: $(l1_cpu "$cpu0") threads before: $thr0 after: $(cat /proc/$(cat "$D/pid")/task/*/stat | thread_cpu)"
     inflated=$(ram_rss_kb)
     wait_console BALLOON-GUEST-INFLATED 120 || echo "BENCH-BALLOON-ABORT variant={name}: guest did not see the balloon"
     {deflate}

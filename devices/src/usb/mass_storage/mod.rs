@@ -441,6 +441,15 @@ impl UsbDevice for MassStorage {
     }
 }
 
+/// A device dropped while suspended (VMM shutdown, a failed attach) lets go
+/// of its volume's quiesce: the volume may outlive it (the pager's swap
+/// store on the same image), and nothing would ever resume it.
+impl Drop for MassStorage {
+    fn drop(&mut self) {
+        self.resume();
+    }
+}
+
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 #[cfg(test)]

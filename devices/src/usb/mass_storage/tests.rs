@@ -569,3 +569,16 @@ fn invalid_cbw_needs_reset_recovery_and_out_of_order_naks() {
     control(&mut dev, 0x21, REQ_MASS_STORAGE_RESET, 0, 0, &mut vec![]);
     assert!(!dev.command_in_progress());
 }
+
+#[test]
+fn a_device_dropped_while_suspended_resumes_its_volume() {
+    let (_img, mut dev) = device(64, false, UsbSpeed::Super);
+    let volume = dev.disk.image().volume().clone();
+    dev.suspend();
+    assert!(volume.is_quiesced(), "suspend quiesces the volume");
+    drop(dev);
+    assert!(
+        !volume.is_quiesced(),
+        "a dropped device left its volume quiesced"
+    );
+}

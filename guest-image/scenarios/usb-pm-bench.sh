@@ -4,7 +4,10 @@
 # latency includes the runtime resume the read triggers) and prints
 # "PM-RESUME n=N us=LATENCY". Optionally under memory pressure (a
 # background loop re-reading a tmpfs file larger than the VMM's resident
-# limit). Then an idle stretch: "PM-IDLE controller_suspended_ms=X of=Y" from
+# limit, at nice 19: it keeps the host pager evicting and swapping in,
+# while the guest's one CPU still runs the resume path first; at nice 0 it
+# took half the guest CPU from every resume, which measured the guest's
+# scheduler rather than the device). Then an idle stretch: "PM-IDLE controller_suspended_ms=X of=Y" from
 # the xHCI PCI function's runtime_suspended_time. Between the two, pmb_resets
 # bus resets (`sg_reset -b`: usb-storage's port reset path) timed between
 # two /dev/kmsg markers: "PM-RESET n=N us=DURATION".
@@ -38,8 +41,12 @@ pid=
 if [ "$pressure" -gt 0 ]; then
     mount -o remount,size=$((pressure + 32))m /tmp || fail "cannot grow /tmp"
     dd if=/dev/urandom of=/tmp/pressure bs=1M count="$pressure" 2>/dev/null || fail "no pressure file"
-    ( while :; do md5sum < /tmp/pressure > /dev/null; done ) &
+    # Started once reniced, so that every pass runs at nice 19.
+    ( while [ ! -e /tmp/pressure.go ]; do sleep 0.1; done
+      while :; do md5sum < /tmp/pressure > /dev/null; done ) &
     pid=$!
+    renice -n 19 -p "$pid" >/dev/null || fail "cannot renice the pressure loop"
+    touch /tmp/pressure.go
 fi
 echo "PM-BENCH-START dev=$d pressure_mib=$pressure delay_ms=$delay"
 n=1

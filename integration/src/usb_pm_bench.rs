@@ -182,6 +182,32 @@ pub fn render_table(runs: &[PmRun]) -> String {
     t
 }
 
+/// Issue 14's measure: p99 under pressure over p99 without (ours with the
+/// controller allowed to suspend in both), for resumes and for resets.
+pub fn pressure_ratios(runs: &[PmRun]) -> String {
+    let p99 = |variant: &str, resets: bool| -> Option<u64> {
+        let v: Vec<u64> = runs
+            .iter()
+            .filter(|r| r.variant == variant)
+            .flat_map(|r| {
+                if resets { &r.reset_us } else { &r.resume_us }
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        quantile(&v, 0.99)
+    };
+    let ratio = |resets: bool| match (p99("ours-pressure", resets), p99("ours", resets)) {
+        (Some(a), Some(b)) if b > 0 => format!("{:.2}x", a as f64 / b as f64),
+        _ => "n/a".into(),
+    };
+    format!(
+        "Under pressure / without (ours, p99; issue 14's goal <= 1.2x): resume {}, reset {}.",
+        ratio(false),
+        ratio(true)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +256,10 @@ PM-RESET n=1 us=90000
         assert!(
             t.contains("| 1 | 3.0 | 3.0 | 0.38x | 1 | 90.0 | 90.0 | n/a |"),
             "{t}"
+        );
+        assert_eq!(
+            pressure_ratios(&r),
+            "Under pressure / without (ours, p99; issue 14's goal <= 1.2x): resume 0.75x, reset n/a."
         );
     }
 

@@ -296,6 +296,7 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
         bail!("no PM-RESUME lines; console:\n{}", r.console);
     }
     let table = usb_pm_bench::render_table(&runs);
+    let ratios = usb_pm_bench::pressure_ratios(&runs);
     println!("{table}");
     let raw = marked_lines(
         &r.console,
@@ -315,14 +316,15 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
              run round-robin in the same L1. `ours, limit + swap on the disk's volume, pressure`: \
              `--memory size={PM_MEMORY_MIB}M,limit={PM_LIMIT_MIB}M,swap=...,swap_volume=bench` (the \
              limit is half the working set) while the guest re-reads a {PM_PRESSURE_MIB} MiB tmpfs \
-             file in a loop: the resume paths run in NOIO scopes while the swap device is the \
+             file in a loop at nice 19 (so that the guest's one CPU runs the resume first; at nice 0 \
+             the loop took half of it and the ratio measured the guest's scheduler): the resume paths run in NOIO scopes while the swap device is the \
              disk being resumed. `ours, controller kept in D0`: the same with the PCI function's \
              `power/control` left `on`, so only the link suspends, as with QEMU. QEMU: `-M pc -accel kvm -device qemu-xhci -device usb-storage` \
              (its controller never leaves D0). Last column: share of an idle stretch of {idle} s \
              after the cycles that the controller spent runtime-suspended (the PCI function's \
              `runtime_suspended_time`). Resets: 20 `sg_reset -b` per round on the awake \
              disk (usb-storage's port reset: port reset, Reset Device, re-enumeration), \
-             timed between two kernel log markers.\n\n{table}\nRaw lines:\n\n```\n{}\n```\n",
+             timed between two kernel log markers.\n\n{table}\n{ratios}\n\nRaw lines:\n\n```\n{}\n```\n",
             raw.join("\n")
         );
         bench::update_section(&file, "usb-pm", &body)?;

@@ -36,10 +36,13 @@ pub const PHASES: &[(&str, &str, &str)] = &[
 
 /// Ours without a limit: what the limit costs, in the same L1.
 pub const UNLIMITED: &str = "ours-nolimit";
+/// Ours with the pager on and a limit as large as guest RAM: the pager's
+/// cost without any eviction (4 KiB host pages, first-touch faults).
+pub const FULL_LIMIT: &str = "ours-limit100";
 
 /// Ours with the pager (limit `limit_mib`), QEMU `-M pc` (its limit is the
-/// cgroup's, set by [`script`]) and ours without a limit.
-/// `run.memory_opts` is ignored.
+/// cgroup's, set by [`script`]), ours without a limit and ours with a limit
+/// of all guest RAM. `run.memory_opts` is ignored.
 pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
     let mut paged = run.clone();
     paged.memory_opts = Some(format!("limit={limit_mib}M,swap={SWAP_FILE}"));
@@ -47,10 +50,16 @@ pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
     let qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
     let mut plain = run.clone();
     plain.memory_opts = None;
+    let mut full = run.clone();
+    full.memory_opts = Some(format!("limit={}M,swap={SWAP_FILE}", run.memory_mib));
     let mut v = ours_vs(ours, "qemu", qemu);
     v.push(Variant {
         name: UNLIMITED,
         argv: ours_argv(&plain, cmdline, L2_KERNEL),
+    });
+    v.push(Variant {
+        name: FULL_LIMIT,
+        argv: ours_argv(&full, cmdline, L2_KERNEL),
     });
     v
 }
@@ -260,8 +269,8 @@ pub fn render_table(runs: &[PagerRun], touch_mib: u32) -> String {
 /// ratios; issue 16's goal for the boot is <= 1.2x).
 pub fn render_limit_table(runs: &[PagerRun]) -> String {
     let mut t = String::from(
-        "| | ours with the limit s (runs) | ours without a limit s (runs) | with / without (time) |\n\
-         |---|---|---|---|\n",
+        "| | ours, limit 50% s (runs) | ours, limit 100% s (runs) | ours without a limit s (runs) | limit 50% / without (time) | limit 100% / without (time) |\n\
+         |---|---|---|---|---|---|\n",
     );
     let mut rows = vec!["boot to init (guest uptime at the scenario's start)"];
     rows.extend(PHASES.iter().map(|(name, _, _)| *name));
@@ -272,18 +281,26 @@ pub fn render_limit_table(runs: &[PagerRun]) -> String {
             0 => r.boot_s,
             _ => row_value(r, i - 1),
         };
-        let (o, on) = med(runs, "ours", f);
         let (u, un) = med(runs, UNLIMITED, f);
         let secs = |s: Option<f64>| s.map_or("n/a".into(), |s| format!("{s:.1}"));
-        let ratio = match (o, u) {
-            (Some(o), Some(u)) if u > 0.0 => format!("{:.2}x", o / u),
-            _ => "n/a".into(),
-        };
+        let mut cells = Vec::new();
+        let mut ratios = Vec::new();
+        for variant in ["ours", FULL_LIMIT] {
+            let (o, on) = med(runs, variant, f);
+            cells.push(format!("{} ({on})", secs(o)));
+            ratios.push(match (o, u) {
+                (Some(o), Some(u)) if u > 0.0 => format!("{:.2}x", o / u),
+                _ => "n/a".into(),
+            });
+        }
         let _ = writeln!(
             t,
-            "| {name} | {} ({on}) | {} ({un}) | {ratio} |",
-            secs(o),
-            secs(u)
+            "| {name} | {} | {} | {} ({un}) | {} | {} |",
+            cells[0],
+            cells[1],
+            secs(u),
+            ratios[0],
+            ratios[1]
         );
     }
     t
@@ -353,10 +370,13 @@ PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpi
         assert_eq!(workload_ratio(&runs), Some(2.0));
         let t = render_limit_table(&runs);
         assert!(
-            t.contains("| boot to init (guest uptime at the scenario's start) | 10.0 (1) | 8.0 (1) | 1.25x |"),
+            t.contains("| boot to init (guest uptime at the scenario's start) | 10.0 (1) | n/a (0) | 8.0 (1) | 1.25x | n/a |"),
             "{t}"
         );
-        assert!(t.contains("| write | 10.0 (1) | 5.0 (1) | 2.00x |"), "{t}");
+        assert!(
+            t.contains("| write | 10.0 (1) | n/a (0) | 5.0 (1) | 2.00x | n/a |"),
+            "{t}"
+        );
     }
 
     #[test]

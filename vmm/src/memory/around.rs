@@ -215,7 +215,7 @@ pub fn resolve_around<'a>(
 
     let mut swapped_in: u64 = 0;
     let mut mapped_extra = 0;
-    for (i, mut q) in pages.into_iter().enumerate() {
+    for (i, q) in pages.iter_mut().enumerate() {
         if !mapped[i] {
             continue;
         }
@@ -237,7 +237,9 @@ pub fn resolve_around<'a>(
     bump(&sh.counters.fault_around_pages, mapped_extra as u64);
     if block && mapped_extra > 0 {
         bump(&sh.counters.block_fills, 1);
+        collapse(sh, lo, &mut pages, &mapped);
     }
+    drop(pages);
     let fault_swapped = reads
         .iter()
         .any(|&(_, off, len)| (off..off + len).contains(&(fault_pos * PAGE_SIZE)));
@@ -264,6 +266,28 @@ pub fn resolve_around<'a>(
         Resolve::Retry => Step::Retry,
         _ => Step::Done,
     })
+}
+
+/// Backs a block fill with one transparent huge page when it mapped a whole
+/// aligned block (`pages` from page `lo` on, still locked), and marks its
+/// pages `huge`. As the kernel's own first touch of memory it manages would:
+/// a nested guest on 4 KiB host pages ran 3x slower in guest mode than on
+/// huge pages (BENCHMARKS.md, issue 16 section).
+fn collapse(sh: &Shared, lo: usize, pages: &mut [PageRef<'_>], mapped: &[bool]) {
+    let host = sh.pages.host_of(lo);
+    if pages.len() != BLOCK_PAGES
+        || !host.is_multiple_of(BLOCK_PAGES * PAGE_SIZE)
+        || !mapped.iter().all(|&m| m)
+    {
+        return;
+    }
+    match super::uffd::collapse_block(host, BLOCK_PAGES * PAGE_SIZE) {
+        Ok(()) => {
+            pages.iter_mut().for_each(|q| q.huge = true);
+            bump(&sh.counters.blocks_collapsed, 1);
+        }
+        Err(e) => log::debug!("pager: no huge page for {host:#x}: {e}"),
+    }
 }
 
 /// Zeroes the window's never-written pages in `buf` and plans the reads of

@@ -44,6 +44,10 @@ pub struct PageState {
     pub referenced: bool,
     /// Discarded while `Evicting`: the evictor must forget the copy.
     pub discarded: bool,
+    /// One of the 512 pages of a block the kernel backs with a transparent
+    /// huge page (collapsed after a block fill). Reclaim drops such a block
+    /// only whole, so that the huge page goes back to the host at once.
+    pub huge: bool,
 }
 
 impl Default for PageState {
@@ -56,6 +60,7 @@ impl Default for PageState {
             writeback: false,
             referenced: false,
             discarded: false,
+            huge: false,
         }
     }
 }

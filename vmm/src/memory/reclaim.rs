@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use devices::noio::{register_current_thread, NoioScope};
 
+use super::around::BLOCK_PAGES;
 use super::pager::Shared;
 use super::pages::{PageKind, PageRef, NO_SLOT};
 use super::stats::bump;
@@ -181,6 +182,17 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
         if p.kind != PageKind::Resident || p.writeback {
             continue;
         }
+        if p.huge {
+            // A huge page's block goes whole or not at all; the runs
+            // collected so far go first (they lie below it: lock order).
+            drop(p);
+            start_writeback(sh, dirty_first, &mut dirty)?;
+            progress |= evict_run(sh, &mut evicting)?;
+            let block = huge_block(sh, idx);
+            progress |= reclaim_huge_block(sh, block.clone())?;
+            *hand = block.end % n;
+            continue;
+        }
         if p.referenced {
             p.referenced = false;
             continue;
@@ -214,6 +226,65 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
     start_writeback(sh, dirty_first, &mut dirty)?;
     progress |= evict_run(sh, &mut evicting)?;
     Ok(progress)
+}
+
+/// The aligned block of [`BLOCK_PAGES`] pages holding page `idx`.
+fn huge_block(sh: &Shared, idx: usize) -> std::ops::Range<usize> {
+    let into = sh.pages.host_of(idx) / PAGE_SIZE % BLOCK_PAGES;
+    let first = idx - into.min(idx);
+    first..first + BLOCK_PAGES
+}
+
+/// One hand step over a block backed by a transparent huge page: the pages
+/// of its block are never dropped one by one (the kernel would keep the
+/// whole huge page until it splits it under its own memory pressure), but
+/// all together with one `madvise` once every page is clean, which frees
+/// the huge page at once. Until then: a referenced page gives the whole
+/// block a second chance, dirty pages are written back. A block whose pages
+/// went their own ways (a discard, the evict aid) is forgotten as a block.
+/// Whether it dropped the block.
+fn reclaim_huge_block(sh: &Shared, block: std::ops::Range<usize>) -> Result<bool, PagerError> {
+    let region = sh.pages.region_pages(block.start);
+    if block.start < region.start || block.end > region.end {
+        return Ok(false);
+    }
+    let mut pages: Vec<PageRef<'_>> = block.clone().map(|i| sh.pages.lock(i)).collect();
+    if pages
+        .iter()
+        .any(|q| q.kind != PageKind::Resident || !q.huge)
+    {
+        pages.iter_mut().for_each(|q| q.huge = false);
+        return Ok(false);
+    }
+    if pages.iter().any(|q| q.referenced) {
+        pages.iter_mut().for_each(|q| q.referenced = false);
+        return Ok(false);
+    }
+    if pages.iter().all(|q| q.is_clean()) {
+        pages.iter_mut().for_each(|q| q.kind = PageKind::Evicting);
+        drop(pages);
+        let mut run = EvictRun {
+            first: block.start,
+            len: block.len(),
+        };
+        bump(&sh.counters.huge_blocks_dropped, 1);
+        return evict_run(sh, &mut run);
+    }
+    let mut dirty: Vec<PageRef<'_>> = Vec::new();
+    let mut first = block.start;
+    for (i, q) in pages.into_iter().enumerate() {
+        let idx = block.start + i;
+        if !q.dirty || q.writeback || sh.wb.in_flight() + dirty.len() >= WRITEBACK_QUEUE_PAGES {
+            continue;
+        }
+        if dirty.is_empty() || first + dirty.len() != idx || dirty.len() == WRITEBACK_BATCH_PAGES {
+            start_writeback(sh, first, &mut dirty)?;
+            first = idx;
+        }
+        dirty.push(q);
+    }
+    start_writeback(sh, first, &mut dirty)?;
+    Ok(false)
 }
 
 /// Queues the locked adjacent dirty pages from `first` on for writeback:

@@ -61,6 +61,10 @@ counters! {
     /// Write faults on never-written pages served with their whole 2 MiB
     /// block while memory was plentiful (their neighbours count above).
     block_fills,
+    /// Block fills collapsed into a transparent huge page (`MADV_COLLAPSE`).
+    blocks_collapsed,
+    /// Such blocks dropped whole by reclaim (their huge page freed at once).
+    huge_blocks_dropped,
     /// Dirty pages found all zero when staged for writeback: left clean
     /// without a swap slot and dropped without a write.
     zero_pages_dropped,

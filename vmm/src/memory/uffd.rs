@@ -301,6 +301,23 @@ pub fn madvise_nohugepage(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, libc::MADV_NOHUGEPAGE)
 }
 
+/// `MADV_COLLAPSE` (Linux 6.1): collapse a range into transparent huge pages now.
+const MADV_COLLAPSE: i32 = 25;
+
+/// Backs the 2 MiB-aligned block `[addr, addr + len)`, every page of it
+/// mapped, with one transparent huge page now (the kernel copies the pages
+/// into it). Guest RAM under the pager is `MADV_NOHUGEPAGE`, so that the
+/// kernel (khugepaged) never collapses a block the pager does not know of,
+/// and `MADV_COLLAPSE` refuses such memory: the block is advised
+/// `MADV_HUGEPAGE` for the call and `MADV_NOHUGEPAGE` again after it (the
+/// huge page stays).
+pub fn collapse_block(addr: usize, len: usize) -> io::Result<()> {
+    madvise(addr, len, libc::MADV_HUGEPAGE)?;
+    let collapsed = madvise(addr, len, MADV_COLLAPSE);
+    let restored = madvise_nohugepage(addr, len);
+    collapsed.and(restored)
+}
+
 /// Which pages of `[addr, addr + len)` are resident.
 pub fn mincore(addr: usize, len: usize) -> io::Result<Vec<bool>> {
     let pages = len.div_ceil(PAGE_SIZE);

@@ -275,7 +275,8 @@ pub fn resolve_around<'a>(
 /// huge pages (BENCHMARKS.md, issue 16 section).
 fn collapse(sh: &Shared, lo: usize, pages: &mut [PageRef<'_>], mapped: &[bool]) {
     let host = sh.pages.host_of(lo);
-    if pages.len() != BLOCK_PAGES
+    if !sh.huge_pages
+        || pages.len() != BLOCK_PAGES
         || !host.is_multiple_of(BLOCK_PAGES * PAGE_SIZE)
         || !mapped.iter().all(|&m| m)
     {

@@ -33,6 +33,10 @@ pub struct PagerConfig {
     pub high_watermark_pages: Option<usize>,
     /// Reclaim stops at this many; default high - max(limit/32, 8).
     pub low_watermark_pages: Option<usize>,
+    /// Back a block fill that mapped a whole aligned 2 MiB block with a
+    /// transparent huge page (default on; tests turn it off to see the
+    /// 4 KiB paths alone).
+    pub huge_pages: bool,
 }
 
 impl PagerConfig {
@@ -46,6 +50,7 @@ impl PagerConfig {
             reserve_pages: None,
             high_watermark_pages: None,
             low_watermark_pages: None,
+            huge_pages: true,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct Shared {
     own_removes: OwnRemoves,
     /// Copies of pages that may have been zapped from outside (see nofault.rs).
     pub reader: super::nofault::NoFaultReader,
+    /// Collapse whole block fills into huge pages ([`PagerConfig::huge_pages`]).
+    pub huge_pages: bool,
 }
 
 /// Host ranges the pager is `madvise`-ing away, with counts.
@@ -238,6 +240,7 @@ impl Pager {
             fatal_evt: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?,
             own_removes: OwnRemoves::default(),
             reader: super::nofault::NoFaultReader::open().map_err(PagerError::Sys)?,
+            huge_pages: config.huge_pages,
         });
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?;
         let handler_stop = stop_evt.try_clone().map_err(PagerError::Sys)?;

@@ -39,6 +39,8 @@ pub const UNLIMITED: &str = "ours-nolimit";
 /// Ours with the pager on and a limit as large as guest RAM: the pager's
 /// cost without any eviction (4 KiB host pages, first-touch faults).
 pub const FULL_LIMIT: &str = "ours-limit100";
+/// Ours with the limit and `huge_pages=off`: what huge pages change.
+pub const SMALL_PAGES: &str = "ours-4k";
 
 /// Ours with the pager (limit `limit_mib`), QEMU `-M pc` (its limit is the
 /// cgroup's, set by [`script`]), ours without a limit and ours with a limit
@@ -60,6 +62,14 @@ pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
     v.push(Variant {
         name: FULL_LIMIT,
         argv: ours_argv(&full, cmdline, L2_KERNEL),
+    });
+    let mut small = run.clone();
+    small.memory_opts = Some(format!(
+        "limit={limit_mib}M,swap={SWAP_FILE},huge_pages=off"
+    ));
+    v.push(Variant {
+        name: SMALL_PAGES,
+        argv: ours_argv(&small, cmdline, L2_KERNEL),
     });
     v
 }
@@ -269,8 +279,8 @@ pub fn render_table(runs: &[PagerRun], touch_mib: u32) -> String {
 /// ratios; issue 16's goal for the boot is <= 1.2x).
 pub fn render_limit_table(runs: &[PagerRun]) -> String {
     let mut t = String::from(
-        "| | ours, limit 50% s (runs) | ours, limit 100% s (runs) | ours without a limit s (runs) | limit 50% / without (time) | limit 100% / without (time) |\n\
-         |---|---|---|---|---|---|\n",
+        "| | ours, limit 50% s (runs) | ours, limit 50%, `huge_pages=off` s (runs) | ours, limit 100% s (runs) | ours without a limit s (runs) | limit 50% / without (time) | limit 50%, 4 KiB / without (time) | limit 100% / without (time) |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     let mut rows = vec!["boot to init (guest uptime at the scenario's start)"];
     rows.extend(PHASES.iter().map(|(name, _, _)| *name));
@@ -285,7 +295,7 @@ pub fn render_limit_table(runs: &[PagerRun]) -> String {
         let secs = |s: Option<f64>| s.map_or("n/a".into(), |s| format!("{s:.1}"));
         let mut cells = Vec::new();
         let mut ratios = Vec::new();
-        for variant in ["ours", FULL_LIMIT] {
+        for variant in ["ours", SMALL_PAGES, FULL_LIMIT] {
             let (o, on) = med(runs, variant, f);
             cells.push(format!("{} ({on})", secs(o)));
             ratios.push(match (o, u) {
@@ -295,12 +305,14 @@ pub fn render_limit_table(runs: &[PagerRun]) -> String {
         }
         let _ = writeln!(
             t,
-            "| {name} | {} | {} | {} ({un}) | {} | {} |",
+            "| {name} | {} | {} | {} | {} ({un}) | {} | {} | {} |",
             cells[0],
             cells[1],
+            cells[2],
             secs(u),
             ratios[0],
-            ratios[1]
+            ratios[1],
+            ratios[2]
         );
     }
     t
@@ -370,11 +382,11 @@ PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpi
         assert_eq!(workload_ratio(&runs), Some(2.0));
         let t = render_limit_table(&runs);
         assert!(
-            t.contains("| boot to init (guest uptime at the scenario's start) | 10.0 (1) | n/a (0) | 8.0 (1) | 1.25x | n/a |"),
+            t.contains("| boot to init (guest uptime at the scenario's start) | 10.0 (1) | n/a (0) | n/a (0) | 8.0 (1) | 1.25x | n/a | n/a |"),
             "{t}"
         );
         assert!(
-            t.contains("| write | 10.0 (1) | n/a (0) | 5.0 (1) | 2.00x | n/a |"),
+            t.contains("| write | 10.0 (1) | n/a (0) | n/a (0) | 5.0 (1) | 2.00x | n/a | n/a |"),
             "{t}"
         );
     }

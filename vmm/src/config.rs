@@ -158,7 +158,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
     n.checked_mul(1u64 << shift)
 }
 
-/// `--memory size=512M[,limit=256M,swap=PATH,reserve=PAGES,swap_volume=ID]`
+/// `--memory size=512M[,limit=256M,swap=PATH,reserve=PAGES,swap_volume=ID,huge_pages=off]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryConfig {
     /// Guest RAM in bytes.
@@ -171,6 +171,8 @@ pub struct MemoryConfig {
     pub reserve_pages: Option<u64>,
     /// Id of a disk whose volume carries swap I/O.
     pub swap_volume: Option<String>,
+    /// With a limit: whether whole block fills get huge pages (default on).
+    pub huge_pages: Option<bool>,
 }
 
 /// Smallest guest this VMM accepts; a stock kernel needs far more anyway.
@@ -179,7 +181,14 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 pub const MAX_MEMORY: u64 = 1 << 40;
 
 impl MemoryConfig {
-    pub const KEYS: &'static [&'static str] = &["size", "limit", "swap", "reserve", "swap_volume"];
+    pub const KEYS: &'static [&'static str] = &[
+        "size",
+        "limit",
+        "swap",
+        "reserve",
+        "swap_volume",
+        "huge_pages",
+    ];
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         const OPT: &str = "memory";
@@ -194,6 +203,7 @@ impl MemoryConfig {
             swap: kv.take("swap").map(PathBuf::from),
             reserve_pages: kv.number("reserve")?,
             swap_volume: kv.take("swap_volume"),
+            huge_pages: kv.flag("huge_pages")?,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -224,10 +234,13 @@ impl MemoryConfig {
             (Some(_), None) => return Err(invalid(OPT, "limit= needs swap=PATH")),
             (None, Some(_)) => return Err(invalid(OPT, "swap= needs limit=SIZE")),
             (None, None) => {
-                if self.reserve_pages.is_some() || self.swap_volume.is_some() {
+                if self.reserve_pages.is_some()
+                    || self.swap_volume.is_some()
+                    || self.huge_pages.is_some()
+                {
                     return Err(invalid(
                         OPT,
-                        "reserve= and swap_volume= need limit= and swap=",
+                        "reserve=, swap_volume= and huge_pages= need limit= and swap=",
                     ));
                 }
             }
@@ -570,6 +583,13 @@ mod tests {
             "limit > size"
         );
         assert!(MemoryConfig::parse("limit=1G").is_err(), "size missing");
+        let m = MemoryConfig::parse("size=1G,limit=256M,swap=/s,huge_pages=off").unwrap();
+        assert_eq!(m.huge_pages, Some(false));
+        assert!(
+            MemoryConfig::parse("size=1G,huge_pages=off").is_err(),
+            "huge_pages without a limit"
+        );
+        assert!(MemoryConfig::parse("size=1G,limit=256M,swap=/s,huge_pages=maybe").is_err());
     }
 
     #[test]

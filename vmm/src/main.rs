@@ -39,10 +39,12 @@ struct Cli {
           value_parser = clap::value_parser!(u8).range(1..=i64::from(MAX_CPUS)))]
     cpus: u8,
 
-    /// Guest memory: size=SIZE[,limit=SIZE,swap=PATH,reserve=PAGES,swap_volume=ID].
+    /// Guest memory: size=SIZE[,limit=SIZE,swap=PATH,reserve=PAGES,swap_volume=ID,huge_pages=off].
     /// SIZE takes K/M/G/T suffixes. limit= caps resident guest RAM and pages the
     /// rest out to the swap file; reserve= holds pages back for no-I/O faults;
-    /// swap_volume= puts swap I/O on a disk's I/O queue. The swap file is
+    /// swap_volume= puts swap I/O on a disk's I/O queue; huge_pages=off keeps
+    /// paged guest RAM in 4 KiB host pages (by default 2 MiB blocks first
+    /// written while memory is plentiful get huge pages). The swap file is
     /// created, or reused only when empty or a swap file of this VMM: a file
     /// holding other data, a symbolic link or a disk image of this VM is
     /// refused.

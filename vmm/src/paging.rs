@@ -34,6 +34,7 @@ pub fn start(
     };
     let mut pc = PagerConfig::new(limit, swap, volume.clone());
     pc.reserve_pages = cfg.reserve_pages.map(|r| r as usize);
+    pc.huge_pages = cfg.huge_pages.unwrap_or(true);
     let pager = Pager::start(&pc, mem)?;
     watch_fatal(&pager, stop.clone())?;
     log::info!(

@@ -271,6 +271,21 @@ fn every_bad_option_is_one_clear_line_and_leaves_nothing_behind() {
             "need limit= and swap=",
         ),
         (
+            "--memory: huge_pages without a limit",
+            vec!["--memory".into(), "size=1G,huge_pages=off".into()],
+            2,
+            "need limit= and swap=",
+        ),
+        (
+            "--memory: huge_pages a word",
+            vec![
+                "--memory".into(),
+                format!("size=1G,limit=256M,swap={},huge_pages=maybe", p("s")),
+            ],
+            2,
+            "expected on or off",
+        ),
+        (
             "--memory: swap_volume unknown",
             vec![
                 "--memory".into(),

@@ -397,7 +397,9 @@ fn pager(
              What the limit costs: the same guest and workload with our VMM and no limit \
              (`--memory size={memory}M`, guest RAM in transparent huge pages), and with a limit of \
              all guest RAM (`limit={memory}M`: the pager serves every first touch in 4 KiB host \
-             pages, nothing is evicted), in the same L1 and rounds. Boot to init is the guest's uptime when the scenario starts (issue 16: \
+             pages, nothing is evicted, and blocks first written are backed by huge pages), and with \
+             the limit and `huge_pages=off` (guest RAM in 4 KiB host pages throughout), in the same \
+             L1 and rounds. Boot to init is the guest's uptime when the scenario starts (issue 16: \
              <= 1.2x).\n\n{limit_table}\nRaw lines:\n\n```\n{}\n```\n",
             pager_bench::SWAP_FILE,
             raw.join("\n")
@@ -418,7 +420,7 @@ fn run_pager(reps: u32, memory: u32, touch: u32, limit: u32) -> Result<String> {
         .cpus(2)
         .memory_mib(memory)
         .param("touch_mib", touch)
-        .timeout(Duration::from_secs(per_run * u64::from(4 * reps) + 300));
+        .timeout(Duration::from_secs(per_run * u64::from(5 * reps) + 300));
     run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
     let cmdline = run.l2_cmdline()?;
     let variants = pager_bench::variants(&run, &cmdline, limit);
@@ -428,7 +430,7 @@ fn run_pager(reps: u32, memory: u32, touch: u32, limit: u32) -> Result<String> {
         script,
     };
     eprintln!(
-        "bench pager: {reps} rounds of ours, QEMU, ours without a limit and ours with a limit of all RAM in one L1 \
+        "bench pager: {reps} rounds of ours, QEMU, ours without a limit, with a limit of all RAM and with 4 KiB pages in one L1 \
          ({memory} MiB guest, limit {limit} MiB, {touch} MiB touched)"
     );
     Ok(harness.run_l1_payload(&run, payload)?.console)

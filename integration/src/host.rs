@@ -81,9 +81,23 @@ fn classify_kvm(dev_exists: bool, module_loaded: impl Fn(&str) -> bool) -> KvmKi
     }
 }
 
-/// Default VMM location: the static release build of the workspace.
+/// Default VMM location: the static release build of the workspace, in
+/// Cargo's target directory (`$CARGO_TARGET_DIR`, as the build scripts use
+/// it, else `<workspace>/target`).
 pub fn default_vmm_path() -> PathBuf {
-    guest_image::workspace_dir().join("target/x86_64-unknown-linux-gnu/release/vmm")
+    target_dir(std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from))
+        .join("x86_64-unknown-linux-gnu/release/vmm")
+}
+
+/// Cargo's target directory: `var` (`$CARGO_TARGET_DIR`; a relative one is
+/// taken from the workspace, where the scripts run cargo), else
+/// `<workspace>/target`.
+fn target_dir(var: Option<PathBuf>) -> PathBuf {
+    let ws = guest_image::workspace_dir();
+    match var.filter(|v| !v.as_os_str().is_empty()) {
+        Some(dir) => ws.join(dir),
+        None => ws.join("target"),
+    }
 }
 
 /// `$VMM_BIN` or [`default_vmm_path`], checked to exist (and, when
@@ -208,6 +222,15 @@ pub fn qemu_module_dir(qemu: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_dir_follows_cargo_target_dir() {
+        let ws = guest_image::workspace_dir();
+        assert_eq!(target_dir(None), ws.join("target"));
+        assert_eq!(target_dir(Some(PathBuf::new())), ws.join("target"));
+        assert_eq!(target_dir(Some("/t/x".into())), PathBuf::from("/t/x"));
+        assert_eq!(target_dir(Some("rel".into())), ws.join("rel"));
+    }
 
     #[test]
     fn kvm_kinds() {

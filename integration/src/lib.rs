@@ -22,6 +22,7 @@
 //! ```
 
 pub mod bench;
+pub mod density_bench;
 pub mod disk;
 pub mod harness;
 pub mod host;

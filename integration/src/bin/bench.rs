@@ -23,6 +23,14 @@
 //! to half its RAM: ours with `--memory limit=`, QEMU in a cgroup v2 with
 //! `memory.max` and zram swap, round-robin in one L1. `--console` tabulates
 //! the output of an earlier run instead of running.
+//!
+//! `bench density [--guests 2,4,8] [--reps 1] [--memory 256] [--ws 48]
+//! [--seconds 30] [--budget 512] [--allowance 8] [--no-balloon]
+//! [--write BENCHMARKS.md] [--console SAVED-OUTPUT]`
+//! runs N guests at once (scenario `density-work`) for each N, ours and
+//! QEMU, each without a limit and under a host memory budget (ours: pager
+//! limits; QEMU: one cgroup v2 `memory.max` with zram swap), all in one L1,
+//! and reports per-guest throughput, host memory used and the density.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -121,6 +129,43 @@ enum What {
         write: Option<PathBuf>,
         /// Tabulate the L1 console saved from an earlier run (the command's
         /// output) instead of running.
+        #[arg(long)]
+        console: Option<PathBuf>,
+    },
+    /// Density: N guests at once under a host memory budget (ours: pager
+    /// limits; QEMU: cgroup memory.max + zram), per-guest throughput
+    /// against the same N without a limit, host memory used.
+    Density {
+        /// Numbers of guests run at once, ascending.
+        #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+        guests: Vec<u32>,
+        #[arg(long, default_value_t = 1)]
+        reps: u32,
+        /// RAM of each guest, MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        /// Working set of each guest (random data in its tmpfs), MiB.
+        #[arg(long, default_value_t = 48)]
+        ws: u32,
+        /// Seconds of measured checksum passes.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+        /// Host memory budget of all guests of a set together, MiB.
+        #[arg(long, default_value_t = 512)]
+        budget: u32,
+        /// MiB of each of our guests' share of the budget left for the
+        /// VMM's own memory (outside the pager's limit).
+        #[arg(long, default_value_t = 8)]
+        allowance: u32,
+        /// No virtio-balloon (by default every guest, ours and QEMU's, has
+        /// one with free page reporting).
+        #[arg(long)]
+        no_balloon: bool,
+        /// Update this markdown file's "density" section.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        /// Tabulate the L1 console saved from an earlier run instead of
+        /// running.
         #[arg(long)]
         console: Option<PathBuf>,
     },
@@ -240,6 +285,38 @@ fn main() -> Result<()> {
             idle,
             write,
         } => usb_pm(reps, cycles, idle, write),
+        What::Density {
+            mut guests,
+            reps,
+            memory,
+            ws,
+            seconds,
+            budget,
+            allowance,
+            no_balloon,
+            write,
+            console,
+        } => {
+            guests.sort_unstable();
+            guests.dedup();
+            if guests.is_empty() || guests[0] == 0 {
+                bail!("--guests needs numbers of guests above 0, e.g. 2,4,8");
+            }
+            if ws + 64 >= memory {
+                bail!("--ws {ws} does not fit a guest of {memory} MiB (its tmpfs holds it)");
+            }
+            let cfg = integration::density_bench::Config {
+                guests,
+                reps,
+                memory_mib: memory,
+                ws_mib: ws,
+                seconds,
+                budget_mib: budget,
+                allowance_mib: allowance,
+                balloon: !no_balloon,
+            };
+            density(&cfg, write, console)
+        }
     }
 }
 
@@ -583,4 +660,166 @@ fn usb(reps: u32, runtime: u64, image_mib: u64, write: Option<PathBuf>) -> Resul
         eprintln!("updated {}", file.display());
     }
     Ok(())
+}
+
+/// The `bench density` command line for `cfg` (as BENCHMARKS.md shows it).
+fn density_command(cfg: &integration::density_bench::Config) -> String {
+    let guests: Vec<String> = cfg.guests.iter().map(u32::to_string).collect();
+    format!(
+        "scripts/bench.sh density --guests {} --reps {} --memory {} --ws {} --seconds {} \
+         --budget {} --allowance {}{}",
+        guests.join(","),
+        cfg.reps,
+        cfg.memory_mib,
+        cfg.ws_mib,
+        cfg.seconds,
+        cfg.budget_mib,
+        cfg.allowance_mib,
+        if cfg.balloon { "" } else { " --no-balloon" }
+    )
+}
+
+fn density(
+    cfg: &integration::density_bench::Config,
+    write: Option<PathBuf>,
+    saved: Option<PathBuf>,
+) -> Result<()> {
+    use integration::density_bench as db;
+    let started = std::time::Instant::now();
+    let console = match saved {
+        Some(path) => {
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => run_density(cfg)?,
+    };
+    // A saved log may hold the lines twice (the command prints the raw
+    // lines after the tables): keep the first copy.
+    let console = match console.match_indices(db::MARK_SETUP).nth(1) {
+        Some((at, _)) => console[..at].to_string(),
+        None => console,
+    };
+    let sets = db::parse(&console);
+    if sets.is_empty() {
+        bail!("no DENSITY-END lines; console:\n{console}");
+    }
+    let rows = db::rows(&sets, &cfg.guests);
+    let table = db::render_table(&rows, cfg.memory_mib);
+    let noio = db::render_noio_table(&sets, &cfg.guests);
+    let headline = db::headline(&rows, cfg.memory_mib);
+    println!("{table}\n{noio}\nLargest N with every guest >= 0.5x: {headline}");
+    // The guests' consoles without their balloon counters and progress
+    // lines (the command's output, not the table, is the place for those).
+    let raw: Vec<&str> = marked_lines(
+        &console,
+        &[
+            db::MARK_SETUP,
+            db::MARK_SET,
+            db::MARK_GO,
+            db::MARK_END,
+            db::MARK_LOG,
+            "DENSITY-TAIL",
+        ],
+    )
+    .into_iter()
+    .filter(|l| {
+        !["balloon-stats", "] writing ", "SCENARIO-PASS"]
+            .iter()
+            .any(|m| l.contains(m))
+    })
+    .collect();
+    println!("{}", raw.join("\n"));
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    eprintln!("bench density: {minutes:.1} min");
+    if let Some(file) = write {
+        let balloon = if cfg.balloon {
+            "Every guest, ours and QEMU's, has a virtio-balloon with free page reporting (ours: \
+             `--balloon size=0,free_page_reporting=on`, through the pager when there is a limit; \
+             QEMU: `-device virtio-balloon-pci,free-page-reporting=on`); the balloon is never \
+             inflated. "
+        } else {
+            "No balloon. "
+        };
+        let body = format!(
+            "## Density: guests per host memory\n\n\
+             Command: `{command}`\n\n\
+             N guests run at once in one L1 (QEMU TCG, one vCPU, `kvm_amd` nested, 2 GiB), \
+             each with Debian's kernel, a busybox initramfs, 1 vCPU and {g} MiB, running the \
+             `density-work` scenario: {ws} MiB of random data written into its tmpfs (random, \
+             so zram cannot compress it) and checksummed once (warm-up), then `md5sum` passes \
+             over it for {secs} s. All guests of a set are released at once (each waits for a \
+             line on its console, written when every guest is ready), so they measure over \
+             the same stretch of time; a guest's throughput is MiB checksummed per second from \
+             the release to the end of its last pass, and every pass must reproduce the \
+             warm-up's checksum. For each N and VMM, the same N guests run once without a \
+             limit (the unconstrained figure: they share L1's one CPU just the same) and once \
+             under a host memory budget of {budget} MiB for all N together. Ours: \
+             `--memory size={g}M,limit=L,swap=/tmp/densityK.swap` with L = ({budget}/N - \
+             {allowance}) x 64/65 MiB (the allowance is left for the VMM's own memory, the \
+             64/65 for the pager's reserve of limit/64 on top of the limit), swap files in L1's \
+             tmpfs. QEMU: `-M pc -accel kvm -cpu host -m {g}`, all N in one cgroup v2 with \
+             `memory.max={budget}M` (which also charges QEMU's own memory), swapping to a zram \
+             device of N x {g} MiB in the same L1 (lzo-rle). {balloon}\
+             Host memory used: every set runs in its own cgroup v2 (without a limit except \
+             QEMU's budget), sampled once a second while it runs: resident memory = the \
+             cgroup's `memory.current` less its `shmem` (guest RAM, the VMMs' own memory and \
+             the kernel memory charged to them; the `shmem` pages are our swap files in \
+             L1's tmpfs, which the VMMs write and are charged for), swap store = those \
+             `shmem` pages for ours, zram's `mem_used_total` for QEMU (zram's memory is \
+             charged to no cgroup). Both swap stores are L1 RAM, so the host memory used is \
+             the peak of resident + swap store, and the density is N x {g} MiB over it; the \
+             density of resident memory alone (what it would be with swap on a disk) is \
+             shown beside it. The kernel's own peaks (`memory.peak`, which for ours \
+             includes the swap files, and zram's `mem_used_max`) are in the raw `DENSITY-END` \
+             lines. A guest holds when its throughput under the budget is at least 0.5x the \
+             median guest of the unconstrained set of the same VMM and N (the guests are \
+             alike; a guest that failed, timed out or was not ready at the release counts as \
+             0). {reps} round(s).\n\n{table}\n\
+             **Largest N with every guest >= 0.5x** (raising N from the smallest, stopping at \
+             the first N that fails): {headline}.\n\n\
+             NOIO evidence (ours with the budget; the stall column counts `STALL-WATCHDOG` \
+             reports of our VMMs with and without a limit; issue 16's goal is 0 NOIO stalls):\n\n\
+             {noio}\nRaw lines (`DENSITY-LOG` lines are the guests' consoles):\n\n```\n{}\n```\n",
+            raw.join("\n"),
+            command = density_command(cfg),
+            g = cfg.memory_mib,
+            ws = cfg.ws_mib,
+            secs = cfg.seconds,
+            budget = cfg.budget_mib,
+            allowance = cfg.allowance_mib,
+            reps = cfg.reps,
+        );
+        bench::update_section(&file, "density", &body)?;
+        eprintln!("updated {}", file.display());
+    }
+    Ok(())
+}
+
+/// Runs the density benchmark in one L1; its console.
+fn run_density(cfg: &integration::density_bench::Config) -> Result<String> {
+    use integration::{density_bench as db, usb_bench};
+    let harness = Harness::new().context("harness")?;
+    let mut run = GuestRun::new(Scenario::load("density-work")?)
+        .cpus(1)
+        .memory_mib(cfg.memory_mib)
+        .param("ws_mib", cfg.ws_mib)
+        .param("seconds", cfg.seconds)
+        .timeout(Duration::from_secs(cfg.total_timeout_s()));
+    if cfg.balloon {
+        run = run.modules(db::BALLOON_MODULES);
+    }
+    run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
+    let script = db::script(cfg, &run)?;
+    let payload = L1Payload::VmmScript {
+        binary: host::vmm_binary(true)?,
+        script,
+    };
+    eprintln!(
+        "bench density: {:?} guests of {} MiB, budget {} MiB, {} round(s) in one L1 (bound {} s)",
+        cfg.guests,
+        cfg.memory_mib,
+        cfg.budget_mib,
+        cfg.reps,
+        cfg.total_timeout_s()
+    );
+    Ok(harness.run_l1_payload(&run, payload)?.console)
 }

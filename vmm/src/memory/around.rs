@@ -96,16 +96,23 @@ fn neighbours<'a>(
 /// region.
 fn window(sh: &Shared, idx: usize, block: bool) -> (usize, usize) {
     let region = sh.pages.region_pages(idx);
-    let (lo, len) = if block {
-        let into_block = sh.pages.host_of(idx) / PAGE_SIZE % BLOCK_PAGES;
-        (idx.saturating_sub(into_block), BLOCK_PAGES)
+    let (lo, hi) = if block {
+        let b = block_of(sh, idx);
+        (b.start, b.end)
     } else {
-        (
-            idx / FAULT_AROUND_PAGES * FAULT_AROUND_PAGES,
-            FAULT_AROUND_PAGES,
-        )
+        let lo = idx / FAULT_AROUND_PAGES * FAULT_AROUND_PAGES;
+        (lo, lo + FAULT_AROUND_PAGES)
     };
-    (lo.max(region.start), (lo + len).min(region.end))
+    (lo.max(region.start), hi.min(region.end))
+}
+
+/// The page indices of the aligned 2 MiB block (in host addresses, as a
+/// huge page) holding page `idx`; may reach past its region's ends (and is
+/// cut at index 0 when the first region does not start on a block).
+pub fn block_of(sh: &Shared, idx: usize) -> std::ops::Range<usize> {
+    let into = sh.pages.host_of(idx) / PAGE_SIZE % BLOCK_PAGES;
+    let first = idx.saturating_sub(into);
+    first..first + BLOCK_PAGES
 }
 
 /// Serves fault `f` on page `idx` (locked in `p`, `Empty` or `Swapped`, a

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use devices::noio::{register_current_thread, NoioScope};
 
-use super::around::BLOCK_PAGES;
+use super::around::block_of;
 use super::pager::Shared;
 use super::pages::{PageKind, PageRef, NO_SLOT};
 use super::stats::bump;
@@ -188,7 +188,7 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
             drop(p);
             start_writeback(sh, dirty_first, &mut dirty)?;
             progress |= evict_run(sh, &mut evicting)?;
-            let block = huge_block(sh, idx);
+            let block = block_of(sh, idx);
             progress |= reclaim_huge_block(sh, block.clone())?;
             *hand = block.end % n;
             continue;
@@ -210,29 +210,13 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
                 evicting.first = idx;
             }
             evicting.len += 1;
-        } else if sh.wb.in_flight() + dirty.len() < WRITEBACK_QUEUE_PAGES
-            && !sh.abort.load(Ordering::SeqCst)
-        {
-            let adjacent = !dirty.is_empty()
-                && dirty_first + dirty.len() == idx
-                && region.contains(&dirty_first);
-            if !adjacent || dirty.len() == WRITEBACK_BATCH_PAGES {
-                start_writeback(sh, dirty_first, &mut dirty)?;
-                dirty_first = idx;
-            }
-            dirty.push(p);
+        } else {
+            queue_dirty(sh, &mut dirty_first, &mut dirty, idx, p)?;
         }
     }
     start_writeback(sh, dirty_first, &mut dirty)?;
     progress |= evict_run(sh, &mut evicting)?;
     Ok(progress)
-}
-
-/// The aligned block of [`BLOCK_PAGES`] pages holding page `idx`.
-fn huge_block(sh: &Shared, idx: usize) -> std::ops::Range<usize> {
-    let into = sh.pages.host_of(idx) / PAGE_SIZE % BLOCK_PAGES;
-    let first = idx - into.min(idx);
-    first..first + BLOCK_PAGES
 }
 
 /// One hand step over a block backed by a transparent huge page: the pages
@@ -273,18 +257,36 @@ fn reclaim_huge_block(sh: &Shared, block: std::ops::Range<usize>) -> Result<bool
     let mut dirty: Vec<PageRef<'_>> = Vec::new();
     let mut first = block.start;
     for (i, q) in pages.into_iter().enumerate() {
-        let idx = block.start + i;
-        if !q.dirty || q.writeback || sh.wb.in_flight() + dirty.len() >= WRITEBACK_QUEUE_PAGES {
-            continue;
+        if q.dirty && !q.writeback {
+            queue_dirty(sh, &mut first, &mut dirty, block.start + i, q)?;
         }
-        if dirty.is_empty() || first + dirty.len() != idx || dirty.len() == WRITEBACK_BATCH_PAGES {
-            start_writeback(sh, first, &mut dirty)?;
-            first = idx;
-        }
-        dirty.push(q);
     }
     start_writeback(sh, first, &mut dirty)?;
     Ok(false)
+}
+
+/// Adds dirty page `idx` (locked in `p`) to the run of adjacent dirty pages
+/// from `first` on, queueing the run first when `idx` does not extend it
+/// (another region, a gap, a full batch). Leaves the page alone while the
+/// writeback queue is full or the pager is aborting.
+fn queue_dirty<'a>(
+    sh: &'a Shared,
+    first: &mut usize,
+    run: &mut Vec<PageRef<'a>>,
+    idx: usize,
+    p: PageRef<'a>,
+) -> Result<(), PagerError> {
+    if sh.wb.in_flight() + run.len() >= WRITEBACK_QUEUE_PAGES || sh.abort.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let adjacent =
+        !run.is_empty() && *first + run.len() == idx && sh.pages.region_pages(idx).contains(first);
+    if !adjacent || run.len() == WRITEBACK_BATCH_PAGES {
+        start_writeback(sh, *first, run)?;
+        *first = idx;
+    }
+    run.push(p);
+    Ok(())
 }
 
 /// Queues the locked adjacent dirty pages from `first` on for writeback:

@@ -264,6 +264,12 @@ pub fn parse_runs(console: &str) -> Vec<BenchRun> {
         .collect()
 }
 
+/// The value of `key=value` among the words of a marker line.
+pub fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
 pub fn median(mut v: Vec<u64>) -> Option<u64> {
     if v.is_empty() {
         return None;

@@ -32,7 +32,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::{median, ours_argv, qemu_argv};
+use crate::bench::{kv, median, ours_argv, qemu_argv};
 use crate::harness::{GuestRun, HarnessError, WATCHDOG_PARAM};
 use crate::l1::{sh_quote, L2_KERNEL};
 
@@ -471,11 +471,6 @@ impl SetResult {
     pub fn all_ok(&self) -> bool {
         self.guests.len() == self.n as usize && self.guests.iter().all(|g| g.counted_rate() > 0.0)
     }
-}
-
-fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// (variant, n, rep) of a marker line.

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::{median, ours_argv, ours_vs, qemu_argv, Variant, CPU_SH};
+use crate::bench::{kv, median, ours_argv, ours_vs, qemu_argv, Variant, CPU_SH};
 use crate::harness::GuestRun;
 use crate::l1::{sh_quote, L2_KERNEL};
 
@@ -161,11 +161,6 @@ pub struct PagerRun {
     pub ok: bool,
     /// The `PAGER-BENCH-END` line.
     pub end_line: String,
-}
-
-fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// The uptime stamp of the first `pager-touch: [T]...` line containing `what`.

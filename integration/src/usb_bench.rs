@@ -11,7 +11,7 @@ use std::path::Path;
 use guest_image::initramfs::InitramfsError;
 use guest_image::scenario::FileMapping;
 
-use crate::bench::{median, ours_argv, ours_vs, qemu_argv, Variant};
+use crate::bench::{kv, median, ours_argv, ours_vs, qemu_argv, Variant};
 use crate::harness::GuestRun;
 use crate::l1::{
     sh_quote, L2_KERNEL, QEMU_FIRMWARE, QEMU_FIRMWARE_DIRS, QEMU_FIRMWARE_PATH, QEMU_PATH,
@@ -120,11 +120,6 @@ pub struct Result1 {
     pub job: String,
     pub iops: u64,
     pub bw_kib: u64,
-}
-
-fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// Every `FIO-RESULT` of the console, attributed to the last

@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::{ours_argv, qemu_argv, Variant};
+use crate::bench::{kv, ours_argv, qemu_argv, Variant};
 use crate::harness::GuestRun;
 use crate::l1::L2_KERNEL;
 use crate::usb_bench::{qemu_disk_args, IMAGE, MARK_RUN, SERIAL};
@@ -77,11 +77,6 @@ pub struct PmRun {
     pub reset_us: Vec<u64>,
     /// (ms the controller was runtime-suspended, ms of the idle stretch).
     pub idle: Option<(u64, u64)>,
-}
-
-fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// Every run of the console with its `PM-RESUME` and `PM-IDLE` lines.

@@ -244,11 +244,7 @@ wait_console "BALLOON-FILLED" 600 && sample refilled
         &r,
     );
     // The device's own counters, printed at exit.
-    let stats = r
-        .console
-        .lines()
-        .rfind(|l| l.contains("balloon-stats "))
-        .unwrap_or_default();
+    let stats = last_line(&r.console, "balloon-stats ");
     check(
         stats.contains("\"stats_vq\":true"),
         "statistics queue not negotiated",
@@ -350,11 +346,7 @@ echo "L1-BALLOON-WATCH start=$t0"
         ),
         &r,
     );
-    let stats = r
-        .console
-        .lines()
-        .rfind(|l| l.contains("balloon-stats "))
-        .unwrap_or_default();
+    let stats = last_line(&r.console, "balloon-stats ");
     check(
         stats.contains("\"free_page_reporting\":true"),
         "free page reporting not negotiated",
@@ -397,11 +389,7 @@ sample inflated
         &r,
     );
     let inflated = sampled(&r, "inflated", "actual");
-    let stats = r
-        .console
-        .lines()
-        .rfind(|l| l.contains("balloon-stats "))
-        .unwrap_or_default();
+    let stats = last_line(&r.console, "balloon-stats ");
     // The balloon at exit, after the guest's fill.
     let survived = number_after(stats, "\"actual_bytes\":");
     eprintln!(
@@ -493,11 +481,7 @@ sample deflated
         &format!("the policy raised the target {raised} times"),
         &r,
     );
-    let stats = r
-        .console
-        .lines()
-        .rfind(|l| l.contains("pager-stats "))
-        .unwrap_or_default();
+    let stats = last_line(&r.console, "pager-stats ");
     check(
         number_after(stats, "\"pages_out\":") > 0,
         "the pager never wrote to swap: no pressure",
@@ -580,10 +564,7 @@ fn an_inflated_balloon_lowers_the_pagers_writeback() {
             &format!("run {tag}: VMM did not exit 0"),
             &r,
         );
-        let stats = part
-            .lines()
-            .rfind(|l| l.contains("pager-stats "))
-            .unwrap_or_default();
+        let stats = last_line(part, "pager-stats ");
         let pages_out = number_after(stats, "\"pages_out\":");
         let discarded = number_after(stats, "\"discarded_pages\":");
         eprintln!("balloon {tag}: pager pages_out {pages_out}, discarded {discarded}");
@@ -611,6 +592,14 @@ fn an_inflated_balloon_lowers_the_pagers_writeback() {
         ),
         &r,
     );
+}
+
+/// The last line of `console` containing `marker` (empty when none).
+fn last_line<'a>(console: &'a str, marker: &str) -> &'a str {
+    console
+        .lines()
+        .rfind(|l| l.contains(marker))
+        .unwrap_or_default()
 }
 
 /// The number after `key` in `line` (0 when absent).

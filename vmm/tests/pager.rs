@@ -1083,8 +1083,9 @@ fn bench_fault_latency_and_throughput() {
 
 /// Host micro-benchmark, not a test: `cargo test --release -p vmm --test
 /// pager -- --ignored --nocapture bench_fresh`. Fills 256 MiB of fresh guest
-/// RAM with one `memset` through the pager (limit = the RAM's size, and
-/// limit = half of it with the first 96 MiB written: no reclaim in either)
+/// RAM with one `memset` through the pager (limit = the RAM's size, with and
+/// without huge pages, and limit = half of it with the first 96 MiB
+/// written: no reclaim in any)
 /// and the same `memset` on plain anonymous memory: 4 KiB pages (no advice)
 /// and transparent huge pages (`MADV_HUGEPAGE`, as guest RAM without a
 /// limit). Three rounds each, medians; ratios are pager time / plain time.
@@ -1108,8 +1109,8 @@ fn bench_fresh_memory_vs_memset() {
         let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
         timed_memset(base, RAM)
     };
-    let paged = |limit: usize, len: usize| {
-        let f = Fixture::new(RAM, limit, |_| {});
+    let paged = |limit: usize, len: usize, huge: bool| {
+        let f = Fixture::new(RAM, limit, |c| c.huge_pages = huge);
         let _reg = register_current_thread();
         let s = timed_memset(f.base, len);
         let st = f.pager().stats();
@@ -1120,21 +1121,24 @@ fn bench_fresh_memory_vs_memset() {
     let mut small = Vec::new();
     let mut huge = Vec::new();
     let mut full = Vec::new();
+    let mut full_4k = Vec::new();
     let mut half = Vec::new();
     let (mut full_faults, mut half_faults) = (0, 0);
     for _ in 0..3 {
         small.push(plain(false));
         huge.push(plain(true));
-        let (s, n) = paged(RAM, RAM);
+        let (s, n) = paged(RAM, RAM, true);
         full.push(s);
         full_faults = n;
-        let (s, n) = paged(RAM / 2, 96 * MIB);
+        full_4k.push(paged(RAM, RAM, false).0);
+        let (s, n) = paged(RAM / 2, 96 * MIB, true);
         half.push(s);
         half_faults = n;
     }
     rows.push(("plain_4k", small, RAM, 0));
     rows.push(("plain_thp", huge, RAM, 0));
     rows.push(("pager_limit_100", full, RAM, full_faults));
+    rows.push(("pager_limit_100_huge_pages_off", full_4k, RAM, full_faults));
     rows.push(("pager_limit_50", half, 96 * MIB, half_faults));
     let rate = |v: &[f64], len: usize| len as f64 / MIB as f64 / median(v.to_vec());
     let base_4k = rate(&rows[0].1, rows[0].2);

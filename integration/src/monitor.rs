@@ -102,6 +102,9 @@ pub struct L1State {
     pub timer_count: Option<u64>,
     pub isr: String,
     pub irr: String,
+    /// The processor priority (`PPR 0x..`): a vector is taken only when its
+    /// priority class is above this one's.
+    pub ppr: Option<u8>,
 }
 
 impl L1State {
@@ -135,6 +138,7 @@ impl L1State {
             timer_count: word_after(lapic, "current_count = ").and_then(|c| c.parse().ok()),
             isr: line_after(lapic, "ISR"),
             irr: line_after(lapic, "IRR"),
+            ppr: word_after(lapic, "PPR 0x").and_then(|p| u8::from_str_radix(&p, 16).ok()),
         }
     }
 
@@ -155,6 +159,21 @@ impl L1State {
     /// within microseconds of each tick).
     pub fn timer_stalled(&self) -> bool {
         self.timer_dead() || (self.timer_periodic && self.timer_pending())
+    }
+
+    /// The timer's vector waits although nothing on the CPU may hold it
+    /// off: IF=1 and its priority class above PPR's. A correct x86 CPU takes
+    /// such an interrupt at the next instruction boundary, halted or not;
+    /// inside L2 it forces a #VMEXIT to L1 (KVM intercepts INTR and enters
+    /// L2 with L1's IF set). Only GIF=0 could hold it, and KVM clears GIF
+    /// just around VMRUN itself, never across a halt or a spin. So a stall
+    /// in this state is the emulator's: no hang of L1's kernel, of KVM or
+    /// of anything in L2 (our VMM included) can put a CPU there.
+    pub fn timer_deliverable(&self) -> bool {
+        let (Some(vector), Some(ppr)) = (self.timer_vector, self.ppr) else {
+            return false;
+        };
+        self.interrupts_enabled == Some(true) && self.timer_pending() && vector >> 4 > ppr >> 4
     }
 
     pub fn summary(&self) -> String {
@@ -188,6 +207,17 @@ pub fn stuck(first: &L1State, second: &L1State) -> bool {
         && second.timer_stalled()
         && !first.rip.is_empty()
         && first.rip == second.rip
+}
+
+/// [`stuck`], and in a state no correct CPU stays in
+/// ([`L1State::timer_deliverable`] at every look): the emulator's fault,
+/// which a retry on a fresh L1 cannot hide a hang of ours behind.
+pub fn emulator_fault(looks: &[&L1State]) -> bool {
+    looks.len() >= 2
+        && stuck(looks[0], looks[1])
+        && looks
+            .iter()
+            .all(|s| s.timer_deliverable() && s.rip == looks[0].rip)
 }
 
 /// Presses (and releases) Shift on L1's PS/2 keyboard: an interrupt that
@@ -277,6 +307,34 @@ mod tests {
             "edge  masked         periodic",
         );
         assert!(!L1State::parse(REGS, &masked).timer_stalled());
+    }
+
+    /// The CI wedge of 2026-12-07 (QEMU 10.0.2, periodic tick): halted at
+    /// L1's `sti; hlt` with IF=1, the periodic timer counting and its
+    /// vector in IRR above PPR, never taken.
+    #[test]
+    fn a_deliverable_vector_left_pending_is_the_emulators_fault() {
+        let periodic = LAPIC
+            .replace("one-shot", "periodic")
+            .replace("current_count = 0", "current_count = 221736");
+        let a = L1State::parse(REGS, &periodic);
+        assert_eq!(a.ppr, Some(0x10));
+        assert!(a.timer_deliverable());
+        assert!(emulator_fault(&[&a, &a.clone(), &a.clone()]));
+        assert!(!emulator_fault(&[&a]), "one look proves nothing");
+        // IF=0: L1 (or KVM) may be spinning with interrupts off, a hang
+        // that could be ours.
+        let masked = L1State::parse(&REGS.replace("RFL=00000246", "RFL=00000046"), &periodic);
+        assert!(stuck(&a, &masked) && !emulator_fault(&[&a, &masked]));
+        // A vector at or below the processor priority may wait.
+        let low = L1State::parse(REGS, &periodic.replace("PPR 0x10", "PPR 0xe0"));
+        assert!(!low.timer_deliverable() && !emulator_fault(&[&low, &low.clone()]));
+        // Moved between looks: not stuck at all.
+        let moved = L1State::parse(&REGS.replace("81a2b4ce", "81a2c000"), &periodic);
+        assert!(!emulator_fault(&[&a, &a.clone(), &moved]));
+        // Output without a PPR is never taken for proof.
+        let no_ppr = L1State::parse(REGS, &periodic.replace("PPR 0x10", ""));
+        assert!(!no_ppr.timer_deliverable());
     }
 
     #[test]

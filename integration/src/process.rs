@@ -47,6 +47,9 @@ pub struct Captured {
     pub timed_out: bool,
     /// Stopped because a [`Silence`] probe found it wedged.
     pub wedged: bool,
+    /// That probe also found the wedge to be the emulator's
+    /// ([`Probe::emulator_fault`]).
+    pub emulator_fault: bool,
     /// Lines that contain one of the requested markers, in order.
     pub events: Vec<Event>,
 }
@@ -58,6 +61,9 @@ pub struct Probe {
     pub report: String,
     /// The child can no longer make progress: stop it now.
     pub wedged: bool,
+    /// The wedge is in a state no correct machine stays in (the monitor's
+    /// `emulator_fault`): not the code under test.
+    pub emulator_fault: bool,
 }
 
 /// Asked each time the child has been silent for `after`.
@@ -201,6 +207,7 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
     let deadline = start + opts.timeout;
     let mut timed_out = false;
     let mut wedged = false;
+    let mut emulator_fault = false;
     let status = loop {
         while let Ok(chunk) = rx.try_recv() {
             if let Chunk::Data(at, data) = chunk {
@@ -226,6 +233,7 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
                 col.heard = Instant::now();
                 if probe.wedged {
                     wedged = true;
+                    emulator_fault = probe.emulator_fault;
                     let _ = child.kill();
                     let _ = child.wait();
                     break None;
@@ -263,6 +271,7 @@ pub fn run_bounded(cmd: &mut Command, opts: &RunOptions) -> Result<Captured, Pro
         wall,
         timed_out,
         wedged,
+        emulator_fault,
         events: col.events,
     })
 }
@@ -289,6 +298,7 @@ mod tests {
             Probe {
                 report: format!("probe {}", calls.get()),
                 wedged: calls.get() == 2,
+                emulator_fault: calls.get() == 2,
             }
         };
         let c = run_bounded(
@@ -302,7 +312,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(c.wedged && !c.timed_out && c.status.is_none());
+        assert!(c.wedged && c.emulator_fault && !c.timed_out && c.status.is_none());
         assert_eq!(calls.get(), 2);
         assert!(c.wall < Duration::from_secs(10), "took {:?}", c.wall);
         assert!(

@@ -220,7 +220,8 @@ fn run_scenario(h: &Harness, scenario: &str, cli: &Cli) -> Result<(RunResult, bo
                 .param("expect_cpus", 2)
                 .param("expect_mem_mib", 512)
                 .timeout(Duration::from_secs(360))
-                .l1_retries(0);
+                .l1_retries(0)
+                .emulator_fault_retries(0);
             let r = h.run(&run, Mode::Nested)?;
             let ok = r.passed() && r.console.contains("nproc=2 ");
             Ok((r, ok))
@@ -235,7 +236,8 @@ fn run_scenario(h: &Harness, scenario: &str, cli: &Cli) -> Result<(RunResult, bo
                 .param("fio_runtime", cli.fio_runtime)
                 .param("fio_size_mib", 64)
                 .timeout(Duration::from_secs(600))
-                .l1_retries(0);
+                .l1_retries(0)
+                .emulator_fault_retries(0);
             let cmdline = run.l2_cmdline()?;
             let disks = [DiskImage::with_id("bench", 64).random_head(64)];
             let r = h.run_vmm_script(&run, Mode::Nested, |p| {
@@ -256,7 +258,8 @@ fn run_scenario(h: &Harness, scenario: &str, cli: &Cli) -> Result<(RunResult, bo
                 .param("fio_size_mib", 64)
                 .l2_binary(fio()?, "usr/local/bin/fio")
                 .timeout(Duration::from_secs(900))
-                .l1_retries(0);
+                .l1_retries(0)
+                .emulator_fault_retries(0);
             run.modules = GUEST_MODULES.iter().map(|m| m.to_string()).collect();
             run.l2_files.push(guest_usb_lib());
             run.l1_files.push(FileMapping {
@@ -290,7 +293,8 @@ fn run_scenario(h: &Harness, scenario: &str, cli: &Cli) -> Result<(RunResult, bo
                 .memory_mib(256)
                 .param("touch_mib", cli.pager_touch)
                 .timeout(Duration::from_secs(1200))
-                .l1_retries(0);
+                .l1_retries(0)
+                .emulator_fault_retries(0);
             run.memory_opts = Some("limit=64M,swap=/tmp/guest.swap".into());
             let r = h.run(&run, Mode::Nested)?;
             let ok = r.passed() && r.console.contains("pager-touch: ok");

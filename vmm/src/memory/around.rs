@@ -232,12 +232,14 @@ pub fn resolve_around<'a>(
         } else {
             NO_SLOT
         };
-        q.reset(PageKind::Resident);
+        q.reset_keeping_history(PageKind::Resident);
         q.slot = slot;
         q.wp = wp[i];
         q.dirty = !wp[i];
         // Only the faulting page is known to be in use.
-        q.referenced = i == fault_pos;
+        if i == fault_pos {
+            sh.workingset.faulted(q, &sh.counters);
+        }
         mapped_extra += usize::from(i != fault_pos);
     }
     give_back(mapped_extra);

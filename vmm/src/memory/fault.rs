@@ -214,8 +214,8 @@ fn fill(
         p.wp = !write;
         p.dirty = write;
         p.writeback = false;
-        p.referenced = true;
         p.discarded = false;
+        sh.workingset.faulted(p, &sh.counters);
     }
     Ok(r)
 }
@@ -533,7 +533,7 @@ fn write_protect_fault(
             }
             p.wp = false;
             p.dirty = true;
-            p.referenced = true;
+            sh.workingset.faulted(&mut p, &sh.counters);
             if p.writeback {
                 bump(&c.redirtied_in_writeback, 1);
             }

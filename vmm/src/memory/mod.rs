@@ -44,6 +44,7 @@ mod reclaim;
 mod stats;
 mod swap;
 mod uffd;
+mod workingset;
 
 pub use config::{PagerConfig, MIN_LIMIT_PAGES};
 pub use pager::{BlockedFault, Pager, PagerProbe};

@@ -18,6 +18,7 @@ use super::reclaim::{self, WritebackQueue};
 use super::stats::{bump, Counters, PagerStats};
 use super::swap::SwapStore;
 use super::uffd::{madvise_dontneed, madvise_nohugepage, mincore, Uffd};
+use super::workingset::WorkingSet;
 use super::{PagerError, PAGE_SIZE};
 
 /// State shared by the pager threads.
@@ -47,6 +48,8 @@ pub struct Shared {
     pub reader: super::nofault::NoFaultReader,
     /// Collapse whole block fills into huge pages ([`PagerConfig::huge_pages`]).
     pub huge_pages: bool,
+    /// Which evicted pages come back soon (the clock's second chances).
+    pub workingset: WorkingSet,
 }
 
 /// Host ranges the pager is `madvise`-ing away, with counts.
@@ -241,6 +244,7 @@ impl Pager {
             own_removes: OwnRemoves::default(),
             reader: super::nofault::NoFaultReader::open().map_err(PagerError::Sys)?,
             huge_pages: config.huge_pages,
+            workingset: WorkingSet::new(cfg.limit),
         });
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?;
         let handler_stop = stop_evt.try_clone().map_err(PagerError::Sys)?;

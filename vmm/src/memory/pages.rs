@@ -40,8 +40,13 @@ pub struct PageState {
     pub dirty: bool,
     /// A copy is on its way to `slot`.
     pub writeback: bool,
-    /// Faulted since the clock hand last passed (second chance).
-    pub referenced: bool,
+    /// Hand passes this page is still spared (second chances): set by
+    /// faults, from `level` ([`super::workingset`]).
+    pub chances: u8,
+    /// How often in a row it came back soon after an eviction.
+    pub level: u8,
+    /// The eviction count when the clock last evicted it (its stamp).
+    pub evicted_at: Option<u32>,
     /// Discarded while `Evicting`: the evictor must forget the copy.
     pub discarded: bool,
     /// One of the 512 pages of a block the kernel backs with a transparent
@@ -58,7 +63,9 @@ impl Default for PageState {
             wp: false,
             dirty: false,
             writeback: false,
-            referenced: false,
+            chances: 0,
+            level: 0,
+            evicted_at: None,
             discarded: false,
             huge: false,
         }
@@ -82,6 +89,16 @@ impl PageState {
             kind,
             ..PageState::default()
         };
+    }
+
+    /// [`Self::reset`], keeping what the working-set detection knows of the
+    /// page (its level and eviction stamp): for an eviction or a swap-in,
+    /// not for a discard.
+    pub fn reset_keeping_history(&mut self, kind: PageKind) {
+        let (level, evicted_at) = (self.level, self.evicted_at);
+        self.reset(kind);
+        self.level = level;
+        self.evicted_at = evicted_at;
     }
 }
 

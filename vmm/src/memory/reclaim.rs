@@ -1,15 +1,18 @@
 //! Reclaim (`pager-reclaim`) and writeback (`pager-writeback`).
 //!
-//! Cold-page choice: CLOCK (second chance) over the page array, with the
-//! reference bit set by the fault handler on every fault that maps or
-//! unprotects a page and cleared by the passing hand. Why CLOCK, and why
-//! fault-driven reference bits: userfaultfd shows the pager faults only, not
-//! accesses to mapped pages, and the kernel's accessed bits are out of reach
-//! without page-idle tracking (root, pagemap PFN lookups per page). A fault is
-//! the one access signal we get for free; second chance then keeps a page
-//! that was just faulted in (most likely the working set) for at least a
-//! full revolution, which stops the swap-in/evict ping-pong a FIFO would
-//! cause. CLOCK needs no lists and no per-access work, only a hand.
+//! Cold-page choice: CLOCK over the page array. Faults give a page second
+//! chances (hand passes it is spared, cleared one per pass): one for a plain
+//! fault, up to eight for a page that keeps coming back soon after its
+//! evictions ([`super::workingset`]). Why CLOCK, and why fault-driven
+//! chances: userfaultfd shows the pager faults only, not accesses to mapped
+//! pages, and the kernel's accessed bits are out of reach without page-idle
+//! tracking (root, pagemap PFN lookups per page, and the guest kernel
+//! Debian ships to L1 has it off). A fault is the one access signal we get
+//! for free; a second chance then keeps a page that was just faulted in
+//! (most likely the working set) for at least a full revolution, which
+//! stops the swap-in/evict ping-pong a FIFO would cause, and the refault
+//! distance tells a page in constant use from a stream. CLOCK needs no
+//! lists and no per-access work, only a hand.
 //!
 //! The reclaim thread never does I/O and never waits for it: it drops clean
 //! pages (`MADV_DONTNEED`, no write) and hands dirty ones to the writeback
@@ -40,6 +43,7 @@ use super::pager::Shared;
 use super::pages::{PageKind, PageRef, NO_SLOT};
 use super::stats::bump;
 use super::uffd::Resolve;
+use super::workingset::MAX_CHANCES;
 use super::{PagerError, PAGE_SIZE};
 
 /// Pages queued or being written at once (staging memory: 1 MiB).
@@ -158,7 +162,9 @@ struct EvictRun {
     len: usize,
 }
 
-/// One pass of up to two hand revolutions; whether it dropped any page.
+/// One pass of the hand, long enough to find a page whose chances have run
+/// out (a revolution per chance it can have, and one more); whether it
+/// dropped any page.
 fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
     let n = sh.pages.len();
     let mut progress = false;
@@ -166,7 +172,7 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
     // Adjacent dirty pages, locked, from index `dirty_first` on.
     let mut dirty: Vec<PageRef<'_>> = Vec::new();
     let mut dirty_first = 0;
-    for _ in 0..2 * n {
+    for _ in 0..(1 + usize::from(MAX_CHANCES)) * n {
         if sh.budget.satisfied(evicting.len) || sh.stop.load(Ordering::SeqCst) {
             break;
         }
@@ -193,8 +199,8 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
             *hand = block.end % n;
             continue;
         }
-        if p.referenced {
-            p.referenced = false;
+        if p.chances > 0 {
+            p.chances -= 1;
             continue;
         }
         let region = sh.pages.region_pages(idx);
@@ -223,8 +229,8 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
 /// of its block are never dropped one by one (the kernel would keep the
 /// whole huge page until it splits it under its own memory pressure), but
 /// all together with one `madvise` once every page is clean, which frees
-/// the huge page at once. Until then: a referenced page gives the whole
-/// block a second chance, dirty pages are written back. A block whose pages
+/// the huge page at once. Until then: a page with chances left spares the
+/// whole block this pass, dirty pages are written back. A block whose pages
 /// went their own ways (a discard, the evict aid) is forgotten as a block.
 /// Whether it dropped the block.
 fn reclaim_huge_block(sh: &Shared, block: std::ops::Range<usize>) -> Result<bool, PagerError> {
@@ -240,8 +246,10 @@ fn reclaim_huge_block(sh: &Shared, block: std::ops::Range<usize>) -> Result<bool
         pages.iter_mut().for_each(|q| q.huge = false);
         return Ok(false);
     }
-    if pages.iter().any(|q| q.referenced) {
-        pages.iter_mut().for_each(|q| q.referenced = false);
+    if pages.iter().any(|q| q.chances > 0) {
+        pages
+            .iter_mut()
+            .for_each(|q| q.chances = q.chances.saturating_sub(1));
         return Ok(false);
     }
     if pages.iter().all(|q| q.is_clean()) {
@@ -431,14 +439,18 @@ fn evict_run(sh: &Shared, run: &mut EvictRun) -> Result<bool, PagerError> {
         let mut p = sh.pages.lock(idx);
         let slot = p.slot;
         let discarded = p.discarded;
-        if discarded || slot == NO_SLOT {
-            if discarded && slot != NO_SLOT {
+        if discarded {
+            if slot != NO_SLOT {
                 sh.swap.free(slot);
             }
             p.reset(PageKind::Empty);
+        } else if slot == NO_SLOT {
+            p.reset_keeping_history(PageKind::Empty);
+            sh.workingset.evicted(&mut p);
         } else {
-            p.reset(PageKind::Swapped);
+            p.reset_keeping_history(PageKind::Swapped);
             p.slot = slot;
+            sh.workingset.evicted(&mut p);
         }
         discarded_pages += usize::from(discarded);
     }

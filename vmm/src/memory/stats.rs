@@ -68,6 +68,10 @@ counters! {
     /// Dirty pages found all zero when staged for writeback: left clean
     /// without a swap slot and dropped without a write.
     zero_pages_dropped,
+    /// Faults on pages the clock had evicted ...
+    refaults,
+    /// ... back within the working-set window: spared longer by the hand.
+    refaults_near,
     /// Pages written again during their writeback (stay dirty).
     redirtied_in_writeback,
     /// Pages dropped by `Pager::discard` (balloon, free page reporting).

@@ -395,6 +395,49 @@ fn no_block_fill_once_memory_is_short() {
     }
 }
 
+/// Under pressure a stream of first writes still fills whole blocks while
+/// one fits under the limit (reclaim makes room behind it), so streaming
+/// guest memory stays in huge pages; scattered first writes do not (the
+/// test above). The limit holds and every byte survives.
+#[test]
+fn a_write_stream_fills_blocks_under_pressure_within_the_limit() {
+    let f = Fixture::new(256 * MIB, 64 * MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    let first = 96 * MIB / PAGE_SIZE;
+    let second = 224 * MIB / PAGE_SIZE;
+    for page in 0..first {
+        mem.fill(page, 1);
+    }
+    let s = f.pager().stats();
+    let low = s.limit_pages - s.limit_pages / 16;
+    assert!(
+        s.resident_pages + 512 > low,
+        "not under pressure after writing 1.5x the limit: {s:?}"
+    );
+    let before = s.counters.block_fills;
+    for page in first..second {
+        mem.fill(page, 2);
+    }
+    let s = f.pager().stats();
+    let fills = s.counters.block_fills - before;
+    let blocks = (second - first) / 512;
+    eprintln!("{fills} block fills under pressure for {blocks} blocks streamed");
+    assert!(
+        fills * 2 >= blocks as u64,
+        "{fills} of {blocks} blocks filled whole: {s:?}"
+    );
+    assert!(
+        s.peak_resident_pages <= s.limit_pages + s.reserve_pages,
+        "{s:?}"
+    );
+    for page in 0..second {
+        let tag = if page < first { 1 } else { 2 };
+        assert!(mem.holds(page, tag), "page {page}");
+    }
+    assert!(s.fatal_error.is_none());
+}
+
 #[test]
 fn block_filled_pages_are_evicted_page_by_page_and_zero_ones_without_writes() {
     // Huge pages off: the blocks stay in 4 KiB pages, evicted one by one.

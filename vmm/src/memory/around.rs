@@ -24,7 +24,9 @@
 //! Block fill: while memory is plentiful (the charge stays under reclaim's
 //! low watermark with a whole block added), a write fault on a never-written
 //! page maps every never-written page of its aligned 2 MiB block writable in
-//! one `UFFDIO_COPY`, as the kernel fills a transparent huge page on a first
+//! one `UFFDIO_COPY`; under pressure only a write stream does, and only
+//! while the block fits under the limit (reclaim then makes room behind
+//! it), as the kernel fills a transparent huge page on a first
 //! touch of memory it manages itself: one round trip per 2 MiB instead of
 //! one per window. The block's pages are ordinary 4 KiB pages to reclaim,
 //! dirty until written back; writeback leaves the ones still all zero
@@ -127,9 +129,14 @@ pub fn resolve_around<'a>(
     buf: &mut [u8],
 ) -> Result<Step, PagerError> {
     let fresh_write = f.write && p.kind == PageKind::Empty;
-    let block = fresh_write && sh.budget.plentiful(BLOCK_PAGES);
+    let streaming = fresh_write && sh.around.streaming_write(idx);
+    // A stream of first writes fills whole blocks under pressure too, as
+    // long as a block fits under the limit: reclaim makes room behind it,
+    // and the stream's memory stays in huge pages until then.
+    let block = fresh_write
+        && (sh.budget.plentiful(BLOCK_PAGES) || (streaming && sh.budget.fits(BLOCK_PAGES)));
     // A block fill maps its pages writable like a write stream does.
-    let fresh_stream = fresh_write && (sh.around.streaming_write(idx) || block);
+    let fresh_stream = streaming || block;
     let (win_lo, win_hi) = window(sh, idx, block);
     let mut above = neighbours(sh, idx + 1..win_hi, block);
     let mut below = neighbours(sh, (win_lo..idx).rev(), block);

@@ -173,6 +173,11 @@ impl Budget {
         self.lock().charged + n <= self.low
     }
 
+    /// Whether `n` more frames fit under the limit.
+    pub fn fits(&self, n: usize) -> bool {
+        self.lock().charged + n <= self.limit
+    }
+
     /// Charges a frame, waiting until the charge is under the limit. Gives up
     /// waiting when `abort` is set and charges anyway (an overshoot), so no
     /// faulting thread hangs once the pager failed or is stopping.

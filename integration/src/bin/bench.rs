@@ -377,7 +377,13 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
     println!("{table}");
     let raw = marked_lines(
         &r.console,
-        &["USB-BENCH-", "PM-IDLE", "PM-BENCH", "STALL-WATCHDOG"],
+        &[
+            "USB-BENCH-",
+            "PM-IDLE",
+            "PM-BENCH",
+            "STALL-WATCHDOG",
+            "pager-stats",
+        ],
     );
     println!("{}", raw.join("\n"));
     if let Some(file) = write {

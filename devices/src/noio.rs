@@ -252,7 +252,44 @@ pub struct ActivePath {
     pub since: Instant,
 }
 
+/// How long the runs of one resume or reset path took, on the thread that ran
+/// it (guard entered to guard dropped): the device's own share of a resume
+/// the guest waits for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PathTimes {
+    /// What the path does, as [`PmPath::enter`] named it.
+    pub path: String,
+    pub count: u64,
+    pub total_us: u64,
+    pub max_us: u64,
+}
+
 static NEXT_PATH: AtomicU64 = AtomicU64::new(0);
+static TIMES: LazyLock<Mutex<HashMap<String, PathTimes>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// The durations of every resume and reset path run so far, by path name.
+pub fn path_times() -> Vec<PathTimes> {
+    let mut v: Vec<PathTimes> = TIMES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    v.sort_by(|a, b| a.path.cmp(&b.path));
+    v
+}
+
+fn record_time(path: &str, us: u64) {
+    let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
+    let t = times.entry(path.to_string()).or_insert_with(|| PathTimes {
+        path: path.to_string(),
+        ..PathTimes::default()
+    });
+    t.count += 1;
+    t.total_us += us;
+    t.max_us = t.max_us.max(us);
+}
 static PATHS: LazyLock<Mutex<HashMap<u64, ActivePath>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
@@ -300,10 +337,13 @@ impl PmPath {
 
 impl Drop for PmPath {
     fn drop(&mut self) {
-        PATHS
+        let done = PATHS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
+        if let Some(p) = done {
+            record_time(&p.what, p.since.elapsed().as_micros() as u64);
+        }
     }
 }
 
@@ -312,6 +352,19 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
     use std::thread;
+
+    #[test]
+    fn each_path_run_is_timed_under_its_name() {
+        let name = "timed test path";
+        for _ in 0..2 {
+            let _p = PmPath::enter(name);
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let t = path_times().into_iter().find(|t| t.path == name).unwrap();
+        assert_eq!(t.count, 2);
+        assert!(t.max_us >= 5_000 && t.total_us >= 10_000, "{t:?}");
+        assert!(t.total_us >= t.max_us);
+    }
 
     #[test]
     fn save_restore_nests() {

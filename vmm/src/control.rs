@@ -208,6 +208,7 @@ impl VmHandler {
             "pager": self.pager.as_ref().map(|p| p.stats()),
             "volumes": devices::block::all_volumes().iter().map(|v| v.info()).collect::<Vec<_>>(),
             "noio_disabled": devices::noio::unsafe_disabled(),
+            "pm_paths": devices::noio::path_times(),
         })
     }
 }

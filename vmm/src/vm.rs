@@ -364,6 +364,15 @@ pub fn run(cfg: &VmConfig) -> Result<i32, VmError> {
         // Before the pager stops: its counters are part of the report.
         eprintln!("balloon-stats {}", b.report_json());
     }
+    let times = devices::noio::path_times();
+    if pager.is_some() && !times.is_empty() {
+        // With paged memory, how long the device's own resume and reset
+        // paths took (what NOIO keeps short).
+        eprintln!(
+            "pm-paths {}",
+            serde_json::to_string(&times).unwrap_or_default()
+        );
+    }
     if let Some(err) = pager.and_then(paging::finish) {
         return Err(VmError::PagerFailed(err));
     }

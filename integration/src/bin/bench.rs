@@ -343,12 +343,14 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
     let sg_reset =
         find_program("sg_reset").context("sg_reset is not on PATH: run scripts/setup.sh")?;
     let harness = Harness::new().context("harness")?;
-    let per_run = 240 + u64::from(cycles) * 8 + u64::from(idle);
+    let per_run = 240 + u64::from(cycles) * 12 + u64::from(idle);
     let mut run = GuestRun::new(Scenario::load("usb-pm-bench")?)
         .cpus(1)
         .memory_mib(PM_MEMORY_MIB)
         .param("pmb_serial", usb_bench::SERIAL)
         .param("pmb_cycles", cycles)
+        // As many resets as resume cycles: a p99 over 20 is their maximum.
+        .param("pmb_resets", cycles)
         .param("pmb_idle_s", idle)
         .timeout(Duration::from_secs(per_run * u64::from(4 * reps) + 300))
         .l2_binary(fio, "usr/local/bin/fio")
@@ -383,6 +385,7 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
             "PM-BENCH",
             "STALL-WATCHDOG",
             "pager-stats",
+            "pm-paths",
         ],
     );
     println!("{}", raw.join("\n"));
@@ -405,7 +408,7 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
              `power/control` left `on`, so only the link suspends, as with QEMU. QEMU: `-M pc -accel kvm -device qemu-xhci -device usb-storage` \
              (its controller never leaves D0). Last column: share of an idle stretch of {idle} s \
              after the cycles that the controller spent runtime-suspended (the PCI function's \
-             `runtime_suspended_time`). Resets: 20 `sg_reset -b` per round on the awake \
+             `runtime_suspended_time`). Resets: {cycles} `sg_reset -b` per round (as many as resume cycles) on the awake \
              disk (usb-storage's port reset: port reset, Reset Device, re-enumeration), \
              timed between two kernel log markers.\n\n{table}\n{ratios}\n\nRaw lines:\n\n```\n{}\n```\n",
             raw.join("\n")

@@ -270,17 +270,35 @@ pub fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
-pub fn median(mut v: Vec<u64>) -> Option<u64> {
+pub fn median<T: Midpoint>(mut v: Vec<T>) -> Option<T> {
     if v.is_empty() {
         return None;
     }
-    v.sort_unstable();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let n = v.len();
     Some(if n % 2 == 1 {
         v[n / 2]
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2
+        T::midpoint_of(v[n / 2 - 1], v[n / 2])
     })
+}
+
+/// A number a median can be taken of (the middle of an even count is the
+/// mean of the two middle values).
+pub trait Midpoint: Copy + PartialOrd {
+    fn midpoint_of(a: Self, b: Self) -> Self;
+}
+
+impl Midpoint for u64 {
+    fn midpoint_of(a: Self, b: Self) -> Self {
+        a / 2 + b / 2 + (a % 2 + b % 2) / 2
+    }
+}
+
+impl Midpoint for f64 {
+    fn midpoint_of(a: Self, b: Self) -> Self {
+        (a + b) / 2.0
+    }
 }
 
 /// Per-variant medians.

@@ -598,20 +598,6 @@ fn ratio_of(n: u32, guest_mib: u32, used_kib: Option<u64>) -> Option<f64> {
     Some(f64::from(n) * f64::from(guest_mib) * 1024.0 / used)
 }
 
-fn median_f(v: &[f64]) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
 fn min_f(v: &[f64]) -> Option<f64> {
     v.iter().copied().min_by(f64::total_cmp)
 }
@@ -621,7 +607,7 @@ impl Row {
     /// (the guests are alike; guest K of one set is not guest K of the
     /// other).
     pub fn worst_ratio(&self) -> Option<f64> {
-        let free = median_f(&self.free_rates).filter(|&f| f > 0.0 && self.free_ok)?;
+        let free = median(self.free_rates.clone()).filter(|&f| f > 0.0 && self.free_ok)?;
         Some(min_f(&self.limited_rates)? / free)
     }
 
@@ -697,7 +683,7 @@ fn mib(kib: Option<u64>) -> String {
 }
 
 fn rate_pair(v: &[f64]) -> String {
-    match (min_f(v), median_f(v)) {
+    match (min_f(v), median(v.to_vec())) {
         (Some(lo), Some(med)) => format!("{lo:.2} / {med:.2}"),
         _ => "n/a".into(),
     }

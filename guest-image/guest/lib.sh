@@ -124,6 +124,27 @@ put_random() {
         fail "writing $3 MiB at $2 MiB to $1 failed"
 }
 
+# fill_pattern FILE MIB: FILE becomes MIB MiB (a multiple of 4) of one random
+# 4 MiB block repeated (kept in /tmp/blk for check_pattern); fails the
+# scenario when the memory runs out first.
+fill_pattern() {
+    dd if=/dev/urandom of=/tmp/blk bs=1M count=4 2>/dev/null || fail "cannot make the pattern"
+    pattern_of "$2" > "$1" || fail "fill failed at $(($(stat -c %s "$1") >> 20)) MiB"
+}
+
+# check_pattern FILE MIB WHAT: FILE still holds what fill_pattern wrote.
+check_pattern() {
+    diff=$(pattern_of "$2" | cmp - "$1" 2>&1) || fail "$3 reads back wrong: $diff"
+}
+
+pattern_of() {
+    i=0
+    while [ "$i" -lt $(($1 / 4)) ]; do
+        cat /tmp/blk || return 1
+        i=$((i + 1))
+    done
+}
+
 # fio_job DEVICE NAME RW BS IODEPTH: one time-based fio job (libaio, O_DIRECT)
 # on /dev/DEVICE using $FIO, $size (MiB) and $runtime (s); prints
 # "FIO-RESULT job=NAME iops=N bw_kib=N" for the benchmark parsers.

@@ -42,17 +42,7 @@ wait_memtotal ge $((full - 4096)) ||
     fail "the balloon did not give the memory back in ${wait_s}s (MemTotal $(memtotal_kb) kB)"
 echo "BALLOON-GUEST-DEFLATED up=$(up) memtotal_kb=$(memtotal_kb)"
 
-dd if=/dev/urandom of=/tmp/blk bs=1M count=4 2>/dev/null || fail "cannot make the pattern"
-n=$((fill_mib / 4))
-# The pattern: the 4 MiB block n times, made again for the comparison.
-pattern() {
-    i=0
-    while [ "$i" -lt "$n" ]; do
-        cat /tmp/blk || return 1
-        i=$((i + 1))
-    done
-}
-pattern > /tmp/fill || fail "fill failed at $(($(stat -c %s /tmp/fill) >> 20)) MiB"
+fill_pattern /tmp/fill "$fill_mib"
 echo "BALLOON-FILLED up=$(up) mib=$fill_mib free_kb=$(awk '/^MemFree:/{print $2}' /proc/meminfo)"
-diff=$(pattern | cmp - /tmp/fill 2>&1) || fail "the data written after deflate reads back wrong: $diff"
+check_pattern /tmp/fill "$fill_mib" "the data written after deflate"
 echo "BALLOON-VERIFIED up=$(up) mib=$fill_mib"

@@ -20,17 +20,7 @@ while [ "$(free_mib)" -ge "$free_below" ]; do
 done
 echo "BALLOON-OOM-INFLATED up=$(up) free_mib=$(free_mib)"
 mount -o remount,size=$((fill_mib + 64))m /tmp || fail "cannot grow /tmp"
-dd if=/dev/urandom of=/tmp/blk bs=1M count=4 2>/dev/null || fail "cannot make the pattern"
-n=$((fill_mib / 4))
-# The pattern: the 4 MiB block n times, made again for the comparison.
-pattern() {
-    i=0
-    while [ "$i" -lt "$n" ]; do
-        cat /tmp/blk || return 1
-        i=$((i + 1))
-    done
-}
-pattern > /tmp/fill || fail "fill failed at $(($(stat -c %s /tmp/fill) >> 20)) MiB"
+fill_pattern /tmp/fill "$fill_mib"
 echo "BALLOON-OOM-FILLED up=$(up) mib=$fill_mib free_mib=$(free_mib)"
-diff=$(pattern | cmp - /tmp/fill 2>&1) || fail "the filled file reads back wrong: $diff"
+check_pattern /tmp/fill "$fill_mib" "the filled file"
 echo "BALLOON-OOM-SURVIVED up=$(up) mib=$fill_mib"

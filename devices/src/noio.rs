@@ -29,7 +29,7 @@
 //! exits. An unregistered thread counts as not NOIO.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, RwLock};
@@ -265,19 +265,12 @@ pub struct PathTimes {
 }
 
 static NEXT_PATH: AtomicU64 = AtomicU64::new(0);
-static TIMES: LazyLock<Mutex<HashMap<String, PathTimes>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+static TIMES: Mutex<BTreeMap<String, PathTimes>> = Mutex::new(BTreeMap::new());
 
 /// The durations of every resume and reset path run so far, by path name.
 pub fn path_times() -> Vec<PathTimes> {
-    let mut v: Vec<PathTimes> = TIMES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .cloned()
-        .collect();
-    v.sort_by(|a, b| a.path.cmp(&b.path));
-    v
+    let times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
+    times.values().cloned().collect()
 }
 
 fn record_time(path: &str, us: u64) {

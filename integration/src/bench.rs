@@ -270,6 +270,17 @@ pub fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// The number right after the last `key` in `text`, e.g. after
+/// `"pages_out":` in a `pager-stats {...}` line or `RSS-KB=` in a console.
+pub fn number_after(text: &str, key: &str) -> Option<u64> {
+    let at = text.rfind(key)? + key.len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
 pub fn median<T: Midpoint>(mut v: Vec<T>) -> Option<T> {
     if v.is_empty() {
         return None;
@@ -394,6 +405,16 @@ pub fn update_section(file: &Path, name: &str, body: &str) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn number_after_finds_json_values() {
+        let c = "x\npager-stats {\"pages_out\":12,\"peak_resident_pages\":65536}\nL1-GUEST-RSS-MAX-KB=1000\n";
+        assert_eq!(number_after(c, "\"peak_resident_pages\":"), Some(65536));
+        assert_eq!(number_after(c, "\"pages_out\":"), Some(12));
+        assert_eq!(number_after(c, "L1-GUEST-RSS-MAX-KB="), Some(1000));
+        assert_eq!(number_after(c, "missing"), None);
+        assert_eq!(number_after("\"k\":x", "\"k\":"), None);
+    }
 
     #[test]
     fn parses_runs_and_summarizes_medians() {

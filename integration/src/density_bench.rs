@@ -32,7 +32,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::{kv, median, ours_argv, qemu_argv};
+use crate::bench::{kv, median, number_after, ours_argv, qemu_argv};
 use crate::harness::{GuestRun, HarnessError, WATCHDOG_PARAM};
 use crate::l1::{sh_quote, L2_KERNEL};
 
@@ -406,22 +406,11 @@ pub struct PagerNoio {
     pub fatal: bool,
 }
 
-/// A numeric field of a flat JSON object.
-fn json_u64(line: &str, key: &str) -> Option<u64> {
-    let pat = format!("\"{key}\":");
-    let at = line.find(&pat)? + pat.len();
-    let digits: String = line[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
-
 impl PagerNoio {
     /// From a `pager-stats {...}` line.
     pub fn parse(line: &str) -> Option<Self> {
         let json = &line[line.find(PAGER_STATS)? + PAGER_STATS.len() - 1..];
-        let f = |k| json_u64(json, k);
+        let f = |k: &str| number_after(json, &format!("\"{k}\":"));
         Some(Self {
             noio_faults: f("noio_faults")?,
             noio_from_overshoot: f("noio_from_overshoot")?,

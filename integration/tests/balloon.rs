@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use guest_image::scenario::{FileMapping, MARK_INSMOD_FAIL};
 use guest_image::Scenario;
+use integration::bench::number_after;
 use integration::disk::MARK_HOST_VMM_RC;
 use integration::harness::vmm_args_with;
 use integration::l1::{L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
@@ -250,14 +251,14 @@ wait_console "BALLOON-FILLED" 600 && sample refilled
         "statistics queue not negotiated",
         &r,
     );
-    let inflated_pages = number_after(stats, "\"inflated_pages\":");
+    let inflated_pages = number_after(stats, "\"inflated_pages\":").unwrap_or(0);
     check(
         inflated_pages >= balloon_mib * 256,
         &format!("inflated_pages {inflated_pages}"),
         &r,
     );
     check(
-        number_after(stats, "\"bad_pfns\":") == 0,
+        number_after(stats, "\"bad_pfns\":").unwrap_or(0) == 0,
         "the guest sent PFNs outside RAM",
         &r,
     );
@@ -353,7 +354,7 @@ echo "L1-BALLOON-WATCH start=$t0"
         &r,
     );
     check(
-        number_after(stats, "\"reported_pages\":") >= fill_mib * 256 * 3 / 4,
+        number_after(stats, "\"reported_pages\":").unwrap_or(0) >= fill_mib * 256 * 3 / 4,
         "the device saw fewer reported pages than were freed",
         &r,
     );
@@ -391,7 +392,7 @@ sample inflated
     let inflated = sampled(&r, "inflated", "actual");
     let stats = last_line(&r.console, "balloon-stats ");
     // The balloon at exit, after the guest's fill.
-    let survived = number_after(stats, "\"actual_bytes\":");
+    let survived = number_after(stats, "\"actual_bytes\":").unwrap_or(0);
     eprintln!(
         "balloon actual: {} MiB inflated, {} MiB after the guest filled past its free memory",
         inflated / MIB,
@@ -408,14 +409,14 @@ sample inflated
         "deflate-on-OOM not negotiated",
         &r,
     );
-    let oom = number_after(stats, "\"oom_deflated_pages\":");
+    let oom = number_after(stats, "\"oom_deflated_pages\":").unwrap_or(0);
     check(
         oom * 4096 >= inflated - survived,
         &format!("oom_deflated_pages {oom} does not cover the deflate"),
         &r,
     );
     check(
-        number_after(stats, "\"size_bytes\":") == balloon_mib * MIB,
+        number_after(stats, "\"size_bytes\":").unwrap_or(0) == balloon_mib * MIB,
         "the host changed the target by itself",
         &r,
     );
@@ -483,7 +484,7 @@ sample deflated
     );
     let stats = last_line(&r.console, "pager-stats ");
     check(
-        number_after(stats, "\"pages_out\":") > 0,
+        number_after(stats, "\"pages_out\":").unwrap_or(0) > 0,
         "the pager never wrote to swap: no pressure",
         &r,
     );
@@ -565,8 +566,8 @@ fn an_inflated_balloon_lowers_the_pagers_writeback() {
             &r,
         );
         let stats = last_line(part, "pager-stats ");
-        let pages_out = number_after(stats, "\"pages_out\":");
-        let discarded = number_after(stats, "\"discarded_pages\":");
+        let pages_out = number_after(stats, "\"pages_out\":").unwrap_or(0);
+        let discarded = number_after(stats, "\"discarded_pages\":").unwrap_or(0);
         eprintln!("balloon {tag}: pager pages_out {pages_out}, discarded {discarded}");
         written.push((pages_out, discarded));
     }
@@ -600,19 +601,6 @@ fn last_line<'a>(console: &'a str, marker: &str) -> &'a str {
         .lines()
         .rfind(|l| l.contains(marker))
         .unwrap_or_default()
-}
-
-/// The number after `key` in `line` (0 when absent).
-fn number_after(line: &str, key: &str) -> u64 {
-    line.find(key)
-        .map(|at| {
-            line[at + key.len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect::<String>()
-        })
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The benchmark (not a test; `--ignored`): time to reclaim 512 MiB through

@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use guest_image::Scenario;
+use integration::bench::number_after;
 use integration::harness::vmm_args_with;
 use integration::l1::{sh_quote, L1Payload, L2_INITRD, L2_KERNEL, VMM_PATH};
 use integration::{host, GuestRun, Harness, Mode, Verdict};
@@ -47,17 +48,6 @@ fn sampling_script(argv: &[String]) -> String {
          exit $rc\n",
         cmd = cmd.join(" ")
     )
-}
-
-/// The number after `key` in the console (e.g. in the pager's JSON line).
-fn number_after(console: &str, key: &str) -> Option<u64> {
-    let at = console.rfind(key)? + key.len();
-    let digits: String = console[at..]
-        .chars()
-        .skip_while(|c| !c.is_ascii_digit())
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
 }
 
 #[test]
@@ -140,13 +130,4 @@ fn overcommit(mem_mib: u32, limit_mib: u64, touch_mib: u32, timeout: Duration) {
         pages_out >= must_page_out,
         "only {pages_out} pages written to swap, expected >= {must_page_out}\n{console}"
     );
-}
-
-#[test]
-fn number_after_finds_json_values() {
-    let c = "x\npager-stats {\"pages_out\":12,\"peak_resident_pages\":65536}\nL1-GUEST-RSS-MAX-KB=1000\n";
-    assert_eq!(number_after(c, "\"peak_resident_pages\":"), Some(65536));
-    assert_eq!(number_after(c, "\"pages_out\":"), Some(12));
-    assert_eq!(number_after(c, "L1-GUEST-RSS-MAX-KB="), Some(1000));
-    assert_eq!(number_after(c, "missing"), None);
 }

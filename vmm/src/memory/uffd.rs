@@ -301,9 +301,6 @@ pub fn madvise_nohugepage(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, libc::MADV_NOHUGEPAGE)
 }
 
-/// `MADV_COLLAPSE` (Linux 6.1): collapse a range into transparent huge pages now.
-const MADV_COLLAPSE: i32 = 25;
-
 /// Backs the 2 MiB-aligned block `[addr, addr + len)`, every page of it
 /// mapped, with one transparent huge page now (the kernel copies the pages
 /// into it). Guest RAM under the pager is `MADV_NOHUGEPAGE`, so that the
@@ -313,7 +310,7 @@ const MADV_COLLAPSE: i32 = 25;
 /// huge page stays).
 pub fn collapse_block(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, libc::MADV_HUGEPAGE)?;
-    let collapsed = madvise(addr, len, MADV_COLLAPSE);
+    let collapsed = madvise(addr, len, libc::MADV_COLLAPSE);
     let restored = madvise_nohugepage(addr, len);
     collapsed.and(restored)
 }

@@ -1,7 +1,8 @@
 # USB runtime-PM benchmark (not a test): the guest-visible resume latency
 # of a USB disk with autosuspend on. Each cycle waits until the disk has
-# autosuspended, then times one 4 KiB O_DIRECT read with fio (its total
-# latency includes the runtime resume the read triggers) and prints
+# autosuspended (and the controller too, if it may suspend), then times
+# one 4 KiB O_DIRECT read with fio (its total latency includes the
+# runtime resume the read triggers) and prints
 # "PM-RESUME n=N us=LATENCY". Optionally under memory pressure (a
 # background loop re-reading a tmpfs file larger than the VMM's resident
 # limit, at nice 19: it keeps the host pager evicting and swapping in,
@@ -27,9 +28,18 @@ pressure=$(param pmb_pressure_mib 0)
 idle=$(param pmb_idle_s 60)
 resets=$(param pmb_resets 20)
 controller=$(param pmb_controller auto)
+# pmb_trace_ms > 0: a cycle slower than that prints the kernel's runtime-PM
+# trace events of its read ("PM-TRACE n=N <event>": which device resumed
+# when), to see where a slow resume spent its time.
+trace_ms=$(param pmb_trace_ms 0)
+T=/sys/kernel/tracing
 wait_s=$(param pmb_wait 60)
 [ -x $FIO ] || fail "fio missing at $FIO"
 
+
+# Time the host did not run this vCPU while it could have (KVM steal
+# time, /proc/stat's 8th field, in USER_HZ ticks of 10 ms).
+steal_ticks() { awk '$1 == "cpu" { print $9; exit }' /proc/stat; }
 
 d=$(usb_wait_dev "$s" "$wait_s") || fail "disk $s did not appear"
 udev=$(usb_dev_dir "$d")
@@ -48,20 +58,36 @@ if [ "$pressure" -gt 0 ]; then
     renice -n 19 -p "$pid" >/dev/null || fail "cannot renice the pressure loop"
     touch /tmp/pressure.go
 fi
+if [ "$trace_ms" -gt 0 ]; then
+    [ -d $T/events ] || mount -t tracefs nodev $T || fail "cannot mount tracefs"
+    echo 1 > $T/events/rpm/enable || fail "no rpm trace events"
+fi
 echo "PM-BENCH-START dev=$d pressure_mib=$pressure delay_ms=$delay"
 n=1
 sectors=$(cat "/sys/block/$d/size")
 while [ "$n" -le "$cycles" ]; do
     usb_wait_file_is "$udev/power/runtime_status" suspended "$wait_s" ||
         fail "cycle $n: $udev did not autosuspend"
+    # With the controller allowed to suspend, every cycle starts from the
+    # whole chain asleep (a read racing the controller's own suspend would
+    # time a link resume instead).
+    if [ "$controller" = auto ]; then
+        usb_wait_file_is "$pci/power/runtime_status" suspended "$wait_s" ||
+            fail "cycle $n: the controller did not runtime-suspend"
+    fi
     off=$(((n * 2654435761) % (sectors / 8) * 4096))
+    st0=$(steal_ticks)
+    [ "$trace_ms" -gt 0 ] && echo > $T/trace
     $FIO --name=resume --filename="/dev/$d" --rw=read --bs=4k --offset="$off" --size=4k \
         --ioengine=psync --direct=1 --output-format=terse --terse-version=3 \
         >/tmp/fio.out 2>/tmp/fio.err || { cat /tmp/fio.err; fail "fio failed in cycle $n"; }
     # Terse v3 field 40: mean total read latency (us); one I/O.
     us=$(awk -F';' '$1 == 3 { printf "%d", $40 }' /tmp/fio.out)
     [ -n "$us" ] || { cat /tmp/fio.out; fail "no latency in cycle $n"; }
-    echo "PM-RESUME n=$n us=$us"
+    echo "PM-RESUME n=$n us=$us steal_ms=$(( ($(steal_ticks) - st0) * 10 ))"
+    if [ "$trace_ms" -gt 0 ] && [ "$us" -gt $((trace_ms * 1000)) ]; then
+        grep -v '^#' $T/trace | sed "s/^ */PM-TRACE n=$n /"
+    fi
     n=$((n + 1))
 done
 sg=$(ls "/sys/block/$d/device/scsi_generic" 2>/dev/null)

@@ -17,6 +17,7 @@ use crate::usb_bench::{qemu_disk_args, IMAGE, MARK_RUN, SERIAL};
 pub const VARIANTS: &[(&str, &str)] = &[
     ("ours", "ours"),
     ("ours-d0", "ours, controller kept in D0 (link PM only)"),
+    ("ours-loop", "ours, the pressure loop without a limit"),
     (
         "ours-pressure",
         "ours, limit + swap on the disk's volume, pressure",
@@ -27,10 +28,12 @@ pub const VARIANTS: &[(&str, &str)] = &[
 /// The swap file of the pressure variant in L1's tmpfs.
 const SWAP: &str = "/tmp/pm-bench.swap";
 
-/// The four variants. `pressure_mib` goes on the pressure variant's
-/// command line only; its resident limit is `limit_mib`. `ours-d0` keeps
-/// the controller in D0 (like QEMU's, which has no PCI PM): only the link
-/// suspends, so its resume is the like-for-like comparison.
+/// The variants. `pressure_mib` goes on the pressure variants' command
+/// lines only; `ours-pressure`'s resident limit is `limit_mib`, `ours-loop`
+/// runs the same guest loop without a limit (what the guest's own CPU
+/// contention costs, apart from the pager). `ours-d0` keeps the controller
+/// in D0 (like QEMU's, which has no PCI PM): only the link suspends, so its
+/// resume is the like-for-like comparison.
 pub fn variants(run: &GuestRun, cmdline: &str, pressure_mib: u32, limit_mib: u32) -> Vec<Variant> {
     let disk = [
         "--usb-storage".to_string(),
@@ -45,6 +48,8 @@ pub fn variants(run: &GuestRun, cmdline: &str, pressure_mib: u32, limit_mib: u32
         "limit={limit_mib}M,swap={SWAP},swap_volume={SERIAL}"
     ));
     let loaded_cmdline = format!("{cmdline} pmb_pressure_mib={pressure_mib}");
+    let mut looping = ours_argv(run, &loaded_cmdline, L2_KERNEL);
+    looping.extend(disk.clone());
     let mut pressure = ours_argv(&loaded, &loaded_cmdline, L2_KERNEL);
     pressure.extend(disk);
     let mut qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
@@ -57,6 +62,10 @@ pub fn variants(run: &GuestRun, cmdline: &str, pressure_mib: u32, limit_mib: u32
         Variant {
             name: "ours-d0",
             argv: d0,
+        },
+        Variant {
+            name: "ours-loop",
+            argv: looping,
         },
         Variant {
             name: "ours-pressure",
@@ -142,6 +151,9 @@ pub fn render_table(runs: &[PmRun]) -> String {
     let ms = |us: Option<u64>| us.map_or("n/a".into(), |u| format!("{:.1}", u as f64 / 1000.0));
     for (variant, label) in VARIANTS {
         let v = all(variant);
+        if v.is_empty() && !runs.iter().any(|r| r.variant == *variant) {
+            continue;
+        }
         let p99 = quantile(&v, 0.99);
         let ratio = match (p99, qemu_p99) {
             (Some(a), Some(b)) if b > 0 => format!("{:.2}x", a as f64 / b as f64),
@@ -175,6 +187,30 @@ pub fn render_table(runs: &[PmRun]) -> String {
         );
     }
     t
+}
+
+/// One `PM-SLOWEST` line per variant run: its `n` slowest resume cycles
+/// and resets as `cycle:ms`, slowest first (where the tail sits in a run).
+pub fn slowest(runs: &[PmRun], n: usize) -> Vec<String> {
+    let top = |v: &[u64]| -> String {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|a, b| v[*b].cmp(&v[*a]).then(a.cmp(b)));
+        idx.iter()
+            .take(n)
+            .map(|i| format!("{}:{:.1}", i + 1, v[*i] as f64 / 1000.0))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    runs.iter()
+        .map(|r| {
+            format!(
+                "PM-SLOWEST variant={} resume={} reset={}",
+                r.variant,
+                top(&r.resume_us),
+                top(&r.reset_us)
+            )
+        })
+        .collect()
 }
 
 /// Issue 14's measure: p99 under pressure over p99 without (ours with the
@@ -253,6 +289,15 @@ PM-RESET n=1 us=90000
             "{t}"
         );
         assert_eq!(
+            slowest(&r, 2),
+            vec![
+                "PM-SLOWEST variant=ours resume=2:4.0,1:2.0 reset=",
+                "PM-SLOWEST variant=qemu resume=1:8.0 reset=",
+                "PM-SLOWEST variant=ours-pressure resume=1:3.0 reset=1:90.0",
+            ]
+        );
+        assert!(!t.contains("ours-loop") && !t.contains("kept in D0"), "{t}");
+        assert_eq!(
             pressure_ratios(&r),
             "Under pressure / without (ours, p99; issue 14's goal <= 1.2x): resume 0.75x, reset n/a."
         );
@@ -262,13 +307,14 @@ PM-RESET n=1 us=90000
     fn only_the_pressure_variant_gets_a_limit_and_the_pressure() {
         let run = GuestRun::new(Scenario::inline("t", "true"));
         let v = variants(&run, "c", 192, 112);
-        assert_eq!(v.len(), 4);
+        assert_eq!(v.len(), 5);
         let joined = |i: usize| v[i].argv.join(" ");
         assert!(!joined(0).contains("limit="));
         assert!(joined(1).contains("pmb_controller=on") && !joined(0).contains("pmb_controller"));
-        assert!(joined(2).contains("limit=112M,swap=/tmp/pm-bench.swap,swap_volume=bench"));
-        assert!(joined(2).contains("pmb_pressure_mib=192"));
+        assert!(joined(2).contains("pmb_pressure_mib=192") && !joined(2).contains("limit="));
+        assert!(joined(3).contains("limit=112M,swap=/tmp/pm-bench.swap,swap_volume=bench"));
+        assert!(joined(3).contains("pmb_pressure_mib=192"));
         assert!(!joined(0).contains("pmb_pressure_mib"));
-        assert!(joined(3).contains("qemu-xhci"));
+        assert!(joined(4).contains("qemu-xhci"));
     }
 }

@@ -109,6 +109,14 @@ enum What {
         /// Seconds of idle at the end of each run.
         #[arg(long, default_value_t = 60)]
         idle: u32,
+        /// Print the kernel's runtime-PM trace of every cycle slower than
+        /// this many ms on stderr (0: none).
+        #[arg(long, default_value_t = 0)]
+        trace_ms: u32,
+        /// Run only these variants (comma-separated: ours, ours-d0,
+        /// ours-loop, ours-pressure, qemu); all by default.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
         /// Update this markdown file's "usb-pm" section.
         #[arg(long)]
         write: Option<PathBuf>,
@@ -283,8 +291,10 @@ fn main() -> Result<()> {
             reps,
             cycles,
             idle,
+            trace_ms,
+            only,
             write,
-        } => usb_pm(reps, cycles, idle, write),
+        } => usb_pm(reps, cycles, idle, trace_ms, &only, write),
         What::Density {
             mut guests,
             reps,
@@ -336,7 +346,14 @@ const PM_MEMORY_MIB: u32 = 384;
 const PM_PRESSURE_MIB: u32 = 192;
 const PM_LIMIT_MIB: u32 = 116;
 
-fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<()> {
+fn usb_pm(
+    reps: u32,
+    cycles: u32,
+    idle: u32,
+    trace_ms: u32,
+    only: &[String],
+    write: Option<PathBuf>,
+) -> Result<()> {
     use integration::usb::{self, find_program};
     use integration::{usb_bench, usb_pm_bench};
     let fio = find_program("fio").context("fio is not on PATH: run scripts/setup.sh")?;
@@ -352,7 +369,10 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
         // As many resets as resume cycles: a p99 over 20 is their maximum.
         .param("pmb_resets", cycles)
         .param("pmb_idle_s", idle)
-        .timeout(Duration::from_secs(per_run * u64::from(4 * reps) + 300))
+        .param("pmb_trace_ms", trace_ms)
+        .timeout(Duration::from_secs(
+            per_run * u64::from(reps) * usb_pm_bench::VARIANTS.len() as u64 + 300,
+        ))
         .l2_binary(fio, "usr/local/bin/fio")
         .l2_binary(sg_reset, "usr/bin/sg_reset");
     run.modules = usb::GUEST_MODULES.iter().map(|m| m.to_string()).collect();
@@ -360,24 +380,39 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
     run.l2_files.push(usb::guest_usb_lib());
     run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
     let cmdline = run.l2_cmdline()?;
-    let variants = usb_pm_bench::variants(&run, &cmdline, PM_PRESSURE_MIB, PM_LIMIT_MIB);
+    let mut variants = usb_pm_bench::variants(&run, &cmdline, PM_PRESSURE_MIB, PM_LIMIT_MIB);
+    if let Some(bad) = only.iter().find(|o| !variants.iter().any(|v| v.name == *o)) {
+        bail!("--only: no variant named {bad:?}");
+    }
+    if !only.is_empty() {
+        variants.retain(|v| only.iter().any(|o| o == v.name));
+    }
     let script = usb_bench::script(64, reps, per_run, &variants);
     let payload = L1Payload::VmmScript {
         binary: host::vmm_binary(true)?,
         script,
     };
+    let names: Vec<&str> = variants.iter().map(|v| v.name).collect();
     eprintln!(
-        "bench usb-pm: {reps} rounds of ours, ours in D0, ours under pressure and QEMU in one L1"
+        "bench usb-pm: {reps} round(s) of {} in one L1",
+        names.join(", ")
     );
     let r = harness.run_l1_payload(&run, payload)?;
     let runs = usb_pm_bench::parse(&r.console);
+    // Every cycle's line on stderr (the table keeps only quantiles).
+    for l in marked_lines(
+        &r.console,
+        &["USB-BENCH-RUN", "PM-RESUME", "PM-RESET", "PM-TRACE"],
+    ) {
+        eprintln!("{l}");
+    }
     if runs.iter().all(|r| r.resume_us.is_empty()) {
         bail!("no PM-RESUME lines; console:\n{}", r.console);
     }
     let table = usb_pm_bench::render_table(&runs);
     let ratios = usb_pm_bench::pressure_ratios(&runs);
     println!("{table}");
-    let raw = marked_lines(
+    let mut raw = marked_lines(
         &r.console,
         &[
             "USB-BENCH-",
@@ -388,11 +423,18 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
             "pm-paths",
         ],
     );
+    let slowest = usb_pm_bench::slowest(&runs, 5);
+    raw.extend(slowest.iter().map(String::as_str));
     println!("{}", raw.join("\n"));
     if let Some(file) = write {
+        let only_arg = if only.is_empty() {
+            String::new()
+        } else {
+            format!(" --only {}", only.join(","))
+        };
         let body = format!(
             "## USB runtime PM: resume latency\n\n\
-             Command: `scripts/bench.sh usb-pm --reps {reps} --cycles {cycles} --idle {idle}`\n\n\
+             Command: `scripts/bench.sh usb-pm --reps {reps} --cycles {cycles} --idle {idle}{only_arg}`\n\n\
              Guest: Debian's kernel with a busybox initramfs, 1 vCPU, {PM_MEMORY_MIB} MiB, one USB 3 \
              disk (64 MiB raw image in L1's tmpfs, the same file for every VMM) with autosuspend on \
              (`power/control=auto`, 300 ms delay on the disk and the USB device, root hubs 0 ms, \
@@ -404,7 +446,8 @@ fn usb_pm(reps: u32, cycles: u32, idle: u32, write: Option<PathBuf>) -> Result<(
              limit is half the working set) while the guest re-reads a {PM_PRESSURE_MIB} MiB tmpfs \
              file in a loop at nice 19 (so that the guest's one CPU runs the resume first; at nice 0 \
              the loop took half of it and the ratio measured the guest's scheduler): the resume paths run in NOIO scopes while the swap device is the \
-             disk being resumed. `ours, controller kept in D0`: the same with the PCI function's \
+             disk being resumed. `ours, the pressure loop without a limit`: the same guest loop with no \
+             limit (the guest's own CPU contention, apart from the pager). `ours, controller kept in D0`: the same with the PCI function's \
              `power/control` left `on`, so only the link suspends, as with QEMU. QEMU: `-M pc -accel kvm -device qemu-xhci -device usb-storage` \
              (its controller never leaves D0). Last column: share of an idle stretch of {idle} s \
              after the cycles that the controller spent runtime-suspended (the PCI function's \

@@ -20,7 +20,7 @@ use super::around::{resolve_around, FAULT_AROUND_PAGES};
 use super::budget::Source;
 use super::pager::Shared;
 use super::pages::{PageKind, PageRef};
-use super::stats::{bump, record_wait};
+use super::stats::{bump, record_handler_fault, record_wait};
 use super::uffd::{Resolve, UffdEvent};
 use super::{PagerError, PAGE_SIZE};
 
@@ -35,6 +35,9 @@ const RETRY_POLL_MS: i32 = 1;
 /// gives up the CPU. Sleeping a timer tick (4 ms at HZ=250) per eviction
 /// batch instead cost the nested benchmark tens of seconds.
 const RETRY_YIELD_ROUNDS: u32 = 8;
+/// Longest poll for the end of the pager's own zap while faults wait for a
+/// retry (its end wakes the poll at once; the bound covers a lost wake-up).
+const ZAP_WAIT_MS: i32 = 20;
 /// Pause of the worker between `EAGAIN` retries.
 const WORKER_RETRY: Duration = Duration::from_micros(200);
 /// How often an idle worker checks the stop flag.
@@ -224,9 +227,10 @@ fn fill(
 pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
     let mut buf = userfaultfd::EventBuffer::new(EVENT_BATCH);
     let mut events = Vec::with_capacity(EVENT_BATCH);
-    let mut retry: Vec<Fault> = Vec::new();
+    let mut retry: Vec<(Fault, Instant)> = Vec::new();
     let mut staging = vec![0u8; FAULT_AROUND_PAGES * PAGE_SIZE];
     let mut retry_rounds = 0u32;
+    let mut gate_set = 0;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -239,10 +243,21 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: sh.zap_gate.zap_done_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
+        // The zap eventfd is polled only while faults wait for a retry.
+        let nfds = if retry.is_empty() { 2 } else { 3 };
         let timeout = if retry.is_empty() {
             retry_rounds = 0;
             -1
+        } else if sh.zap_gate.zap_in_flight() {
+            // The pager's own zap holds the address space: its end (or a
+            // new event, such as its REMOVE) wakes this poll.
+            ZAP_WAIT_MS
         } else if retry_rounds < RETRY_YIELD_ROUNDS {
             retry_rounds += 1;
             std::thread::yield_now();
@@ -250,9 +265,9 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
         } else {
             RETRY_POLL_MS
         };
-        // SAFETY: `fds` is a live array of two pollfd structs and its length
-        // is passed with it; poll writes only their `revents` fields.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        // SAFETY: `fds` is a live array of three pollfd structs and `nfds` is
+        // at most its length; poll writes only their `revents` fields.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
@@ -264,6 +279,10 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
         // this thread to read its REMOVE event.
         if fds[1].revents != 0 {
             return Ok(());
+        }
+        if fds[2].revents != 0 {
+            // Drained; a zap ending from here on writes it again.
+            let _ = sh.zap_gate.zap_done_fd().read();
         }
         sh.uffd.read_events(&mut buf, &mut events)?;
         noio_first(&mut events, is_thread_noio);
@@ -281,14 +300,18 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
                         write,
                         wp,
                     };
-                    dispatch(sh, f, &mut staging, &mut retry)?;
+                    dispatch(sh, f, Instant::now(), &mut staging, &mut retry)?;
                 }
                 UffdEvent::Remove { start, end } => on_remove(sh, start, end),
                 UffdEvent::Other => {}
             }
         }
-        for f in std::mem::take(&mut retry) {
-            dispatch(sh, f, &mut staging, &mut retry)?;
+        for (f, seen) in std::mem::take(&mut retry) {
+            dispatch(sh, f, seen, &mut staging, &mut retry)?;
+        }
+        if retry.len() != gate_set {
+            gate_set = retry.len();
+            sh.zap_gate.set_retries(gate_set);
         }
     }
 }
@@ -307,17 +330,20 @@ fn noio_first(events: &mut [UffdEvent], is_noio: impl Fn(i32) -> bool) {
     });
 }
 
+/// Resolves `f`, read from the uffd at `seen`, or queues it for a retry
+/// or for a worker.
 fn dispatch(
     sh: &Shared,
     f: Fault,
+    seen: Instant,
     staging: &mut [u8],
-    retry: &mut Vec<Fault>,
+    retry: &mut Vec<(Fault, Instant)>,
 ) -> Result<(), PagerError> {
     match resolve_now(sh, f, staging)? {
-        Step::Done => {}
+        Step::Done => record_handler_fault(&sh.counters, seen.elapsed()),
         Step::Retry => {
             bump(&sh.counters.fault_retries, 1);
-            retry.push(f);
+            retry.push((f, seen));
         }
         Step::Defer => {
             bump(&sh.counters.faults_deferred, 1);

@@ -45,6 +45,7 @@ mod stats;
 mod swap;
 mod uffd;
 mod workingset;
+mod zap_gate;
 
 pub use config::{PagerConfig, MIN_LIMIT_PAGES};
 pub use pager::{BlockedFault, Pager, PagerProbe};

@@ -19,6 +19,7 @@ use super::stats::{bump, Counters, PagerStats};
 use super::swap::SwapStore;
 use super::uffd::{madvise_dontneed, madvise_nohugepage, mincore, Uffd};
 use super::workingset::WorkingSet;
+use super::zap_gate::ZapGate;
 use super::{PagerError, PAGE_SIZE};
 
 /// State shared by the pager threads.
@@ -44,6 +45,8 @@ pub struct Shared {
     fatal_evt: EventFd,
     /// Host ranges the pager itself is about to `madvise` away.
     own_removes: OwnRemoves,
+    /// The handshake of the pager's own zaps with the handler's retries.
+    pub zap_gate: ZapGate,
     /// Copies of pages that may have been zapped from outside (see nofault.rs).
     pub reader: super::nofault::NoFaultReader,
     /// Collapse whole block fills into huge pages ([`PagerConfig::huge_pages`]).
@@ -51,6 +54,11 @@ pub struct Shared {
     /// Which evicted pages come back soon (the clock's second chances).
     pub workingset: WorkingSet,
 }
+
+/// Longest a zap of the pager's own waits for the handler's retries (see
+/// zap_gate.rs): a bound, so that a fault retried for another reason
+/// cannot hold reclaim up.
+const ZAP_HOLD_MAX: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Host ranges the pager is `madvise`-ing away, with counts.
 #[derive(Debug, Default)]
@@ -91,8 +99,13 @@ impl Shared {
     /// already moved the page on (swapped, discarded, even faulted back in).
     /// Blocks until the handler reads the event: never call on the handler.
     pub fn drop_range(&self, start: usize, end: usize) -> std::io::Result<()> {
+        let zap = self.zap_gate.begin_zap(ZAP_HOLD_MAX);
+        if zap.held {
+            bump(&self.counters.zaps_held_for_retries, 1);
+        }
         self.own_removes.tag(start, end);
         let result = madvise_dontneed(start, end - start);
+        drop(zap);
         if result.is_err() {
             // No event was generated; forget the tag.
             self.take_own_remove(start, end);
@@ -242,6 +255,7 @@ impl Pager {
             fatal: Mutex::new(None),
             fatal_evt: EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?,
             own_removes: OwnRemoves::default(),
+            zap_gate: ZapGate::new().map_err(PagerError::Sys)?,
             reader: super::nofault::NoFaultReader::open().map_err(PagerError::Sys)?,
             huge_pages: config.huge_pages,
             workingset: WorkingSet::new(cfg.limit),

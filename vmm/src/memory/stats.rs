@@ -1,6 +1,7 @@
 //! Pager counters, readable in-process and serialisable as JSON.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -102,6 +103,14 @@ counters! {
     evicted_on_request,
     /// Frames taken beyond limit + reserve.
     overshoot_events,
+    /// Faults the handler resolved itself: how long the longest took from
+    /// its read of the fault to the page mapped (`EAGAIN` retries included),
+    /// and how many took over 1 ms and over 10 ms.
+    handler_fault_ns_max,
+    handler_faults_over_1ms,
+    handler_faults_over_10ms,
+    /// The pager's own zaps that first waited for the handler's retries.
+    zaps_held_for_retries,
     /// Faults that waited for a frame or a quiesced volume, and for how long.
     waits,
     wait_ns_total,
@@ -135,6 +144,18 @@ impl PagerStats {
 
 pub fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Records a fault the handler resolved `took` after reading it.
+pub fn record_handler_fault(c: &Counters, took: Duration) {
+    let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    c.handler_fault_ns_max.fetch_max(ns, Ordering::Relaxed);
+    if took > Duration::from_millis(1) {
+        bump(&c.handler_faults_over_1ms, 1);
+    }
+    if took > Duration::from_millis(10) {
+        bump(&c.handler_faults_over_10ms, 1);
+    }
 }
 
 pub fn record_wait(c: &Counters, ns: u64) {

@@ -562,6 +562,15 @@ impl Drop for Pager {
 }
 
 /// Spawns a pager thread whose error, panic or early exit is fatal.
+///
+/// Every pager thread is registered (devices::noio): the fault handler takes
+/// a fault of an unregistered thread for the kernel's on a vCPU's behalf
+/// (KVM's asynchronous page fault worker) and serves it past a quiesced
+/// volume. A pager thread can fault on guest RAM: a thread that waits on the
+/// sleeping swap volume runs the volume's waker, the device's remote-wake
+/// path, inline. That path is a NOIO scope and is served as NOIO because the
+/// thread is registered; with NOIO disabled it waits like any other thread,
+/// as the A/B test expects, instead of slipping past the quiesce.
 fn spawn(
     shared: &Arc<Shared>,
     name: &'static str,
@@ -571,6 +580,7 @@ fn spawn(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            let _registration = devices::noio::register_current_thread();
             crate::seccomp::apply(crate::seccomp::ThreadKind::Pager);
             let outcome = catch_unwind(AssertUnwindSafe(|| body(&sh)));
             let stopping = sh.stop.load(Ordering::SeqCst);

@@ -181,6 +181,7 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
         if idx == 0 {
             // The hand wrapped: nothing adjacent follows, and a locked dirty
             // page must not be met again.
+            bump(&sh.counters.hand_revolutions, 1);
             start_writeback(sh, dirty_first, &mut dirty)?;
             progress |= evict_run(sh, &mut evicting)?;
         }

@@ -73,6 +73,9 @@ counters! {
     refaults,
     /// ... back within the working-set window: spared longer by the hand.
     refaults_near,
+    /// Times the clock's hand went once around guest RAM (a page's second
+    /// chances are counted in these).
+    hand_revolutions,
     /// Pages written again during their writeback (stay dirty).
     redirtied_in_writeback,
     /// Pages dropped by `Pager::discard` (balloon, free page reporting).

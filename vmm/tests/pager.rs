@@ -951,6 +951,63 @@ fn pager_threads() -> Vec<(String, bool)> {
     found
 }
 
+/// The nice value of thread `tid` of this process (`/proc/.../stat` field
+/// 19), or `None` once it has exited (other tests' pagers stop meanwhile).
+fn nice_of(tid: i32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // Fields after the parenthesised name, which may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(16)?.parse().ok()
+}
+
+/// The threads that serve faults run at a raised priority where the host
+/// allows it (reclaim and writeback, busy copying pages, then cannot
+/// preempt a fault half served); reclaim and writeback keep the default.
+#[test]
+fn fault_serving_threads_run_above_reclaim_where_allowed() {
+    // Whether this process may raise a priority: try it on a scratch thread.
+    let allowed = thread::spawn(|| {
+        // SAFETY: changes only the calling (scratch) thread's nice value.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -5) == 0 }
+    })
+    .join()
+    .unwrap();
+    let f = Fixture::new(4 * MIB, MIB, |_| {});
+    let tids = |name: &str| -> Vec<i32> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let path = task.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if comm.trim() == name {
+                found.push(task.file_name().to_string_lossy().parse().unwrap());
+            }
+        }
+        found
+    };
+    for name in ["pager-fault", "pager-wait", "pager-swapin"] {
+        let ids = tids(name);
+        assert!(!ids.is_empty(), "no {name} thread");
+        for tid in ids {
+            let mut nice = nice_of(tid);
+            // Other tests' pagers may be starting: a thread sets its
+            // priority first thing, so look again a moment later.
+            if nice == Some(0) {
+                thread::sleep(Duration::from_millis(100));
+                nice = nice_of(tid);
+            }
+            if let Some(nice) = nice {
+                assert_eq!(nice, if allowed { -5 } else { 0 }, "{name} ({tid})");
+            }
+        }
+    }
+    for name in ["pager-reclaim", "pager-writeback"] {
+        for tid in tids(name) {
+            assert!(matches!(nice_of(tid), Some(0) | None), "{name} ({tid})");
+        }
+    }
+    drop(f);
+}
+
 /// A pager thread can fault on guest RAM (the swap volume's waker runs the
 /// device's remote-wake path inline on the thread that waits on the
 /// volume); unregistered, its fault would be taken for the kernel's on a

@@ -262,7 +262,7 @@ impl Pager {
         });
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?;
         let handler_stop = stop_evt.try_clone().map_err(PagerError::Sys)?;
-        let handler = spawn(&shared, "pager-fault", move |sh| {
+        let handler = spawn(&shared, "pager-fault", Priority::Urgent, move |sh| {
             fault::run_handler(sh, &handler_stop)
         })?;
         let mut pager = Self {
@@ -273,18 +273,28 @@ impl Pager {
             regions,
             _mappings: mappings,
         };
-        pager.workers.push(spawn(&shared, "pager-wait", |sh| {
-            fault::run_worker(sh, &sh.deferred)
-        })?);
-        pager.workers.push(spawn(&shared, "pager-swapin", |sh| {
-            fault::run_worker(sh, &sh.deferred_swap)
-        })?);
         pager
             .workers
-            .push(spawn(&shared, "pager-reclaim", reclaim::run_reclaim)?);
+            .push(spawn(&shared, "pager-wait", Priority::Urgent, |sh| {
+                fault::run_worker(sh, &sh.deferred)
+            })?);
         pager
             .workers
-            .push(spawn(&shared, "pager-writeback", reclaim::run_writeback)?);
+            .push(spawn(&shared, "pager-swapin", Priority::Urgent, |sh| {
+                fault::run_worker(sh, &sh.deferred_swap)
+            })?);
+        pager.workers.push(spawn(
+            &shared,
+            "pager-reclaim",
+            Priority::Normal,
+            reclaim::run_reclaim,
+        )?);
+        pager.workers.push(spawn(
+            &shared,
+            "pager-writeback",
+            Priority::Normal,
+            reclaim::run_writeback,
+        )?);
         Ok(pager)
     }
 
@@ -561,6 +571,38 @@ impl Drop for Pager {
     }
 }
 
+/// CPU priority of a pager thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Priority {
+    /// Serves faults a vCPU or a device path is blocked on: raised where
+    /// the host allows it (CAP_SYS_NICE), so that reclaim and writeback,
+    /// busy copying pages, do not preempt a fault half served. It runs
+    /// only while some thread waits for it, so it cannot starve them.
+    Urgent,
+    /// Reclaim and writeback.
+    Normal,
+}
+
+/// The nice value of [`Priority::Urgent`] threads.
+const URGENT_NICE: libc::c_int = -5;
+
+impl Priority {
+    /// Sets the calling thread's priority; a failure only costs speed.
+    fn apply(self, name: &str) {
+        if self == Priority::Urgent {
+            // SAFETY: setpriority with PRIO_PROCESS and who 0 changes only
+            // the calling thread's nice value (Linux: a per-thread value);
+            // no memory is passed.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, URGENT_NICE) } != 0 {
+                log::debug!(
+                    "{name}: nice {URGENT_NICE}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 /// Spawns a pager thread whose error, panic or early exit is fatal.
 ///
 /// Every pager thread is registered (devices::noio): the fault handler takes
@@ -574,6 +616,7 @@ impl Drop for Pager {
 fn spawn(
     shared: &Arc<Shared>,
     name: &'static str,
+    priority: Priority,
     body: impl FnOnce(&Shared) -> Result<(), PagerError> + Send + 'static,
 ) -> Result<JoinHandle<()>, PagerError> {
     let sh = shared.clone();
@@ -581,6 +624,7 @@ fn spawn(
         .name(name.into())
         .spawn(move || {
             let _registration = devices::noio::register_current_thread();
+            priority.apply(name);
             crate::seccomp::apply(crate::seccomp::ThreadKind::Pager);
             let outcome = catch_unwind(AssertUnwindSafe(|| body(&sh)));
             let stopping = sh.stop.load(Ordering::SeqCst);

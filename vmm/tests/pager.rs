@@ -927,11 +927,8 @@ fn a_fault_waiting_on_the_volume_is_served_once_noio_is_lent_to_its_thread() {
     f.volume.resume();
 }
 
-/// A swap-in parked on a quiesced volume does not hold up a zero-fill
-/// fault that only waits for a frame: they wait in different queues.
-/// The pager's threads (`pager-*`) of this process and whether each is a
-/// registered thread (devices::noio).
-fn pager_threads() -> Vec<(String, bool)> {
+/// The pager's threads (`pager-*`) of this process: name and thread id.
+fn pager_threads() -> Vec<(String, i32)> {
     let mut found = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let Ok(tid) = task.file_name().to_string_lossy().parse::<i32>() else {
@@ -945,7 +942,7 @@ fn pager_threads() -> Vec<(String, bool)> {
         };
         let name = comm.trim().to_string();
         if name.starts_with("pager-") {
-            found.push((name, devices::noio::is_registered(tid)));
+            found.push((name, tid));
         }
     }
     found
@@ -974,15 +971,11 @@ fn fault_serving_threads_run_above_reclaim_where_allowed() {
     .unwrap();
     let f = Fixture::new(4 * MIB, MIB, |_| {});
     let tids = |name: &str| -> Vec<i32> {
-        let mut found = Vec::new();
-        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-            let path = task.path();
-            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-            if comm.trim() == name {
-                found.push(task.file_name().to_string_lossy().parse().unwrap());
-            }
-        }
-        found
+        pager_threads()
+            .into_iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, tid)| tid)
+            .collect()
     };
     for name in ["pager-fault", "pager-wait", "pager-swapin"] {
         let ids = tids(name);
@@ -1019,7 +1012,10 @@ fn every_pager_thread_is_registered() {
     // moment before it registers, so look until one snapshot is clean.
     let mut last = Vec::new();
     for _ in 0..200 {
-        last = pager_threads();
+        last = pager_threads()
+            .into_iter()
+            .map(|(name, tid)| (name, devices::noio::is_registered(tid)))
+            .collect();
         if last.len() >= 5 && last.iter().all(|(_, registered)| *registered) {
             break;
         }
@@ -1031,6 +1027,8 @@ fn every_pager_thread_is_registered() {
     drop(f);
 }
 
+/// A swap-in parked on a quiesced volume does not hold up a zero-fill
+/// fault that only waits for a frame: they wait in different queues.
 #[test]
 fn a_parked_swap_in_does_not_hold_up_zero_fill_faults() {
     let (f, mem, _) = mostly_swapped();

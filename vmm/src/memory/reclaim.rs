@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use devices::noio::{register_current_thread, NoioScope};
+use devices::noio::NoioScope;
 
 use super::around::block_of;
 use super::pager::Shared;
@@ -131,8 +131,8 @@ impl WritebackQueue {
 /// The reclaim thread.
 pub fn run_reclaim(sh: &Shared) -> Result<(), PagerError> {
     // Defence in depth: should this thread ever fault on guest RAM, it is
-    // served without waiting (it is what the waiters wait for).
-    let _registration = register_current_thread();
+    // served without waiting (it is what the waiters wait for). Registered
+    // like every pager thread by pager.rs's spawn.
     let _noio = NoioScope::enter();
     let mut hand = 0;
     while !sh.stop.load(Ordering::SeqCst) {

@@ -118,11 +118,32 @@ impl Drop for RawImage {
     }
 }
 
+/// How long a conflicting lock is re-tried before the file counts as in
+/// use. A fork in any thread of the process that holds the lock shares its
+/// open file description, and so the lock, until the child execs or exits:
+/// a file closed a moment ago can still look locked for that long.
+const LOCK_CONFLICT_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Takes an advisory whole-file OFD lock on `file`: exclusive (a writer)
 /// or shared (readers). Held as long as the open file description lives;
 /// another open of the same file (in this process or any other) that
-/// conflicts fails instead of waiting.
+/// conflicts fails (after `LOCK_CONFLICT_GRACE`) instead of waiting.
 pub fn lock_file(file: &File, exclusive: bool) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + LOCK_CONFLICT_GRACE;
+    loop {
+        match try_lock_file(file, exclusive) {
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES))
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn try_lock_file(file: &File, exclusive: bool) -> io::Result<()> {
     let lock = libc::flock {
         l_type: if exclusive {
             libc::F_WRLCK
@@ -669,6 +690,38 @@ mod tests {
             })
         ));
         drop(r1);
+    }
+
+    /// A forked child shares the parent's open file descriptions, and so
+    /// their OFD locks, until it execs or exits. An image closed while such
+    /// a child (of any thread: the test harness runs `losetup` next door)
+    /// still lives must not be refused as in use by the next open.
+    #[test]
+    fn a_lock_shared_with_a_short_lived_child_is_waited_out() {
+        let (_d, path) = image(4096, 0);
+        let rw = RawImage::open(&path, false, "rw").unwrap();
+        // SAFETY: the child calls only async-signal-safe functions
+        // (nanosleep, _exit) before it exits.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork: {}", io::Error::last_os_error());
+        if child == 0 {
+            let nap = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            };
+            // SAFETY: see above; `nap` outlives the call and the child
+            // never returns into the harness.
+            unsafe {
+                libc::nanosleep(&nap, std::ptr::null_mut());
+                libc::_exit(0);
+            }
+        }
+        drop(rw);
+        let again = RawImage::open(&path, false, "again");
+        let mut status = 0;
+        // SAFETY: waits for the child forked above; `status` is a valid out pointer.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        again.unwrap();
     }
 
     #[test]

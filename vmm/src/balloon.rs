@@ -31,13 +31,22 @@ pub const STATS_WAIT: Duration = Duration::from_millis(500);
 pub struct GuestRamSink {
     mem: GuestMemoryMmap,
     pager: Option<PagerProbe>,
+    /// What a discard should cover whole: a huge page where guest RAM is
+    /// on transparent huge pages (no pager, and the host has them).
+    granule: u64,
 }
 
 impl GuestRamSink {
     pub fn new(mem: GuestMemoryMmap, pager: Option<&PagerProbe>) -> Self {
+        let huge = pager.is_none() && !crate::guest_ram::host_thp_disabled();
         Self {
             mem,
             pager: pager.cloned(),
+            granule: if huge {
+                crate::guest_ram::HUGE_PAGE_SIZE as u64
+            } else {
+                PAGE_SIZE as u64
+            },
         }
     }
 
@@ -69,6 +78,10 @@ impl BalloonSink for GuestRamSink {
                 .map_err(std::io::Error::other),
             None => self.madvise(gpa, len),
         }
+    }
+
+    fn discard_granule(&self) -> u64 {
+        self.granule
     }
 }
 

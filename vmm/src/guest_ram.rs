@@ -92,7 +92,7 @@ pub fn map(
 const THP_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
 
 /// Whether the host refuses transparent huge pages even on request.
-fn host_thp_disabled() -> bool {
+pub(crate) fn host_thp_disabled() -> bool {
     std::fs::read_to_string(THP_ENABLED).is_ok_and(|mode| thp_mode_is_never(&mode))
 }
 

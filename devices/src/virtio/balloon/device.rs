@@ -56,6 +56,7 @@ pub(super) struct Counters {
     pub reported_ranges: AtomicU64,
     pub discarded_pages: AtomicU64,
     pub discard_errors: AtomicU64,
+    pub whole_blocks_discarded: AtomicU64,
     pub bad_pfns: AtomicU64,
     pub ignored_pfns: AtomicU64,
     pub bad_descriptors: AtomicU64,
@@ -81,6 +82,9 @@ pub struct BalloonCounters {
     pub discarded_pages: u64,
     /// Discards the sink refused (logged).
     pub discard_errors: u64,
+    /// Inflated huge-page blocks given back whole, in one discard (with a
+    /// discard granule larger than a page).
+    pub whole_blocks_discarded: u64,
     /// PFNs and reported pages outside guest RAM (ignored).
     pub bad_pfns: u64,
     /// PFNs past the per-buffer cap (ignored).
@@ -102,6 +106,7 @@ impl Counters {
             reported_ranges: g(&self.reported_ranges),
             discarded_pages: g(&self.discarded_pages),
             discard_errors: g(&self.discard_errors),
+            whole_blocks_discarded: g(&self.whole_blocks_discarded),
             bad_pfns: g(&self.bad_pfns),
             ignored_pfns: g(&self.ignored_pfns),
             bad_descriptors: g(&self.bad_descriptors),

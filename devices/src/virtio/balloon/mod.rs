@@ -7,7 +7,8 @@
 //! configuration space, the shared state the VMM drives through
 //! [`BalloonHandle`]); `worker.rs` runs the queues on the event loop;
 //! `ranges.rs` turns untrusted PFN lists and reported ranges into runs of
-//! guest RAM; `stats.rs` parses the guest's statistics buffer.
+//! guest RAM; `held.rs` holds inflated pages until their huge page's block
+//! is whole; `stats.rs` parses the guest's statistics buffer.
 //!
 //! Host memory is given back through a [`BalloonSink`], which the VMM
 //! implements (the pager's discard, or `madvise` on guest RAM). It runs on
@@ -16,6 +17,7 @@
 //! (`../shared/reference/virtio-balloon.md`).
 
 mod device;
+mod held;
 mod ranges;
 mod stats;
 mod worker;
@@ -74,6 +76,15 @@ pub trait BalloonSink: Send + Sync {
     /// guest reads of those pages see zeroes. Returns how many pages were
     /// discarded.
     fn discard(&self, gpa: u64, len: u64) -> std::io::Result<u64>;
+
+    /// The host page size behind guest RAM, when it is larger than a page
+    /// and a discard should cover it whole (2 MiB for guest RAM on
+    /// transparent huge pages): inflated pages are then held until their
+    /// aligned block is whole, or the inflate pauses (`held.rs`). The
+    /// default, one page, discards every inflated page at once.
+    fn discard_granule(&self) -> u64 {
+        BALLOON_PAGE_SIZE
+    }
 
     /// The guest takes `[gpa, gpa + len)` back (deflate). Nothing has to
     /// happen for a discarded page to come back (a touch faults in a zero

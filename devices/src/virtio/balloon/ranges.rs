@@ -33,7 +33,7 @@ impl Runs {
 }
 
 /// `[start, end)` of the RAM region holding `gpa`.
-fn region_of(mem: &GuestMemoryMmap, gpa: u64) -> Option<(u64, u64)> {
+pub(super) fn region_of(mem: &GuestMemoryMmap, gpa: u64) -> Option<(u64, u64)> {
     let r = mem.find_region(GuestAddress(gpa))?;
     let start = r.start_addr().0;
     Some((start, start.checked_add(r.len())?))

@@ -37,6 +37,8 @@ struct RecordingSink {
     discarded: Mutex<Vec<(u64, u64)>>,
     reclaimed: Mutex<Vec<(u64, u64)>>,
     fail: AtomicBool,
+    /// `discard_granule` (0: the default, one page).
+    granule: std::sync::atomic::AtomicU64,
     /// When set, each discard waits on the barrier twice (entered, release).
     gate: Mutex<Option<Arc<Barrier>>>,
 }
@@ -62,6 +64,12 @@ impl BalloonSink for RecordingSink {
     }
     fn reclaim(&self, gpa: u64, len: u64) {
         self.reclaimed.lock().unwrap().push((gpa, len));
+    }
+    fn discard_granule(&self) -> u64 {
+        match self.granule.load(Ordering::SeqCst) {
+            0 => BALLOON_PAGE_SIZE,
+            g => g,
+        }
     }
 }
 
@@ -232,6 +240,63 @@ fn inflate_discards_exactly_the_valid_coalesced_pfns() {
     assert_eq!(c.discarded_pages, 6);
     assert_eq!(c.bad_pfns, 4, "16 MiB, 20 MiB, 48 MiB, u32::MAX");
     assert!(f.irq.count() > irqs, "used buffer signalled");
+}
+
+/// With a sink on huge pages, inflated pages wait for the rest of their
+/// 2 MiB block and go back in one discard; a block that does not fill
+/// goes back when the inflate pauses, without the pages the guest took
+/// back meanwhile.
+#[test]
+fn inflated_pages_are_held_until_their_huge_page_block_is_whole() {
+    const PAGE: u64 = BALLOON_PAGE_SIZE;
+    let mut f = fixture();
+    f.sink.granule.store(2 * MIB, Ordering::SeqCst);
+    f.worker = rebuild_worker(&f.balloon, &f.mem, &f.irq, ALL, &f.rings);
+    // Linux's order: the pages of a buffer, last allocated first.
+    let half = |at: u64| (0..256).map(|i| pfn(at) + i).rev().collect::<Vec<_>>();
+    f.send_pfns(0, &half(4 * MIB + MIB));
+    assert!(f.sink.discarded().is_empty(), "half a block is held");
+    assert_eq!(f.worker.held_pages(), 256);
+    f.send_pfns(0, &half(4 * MIB));
+    assert_eq!(f.sink.discarded(), vec![(4 * MIB, 2 * MIB)]);
+    assert_eq!(f.counters().whole_blocks_discarded, 1);
+    assert_eq!(f.worker.held_pages(), 0);
+    // Three pages of a block that does not fill; the guest deflates one.
+    let at = pfn(8 * MIB);
+    f.send_pfns(0, &[at, at + 1, at + 2]);
+    f.send_pfns(1, &[at + 1]);
+    assert!(f.sink.discarded().is_empty());
+    assert_eq!(f.worker.discard_held(), 2);
+    assert_eq!(
+        f.sink.discarded(),
+        vec![(8 * MIB, PAGE), (8 * MIB + 2 * PAGE, PAGE)]
+    );
+    let c = f.counters();
+    assert_eq!((c.inflated_pages, c.discarded_pages), (515, 514));
+}
+
+/// The worker lets go of held pages by itself when the inflate pauses.
+#[test]
+fn held_pages_are_discarded_after_the_inflate_pauses() {
+    use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+    let mut f = fixture();
+    f.sink.granule.store(2 * MIB, Ordering::SeqCst);
+    f.worker = rebuild_worker(&f.balloon, &f.mem, &f.irq, ALL, &f.rings);
+    f.send_pfns(0, &[pfn(6 * MIB)]);
+    assert!(f.sink.discarded().is_empty());
+    let worker = std::mem::replace(
+        &mut f.worker,
+        rebuild_worker(&f.balloon, &f.mem, &f.irq, ALL, &f.rings),
+    );
+    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().unwrap();
+    em.add_subscriber(Box::new(worker));
+    let start = std::time::Instant::now();
+    let mut discarded = Vec::new();
+    while discarded.is_empty() && start.elapsed() < Duration::from_secs(5) {
+        em.run_with_timeout(50).unwrap();
+        discarded = f.sink.discarded();
+    }
+    assert_eq!(discarded, vec![(6 * MIB, BALLOON_PAGE_SIZE)]);
 }
 
 /// Found by the balloon fuzz target: a reported range starting in the last

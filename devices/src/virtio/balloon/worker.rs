@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::{bump, Shared};
+use super::held::{HeldBlocks, HOLD_DELAY, MAX_HELD_PAGES};
 use super::*;
 use crate::virtio::chains::{process_chains, return_held, Disposition, ProcessStats};
 use crate::virtio::{ActivatedQueue, VirtioInterrupt};
@@ -35,6 +36,7 @@ pub enum Role {
 /// use their slot number, < 4).
 const TOKEN_TIMER: u32 = 100;
 const TOKEN_REQUEST: u32 = 101;
+const TOKEN_HOLD: u32 = 102;
 
 type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
 
@@ -49,6 +51,10 @@ pub struct BalloonWorker {
     held_stats: Option<u16>,
     timer: Option<TimerFd>,
     request: EventFd,
+    /// Inflated pages waiting for the rest of their huge page's block,
+    /// with the timer that lets go of them when the inflate pauses (only
+    /// when the sink's discard granule is larger than a page).
+    held: Option<(HeldBlocks, TimerFd)>,
 }
 
 impl BalloonWorker {
@@ -69,6 +75,12 @@ impl BalloonWorker {
             None => None,
         };
         let request = shared.stats_request.try_clone()?;
+        let granule = sink.discard_granule();
+        let held = if granule > BALLOON_PAGE_SIZE && granule.is_power_of_two() {
+            Some((HeldBlocks::new(granule, MAX_HELD_PAGES), TimerFd::new()?))
+        } else {
+            None
+        };
         Ok(Self {
             shared,
             sink,
@@ -78,6 +90,7 @@ impl BalloonWorker {
             held_stats: None,
             timer,
             request,
+            held,
         })
     }
 
@@ -102,10 +115,11 @@ impl BalloonWorker {
         let (sh, sink) = (&*self.shared, &*self.sink);
         let mut stale = Vec::new();
         let held = &mut self.held_stats;
+        let mut blocks = self.held.as_mut().map(|(b, _)| b);
         let stats = process_chains(aq, &mem, &self.interrupt, budget, "virtio-balloon", |c| {
             match role {
-                Role::Inflate => inflate(sh, sink, &mem, c),
-                Role::Deflate => deflate(sh, sink, &mem, c),
+                Role::Inflate => inflate(sh, sink, &mem, blocks.as_deref_mut(), c),
+                Role::Deflate => deflate(sh, sink, &mem, blocks.as_deref_mut(), c),
                 Role::Reporting => report(sh, sink, &mem, c),
                 Role::Stats => {
                     let head = c.head_index();
@@ -119,7 +133,41 @@ impl BalloonWorker {
         for head in stale {
             return_held(aq, &mem, &self.interrupt, head, 0, "virtio-balloon");
         }
+        if role == Role::Inflate {
+            self.schedule_held();
+        }
         stats
+    }
+
+    /// Pages held for their block wait at most [`HOLD_DELAY`] after the
+    /// last inflate buffer (and never past [`MAX_HELD_PAGES`]: `add`).
+    fn schedule_held(&mut self) {
+        let Some((blocks, timer)) = &mut self.held else {
+            return;
+        };
+        if blocks.pages() > 0 {
+            if let Err(e) = timer.reset(HOLD_DELAY, None) {
+                log::warn!("virtio-balloon: cannot arm the hold timer ({e}); discarding now");
+                self.discard_held();
+            }
+        }
+    }
+
+    /// Discards every page held for its block (their block will not
+    /// fill soon). Returns how many pages.
+    pub fn discard_held(&mut self) -> u64 {
+        let Some((blocks, _)) = &mut self.held else {
+            return 0;
+        };
+        let runs = blocks.take_all();
+        let pages = runs.iter().map(|r| r.1 / BALLOON_PAGE_SIZE).sum();
+        discard_runs(&self.shared, &*self.sink, &runs);
+        pages
+    }
+
+    /// Pages held for their block now.
+    pub fn held_pages(&self) -> u64 {
+        self.held.as_ref().map_or(0, |(b, _)| b.pages())
     }
 
     /// Returns the held statistics buffer, which asks the guest to refill
@@ -191,8 +239,8 @@ fn read_pfns(sh: &Shared, mem: &GuestMemoryMmap, c: Chain<'_>) -> Vec<u32> {
 }
 
 /// Hands `runs` to the sink and counts what it discarded (or refused).
-fn discard_runs(sh: &Shared, sink: &dyn BalloonSink, runs: &Runs) {
-    for &(gpa, len) in &runs.runs {
+fn discard_runs(sh: &Shared, sink: &dyn BalloonSink, runs: &[(u64, u64)]) {
+    for &(gpa, len) in runs {
         match sink.discard(gpa, len) {
             Ok(n) => bump(&sh.counters.discarded_pages, n),
             Err(e) => {
@@ -208,16 +256,32 @@ fn discard_runs(sh: &Shared, sink: &dyn BalloonSink, runs: &Runs) {
     }
 }
 
+/// Inflated pages go back to the host now, or (`held`) once their block
+/// is whole.
 fn inflate(
     sh: &Shared,
     sink: &dyn BalloonSink,
     mem: &GuestMemoryMmap,
+    held: Option<&mut HeldBlocks>,
     c: Chain<'_>,
 ) -> Disposition {
     let mut pfns = read_pfns(sh, mem, c);
     let runs = pfn_runs(mem, &mut pfns);
     bump(&sh.counters.bad_pfns, runs.bad_pages);
-    discard_runs(sh, sink, &runs);
+    match held {
+        Some(blocks) => {
+            let block = sink.discard_granule();
+            let inside = |start: u64| {
+                super::ranges::region_of(mem, start)
+                    .is_some_and(|(_, end)| start.checked_add(block).is_some_and(|e| e <= end))
+            };
+            let now = blocks.add(&runs.runs, inside);
+            let whole = now.iter().filter(|r| r.1 == block).count() as u64;
+            bump(&sh.counters.whole_blocks_discarded, whole);
+            discard_runs(sh, sink, &now);
+        }
+        None => discard_runs(sh, sink, &runs.runs),
+    }
     bump(&sh.counters.inflated_pages, runs.pages);
     Disposition::Used(0)
 }
@@ -226,12 +290,16 @@ fn deflate(
     sh: &Shared,
     sink: &dyn BalloonSink,
     mem: &GuestMemoryMmap,
+    mut held: Option<&mut HeldBlocks>,
     c: Chain<'_>,
 ) -> Disposition {
     let mut pfns = read_pfns(sh, mem, c);
     let runs = pfn_runs(mem, &mut pfns);
     bump(&sh.counters.bad_pfns, runs.bad_pages);
     for &(gpa, len) in &runs.runs {
+        if let Some(blocks) = held.as_deref_mut() {
+            blocks.forget(gpa, len);
+        }
         sink.reclaim(gpa, len);
     }
     bump(&sh.counters.deflated_pages, runs.pages);
@@ -254,7 +322,7 @@ fn report(sh: &Shared, sink: &dyn BalloonSink, mem: &GuestMemoryMmap, c: Chain<'
         }
         let runs = ram_runs(mem, d.addr().0, len);
         bump(&sh.counters.bad_pfns, runs.bad_pages);
-        discard_runs(sh, sink, &runs);
+        discard_runs(sh, sink, &runs.runs);
         bump(&sh.counters.reported_pages, runs.pages);
         bump(&sh.counters.reported_ranges, 1);
     }
@@ -308,6 +376,11 @@ impl MutEventSubscriber for BalloonWorker {
         )) {
             log::error!("virtio-balloon: cannot watch statistics requests: {e}");
         }
+        if let Some((_, t)) = &self.held {
+            if let Err(e) = ops.add(Events::with_data(t, TOKEN_HOLD, EventSet::IN)) {
+                log::error!("virtio-balloon: cannot watch the hold timer: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -322,6 +395,13 @@ impl MutEventSubscriber for BalloonWorker {
             TOKEN_REQUEST => {
                 let _ = self.request.read();
                 self.refresh_stats();
+            }
+            TOKEN_HOLD => {
+                if let Some((_, t)) = &mut self.held {
+                    // Readable, so this does not block.
+                    let _ = t.wait();
+                }
+                self.discard_held();
             }
             data => {
                 let slot = data as usize;

@@ -265,6 +265,21 @@ pub struct PathTimes {
 }
 
 static NEXT_PATH: AtomicU64 = AtomicU64::new(0);
+/// Paths running now, and when the last one ended (ns after [`EPOCH`]).
+static PATHS_RUNNING: AtomicU64 = AtomicU64::new(0);
+static LAST_PATH_END_NS: AtomicU64 = AtomicU64::new(0);
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Whether a resume or reset path runs now or ended less than `window`
+/// ago: the guest is then most likely running its own side of a device's
+/// resume or reset (its driver between two register accesses).
+pub fn pm_path_within(window: std::time::Duration) -> bool {
+    if PATHS_RUNNING.load(Ordering::Relaxed) > 0 {
+        return true;
+    }
+    let end = LAST_PATH_END_NS.load(Ordering::Relaxed);
+    end != 0 && (EPOCH.elapsed().as_nanos() as u64).saturating_sub(end) < window.as_nanos() as u64
+}
 static TIMES: Mutex<BTreeMap<String, PathTimes>> = Mutex::new(BTreeMap::new());
 
 /// The durations of every resume and reset path run so far, by path name.
@@ -321,6 +336,8 @@ impl PmPath {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, path);
+        LazyLock::force(&EPOCH);
+        PATHS_RUNNING.fetch_add(1, Ordering::Relaxed);
         Self {
             id,
             _noio: NoioScope::enter(),
@@ -330,6 +347,11 @@ impl PmPath {
 
 impl Drop for PmPath {
     fn drop(&mut self) {
+        LAST_PATH_END_NS.store(
+            (EPOCH.elapsed().as_nanos() as u64).max(1),
+            Ordering::Relaxed,
+        );
+        PATHS_RUNNING.fetch_sub(1, Ordering::Relaxed);
         let done = PATHS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -357,6 +379,16 @@ mod tests {
         assert_eq!(t.count, 2);
         assert!(t.max_us >= 5_000 && t.total_us >= 10_000, "{t:?}");
         assert!(t.total_us >= t.max_us);
+    }
+
+    #[test]
+    fn the_pm_window_is_open_while_a_path_runs_and_shortly_after() {
+        use std::time::Duration;
+        {
+            let _p = PmPath::enter("window test path");
+            assert!(pm_path_within(Duration::ZERO));
+        }
+        assert!(pm_path_within(Duration::from_secs(60)), "just ended");
     }
 
     #[test]

@@ -182,6 +182,7 @@ fn reclaim_pass(sh: &Shared, hand: &mut usize) -> Result<bool, PagerError> {
             // The hand wrapped: nothing adjacent follows, and a locked dirty
             // page must not be met again.
             bump(&sh.counters.hand_revolutions, 1);
+            sh.workingset.revolution();
             start_writeback(sh, dirty_first, &mut dirty)?;
             progress |= evict_run(sh, &mut evicting)?;
         }

@@ -76,6 +76,11 @@ counters! {
     /// Times the clock's hand went once around guest RAM (a page's second
     /// chances are counted in these).
     hand_revolutions,
+    /// Faults while a device's resume or reset path ran or had just run:
+    /// their pages spared 32 hand passes ...
+    pm_marks,
+    /// ... or not, past the budget of marks per revolution.
+    pm_marks_refused,
     /// Pages written again during their writeback (stay dirty).
     redirtied_in_writeback,
     /// Pages dropped by `Pager::discard` (balloon, free page reporting).

@@ -37,6 +37,11 @@ pub struct PagerConfig {
     /// transparent huge page (default on; tests turn it off to see the
     /// 4 KiB paths alone).
     pub huge_pages: bool,
+    /// Whether a device's resume or reset path runs or has just run, so
+    /// that the guest's faults now are its side of it (default: any
+    /// `devices::noio::PmPath` in this process within the last 100 ms;
+    /// tests give their own).
+    pub pm_window: fn() -> bool,
 }
 
 impl PagerConfig {
@@ -51,6 +56,7 @@ impl PagerConfig {
             high_watermark_pages: None,
             low_watermark_pages: None,
             huge_pages: true,
+            pm_window: super::workingset::device_path_window,
         }
     }
 

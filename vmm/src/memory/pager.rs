@@ -258,7 +258,7 @@ impl Pager {
             zap_gate: ZapGate::new().map_err(PagerError::Sys)?,
             reader: super::nofault::NoFaultReader::open().map_err(PagerError::Sys)?,
             huge_pages: config.huge_pages,
-            workingset: WorkingSet::new(cfg.limit),
+            workingset: WorkingSet::with_pm_window(cfg.limit, config.pm_window),
         });
         let stop_evt = EventFd::new(EFD_NONBLOCK).map_err(PagerError::Sys)?;
         let handler_stop = stop_evt.try_clone().map_err(PagerError::Sys)?;

@@ -61,18 +61,15 @@ impl std::fmt::Debug for WorkingSet {
     }
 }
 
-fn device_path_window() -> bool {
+/// Whether any device's resume or reset path in this process runs or ran
+/// within [`PM_WINDOW`].
+pub fn device_path_window() -> bool {
     devices::noio::pm_path_within(PM_WINDOW)
 }
 
 impl WorkingSet {
-    /// For a resident limit of `limit_pages`.
-    pub fn new(limit_pages: usize) -> Self {
-        Self::with_pm_window(limit_pages, device_path_window)
-    }
-
-    /// With `pm_window` telling whether a fault is part of a device's
-    /// resume or reset (tests).
+    /// For a resident limit of `limit_pages`, with `pm_window` telling
+    /// whether a fault is part of a device's resume or reset.
     pub fn with_pm_window(limit_pages: usize, pm_window: fn() -> bool) -> Self {
         Self {
             evictions: AtomicU32::new(0),

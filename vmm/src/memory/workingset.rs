@@ -15,6 +15,12 @@
 //! farther away (a stream, a working set larger than the limit) resets it.
 //! Pages of a stream never come back within the window, so they still go
 //! first.
+//!
+//! Levels still let a page in constant use go now and then (it never faults
+//! while mapped, so its chances run out), and a page the guest needs for a
+//! device's resume or reset then costs that resume a swap-in. So a fault
+//! while such a path runs or has just run ([`PM_WINDOW`]) marks its page
+//! with [`PM_LEVEL`] at once, within a budget per hand revolution.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -165,6 +165,21 @@ impl BalloonWorker {
         pages
     }
 
+    /// The hold timer was seen readable: discards what is held, unless an
+    /// inflate buffer handled since (in the same batch of events) re-armed
+    /// the timer, which cleared the expiry: then there is nothing to read
+    /// (a read would block until the new expiry) and nothing to do yet.
+    pub fn hold_timer_fired(&mut self) {
+        if let Some((_, t)) = &mut self.held {
+            if t.is_armed().unwrap_or(true) {
+                return;
+            }
+            // Expired and not re-armed: readable, so this does not block.
+            let _ = t.wait();
+        }
+        self.discard_held();
+    }
+
     /// Pages held for their block now.
     pub fn held_pages(&self) -> u64 {
         self.held.as_ref().map_or(0, |(b, _)| b.pages())
@@ -396,13 +411,7 @@ impl MutEventSubscriber for BalloonWorker {
                 let _ = self.request.read();
                 self.refresh_stats();
             }
-            TOKEN_HOLD => {
-                if let Some((_, t)) = &mut self.held {
-                    // Readable, so this does not block.
-                    let _ = t.wait();
-                }
-                self.discard_held();
-            }
+            TOKEN_HOLD => self.hold_timer_fired(),
             data => {
                 let slot = data as usize;
                 let Some((_, q)) = self.queues.get(slot) else {

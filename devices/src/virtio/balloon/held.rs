@@ -51,6 +51,11 @@ impl HeldBlocks {
         self.block / BALLOON_PAGE_SIZE
     }
 
+    /// The block size.
+    pub fn block(&self) -> u64 {
+        self.block
+    }
+
     /// Pages held now.
     pub fn pages(&self) -> u64 {
         self.pages

@@ -173,6 +173,14 @@ fn fixture() -> Fixture {
     fixture_with(ALL, 0)
 }
 
+/// A fixture whose sink says guest RAM is on 2 MiB huge pages.
+fn huge_page_fixture() -> Fixture {
+    let mut f = fixture();
+    f.sink.granule.store(2 * MIB, Ordering::SeqCst);
+    f.worker = rebuild_worker(&f.balloon, &f.mem, &f.irq, ALL, &f.rings);
+    f
+}
+
 impl Fixture {
     fn m(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
         self.mem.memory()
@@ -249,9 +257,7 @@ fn inflate_discards_exactly_the_valid_coalesced_pfns() {
 #[test]
 fn inflated_pages_are_held_until_their_huge_page_block_is_whole() {
     const PAGE: u64 = BALLOON_PAGE_SIZE;
-    let mut f = fixture();
-    f.sink.granule.store(2 * MIB, Ordering::SeqCst);
-    f.worker = rebuild_worker(&f.balloon, &f.mem, &f.irq, ALL, &f.rings);
+    let mut f = huge_page_fixture();
     // Linux's order: the pages of a buffer, last allocated first.
     let half = |at: u64| (0..256).map(|i| pfn(at) + i).rev().collect::<Vec<_>>();
     f.send_pfns(0, &half(4 * MIB + MIB));
@@ -279,9 +285,7 @@ fn inflated_pages_are_held_until_their_huge_page_block_is_whole() {
 #[test]
 fn held_pages_are_discarded_after_the_inflate_pauses() {
     use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-    let mut f = fixture();
-    f.sink.granule.store(2 * MIB, Ordering::SeqCst);
-    f.worker = rebuild_worker(&f.balloon, &f.mem, &f.irq, ALL, &f.rings);
+    let mut f = huge_page_fixture();
     f.send_pfns(0, &[pfn(6 * MIB)]);
     assert!(f.sink.discarded().is_empty());
     let worker = std::mem::replace(
@@ -304,9 +308,7 @@ fn held_pages_are_discarded_after_the_inflate_pauses() {
 /// cleared timer nor discards pages whose block may still fill.
 #[test]
 fn a_hold_timer_event_made_stale_by_a_re_arm_neither_blocks_nor_discards() {
-    let mut f = fixture();
-    f.sink.granule.store(2 * MIB, Ordering::SeqCst);
-    f.worker = rebuild_worker(&f.balloon, &f.mem, &f.irq, ALL, &f.rings);
+    let mut f = huge_page_fixture();
     f.send_pfns(0, &[pfn(6 * MIB)]);
     std::thread::sleep(super::held::HOLD_DELAY * 2);
     f.send_pfns(0, &[pfn(6 * MIB) + 1]);

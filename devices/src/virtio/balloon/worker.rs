@@ -285,7 +285,7 @@ fn inflate(
     bump(&sh.counters.bad_pfns, runs.bad_pages);
     match held {
         Some(blocks) => {
-            let block = sink.discard_granule();
+            let block = blocks.block();
             let inside = |start: u64| {
                 super::ranges::region_of(mem, start)
                     .is_some_and(|(_, end)| start.checked_add(block).is_some_and(|e| e <= end))

@@ -3,7 +3,7 @@
 # BENCHMARKS.md. Usage: scripts/bench.sh boot [--reps 5] [--cpus 1] [--memory 256]
 #        scripts/bench.sh disk [--reps 3] [--cpus 1] [--image-mib 128] [--runtime 10]
 #        scripts/bench.sh usb [--reps 3] [--runtime 10] [--image-mib 128]
-#        scripts/bench.sh pager [--reps 1] [--memory 1024] [--touch 700]
+#        scripts/bench.sh pager [--reps 1] [--memory 1024] [--touch 700] [--only ours,qemu]
 #        scripts/bench.sh usb-pm [--reps 1] [--cycles 100] [--idle 60] [--only ours,ours-pressure] [--trace-ms 300]
 #        scripts/bench.sh density [--guests 2,4,8] [--reps 1] [--memory 256] [--ws 48]
 #                                 [--seconds 30] [--budget 512] [--allowance 8] [--no-balloon]

@@ -36,6 +36,22 @@ pub struct Variant {
     pub argv: Vec<String>,
 }
 
+/// Keeps only the variants named in `only` (all of them when it is empty);
+/// an unknown name is an error.
+pub fn retain_only(variants: &mut Vec<Variant>, only: &[String]) -> anyhow::Result<()> {
+    if let Some(bad) = only.iter().find(|o| !variants.iter().any(|v| v.name == *o)) {
+        let names: Vec<&str> = variants.iter().map(|v| v.name).collect();
+        anyhow::bail!(
+            "--only: no variant named {bad:?} (there are {})",
+            names.join(", ")
+        );
+    }
+    if !only.is_empty() {
+        variants.retain(|v| only.iter().any(|o| o == v.name));
+    }
+    Ok(())
+}
+
 /// Our VMM's argv inside L1: `run` booting `kernel` (an L1 path).
 pub fn ours_argv(run: &GuestRun, cmdline: &str, kernel: &str) -> Vec<String> {
     let mut argv = vec![VMM_PATH.to_string()];
@@ -305,6 +321,12 @@ pub trait Midpoint: Copy + PartialOrd {
 impl Midpoint for u64 {
     fn midpoint_of(a: Self, b: Self) -> Self {
         a / 2 + b / 2 + (a % 2 + b % 2) / 2
+    }
+}
+
+impl Midpoint for i64 {
+    fn midpoint_of(a: Self, b: Self) -> Self {
+        ((i128::from(a) + i128::from(b)) / 2) as i64
     }
 }
 

@@ -27,6 +27,23 @@ pub const MARK_END: &str = "PAGER-BENCH-END";
 /// CPU seconds of each of our VMM's threads in one run (user/system/guest,
 /// sampled every second, so up to a second short) and of the whole L1.
 pub const MARK_CPU: &str = "PAGER-BENCH-CPU";
+/// L1's memory and KVM counters (`l1_mm` of [`CPU_SH`]) right after each
+/// `pager-touch: [T]` line the guest prints: the L1 script passes the
+/// console through a loop that stamps them, so each phase's exits, NPT
+/// faults and huge-page events are the difference of two such lines.
+pub const MARK_MM: &str = "PAGER-BENCH-MM";
+/// CPU seconds of every thread name in L1 (all processes and kernel
+/// threads, `name=user/system/guest`), stamped with [`MARK_MM`]: a
+/// phase's CPU time per thread is the difference of two such lines.
+pub const MARK_TCPU: &str = "PAGER-BENCH-TCPU";
+/// The counters of [`MARK_MM`] tabulated per phase, with their meaning.
+pub const MM_COUNTERS: &[(&str, &str)] = &[
+    ("kvm_exits", "L2 exits to L1's KVM"),
+    ("kvm_pf_fixed", "NPT faults L1's KVM fixed"),
+    ("kvm_pages_2m", "2 MiB NPT mappings (gauge)"),
+    ("thp_fault_alloc", "huge pages L1 faulted in"),
+    ("thp_split_pmd", "huge page mappings L1 split"),
+];
 /// The phases of `pager-touch`, as (name, line that starts it, line that ends it).
 pub const PHASES: &[(&str, &str, &str)] = &[
     ("write", "] writing", "] first checksum pass"),
@@ -88,6 +105,7 @@ pub fn script(
         "export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu\n{CPU_SH}\
          up() {{ cut -d' ' -f1 /proc/uptime; }}\n\
          vm() {{ awk -v k=\"$1\" '$1 == k {{print $2}}' /proc/vmstat; }}\n\
+         stamp_mm() {{ while IFS= read -r l; do printf '%s\\n' \"$l\"; case \"$l\" in *'pager-touch: ['*) echo \"{MARK_MM} $(l1_mm)\"; echo \"{MARK_TCPU} $(cat /proc/[0-9]*/task/[0-9]*/stat 2>/dev/null | thread_cpu | tr ' ' '\\n' | grep -v '=0.00/0.00/' | tr '\\n' ' ')l1=$(head -1 /proc/stat | tr -s ' ' ,)\";; esac; done; }}\n\
          echo {zram_mib}M > /sys/block/zram0/disksize || exit 91\n\
          mkswap /dev/zram0 >/dev/null && swapon /dev/zram0 || exit 92\n\
          mkdir -p {CGROUP_ROOT} && mount -t cgroup2 none {CGROUP_ROOT} || exit 93\n\
@@ -101,7 +119,9 @@ pub fn script(
         let _ = writeln!(
             s,
             "    echo \"{MARK_RUN} variant={name} rep=$r\"\n    \
-             rm -f {SWAP_FILE}\n    \
+             rm -f {SWAP_FILE} /tmp/con && mkfifo /tmp/con || exit 96\n    \
+             stamp_mm < /tmp/con &\n    \
+             stamper=$!\n    \
              in0=$(vm pswpin); out0=$(vm pswpout); t0=$(up)",
             name = v.name
         );
@@ -110,7 +130,7 @@ pub fn script(
             let _ = writeln!(
                 s,
                 "    mkdir {cg} && echo {limit_mib}M > {cg}/memory.max || exit 95\n    \
-                 timeout {per_run_s} sh -c 'echo $$ > \"$0/cgroup.procs\" && exec \"$@\"' {cg} {argv} </dev/null 2>&1\n    \
+                 timeout {per_run_s} sh -c 'echo $$ > \"$0/cgroup.procs\" && exec \"$@\"' {cg} {argv} </dev/null >/tmp/con 2>&1\n    \
                  rc=$?\n    \
                  extra=\"cgroup_peak_kib=$(($(cat {cg}/memory.peak) / 1024)) events=$(tr '\\n' ' ' < {cg}/memory.events | tr ' ' ',')\"",
             );
@@ -118,7 +138,7 @@ pub fn script(
             let _ = writeln!(
                 s,
                 "    cpu0=$(head -1 /proc/stat)\n    \
-                 {argv} </dev/null 2>&1 &\n    \
+                 {argv} </dev/null >/tmp/con 2>&1 &\n    \
                  t=$!\n    \
                  (sleep {per_run_s}; kill $t 2>/dev/null) &\n    \
                  k=$!\n    \
@@ -137,7 +157,8 @@ pub fn script(
         }
         let _ = writeln!(
             s,
-            "    echo \"{MARK_END} variant={name} rep=$r rc=$rc start=$t0 end=$(up) \
+            "    wait $stamper\n    \
+             echo \"{MARK_END} variant={name} rep=$r rc=$rc start=$t0 end=$(up) \
              l1_pswpin=$(($(vm pswpin) - in0)) l1_pswpout=$(($(vm pswpout) - out0)) $extra\"",
             name = v.name
         );
@@ -161,6 +182,54 @@ pub struct PagerRun {
     pub ok: bool,
     /// The `PAGER-BENCH-END` line.
     pub end_line: String,
+    /// Per entry of [`PHASES`]: how much each of [`MM_COUNTERS`] grew over
+    /// it (the gauge `kvm_pages_2m`: its change), when both stamps exist.
+    pub phase_mm: Vec<Option<Vec<i64>>>,
+    /// Per entry of [`PHASES`]: L1's CPU seconds in system and in guest
+    /// mode over it (from the [`MARK_TCPU`] stamps).
+    pub phase_cpu: Vec<Option<(f64, f64)>>,
+}
+
+/// The [`MARK_TCPU`] line stamped right after the first line containing
+/// `what`.
+fn tcpu_after<'a>(lines: &[&'a str], what: &str) -> Option<&'a str> {
+    let at = lines.iter().position(|l| l.contains(what))?;
+    lines[at + 1..]
+        .iter()
+        .find(|l| l.contains(MARK_TCPU))
+        .copied()
+}
+
+/// L1's system and guest CPU seconds so far, from a [`MARK_TCPU`] line's
+/// `l1=` field (`/proc/stat`'s first line, commas for spaces, in 1/100 s).
+fn l1_cpu(line: &str) -> Option<(f64, f64)> {
+    let f: Vec<f64> = kv(line, "l1")?
+        .split(',')
+        .skip(1)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((*f.get(2)? / 100.0, *f.get(8)? / 100.0))
+}
+
+/// The [`MARK_MM`] line stamped right after the first line containing
+/// `what`.
+fn mm_after<'a>(lines: &[&'a str], what: &str) -> Option<&'a str> {
+    let at = lines.iter().position(|l| l.contains(what))?;
+    lines[at + 1..]
+        .iter()
+        .find(|l| l.contains(MARK_MM))
+        .copied()
+}
+
+/// How much each of [`MM_COUNTERS`] changed from stamp `from` to `to`.
+fn mm_delta(from: &str, to: &str) -> Option<Vec<i64>> {
+    MM_COUNTERS
+        .iter()
+        .map(|(k, _)| {
+            let v = |l: &str| kv(l, k).and_then(|v| v.parse::<i64>().ok());
+            Some(v(to)? - v(from)?)
+        })
+        .collect()
 }
 
 /// The uptime stamp of the first `pager-touch: [T]...` line containing `what`.
@@ -200,6 +269,18 @@ pub fn parse(console: &str) -> Vec<PagerRun> {
                 // success): the guest's own verdict decides.
                 ok: lines.iter().any(|l| l.contains("pager-touch: ok")),
                 end_line: rest.trim().to_string(),
+                phase_mm: PHASES
+                    .iter()
+                    .map(|(_, from, to)| mm_delta(mm_after(&lines, from)?, mm_after(&lines, to)?))
+                    .collect(),
+                phase_cpu: PHASES
+                    .iter()
+                    .map(|(_, from, to)| {
+                        let (s0, g0) = l1_cpu(tcpu_after(&lines, from)?)?;
+                        let (s1, g1) = l1_cpu(tcpu_after(&lines, to)?)?;
+                        Some((s1 - s0, g1 - g0))
+                    })
+                    .collect(),
             });
         } else if let Some((_, _, lines)) = cur.as_mut() {
             lines.push(l);
@@ -313,6 +394,55 @@ pub fn render_limit_table(runs: &[PagerRun]) -> String {
     t
 }
 
+/// Where each phase's time went in L1: per variant that stamped
+/// [`MARK_MM`] lines and phase, the median change of each of
+/// [`MM_COUNTERS`] over its successful runs.
+pub fn render_mm_table(runs: &[PagerRun]) -> String {
+    let mut t = String::from("| variant | phase |");
+    for (_, what) in MM_COUNTERS {
+        let _ = write!(t, " {what} |");
+    }
+    t.push_str(" L1 CPU s in system | L1 CPU s in guest mode |\n|---|---|");
+    t.push_str(&"---|".repeat(MM_COUNTERS.len() + 2));
+    t.push('\n');
+    let mut variants: Vec<&str> = Vec::new();
+    for r in runs {
+        if !variants.contains(&r.variant.as_str()) {
+            variants.push(&r.variant);
+        }
+    }
+    for variant in variants {
+        for (p, (phase, _, _)) in PHASES.iter().enumerate() {
+            let deltas: Vec<&Vec<i64>> = runs
+                .iter()
+                .filter(|r| r.variant == variant && r.ok)
+                .filter_map(|r| r.phase_mm.get(p)?.as_ref())
+                .collect();
+            if deltas.is_empty() {
+                continue;
+            }
+            let _ = write!(t, "| {variant} | {phase} |");
+            for c in 0..MM_COUNTERS.len() {
+                let m = median(deltas.iter().map(|d| d[c]).collect::<Vec<_>>());
+                let _ = write!(t, " {} |", m.map_or("n/a".into(), |m| m.to_string()));
+            }
+            let cpu: Vec<(f64, f64)> = runs
+                .iter()
+                .filter(|r| r.variant == variant && r.ok)
+                .filter_map(|r| *r.phase_cpu.get(p)?)
+                .collect();
+            for m in [
+                median(cpu.iter().map(|c| c.0).collect::<Vec<_>>()),
+                median(cpu.iter().map(|c| c.1).collect::<Vec<_>>()),
+            ] {
+                let _ = write!(t, " {} |", m.map_or("n/a".into(), |m| format!("{m:.2}")));
+            }
+            t.push('\n');
+        }
+    }
+    t
+}
+
 /// The ours / QEMU throughput ratio of the whole workload, if both ran.
 pub fn workload_ratio(runs: &[PagerRun]) -> Option<f64> {
     let total = |r: &PagerRun| row_value(r, PHASES.len());
@@ -387,6 +517,43 @@ PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpi
     }
 
     #[test]
+    fn phase_counters_are_the_change_between_stamps() {
+        let mm = |e: u64, pf: u64| {
+            format!("{MARK_MM} kvm_exits={e} kvm_pf_fixed={pf} kvm_pages_2m=3 thp_fault_alloc=1 thp_split_pmd=0")
+        };
+        let console = format!(
+            "PAGER-BENCH-RUN variant=ours rep=0\n\
+             pager-touch: [1.00] writing 1 MiB of random data to tmpfs\n{}\n\
+             {MARK_TCPU} vcpu0=1.00/0.50/1.00 l1=cpu,100,0,200,50,0,0,0,0,90,0\n\
+             pager-touch: [2.00] first checksum pass\n[ 2.1] a kernel line\n{}\n\
+             {MARK_TCPU} vcpu0=2.00/0.50/2.00 l1=cpu,300,0,250,50,0,0,0,0,240,0\n\
+             pager-touch: [3.00] first pass md5 abc -\n{}\n\
+             pager-touch: [4.00] second pass md5 abc -\n\
+             pager-touch: ok\n\
+             PAGER-BENCH-END variant=ours rep=0 rc=0 start=0 end=5\n",
+            mm(100, 10),
+            mm(1100, 510),
+            mm(1200, 520),
+        );
+        let runs = parse(&console);
+        assert_eq!(
+            runs[0].phase_mm,
+            vec![
+                Some(vec![1000, 500, 0, 0, 0]),
+                Some(vec![100, 10, 0, 0, 0]),
+                None
+            ]
+        );
+        let t = render_mm_table(&runs);
+        assert_eq!(runs[0].phase_cpu, vec![Some((0.5, 1.5)), None, None]);
+        assert!(
+            t.contains("| ours | write | 1000 | 500 | 0 | 0 | 0 | 0.50 | 1.50 |"),
+            "{t}"
+        );
+        assert!(!t.contains("checksum 2"), "{t}");
+    }
+
+    #[test]
     fn script_limits_qemu_by_cgroup_and_ours_by_option() {
         let run = GuestRun::new(Scenario::inline("t", "true")).memory_mib(512);
         let v = variants(&run, "c", 256);
@@ -409,5 +576,7 @@ PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpi
         assert!(s.contains("timeout 600 sh -c"), "{s}");
         assert!(s.contains("(sleep 600; kill $t 2>/dev/null) &"), "{s}");
         assert!(s.contains("PAGER-BENCH-CPU variant=ours rep=$r"), "{s}");
+        assert!(s.contains(">/tmp/con 2>&1 &"), "{s}");
+        assert!(s.contains("stamp_mm < /tmp/con &"), "{s}");
     }
 }

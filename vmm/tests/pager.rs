@@ -440,6 +440,62 @@ fn a_write_stream_fills_blocks_under_pressure_within_the_limit() {
     assert!(s.fatal_error.is_none());
 }
 
+/// Under pressure a first write into a block no page of which was ever
+/// written fills the whole block, waiting for reclaim to make room when one
+/// does not fit (as the kernel gives a huge page to a first touch), even
+/// when the writes are scattered: the block can become one huge page instead
+/// of staying in 4 KiB pieces for good. The limit holds, every byte survives.
+#[test]
+fn a_first_write_into_a_never_written_block_fills_it_whole_under_pressure() {
+    let f = Fixture::new(256 * MIB, 64 * MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    // 1.5x the limit written: under pressure from here on.
+    let first = 96 * MIB / PAGE_SIZE;
+    for page in 0..first {
+        mem.fill(page, 1);
+    }
+    let before = f.pager().stats().counters;
+    // One page in every other block of the rest, backwards: no stream.
+    let start = block_of(&f, first).end;
+    let blocks = (f.pages - start) / 512;
+    let targets: Vec<usize> = (0..blocks)
+        .step_by(2)
+        .rev()
+        .map(|b| start + b * 512 + 7)
+        .collect();
+    for &page in &targets {
+        mem.fill(page, 3);
+    }
+    let s = f.pager().stats();
+    let fills = s.counters.block_fills - before.block_fills;
+    let partial = s.counters.block_fills_partial - before.block_fills_partial;
+    eprintln!(
+        "{fills} block fills for {} scattered first writes, {} waited for room",
+        targets.len(),
+        s.counters.block_waits - before.block_waits
+    );
+    // A wait for room is bounded (a slow host's reclaim may miss it, and
+    // reclaim's hand may hold a page lock the fill meets): most, not all.
+    let whole = fills - partial;
+    assert!(
+        whole * 4 >= targets.len() as u64 * 3,
+        "{whole} whole: {s:?}"
+    );
+    assert!(
+        s.peak_resident_pages <= s.limit_pages + s.reserve_pages,
+        "{s:?}"
+    );
+    for page in 0..first {
+        assert!(mem.holds(page, 1), "page {page}");
+    }
+    for &page in &targets {
+        assert!(mem.holds(page, 3), "page {page}");
+        assert!(mem.holds(page + 1, 0), "page {}", page + 1);
+    }
+    assert!(s.fatal_error.is_none());
+}
+
 #[test]
 fn block_filled_pages_are_evicted_page_by_page_and_zero_ones_without_writes() {
     // Huge pages off: the blocks stay in 4 KiB pages, evicted one by one.
@@ -543,6 +599,12 @@ fn huge_page_blocks_are_dropped_whole_under_pressure() {
     eprintln!("{}", s.to_json());
     let c = &s.counters;
     assert!(c.huge_blocks_dropped >= 1, "no block dropped whole: {c:?}");
+    // Written back whole too: one write-protect over the huge page, not
+    // runs of it that would split its mapping.
+    assert!(
+        c.huge_blocks_staged >= 1,
+        "no block written back whole: {c:?}"
+    );
     assert!(
         c.huge_blocks_dropped < c.blocks_collapsed,
         "block 0 went out whole although a page of it was evicted alone: {c:?}"
@@ -1085,7 +1147,15 @@ fn fault_serving_threads_run_above_reclaim_where_allowed() {
             .collect()
     };
     for name in ["pager-fault", "pager-wait", "pager-swapin"] {
-        let ids = tids(name);
+        // A thread takes its name a moment after the pager starts it.
+        let mut ids = tids(name);
+        for _ in 0..200 {
+            if !ids.is_empty() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+            ids = tids(name);
+        }
         assert!(!ids.is_empty(), "no {name} thread");
         for tid in ids {
             let mut nice = nice_of(tid);

@@ -17,7 +17,7 @@
 //! L1's tmpfs, plugged into our xHCI (USB 3 port) and into QEMU's
 //! `qemu-xhci` + `usb-storage`, round-robin in one L1.
 //!
-//! `bench pager [--reps 1] [--memory 1024] [--touch 700] [--write BENCHMARKS.md]
+//! `bench pager [--reps 1] [--memory 1024] [--touch 700] [--only ours,qemu] [--write BENCHMARKS.md]
 //! [--console SAVED-OUTPUT]`
 //! runs the `pager-touch` scenario in a guest whose host memory is limited
 //! to half its RAM: ours with `--memory limit=`, QEMU in a cgroup v2 with
@@ -132,6 +132,11 @@ enum What {
         /// MiB the guest writes and checksums twice.
         #[arg(long, default_value_t = 700)]
         touch: u32,
+        /// Run only these variants (comma-separated: ours, qemu,
+        /// ours-nolimit, ours-limit100, ours-4k); diagnostics, the section
+        /// is then not rewritten.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
         /// Update this markdown file's "pager" section.
         #[arg(long)]
         write: Option<PathBuf>,
@@ -284,9 +289,10 @@ fn main() -> Result<()> {
             reps,
             memory,
             touch,
+            only,
             write,
             console,
-        } => pager(reps, memory, touch, write, console),
+        } => pager(reps, memory, touch, &only, write, console),
         What::UsbPm {
             reps,
             cycles,
@@ -381,12 +387,7 @@ fn usb_pm(
     run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
     let cmdline = run.l2_cmdline()?;
     let mut variants = usb_pm_bench::variants(&run, &cmdline, PM_PRESSURE_MIB, PM_LIMIT_MIB);
-    if let Some(bad) = only.iter().find(|o| !variants.iter().any(|v| v.name == *o)) {
-        bail!("--only: no variant named {bad:?}");
-    }
-    if !only.is_empty() {
-        variants.retain(|v| only.iter().any(|o| o == v.name));
-    }
+    bench::retain_only(&mut variants, only)?;
     let script = usb_bench::script(64, reps, per_run, &variants);
     let payload = L1Payload::VmmScript {
         binary: host::vmm_binary(true)?,
@@ -466,6 +467,7 @@ fn pager(
     reps: u32,
     memory: u32,
     touch: u32,
+    only: &[String],
     write: Option<PathBuf>,
     saved: Option<PathBuf>,
 ) -> Result<()> {
@@ -478,7 +480,7 @@ fn pager(
         Some(path) => {
             std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
         }
-        None => run_pager(reps, memory, touch, limit)?,
+        None => run_pager(reps, memory, touch, limit, only)?,
     };
     // A saved log may hold the runs twice (the command prints the raw
     // lines, then the console of failed runs): keep the first copy.
@@ -494,7 +496,9 @@ fn pager(
     println!("{table}");
     let limit_table = pager_bench::render_limit_table(&runs);
     println!("{limit_table}");
-    let raw: Vec<&str> = console
+    let mm_table = pager_bench::render_mm_table(&runs);
+    println!("{mm_table}");
+    let raw_all: Vec<&str> = console
         .lines()
         .filter(|l| {
             ["PAGER-BENCH-", "pager-touch:", "pager-stats"]
@@ -503,10 +507,29 @@ fn pager(
         })
         .map(str::trim)
         .collect();
-    println!("{}", raw.join("\n"));
+    println!("{}", raw_all.join("\n"));
+    // The per-phase stamps are in the last table, not in the file's raw lines.
+    let raw: Vec<&str> = raw_all
+        .into_iter()
+        .filter(|l| {
+            ![pager_bench::MARK_MM, pager_bench::MARK_TCPU]
+                .iter()
+                .any(|m| l.contains(m))
+        })
+        .collect();
     if runs.iter().any(|r| !r.ok) {
         eprintln!("some runs failed; console:\n{console}");
     }
+    let write = match write {
+        Some(file) if !only.is_empty() => {
+            eprintln!(
+                "--only: {} keeps its pager section (it needs every variant)",
+                file.display()
+            );
+            None
+        }
+        w => w,
+    };
     if let Some(file) = write {
         let body = format!(
             "## Overcommitted guest memory (pager)\n\n\
@@ -529,7 +552,12 @@ fn pager(
              pages, nothing is evicted, and blocks first written are backed by huge pages), and with \
              the limit and `huge_pages=off` (guest RAM in 4 KiB host pages throughout), in the same \
              L1 and rounds. Boot to init is the guest's uptime when the scenario starts (issue 16: \
-             <= 1.2x).\n\n{limit_table}\nRaw lines:\n\n```\n{}\n```\n",
+             <= 1.2x).\n\n{limit_table}\n\
+             Where each phase's time goes in L1: the change of L1's KVM and memory counters over \
+             the phase (stamped by the L1 script as the guest prints each phase's line; medians \
+             of the rounds). Every L2 exit and NPT fault is a world switch that L1's QEMU (TCG) \
+             emulates, so their counts are a large part of a phase's cost.\n\n{mm_table}\n\
+             Raw lines:\n\n```\n{}\n```\n",
             pager_bench::SWAP_FILE,
             raw.join("\n")
         );
@@ -540,7 +568,7 @@ fn pager(
 }
 
 /// Runs the pager benchmark in one L1; its console.
-fn run_pager(reps: u32, memory: u32, touch: u32, limit: u32) -> Result<String> {
+fn run_pager(reps: u32, memory: u32, touch: u32, limit: u32, only: &[String]) -> Result<String> {
     use integration::{pager_bench, usb_bench};
     let harness = Harness::new().context("harness")?;
     // Boot plus three passes over `touch` MiB at no less than 0.5 MiB/s.
@@ -552,15 +580,17 @@ fn run_pager(reps: u32, memory: u32, touch: u32, limit: u32) -> Result<String> {
         .timeout(Duration::from_secs(per_run * u64::from(5 * reps) + 300));
     run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
     let cmdline = run.l2_cmdline()?;
-    let variants = pager_bench::variants(&run, &cmdline, limit);
+    let mut variants = pager_bench::variants(&run, &cmdline, limit);
+    bench::retain_only(&mut variants, only)?;
     let script = pager_bench::script(reps, per_run, limit, memory, &variants);
     let payload = L1Payload::VmmScript {
         binary: host::vmm_binary(true)?,
         script,
     };
+    let names: Vec<&str> = variants.iter().map(|v| v.name).collect();
     eprintln!(
-        "bench pager: {reps} rounds of ours, QEMU, ours without a limit, with a limit of all RAM and with 4 KiB pages in one L1 \
-         ({memory} MiB guest, limit {limit} MiB, {touch} MiB touched)"
+        "bench pager: {reps} rounds of {} in one L1 ({memory} MiB guest, limit {limit} MiB, {touch} MiB touched)",
+        names.join(", ")
     );
     Ok(harness.run_l1_payload(&run, payload)?.console)
 }

@@ -71,17 +71,35 @@ impl AroundState {
     }
 }
 
+/// Times a block fill gives the CPU away for a neighbour whose lock is
+/// held: the reclaim hand holds an idle page's lock only for a look, and on
+/// a one-CPU host it can let go only once this thread yields. A window
+/// stops at once.
+const BLOCK_LOCK_YIELDS: u32 = 4;
+
 /// Neighbours of `idx` in `range` that are unmapped and idle (never written
-/// only, with `fresh_only`), nearest first; stops at the first that is not
-/// (or whose lock is held).
+/// only, with `fresh_only`, a block fill), nearest first; stops at the first
+/// that is not (or whose lock stays held).
 fn neighbours<'a>(
     sh: &'a Shared,
     range: impl Iterator<Item = usize>,
     fresh_only: bool,
 ) -> Vec<PageRef<'a>> {
     let mut out = Vec::new();
+    let try_lock = |j| {
+        let mut yields = if fresh_only { BLOCK_LOCK_YIELDS } else { 0 };
+        loop {
+            match sh.pages.try_lock(j) {
+                None if yields > 0 => {
+                    yields -= 1;
+                    std::thread::yield_now();
+                }
+                q => return q,
+            }
+        }
+    };
     for j in range {
-        match sh.pages.try_lock(j) {
+        match try_lock(j) {
             Some(q)
                 if q.kind == PageKind::Empty || (q.kind == PageKind::Swapped && !fresh_only) =>
             {
@@ -117,9 +135,48 @@ pub fn block_of(sh: &Shared, idx: usize) -> std::ops::Range<usize> {
     first..first + BLOCK_PAGES
 }
 
+/// Where a fault comes to [`resolve_around`] from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// The handler: a write stream at the limit may defer to wait for room
+    /// for its whole block.
+    Handler,
+    /// A worker that waited for room for the fault's whole block: it fills
+    /// the block if one fits now, stream or not.
+    BlockRoom,
+    /// A worker, for any other wait.
+    Worker,
+}
+
+/// Whether a write fault on never-written page `idx` should wait for room
+/// for its whole block rather than map a window of it: the block is
+/// [`whole_block_fresh`] and reclaim makes room for a block whenever one
+/// does not fit.
+pub fn worth_waiting_for_block(sh: &Shared, idx: usize) -> bool {
+    sh.budget.room_comes_for(BLOCK_PAGES) && whole_block_fresh(sh, idx)
+}
+
+/// Whether every page of `idx`'s aligned block other than `idx` is
+/// never-written (and idle), inside one region: filled whole, the block
+/// can become one huge page; a window mapped now would keep it in 4 KiB
+/// pages for good.
+fn whole_block_fresh(sh: &Shared, idx: usize) -> bool {
+    let block = block_of(sh, idx);
+    let region = sh.pages.region_pages(idx);
+    if block.start < region.start || block.end > region.end {
+        return false;
+    }
+    block.filter(|&j| j != idx).all(|j| {
+        sh.pages
+            .try_lock(j)
+            .is_some_and(|q| q.kind == PageKind::Empty)
+    })
+}
+
 /// Serves fault `f` on page `idx` (locked in `p`, `Empty` or `Swapped`, a
 /// frame charged from `source`) and as many neighbours as the budget allows.
-/// `buf` holds [`FAULT_AROUND_PAGES`] pages.
+/// `buf` holds [`FAULT_AROUND_PAGES`] pages. From the handler it may give
+/// the frame back and defer the fault (see [`Arrival::Handler`]).
 pub fn resolve_around<'a>(
     sh: &'a Shared,
     f: Fault,
@@ -127,14 +184,27 @@ pub fn resolve_around<'a>(
     p: PageRef<'a>,
     source: Source,
     buf: &mut [u8],
+    arrival: Arrival,
 ) -> Result<Step, PagerError> {
     let fresh_write = f.write && p.kind == PageKind::Empty;
-    let streaming = fresh_write && sh.around.streaming_write(idx);
-    // A stream of first writes fills whole blocks under pressure too, as
-    // long as a block fits under the limit: reclaim makes room behind it,
-    // and the stream's memory stays in huge pages until then.
-    let block = fresh_write
-        && (sh.budget.plentiful(BLOCK_PAGES) || (streaming && sh.budget.fits(BLOCK_PAGES)));
+    let streaming =
+        fresh_write && (sh.around.streaming_write(idx) || arrival == Arrival::BlockRoom);
+    let plentiful = fresh_write && sh.budget.plentiful(BLOCK_PAGES);
+    // Under pressure a first write fills its block too, as long as a block
+    // fits under the limit (the faulting page's frame is charged already),
+    // when the write continues a stream, or when the whole block is
+    // never-written and the limit keeps room for blocks (it becomes one
+    // huge page, as the kernel gives one to a first touch of memory it
+    // manages): reclaim makes room behind it.
+    let whole_fresh = fresh_write && !plentiful && worth_waiting_for_block(sh, idx);
+    let block = plentiful || ((streaming || whole_fresh) && sh.budget.fits(BLOCK_PAGES - 1));
+    if whole_fresh && !block && arrival == Arrival::Handler {
+        // As the kernel reclaims before it gives a huge page to a first
+        // touch: the worker waits for room, then fills the block.
+        sh.budget.untake(source);
+        bump(&sh.counters.block_waits, 1);
+        return Ok(Step::Defer);
+    }
     // A block fill maps its pages writable like a write stream does.
     let fresh_stream = streaming || block;
     let (win_lo, win_hi) = window(sh, idx, block);
@@ -199,11 +269,17 @@ pub fn resolve_around<'a>(
         .collect();
     let host_lo = sh.pages.host_of(lo);
     // Map from the faulting page on, then the pages below it; one copy per
-    // run of equal protection. The first copy starts at the faulting page,
-    // so its failure is the fault's own.
+    // run of equal protection. A block fill maps its block in one copy (all
+    // writable), so that a zap starting between two copies cannot leave it
+    // in pieces that never become a huge page.
     let mut mapped = vec![false; n];
     let mut fault_result = Resolve::Done;
-    'segments: for (seg_lo, seg_hi) in [(fault_pos, n), (0, fault_pos)] {
+    let segments = if block {
+        [(0, n), (n, n)]
+    } else {
+        [(fault_pos, n), (0, fault_pos)]
+    };
+    'segments: for (seg_lo, seg_hi) in segments {
         let mut start = seg_lo;
         while start < seg_hi {
             let end = (start..seg_hi)
@@ -216,7 +292,8 @@ pub fn resolve_around<'a>(
             )?;
             mapped[start..start + done].fill(true);
             if res != Resolve::Done {
-                if start + done == fault_pos {
+                if !mapped[fault_pos] {
+                    // The failure is the fault's own.
                     fault_result = res;
                 }
                 // A neighbour mapped behind our back or an address space
@@ -253,7 +330,11 @@ pub fn resolve_around<'a>(
     bump(&sh.counters.fault_around_pages, mapped_extra as u64);
     if block && mapped_extra > 0 {
         bump(&sh.counters.block_fills, 1);
-        collapse(sh, lo, &mut pages, &mapped);
+        if n == BLOCK_PAGES && mapped.iter().all(|&m| m) {
+            collapse(sh, lo, &mut pages);
+        } else {
+            bump(&sh.counters.block_fills_partial, 1);
+        }
     }
     drop(pages);
     let fault_swapped = reads
@@ -289,13 +370,9 @@ pub fn resolve_around<'a>(
 /// pages `huge`. As the kernel's own first touch of memory it manages would:
 /// a nested guest on 4 KiB host pages ran 3x slower in guest mode than on
 /// huge pages (BENCHMARKS.md, issue 16 section).
-fn collapse(sh: &Shared, lo: usize, pages: &mut [PageRef<'_>], mapped: &[bool]) {
+fn collapse(sh: &Shared, lo: usize, pages: &mut [PageRef<'_>]) {
     let host = sh.pages.host_of(lo);
-    if !sh.huge_pages
-        || pages.len() != BLOCK_PAGES
-        || !host.is_multiple_of(BLOCK_PAGES * PAGE_SIZE)
-        || !mapped.iter().all(|&m| m)
-    {
+    if !sh.huge_pages || !host.is_multiple_of(BLOCK_PAGES * PAGE_SIZE) {
         return;
     }
     match super::uffd::collapse_block(host, BLOCK_PAGES * PAGE_SIZE) {
@@ -303,7 +380,12 @@ fn collapse(sh: &Shared, lo: usize, pages: &mut [PageRef<'_>], mapped: &[bool]) 
             pages.iter_mut().for_each(|q| q.huge = true);
             bump(&sh.counters.blocks_collapsed, 1);
         }
-        Err(e) => log::debug!("pager: no huge page for {host:#x}: {e}"),
+        Err(e) => {
+            let n = sh.counters.collapses_failed.fetch_add(1, Ordering::Relaxed);
+            if n < 4 || n.is_power_of_two() {
+                log::warn!("pager: no huge page for {host:#x} (failure {}): {e}", n + 1);
+            }
+        }
     }
 }
 

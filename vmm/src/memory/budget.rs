@@ -178,6 +178,42 @@ impl Budget {
         self.lock().charged + n <= self.limit
     }
 
+    /// Whether reclaim makes room for `n` frames whenever they do not fit:
+    /// it runs while the charge is over the high watermark and stops below
+    /// it, so it does when `n` fit between that watermark and the limit.
+    pub fn room_comes_for(&self, n: usize) -> bool {
+        self.high + n <= self.limit
+    }
+
+    /// Waits until `n` frames fit under the limit (kicking reclaim), at most
+    /// `timeout`; gives up early when `abort` is set or `give_up` is true.
+    /// Charges nothing. Whether they fit.
+    pub fn wait_room(
+        &self,
+        n: usize,
+        timeout: Duration,
+        abort: &AtomicBool,
+        give_up: impl Fn() -> bool,
+    ) -> bool {
+        let start = Instant::now();
+        let mut a = self.lock();
+        loop {
+            if a.charged + n <= self.limit {
+                return true;
+            }
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() || abort.load(Ordering::SeqCst) || give_up() {
+                return false;
+            }
+            self.kick.notify_one();
+            a = self
+                .freed
+                .wait_timeout(a, left.min(WAIT_POLL))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Charges a frame, waiting until the charge is under the limit. Gives up
     /// waiting when `abort` is set and charges anyway (an overshoot), so no
     /// faulting thread hangs once the pager failed or is stopping.
@@ -322,6 +358,32 @@ mod tests {
         assert!(!b.satisfied(0));
         assert!(b.satisfied(1));
         assert_eq!(b.try_take_extra(2), 2);
+    }
+
+    #[test]
+    fn room_for_a_block_is_waited_for_within_a_bound() {
+        // Limit 1024, high 512: reclaim, running above 512, makes room for
+        // 512; not for 513.
+        let b = std::sync::Arc::new(Budget::new(1024, 16, 512, 256));
+        assert!(b.room_comes_for(512));
+        assert!(!b.room_comes_for(513));
+        let abort = AtomicBool::new(false);
+        assert_eq!(b.try_take_extra(1000), 1000);
+        let t = Instant::now();
+        assert!(!b.wait_room(512, Duration::from_millis(30), &abort, || false));
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        assert!(
+            !b.wait_room(512, Duration::from_secs(5), &abort, || true),
+            "gave up"
+        );
+        let b2 = b.clone();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            b2.release(600, true, false);
+        });
+        assert!(b.wait_room(512, Duration::from_secs(5), &abort, || false));
+        assert_eq!(b.charged(), 400, "waiting charges nothing");
+        releaser.join().unwrap();
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use devices::noio::{is_registered, is_thread_noio, is_thread_running_guest};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::around::{resolve_around, FAULT_AROUND_PAGES};
+use super::around::{resolve_around, worth_waiting_for_block, Arrival, FAULT_AROUND_PAGES};
 use super::budget::Source;
 use super::pager::Shared;
 use super::pages::{PageKind, PageRef};
@@ -38,6 +38,9 @@ const RETRY_YIELD_ROUNDS: u32 = 8;
 /// Longest poll for the end of the pager's own zap while faults wait for a
 /// retry (its end wakes the poll at once; the bound covers a lost wake-up).
 const ZAP_WAIT_MS: i32 = 20;
+/// Longest wait of a first write for room for its whole block; past it
+/// the fault is served like any other (a window of the block).
+const BLOCK_ROOM_WAIT: Duration = Duration::from_millis(250);
 /// Pause of the worker between `EAGAIN` retries.
 const WORKER_RETRY: Duration = Duration::from_micros(200);
 /// How often an idle worker checks the stop flag.
@@ -402,7 +405,7 @@ fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError
         let Some(source) = sh.budget.try_take(false, 0) else {
             return Ok(Step::Defer);
         };
-        return resolve_around(sh, f, idx, p, source, buf);
+        return resolve_around(sh, f, idx, p, source, buf, Arrival::Handler);
     }
     // NOIO faults: one page at a time, from the NOIO sources.
     let staging = &mut buf[..PAGE_SIZE];
@@ -653,6 +656,14 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
             return Ok(());
         }
         sh.fault_waits.stage(f.tid, WaitStage::Frame);
+        // A first write into a never-written block waits for room for the
+        // whole block, then fills it (one huge page instead of 512 small).
+        let block_room = kind == PageKind::Empty
+            && f.write
+            && worth_waiting_for_block(sh, idx)
+            && sh
+                .budget
+                .wait_room(super::around::BLOCK_PAGES, BLOCK_ROOM_WAIT, &sh.abort, lent);
         let Some((source, _)) = sh.budget.take_waiting_unless(&sh.abort, lent) else {
             continue;
         };
@@ -662,10 +673,21 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
             sh.budget.untake(source);
             continue;
         }
+        if block_room {
+            match resolve_around(sh, f, idx, p, source, around_buf, Arrival::BlockRoom)? {
+                Step::Done => return Ok(()),
+                Step::Retry => {
+                    bump(&c.fault_retries, 1);
+                    std::thread::sleep(WORKER_RETRY);
+                }
+                Step::Defer => {}
+            }
+            continue;
+        }
         if kind == PageKind::Swapped && !sh.swap.volume().is_quiesced() {
             // The frame came; the volume flows: read around the fault as
             // the handler would (one read for the run of neighbours).
-            match resolve_around(sh, f, idx, p, source, around_buf)? {
+            match resolve_around(sh, f, idx, p, source, around_buf, Arrival::Worker)? {
                 Step::Done => return Ok(()),
                 Step::Retry => {
                     bump(&c.fault_retries, 1);

@@ -46,7 +46,8 @@ use super::uffd::Resolve;
 use super::workingset::MAX_CHANCES;
 use super::{PagerError, PAGE_SIZE};
 
-/// Pages queued or being written at once (staging memory: 1 MiB).
+/// Pages queued or being written at once (staging memory: 1 MiB; a huge
+/// page's block, staged whole, may take it to 3 MiB).
 const WRITEBACK_QUEUE_PAGES: usize = 256;
 /// Most clean pages dropped by one `madvise` (1 MiB).
 const EVICT_BATCH_PAGES: usize = 256;
@@ -263,6 +264,17 @@ fn reclaim_huge_block(sh: &Shared, block: std::ops::Range<usize>) -> Result<bool
         };
         bump(&sh.counters.huge_blocks_dropped, 1);
         return evict_run(sh, &mut run);
+    }
+    if pages.iter().all(|q| q.dirty && !q.writeback) {
+        // Every page dirty (a block fill the guest wrote): the whole block
+        // in one job, so that one write-protect covers the huge page (a
+        // part of it would split its mapping, and the guest would map the
+        // block back 4 KiB at a time while it is still in use).
+        if sh.wb.in_flight() <= WRITEBACK_QUEUE_PAGES && !sh.abort.load(Ordering::SeqCst) {
+            bump(&sh.counters.huge_blocks_staged, 1);
+            start_writeback(sh, block.start, &mut pages)?;
+        }
+        return Ok(false);
     }
     let mut dirty: Vec<PageRef<'_>> = Vec::new();
     let mut first = block.start;

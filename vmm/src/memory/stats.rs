@@ -62,10 +62,22 @@ counters! {
     /// Write faults on never-written pages served with their whole 2 MiB
     /// block while memory was plentiful (their neighbours count above).
     block_fills,
+    /// Block fills that mapped less than their whole block (a page of it
+    /// was resident or swapped, or a region edge), so no huge page.
+    block_fills_partial,
+    /// Whole block fills waiting for room for their block under the limit
+    /// (a write stream at the limit) instead of mapping a few pages and
+    /// leaving the block in 4 KiB pieces for good.
+    block_waits,
     /// Block fills collapsed into a transparent huge page (`MADV_COLLAPSE`).
     blocks_collapsed,
+    /// Whole block fills the kernel would not collapse (no free huge page).
+    collapses_failed,
     /// Such blocks dropped whole by reclaim (their huge page freed at once).
     huge_blocks_dropped,
+    /// Such blocks written back whole: one write-protect over the huge page,
+    /// which keeps its mapping whole.
+    huge_blocks_staged,
     /// Dirty pages found all zero when staged for writeback: left clean
     /// without a swap slot and dropped without a write.
     zero_pages_dropped,

@@ -310,7 +310,14 @@ pub fn madvise_nohugepage(addr: usize, len: usize) -> io::Result<()> {
 /// huge page stays).
 pub fn collapse_block(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, libc::MADV_HUGEPAGE)?;
-    let collapsed = madvise(addr, len, libc::MADV_COLLAPSE);
+    let mut collapsed = madvise(addr, len, libc::MADV_COLLAPSE);
+    if collapsed
+        .as_ref()
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EAGAIN))
+    {
+        // Transient (a page still on a per-CPU list, a lock): once more.
+        collapsed = madvise(addr, len, libc::MADV_COLLAPSE);
+    }
     let restored = madvise_nohugepage(addr, len);
     collapsed.and(restored)
 }

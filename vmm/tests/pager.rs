@@ -621,6 +621,89 @@ fn huge_page_blocks_are_dropped_whole_under_pressure() {
     assert!(s.fatal_error.is_none());
 }
 
+/// A huge page's block that reclaim dropped whole comes back whole on a
+/// fault on any of its pages (one read, one copy, a huge page again where
+/// the kernel has one): the rest of the block reads without a fault. After
+/// a read fault its pages count clean (their copies in swap still hold);
+/// after a write fault the write lands; out and back again, every byte holds.
+#[test]
+fn a_block_that_went_out_whole_comes_back_whole() {
+    // A limit whose reclaim keeps room for a block (limit/32 >= 512 pages).
+    let f = Fixture::new(256 * MIB, 64 * MIB, |_| {});
+    let _reg = register_current_thread();
+    let mem = f.mem();
+    // Four whole blocks written while memory is plentiful: block fills,
+    // each page with its own pattern.
+    let first = block_of(&f, 0).end % 512;
+    let blocks = first..first + 4 * 512;
+    for i in blocks.clone() {
+        mem.fill(i, 7);
+    }
+    let s = eventually(&f, |s| s.counters.block_fills >= 4).counters;
+    if s.blocks_collapsed < 4 {
+        eprintln!("no huge pages on this host (MADV_COLLAPSE refused): nothing to test");
+        return;
+    }
+    // Pressure: the blocks go out whole.
+    let stream = |round| {
+        for i in blocks.end..f.pages {
+            mem.fill(i, round);
+        }
+        settle(&f);
+    };
+    stream(1);
+    stream(2);
+    let out = f.pager().stats().counters;
+    assert!(out.huge_blocks_dropped >= 4, "{out:?}");
+    // A read of one page brings block 1 back whole.
+    let b1 = first + 512;
+    assert!(mem.holds(b1 + 100, 7));
+    // The copy wakes the reader before the handler counts (and collapses).
+    let back = eventually(&f, |s| s.counters.blocks_swapped_in > out.blocks_swapped_in).counters;
+    assert_eq!(
+        back.blocks_swapped_in,
+        out.blocks_swapped_in + 1,
+        "{back:?}"
+    );
+    for i in b1..b1 + 512 {
+        assert!(mem.holds(i, 7), "page {i}");
+    }
+    let read = f.pager().stats().counters;
+    // Back in one huge page, the block is evicted only whole, and its
+    // faulted page spares it a pass: the rest of it is there.
+    if back.blocks_collapsed > out.blocks_collapsed {
+        assert_eq!(
+            (read.faults_swap, read.faults_zero),
+            (back.faults_swap, back.faults_zero),
+            "the rest of the block faulted: {read:?}"
+        );
+    }
+    // A write to one page of block 2 brings it back whole too.
+    let b2 = first + 2 * 512;
+    mem.fill(b2 + 5, 9);
+    let wrote = eventually(&f, |s| {
+        s.counters.blocks_swapped_in > read.blocks_swapped_in
+    })
+    .counters;
+    assert_eq!(
+        wrote.blocks_swapped_in,
+        read.blocks_swapped_in + 1,
+        "{wrote:?}"
+    );
+    // Out again, then everything back page by page: every byte held.
+    stream(3);
+    let again = f.pager().stats().counters;
+    for i in blocks.clone() {
+        let tag = if i == b2 + 5 { 9 } else { 7 };
+        assert!(mem.holds(i, tag), "page {i}");
+    }
+    for i in blocks.end..f.pages {
+        assert!(mem.holds(i, 3), "page {i}");
+    }
+    eprintln!("{again:?}");
+    assert!(f.pager().stats().fatal_error.is_none());
+}
+
 #[test]
 fn clean_pages_are_dropped_without_writes() {
     let f = Fixture::new(16 * MIB, 4 * MIB, |_| {});

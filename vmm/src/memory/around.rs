@@ -50,6 +50,10 @@ pub const FAULT_AROUND_PAGES: usize = 16;
 /// Pages of one block fill: an aligned 2 MiB (a huge page's worth).
 pub const BLOCK_PAGES: usize = 512;
 
+/// Staging a fault needs to bring a block back whole: the block's contents,
+/// then room to read it back after its protection (the handler's staging).
+pub const BLOCK_SWAP_IN_BUF: usize = 2 * BLOCK_PAGES * PAGE_SIZE;
+
 /// The source of block fills. Never written, so the kernel backs it with
 /// its shared zero page: copies from it read one cache-hot page.
 static ZERO_BLOCK: [u8; BLOCK_PAGES * PAGE_SIZE] = [0; BLOCK_PAGES * PAGE_SIZE];
@@ -78,16 +82,17 @@ impl AroundState {
 const BLOCK_LOCK_YIELDS: u32 = 4;
 
 /// Neighbours of `idx` in `range` that are unmapped and idle (never written
-/// only, with `fresh_only`, a block fill), nearest first; stops at the first
-/// that is not (or whose lock stays held).
+/// only, with `fresh_only`), nearest first; stops at the first that is not
+/// (or whose lock stays held: a `whole_block` yields for it a few times).
 fn neighbours<'a>(
     sh: &'a Shared,
     range: impl Iterator<Item = usize>,
     fresh_only: bool,
+    whole_block: bool,
 ) -> Vec<PageRef<'a>> {
     let mut out = Vec::new();
     let try_lock = |j| {
-        let mut yields = if fresh_only { BLOCK_LOCK_YIELDS } else { 0 };
+        let mut yields = if whole_block { BLOCK_LOCK_YIELDS } else { 0 };
         loop {
             match sh.pages.try_lock(j) {
                 None if yields > 0 => {
@@ -142,7 +147,7 @@ pub enum Arrival {
     /// for its whole block.
     Handler,
     /// A worker that waited for room for the fault's whole block: it fills
-    /// the block if one fits now, stream or not.
+    /// the block (or brings it back) if one fits now, stream or not.
     BlockRoom,
     /// A worker, for any other wait.
     Worker,
@@ -173,10 +178,38 @@ fn whole_block_fresh(sh: &Shared, idx: usize) -> bool {
     })
 }
 
+/// Whether a fault on page `p` (`idx`), swapped, should bring its whole
+/// block back: the block went out whole (a huge page's, dropped by reclaim
+/// in one piece) and none of its pages came back since. Back whole, it can
+/// be one huge page again instead of 512 small ones the guest maps one by
+/// one.
+pub fn block_went_out_whole(sh: &Shared, idx: usize, p: &PageRef<'_>) -> bool {
+    if !sh.huge_pages || p.kind != PageKind::Swapped || !p.went_out_whole {
+        return false;
+    }
+    let block = block_of(sh, idx);
+    let region = sh.pages.region_pages(idx);
+    if block.start < region.start
+        || block.end > region.end
+        || !sh
+            .pages
+            .host_of(block.start)
+            .is_multiple_of(BLOCK_PAGES * PAGE_SIZE)
+    {
+        return false;
+    }
+    block.filter(|&j| j != idx).all(|j| {
+        sh.pages.try_lock(j).is_some_and(|q| {
+            q.went_out_whole && matches!(q.kind, PageKind::Swapped | PageKind::Empty)
+        })
+    })
+}
+
 /// Serves fault `f` on page `idx` (locked in `p`, `Empty` or `Swapped`, a
 /// frame charged from `source`) and as many neighbours as the budget allows.
-/// `buf` holds [`FAULT_AROUND_PAGES`] pages. From the handler it may give
-/// the frame back and defer the fault (see [`Arrival::Handler`]).
+/// `buf` holds [`FAULT_AROUND_PAGES`] pages, or [`BLOCK_SWAP_IN_BUF`]
+/// bytes (then a block that went out whole comes back whole). From the handler it may give the
+/// frame back and defer the fault (see [`Arrival::Handler`]).
 pub fn resolve_around<'a>(
     sh: &'a Shared,
     f: Fault,
@@ -205,11 +238,29 @@ pub fn resolve_around<'a>(
         bump(&sh.counters.block_waits, 1);
         return Ok(Step::Defer);
     }
+    // A block that went out whole comes back whole while one fits (the
+    // buffer holds one: the handler's and the workers' do).
+    let out_whole = !block && buf.len() >= BLOCK_SWAP_IN_BUF && block_went_out_whole(sh, idx, &p);
+    let block_in = out_whole && sh.budget.fits(BLOCK_PAGES - 1);
+    // No zap of reclaim's may start between the block's copy and its
+    // protection (the protection would fail and leave it all dirty).
+    let _hold = block_in.then(|| sh.zap_gate.hold());
+    if out_whole
+        && !block_in
+        && arrival == Arrival::Handler
+        && sh.budget.room_comes_for(BLOCK_PAGES)
+    {
+        // As for a block fill: the worker waits for room, then reads it.
+        sh.budget.untake(source);
+        bump(&sh.counters.block_waits, 1);
+        return Ok(Step::Defer);
+    }
+    let whole = block || block_in;
     // A block fill maps its pages writable like a write stream does.
     let fresh_stream = streaming || block;
-    let (win_lo, win_hi) = window(sh, idx, block);
-    let mut above = neighbours(sh, idx + 1..win_hi, block);
-    let mut below = neighbours(sh, (win_lo..idx).rev(), block);
+    let (win_lo, win_hi) = window(sh, idx, whole);
+    let mut above = neighbours(sh, idx + 1..win_hi, block, whole);
+    let mut below = neighbours(sh, (win_lo..idx).rev(), block, whole);
     let extra = sh.budget.try_take_extra(above.len() + below.len());
     // Forward first: sequential access is the common pattern.
     above.truncate(extra);
@@ -255,12 +306,16 @@ pub fn resolve_around<'a>(
     };
 
     // Protection per page: the faulting page as accessed, neighbours
-    // write-protected (clean) unless fresh ones in a write stream.
+    // write-protected (clean) unless fresh ones in a write stream. A block
+    // coming back is mapped writable (a write-protected page cannot be
+    // collapsed) and protected after its collapse.
     let wp: Vec<bool> = pages
         .iter()
         .enumerate()
         .map(|(i, q)| {
-            if i == fault_pos {
+            if block_in {
+                false
+            } else if i == fault_pos {
                 !f.write
             } else {
                 q.kind == PageKind::Swapped || !fresh_stream
@@ -274,7 +329,7 @@ pub fn resolve_around<'a>(
     // in pieces that never become a huge page.
     let mut mapped = vec![false; n];
     let mut fault_result = Resolve::Done;
-    let segments = if block {
+    let segments = if whole {
         [(0, n), (n, n)]
     } else {
         [(fault_pos, n), (0, fault_pos)]
@@ -328,12 +383,30 @@ pub fn resolve_around<'a>(
     }
     give_back(mapped_extra);
     bump(&sh.counters.fault_around_pages, mapped_extra as u64);
+    let all_mapped = n == BLOCK_PAGES && mapped.iter().all(|&m| m);
     if block && mapped_extra > 0 {
         bump(&sh.counters.block_fills, 1);
-        if n == BLOCK_PAGES && mapped.iter().all(|&m| m) {
+        if all_mapped {
             collapse(sh, lo, &mut pages);
         } else {
             bump(&sh.counters.block_fills_partial, 1);
+        }
+    }
+    if block_in {
+        if all_mapped {
+            collapse(sh, lo, &mut pages);
+            bump(&sh.counters.blocks_swapped_in, 1);
+        }
+        if !f.write {
+            let (data, readback) = buf.split_at_mut(BLOCK_PAGES * PAGE_SIZE);
+            protect_back(
+                sh,
+                host_lo,
+                &mut pages,
+                &mapped,
+                &data[..n * PAGE_SIZE],
+                readback,
+            )?;
         }
     }
     drop(pages);
@@ -387,6 +460,46 @@ fn collapse(sh: &Shared, lo: usize, pages: &mut [PageRef<'_>]) {
             }
         }
     }
+}
+
+/// A block brought back by a read fault was mapped writable (and counted
+/// dirty) for its collapse: write-protect what was mapped (the prefix of
+/// `pages` in `mapped`; one call, which keeps a huge page's mapping whole)
+/// and count clean every page still equal (read back into `readback`) to
+/// what was read for it (`data`):
+/// its copy in swap, or all zero. A page that differs was written by
+/// another vCPU before the protection and stays dirty. If the protection
+/// must wait for an unread REMOVE, every page stays dirty (correct, only
+/// dearer to evict).
+fn protect_back(
+    sh: &Shared,
+    host_lo: usize,
+    pages: &mut [PageRef<'_>],
+    mapped: &[bool],
+    data: &[u8],
+    readback: &mut [u8],
+) -> Result<(), PagerError> {
+    let m = mapped.iter().take_while(|&&x| x).count();
+    if m == 0 {
+        return Ok(());
+    }
+    if sh.uffd.protect(host_lo, m * PAGE_SIZE)? == Resolve::Retry {
+        bump(&sh.counters.blocks_back_dirty, 1);
+        return Ok(());
+    }
+    // Read back without faulting: a page zapped from outside meanwhile
+    // would fault on this very thread (then all stay dirty).
+    let now = &mut readback[..m * PAGE_SIZE];
+    if sh.reader.read(host_lo, now).is_err() {
+        bump(&sh.counters.blocks_back_dirty, 1);
+        return Ok(());
+    }
+    for (i, q) in pages.iter_mut().enumerate().take(m) {
+        let at = i * PAGE_SIZE..(i + 1) * PAGE_SIZE;
+        q.wp = true;
+        q.dirty = now[at.clone()] != data[at];
+    }
+    Ok(())
 }
 
 /// Zeroes the window's never-written pages in `buf` and plans the reads of

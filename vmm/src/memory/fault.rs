@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use devices::noio::{is_registered, is_thread_noio, is_thread_running_guest};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::around::{resolve_around, worth_waiting_for_block, Arrival, FAULT_AROUND_PAGES};
+use super::around::{
+    block_went_out_whole, resolve_around, worth_waiting_for_block, Arrival, BLOCK_SWAP_IN_BUF,
+};
 use super::budget::Source;
 use super::pager::Shared;
 use super::pages::{PageKind, PageRef};
@@ -231,7 +233,8 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
     let mut buf = userfaultfd::EventBuffer::new(EVENT_BATCH);
     let mut events = Vec::with_capacity(EVENT_BATCH);
     let mut retry: Vec<(Fault, Instant)> = Vec::new();
-    let mut staging = vec![0u8; FAULT_AROUND_PAGES * PAGE_SIZE];
+    // Room for a block brought back whole (untouched until one is).
+    let mut staging = vec![0u8; BLOCK_SWAP_IN_BUF];
     let mut retry_rounds = 0u32;
     let mut gate_set = 0;
     loop {
@@ -370,7 +373,7 @@ fn wake(sh: &Shared, host: usize) -> Result<(), PagerError> {
 }
 
 /// Resolves a fault if that needs no waiting. `buf` holds
-/// [`FAULT_AROUND_PAGES`] pages.
+/// [`super::around::FAULT_AROUND_PAGES`] pages or more.
 fn resolve_now(sh: &Shared, f: Fault, buf: &mut [u8]) -> Result<Step, PagerError> {
     let Some(idx) = sh.pages.index_of_host(f.addr) else {
         log::warn!("pager: fault at {:#x} outside guest RAM", f.addr);
@@ -614,8 +617,9 @@ fn on_remove(sh: &Shared, start: usize, end: usize) {
 /// A worker: resolves the deferred faults of `queue`, waiting as long as it
 /// takes.
 pub fn run_worker(sh: &Shared, queue: &Deferred) -> Result<(), PagerError> {
-    // Room for a fault-around, for faults re-served by `resolve_now`.
-    let mut staging = vec![0u8; FAULT_AROUND_PAGES * PAGE_SIZE];
+    // Room for a block brought back whole, for faults re-served by
+    // `resolve_now` too (untouched until used).
+    let mut staging = vec![0u8; BLOCK_SWAP_IN_BUF];
     while let Some(f) = queue.pop(sh) {
         let start = Instant::now();
         let resolved = resolve_waiting(sh, f, &mut staging);
@@ -657,10 +661,18 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
         }
         sh.fault_waits.stage(f.tid, WaitStage::Frame);
         // A first write into a never-written block waits for room for the
-        // whole block, then fills it (one huge page instead of 512 small).
-        let block_room = kind == PageKind::Empty
-            && f.write
-            && worth_waiting_for_block(sh, idx)
+        // whole block, then fills it (one huge page instead of 512 small);
+        // a fault on a block that went out whole, to bring it back whole.
+        let whole_block = match kind {
+            PageKind::Empty => f.write && worth_waiting_for_block(sh, idx),
+            // Not while the volume is quiesced: the read below waits for it.
+            _ => {
+                sh.budget.room_comes_for(super::around::BLOCK_PAGES)
+                    && !sh.swap.volume().is_quiesced()
+                    && block_went_out_whole(sh, idx, &sh.pages.lock(idx))
+            }
+        };
+        let block_room = whole_block
             && sh
                 .budget
                 .wait_room(super::around::BLOCK_PAGES, BLOCK_ROOM_WAIT, &sh.abort, lent);

@@ -53,6 +53,9 @@ pub struct PageState {
     /// huge page (collapsed after a block fill). Reclaim drops such a block
     /// only whole, so that the huge page goes back to the host at once.
     pub huge: bool,
+    /// Evicted with its whole huge-page block in one piece (swapped, or
+    /// empty when all zero): a fault on it brings the block back whole.
+    pub went_out_whole: bool,
 }
 
 impl Default for PageState {
@@ -68,6 +71,7 @@ impl Default for PageState {
             evicted_at: None,
             discarded: false,
             huge: false,
+            went_out_whole: false,
         }
     }
 }

@@ -161,6 +161,8 @@ pub fn run_reclaim(sh: &Shared) -> Result<(), PagerError> {
 struct EvictRun {
     first: usize,
     len: usize,
+    /// A huge page's whole block.
+    whole_block: bool,
 }
 
 /// One pass of the hand, long enough to find a page whose chances have run
@@ -261,6 +263,7 @@ fn reclaim_huge_block(sh: &Shared, block: std::ops::Range<usize>) -> Result<bool
         let mut run = EvictRun {
             first: block.start,
             len: block.len(),
+            whole_block: true,
         };
         bump(&sh.counters.huge_blocks_dropped, 1);
         return evict_run(sh, &mut run);
@@ -435,7 +438,11 @@ fn is_zero(page: &[u8]) -> bool {
 /// Drops a run of clean pages already marked `Evicting` with one `madvise`;
 /// no I/O. Empties the run; whether it dropped any page.
 fn evict_run(sh: &Shared, run: &mut EvictRun) -> Result<bool, PagerError> {
-    let EvictRun { first, len: n } = std::mem::take(run);
+    let EvictRun {
+        first,
+        len: n,
+        whole_block,
+    } = std::mem::take(run);
     if n == 0 {
         return Ok(false);
     }
@@ -460,10 +467,12 @@ fn evict_run(sh: &Shared, run: &mut EvictRun) -> Result<bool, PagerError> {
             p.reset(PageKind::Empty);
         } else if slot == NO_SLOT {
             p.reset_keeping_history(PageKind::Empty);
+            p.went_out_whole = whole_block;
             sh.workingset.evicted(&mut p);
         } else {
             p.reset_keeping_history(PageKind::Swapped);
             p.slot = slot;
+            p.went_out_whole = whole_block;
             sh.workingset.evicted(&mut p);
         }
         discarded_pages += usize::from(discarded);

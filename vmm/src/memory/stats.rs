@@ -78,6 +78,12 @@ counters! {
     /// Such blocks written back whole: one write-protect over the huge page,
     /// which keeps its mapping whole.
     huge_blocks_staged,
+    /// Blocks that went out whole brought back whole by a fault on one of
+    /// their pages: one read, one copy, collapsed into a huge page again.
+    blocks_swapped_in,
+    /// Such blocks, brought back by a read, that stay dirty (their
+    /// protection met an address-space change): evicted with a write.
+    blocks_back_dirty,
     /// Dirty pages found all zero when staged for writeback: left clean
     /// without a swap slot and dropped without a write.
     zero_pages_dropped,

@@ -28,6 +28,15 @@ struct State {
     retries: usize,
     /// The pager's own zaps between their `madvise` call and its return.
     zaps: usize,
+    /// Handler work that must not meet a zap midway (a block brought back
+    /// and then write-protected).
+    holds: usize,
+}
+
+impl State {
+    fn zaps_wait(&self) -> bool {
+        self.retries > 0 || self.holds > 0
+    }
 }
 
 /// See the module comment.
@@ -55,10 +64,17 @@ impl ZapGate {
     /// The handler: `n` faults wait for a retry now.
     pub fn set_retries(&self, n: usize) {
         let mut s = self.lock();
-        let was = std::mem::replace(&mut s.retries, n);
-        if n == 0 && was > 0 {
+        s.retries = n;
+        if !s.zaps_wait() {
             self.retries_done.notify_all();
         }
+    }
+
+    /// The handler: zaps that have not started wait (bounded, as for
+    /// retries) until the guard drops.
+    pub fn hold(&self) -> ZapHold<'_> {
+        self.lock().holds += 1;
+        ZapHold { gate: self }
     }
 
     /// The handler: whether a zap is between its call and its return.
@@ -77,10 +93,10 @@ impl ZapGate {
     /// guard drops. The guard says whether it had to wait.
     pub fn begin_zap(&self, hold: Duration) -> ZapGuard<'_> {
         let s = self.lock();
-        let held = s.retries > 0;
+        let held = s.zaps_wait();
         let mut s = if held {
             self.retries_done
-                .wait_timeout_while(s, hold, |s| s.retries > 0)
+                .wait_timeout_while(s, hold, |s| s.zaps_wait())
                 .unwrap_or_else(|e| e.into_inner())
                 .0
         } else {
@@ -88,6 +104,21 @@ impl ZapGate {
         };
         s.zaps += 1;
         ZapGuard { gate: self, held }
+    }
+}
+
+/// Zaps held off by the handler ([`ZapGate::hold`]).
+pub struct ZapHold<'a> {
+    gate: &'a ZapGate,
+}
+
+impl Drop for ZapHold<'_> {
+    fn drop(&mut self) {
+        let mut s = self.gate.lock();
+        s.holds -= 1;
+        if !s.zaps_wait() {
+            self.gate.retries_done.notify_all();
+        }
     }
 }
 
@@ -147,6 +178,22 @@ mod tests {
         assert!(z.held);
         assert!(waited >= Duration::from_millis(200), "{waited:?}");
         assert!(waited < Duration::from_secs(30), "{waited:?}");
+    }
+
+    #[test]
+    fn a_zap_waits_while_the_handler_holds_zaps() {
+        let g = Arc::new(ZapGate::new().unwrap());
+        let h = g.hold();
+        let g2 = g.clone();
+        let t0 = Instant::now();
+        let zapper = std::thread::spawn(move || g2.begin_zap(Duration::from_secs(30)).held);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(h);
+        assert!(zapper.join().unwrap());
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(30), "{waited:?}");
+        assert!(!g.begin_zap(Duration::from_secs(5)).held, "released");
     }
 
     #[test]

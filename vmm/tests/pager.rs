@@ -669,15 +669,15 @@ fn a_block_that_went_out_whole_comes_back_whole() {
         assert!(mem.holds(i, 7), "page {i}");
     }
     let read = f.pager().stats().counters;
-    // Back in one huge page, the block is evicted only whole, and its
-    // faulted page spares it a pass: the rest of it is there.
-    if back.blocks_collapsed > out.blocks_collapsed {
-        assert_eq!(
-            (read.faults_swap, read.faults_zero),
-            (back.faults_swap, back.faults_zero),
-            "the rest of the block faulted: {read:?}"
-        );
-    }
+    // The rest of it is there: no fault per window of the rest (31 of
+    // them page by page). On a loaded host reclaim's hand, racing through
+    // memory that is mostly out, may take the block once more before it is
+    // read: then it comes back whole again, one fault.
+    let faults = (read.faults_swap + read.faults_zero) - (back.faults_swap + back.faults_zero);
+    assert!(
+        faults <= 2,
+        "the rest of the block faulted {faults} times: {read:?}"
+    );
     // A write to one page of block 2 brings it back whole too.
     let b2 = first + 2 * 512;
     mem.fill(b2 + 5, 9);
@@ -1436,7 +1436,16 @@ fn a_full_swap_store_is_fatal_and_signalled() {
 /// page and runs on (the VM is being stopped).
 #[test]
 fn a_failed_swap_in_is_fatal_and_releases_the_faulting_thread() {
-    let (f, mem, resident) = mostly_swapped();
+    let (f, mem, _) = mostly_swapped();
+    // Everything out, so that no dirty page is left whose writeback, when
+    // the reads below need frames, would extend the cut file past the
+    // slots read (holes read back as zeroes, not as errors).
+    f.pager()
+        .probe()
+        .evict(GuestAddress(0), (2048 * PAGE_SIZE) as u64)
+        .unwrap();
+    settle(&f);
+    let resident = f.physically_resident();
     let swapped: Vec<usize> = (0..2048).filter(|&p| !resident[p]).take(8).collect();
     assert_eq!(swapped.len(), 8);
     // Cut the file short, again if a late writeback extends it.
@@ -1461,7 +1470,13 @@ fn a_failed_swap_in_is_fatal_and_releases_the_faulting_thread() {
     });
     rx.recv_timeout(Duration::from_secs(10))
         .expect("a thread stayed blocked on a failed swap-in");
-    let err = f.pager().fatal_error().expect("no fatal error recorded");
+    let err = f.pager().fatal_error().unwrap_or_else(|| {
+        panic!(
+            "no fatal error recorded: swap file {} bytes, {}",
+            swap.metadata().unwrap().len(),
+            f.pager().stats().to_json()
+        )
+    });
     assert!(err.contains("swap-in"), "{err}");
 }
 

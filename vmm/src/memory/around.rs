@@ -143,8 +143,9 @@ pub fn block_of(sh: &Shared, idx: usize) -> std::ops::Range<usize> {
 /// Where a fault comes to [`resolve_around`] from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arrival {
-    /// The handler: a write stream at the limit may defer to wait for room
-    /// for its whole block.
+    /// The handler: a first write into a never-written block, or a fault
+    /// on a block that went out whole, may defer to wait for room for the
+    /// whole block.
     Handler,
     /// A worker that waited for room for the fault's whole block: it fills
     /// the block (or brings it back) if one fits now, stream or not.
@@ -208,8 +209,9 @@ pub fn block_went_out_whole(sh: &Shared, idx: usize, p: &PageRef<'_>) -> bool {
 /// Serves fault `f` on page `idx` (locked in `p`, `Empty` or `Swapped`, a
 /// frame charged from `source`) and as many neighbours as the budget allows.
 /// `buf` holds [`FAULT_AROUND_PAGES`] pages, or [`BLOCK_SWAP_IN_BUF`]
-/// bytes (then a block that went out whole comes back whole). From the handler it may give the
-/// frame back and defer the fault (see [`Arrival::Handler`]).
+/// bytes (then a block that went out whole comes back whole). From the
+/// handler it may give the frame back and defer the fault (see
+/// [`Arrival::Handler`]).
 pub fn resolve_around<'a>(
     sh: &'a Shared,
     f: Fault,
@@ -455,8 +457,10 @@ fn collapse(sh: &Shared, lo: usize, pages: &mut [PageRef<'_>]) {
         }
         Err(e) => {
             let n = sh.counters.collapses_failed.fetch_add(1, Ordering::Relaxed);
+            // Quiet: a host without huge pages refuses every one (the
+            // counter tells); the first few say why at info level.
             if n < 4 || n.is_power_of_two() {
-                log::warn!("pager: no huge page for {host:#x} (failure {}): {e}", n + 1);
+                log::info!("pager: no huge page for {host:#x} (failure {}): {e}", n + 1);
             }
         }
     }

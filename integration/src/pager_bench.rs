@@ -190,14 +190,11 @@ pub struct PagerRun {
     pub phase_cpu: Vec<Option<(f64, f64)>>,
 }
 
-/// The [`MARK_TCPU`] line stamped right after the first line containing
-/// `what`.
-fn tcpu_after<'a>(lines: &[&'a str], what: &str) -> Option<&'a str> {
+/// The `mark` line ([`MARK_MM`], [`MARK_TCPU`]) stamped right after the
+/// first line containing `what`.
+fn stamp_after<'a>(lines: &[&'a str], what: &str, mark: &str) -> Option<&'a str> {
     let at = lines.iter().position(|l| l.contains(what))?;
-    lines[at + 1..]
-        .iter()
-        .find(|l| l.contains(MARK_TCPU))
-        .copied()
+    lines[at + 1..].iter().find(|l| l.contains(mark)).copied()
 }
 
 /// L1's system and guest CPU seconds so far, from a [`MARK_TCPU`] line's
@@ -209,16 +206,6 @@ fn l1_cpu(line: &str) -> Option<(f64, f64)> {
         .map(|v| v.parse().ok())
         .collect::<Option<_>>()?;
     Some((*f.get(2)? / 100.0, *f.get(8)? / 100.0))
-}
-
-/// The [`MARK_MM`] line stamped right after the first line containing
-/// `what`.
-fn mm_after<'a>(lines: &[&'a str], what: &str) -> Option<&'a str> {
-    let at = lines.iter().position(|l| l.contains(what))?;
-    lines[at + 1..]
-        .iter()
-        .find(|l| l.contains(MARK_MM))
-        .copied()
 }
 
 /// How much each of [`MM_COUNTERS`] changed from stamp `from` to `to`.
@@ -271,13 +258,18 @@ pub fn parse(console: &str) -> Vec<PagerRun> {
                 end_line: rest.trim().to_string(),
                 phase_mm: PHASES
                     .iter()
-                    .map(|(_, from, to)| mm_delta(mm_after(&lines, from)?, mm_after(&lines, to)?))
+                    .map(|(_, from, to)| {
+                        mm_delta(
+                            stamp_after(&lines, from, MARK_MM)?,
+                            stamp_after(&lines, to, MARK_MM)?,
+                        )
+                    })
                     .collect(),
                 phase_cpu: PHASES
                     .iter()
                     .map(|(_, from, to)| {
-                        let (s0, g0) = l1_cpu(tcpu_after(&lines, from)?)?;
-                        let (s1, g1) = l1_cpu(tcpu_after(&lines, to)?)?;
+                        let (s0, g0) = l1_cpu(stamp_after(&lines, from, MARK_TCPU)?)?;
+                        let (s1, g1) = l1_cpu(stamp_after(&lines, to, MARK_TCPU)?)?;
                         Some((s1 - s0, g1 - g0))
                     })
                     .collect(),

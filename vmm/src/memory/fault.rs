@@ -685,27 +685,22 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
             sh.budget.untake(source);
             continue;
         }
-        if block_room {
-            match resolve_around(sh, f, idx, p, source, around_buf, Arrival::BlockRoom)? {
+        // Room for the block came; or the frame came and the volume flows:
+        // read around the fault as the handler would (one read for the run
+        // of neighbours).
+        if block_room || (kind == PageKind::Swapped && !sh.swap.volume().is_quiesced()) {
+            let arrival = if block_room {
+                Arrival::BlockRoom
+            } else {
+                Arrival::Worker
+            };
+            match resolve_around(sh, f, idx, p, source, around_buf, arrival)? {
                 Step::Done => return Ok(()),
                 Step::Retry => {
                     bump(&c.fault_retries, 1);
                     std::thread::sleep(WORKER_RETRY);
                 }
-                Step::Defer => {}
-            }
-            continue;
-        }
-        if kind == PageKind::Swapped && !sh.swap.volume().is_quiesced() {
-            // The frame came; the volume flows: read around the fault as
-            // the handler would (one read for the run of neighbours).
-            match resolve_around(sh, f, idx, p, source, around_buf, Arrival::Worker)? {
-                Step::Done => return Ok(()),
-                Step::Retry => {
-                    bump(&c.fault_retries, 1);
-                    std::thread::sleep(WORKER_RETRY);
-                }
-                // Quiesced meanwhile (the frame went back): wait below.
+                // Quiesced meanwhile (the frame went back): wait again.
                 Step::Defer => {}
             }
             continue;

@@ -358,6 +358,8 @@ fn a_first_write_fills_its_whole_block_while_memory_is_plentiful() {
     mem.fill(page, 7);
     let s = eventually(&f, |s| s.counters.faults_zero > 0).counters;
     assert_eq!((s.block_fills, s.faults_zero), (1, 1), "{s:?}");
+    // Filled by a worker: the handler stays free for other faults.
+    assert_eq!(s.blocks_handed_over, 1, "{s:?}");
     let resident = f.physically_resident();
     let mapped = block.clone().filter(|&i| resident[i]).count();
     assert_eq!(
@@ -663,6 +665,11 @@ fn a_block_that_went_out_whole_comes_back_whole() {
     assert_eq!(
         back.blocks_swapped_in,
         out.blocks_swapped_in + 1,
+        "{back:?}"
+    );
+    // Brought back by the swap-in worker, not inline in the handler.
+    assert!(
+        back.blocks_handed_over + back.block_waits > out.blocks_handed_over + out.block_waits,
         "{back:?}"
     );
     for i in b1..b1 + 512 {

@@ -51,8 +51,44 @@ pub const FAULT_AROUND_PAGES: usize = 16;
 pub const BLOCK_PAGES: usize = 512;
 
 /// Staging a fault needs to bring a block back whole: the block's contents,
-/// then room to read it back after its protection (the handler's staging).
-pub const BLOCK_SWAP_IN_BUF: usize = 2 * BLOCK_PAGES * PAGE_SIZE;
+/// then a window's worth to read it back, piece by piece, after its
+/// protection (only the swap-in worker has it; see [`Staging`]).
+pub const BLOCK_SWAP_IN_BUF: usize = (BLOCK_PAGES + FAULT_AROUND_PAGES) * PAGE_SIZE;
+
+/// A fault-serving thread's staging: a fault-around window, and for the
+/// thread that brings blocks back whole room for one. That room costs host
+/// memory only while a block comes back: it is given back after each fault
+/// (a VMM's own memory counts against the host's budget too: three 4 MiB
+/// stagings, always resident, ran eight VMMs over theirs).
+pub struct Staging {
+    buf: Vec<u8>,
+}
+
+impl Staging {
+    /// A window's worth, or with `blocks` room to bring a block back whole.
+    pub fn new(blocks: bool) -> Self {
+        let len = if blocks {
+            BLOCK_SWAP_IN_BUF
+        } else {
+            FAULT_AROUND_PAGES * PAGE_SIZE
+        };
+        Self { buf: vec![0; len] }
+    }
+
+    pub fn buf(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// Gives the frames past the first window back to the host (a no-op
+    /// without block room, cheap when they were not touched).
+    pub fn release_block_room(&mut self) {
+        if let Some(room) = self.buf.get_mut(FAULT_AROUND_PAGES * PAGE_SIZE..) {
+            if let Err(e) = super::uffd::release_buffer_frames(room) {
+                log::debug!("pager: staging not released: {e}");
+            }
+        }
+    }
+}
 
 /// The source of block fills. Never written, so the kernel backs it with
 /// its shared zero page: copies from it read one cache-hot page.
@@ -233,30 +269,39 @@ pub fn resolve_around<'a>(
     // manages): reclaim makes room behind it.
     let whole_fresh = fresh_write && !plentiful && worth_waiting_for_block(sh, idx);
     let block = plentiful || ((streaming || whole_fresh) && sh.budget.fits(BLOCK_PAGES - 1));
-    if whole_fresh && !block && arrival == Arrival::Handler {
+    // A block that went out whole comes back whole while one fits (on the
+    // swap-in worker, whose staging has room for one).
+    let out_whole = !block
+        && (arrival == Arrival::Handler || buf.len() >= BLOCK_SWAP_IN_BUF)
+        && block_went_out_whole(sh, idx, &p);
+    let fits_in = out_whole && sh.budget.fits(BLOCK_PAGES - 1);
+    let block_in = fits_in && buf.len() >= BLOCK_SWAP_IN_BUF;
+    if arrival == Arrival::Handler {
         // As the kernel reclaims before it gives a huge page to a first
-        // touch: the worker waits for room, then fills the block.
-        sh.budget.untake(source);
-        bump(&sh.counters.block_waits, 1);
-        return Ok(Step::Defer);
+        // touch: a worker waits for room, then fills the block (or reads
+        // it back).
+        let room_wait = !block
+            && !fits_in
+            && (whole_fresh || (out_whole && sh.budget.room_comes_for(BLOCK_PAGES)));
+        // Whole-block work runs on a worker too: 2 MiB of copying (and
+        // reading) here would hold up every fault behind this one, a
+        // device's resume path among them.
+        if room_wait || block || fits_in {
+            sh.budget.untake(source);
+            bump(
+                if room_wait {
+                    &sh.counters.block_waits
+                } else {
+                    &sh.counters.blocks_handed_over
+                },
+                1,
+            );
+            return Ok(Step::Defer);
+        }
     }
-    // A block that went out whole comes back whole while one fits (the
-    // buffer holds one: the handler's and the workers' do).
-    let out_whole = !block && buf.len() >= BLOCK_SWAP_IN_BUF && block_went_out_whole(sh, idx, &p);
-    let block_in = out_whole && sh.budget.fits(BLOCK_PAGES - 1);
     // No zap of reclaim's may start between the block's copy and its
     // protection (the protection would fail and leave it all dirty).
     let _hold = block_in.then(|| sh.zap_gate.hold());
-    if out_whole
-        && !block_in
-        && arrival == Arrival::Handler
-        && sh.budget.room_comes_for(BLOCK_PAGES)
-    {
-        // As for a block fill: the worker waits for room, then reads it.
-        sh.budget.untake(source);
-        bump(&sh.counters.block_waits, 1);
-        return Ok(Step::Defer);
-    }
     let whole = block || block_in;
     // A block fill maps its pages writable like a write stream does.
     let fresh_stream = streaming || block;
@@ -469,9 +514,9 @@ fn collapse(sh: &Shared, lo: usize, pages: &mut [PageRef<'_>]) {
 /// A block brought back by a read fault was mapped writable (and counted
 /// dirty) for its collapse: write-protect what was mapped (the prefix of
 /// `pages` in `mapped`; one call, which keeps a huge page's mapping whole)
-/// and count clean every page still equal (read back into `readback`) to
-/// what was read for it (`data`):
-/// its copy in swap, or all zero. A page that differs was written by
+/// and count clean every page still equal (read back, a piece at a time,
+/// into `readback`) to what was read for it (`data`): its copy in swap, or
+/// all zero. A page that differs was written by
 /// another vCPU before the protection and stays dirty. If the protection
 /// must wait for an unread REMOVE, every page stays dirty (correct, only
 /// dearer to evict).
@@ -491,17 +536,36 @@ fn protect_back(
         bump(&sh.counters.blocks_back_dirty, 1);
         return Ok(());
     }
-    // Read back without faulting: a page zapped from outside meanwhile
-    // would fault on this very thread (then all stay dirty).
-    let now = &mut readback[..m * PAGE_SIZE];
-    if sh.reader.read(host_lo, now).is_err() {
+    // Read back without faulting (a page zapped from outside meanwhile
+    // would fault on this very thread; then all stay dirty), a piece at a
+    // time into `readback`.
+    let piece = readback.len() / PAGE_SIZE * PAGE_SIZE;
+    if piece == 0 {
+        pages.iter_mut().take(m).for_each(|q| q.wp = true);
         bump(&sh.counters.blocks_back_dirty, 1);
         return Ok(());
     }
-    for (i, q) in pages.iter_mut().enumerate().take(m) {
-        let at = i * PAGE_SIZE..(i + 1) * PAGE_SIZE;
+    let mut same = vec![false; m];
+    for first in (0..m).step_by(piece / PAGE_SIZE) {
+        let at = first * PAGE_SIZE..(m * PAGE_SIZE).min(first * PAGE_SIZE + piece);
+        let now = &mut readback[..at.len()];
+        if sh.reader.read(host_lo + at.start, now).is_err() {
+            // Protected all the same: a write must find its page so.
+            pages.iter_mut().take(m).for_each(|q| q.wp = true);
+            bump(&sh.counters.blocks_back_dirty, 1);
+            return Ok(());
+        }
+        for (k, (now, then)) in now
+            .chunks(PAGE_SIZE)
+            .zip(data[at].chunks(PAGE_SIZE))
+            .enumerate()
+        {
+            same[first + k] = now == then;
+        }
+    }
+    for (q, same) in pages.iter_mut().zip(same) {
         q.wp = true;
-        q.dirty = now[at.clone()] != data[at];
+        q.dirty = !same;
     }
     Ok(())
 }

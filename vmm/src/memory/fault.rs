@@ -17,7 +17,8 @@ use devices::noio::{is_registered, is_thread_noio, is_thread_running_guest};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::around::{
-    block_went_out_whole, resolve_around, worth_waiting_for_block, Arrival, BLOCK_SWAP_IN_BUF,
+    block_went_out_whole, resolve_around, worth_waiting_for_block, Arrival, Staging, BLOCK_PAGES,
+    BLOCK_SWAP_IN_BUF,
 };
 use super::budget::Source;
 use super::pager::Shared;
@@ -233,8 +234,8 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
     let mut buf = userfaultfd::EventBuffer::new(EVENT_BATCH);
     let mut events = Vec::with_capacity(EVENT_BATCH);
     let mut retry: Vec<(Fault, Instant)> = Vec::new();
-    // Room for a block brought back whole (untouched until one is).
-    let mut staging = vec![0u8; BLOCK_SWAP_IN_BUF];
+    // A window's worth: whole-block work goes to the workers.
+    let mut staging = Staging::new(false);
     let mut retry_rounds = 0u32;
     let mut gate_set = 0;
     loop {
@@ -306,14 +307,14 @@ pub fn run_handler(sh: &Shared, stop_evt: &EventFd) -> Result<(), PagerError> {
                         write,
                         wp,
                     };
-                    dispatch(sh, f, Instant::now(), &mut staging, &mut retry)?;
+                    dispatch(sh, f, Instant::now(), staging.buf(), &mut retry)?;
                 }
                 UffdEvent::Remove { start, end } => on_remove(sh, start, end),
                 UffdEvent::Other => {}
             }
         }
         for (f, seen) in std::mem::take(&mut retry) {
-            dispatch(sh, f, seen, &mut staging, &mut retry)?;
+            dispatch(sh, f, seen, staging.buf(), &mut retry)?;
         }
         if retry.len() != gate_set {
             gate_set = retry.len();
@@ -615,14 +616,14 @@ fn on_remove(sh: &Shared, start: usize, end: usize) {
 }
 
 /// A worker: resolves the deferred faults of `queue`, waiting as long as it
-/// takes.
-pub fn run_worker(sh: &Shared, queue: &Deferred) -> Result<(), PagerError> {
-    // Room for a block brought back whole, for faults re-served by
-    // `resolve_now` too (untouched until used).
-    let mut staging = vec![0u8; BLOCK_SWAP_IN_BUF];
+/// takes. With `blocks` it has room to bring blocks back whole (the
+/// handler hands it the swapped faults), given back after each fault.
+pub fn run_worker(sh: &Shared, queue: &Deferred, blocks: bool) -> Result<(), PagerError> {
+    let mut staging = Staging::new(blocks);
     while let Some(f) = queue.pop(sh) {
         let start = Instant::now();
-        let resolved = resolve_waiting(sh, f, &mut staging);
+        let resolved = resolve_waiting(sh, f, staging.buf());
+        staging.release_block_room();
         sh.fault_waits.done(f.tid, f.addr);
         resolved?;
         record_wait(&sh.counters, start.elapsed().as_nanos() as u64);
@@ -667,7 +668,8 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
             PageKind::Empty => f.write && worth_waiting_for_block(sh, idx),
             // Not while the volume is quiesced: the read below waits for it.
             _ => {
-                sh.budget.room_comes_for(super::around::BLOCK_PAGES)
+                around_buf.len() >= BLOCK_SWAP_IN_BUF
+                    && sh.budget.room_comes_for(BLOCK_PAGES)
                     && !sh.swap.volume().is_quiesced()
                     && block_went_out_whole(sh, idx, &sh.pages.lock(idx))
             }
@@ -675,7 +677,7 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
         let block_room = whole_block
             && sh
                 .budget
-                .wait_room(super::around::BLOCK_PAGES, BLOCK_ROOM_WAIT, &sh.abort, lent);
+                .wait_room(BLOCK_PAGES, BLOCK_ROOM_WAIT, &sh.abort, lent);
         let Some((source, _)) = sh.budget.take_waiting_unless(&sh.abort, lent) else {
             continue;
         };
@@ -686,9 +688,10 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
             continue;
         }
         // Room for the block came; or the frame came and the volume flows:
-        // read around the fault as the handler would (one read for the run
-        // of neighbours).
-        if block_room || (kind == PageKind::Swapped && !sh.swap.volume().is_quiesced()) {
+        // serve the fault as the handler would (a block fill or a block
+        // coming back the handler handed over, one read for the run of
+        // swapped neighbours).
+        if block_room || !sh.swap.volume().is_quiesced() {
             let arrival = if block_room {
                 Arrival::BlockRoom
             } else {
@@ -707,6 +710,7 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
         }
         let staging = &mut around_buf[..PAGE_SIZE];
         if kind == PageKind::Empty {
+            // The volume is quiesced: a zero page, no neighbours to read.
             match fill(sh, &mut p, host, &ZERO_PAGE, f.write)? {
                 Resolve::Done => {
                     note_source(sh, false, source);

@@ -276,12 +276,12 @@ impl Pager {
         pager
             .workers
             .push(spawn(&shared, "pager-wait", Priority::Urgent, |sh| {
-                fault::run_worker(sh, &sh.deferred)
+                fault::run_worker(sh, &sh.deferred, false)
             })?);
         pager
             .workers
             .push(spawn(&shared, "pager-swapin", Priority::Urgent, |sh| {
-                fault::run_worker(sh, &sh.deferred_swap)
+                fault::run_worker(sh, &sh.deferred_swap, true)
             })?);
         pager.workers.push(spawn(
             &shared,

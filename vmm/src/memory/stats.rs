@@ -69,6 +69,9 @@ counters! {
     /// (a write stream at the limit) instead of mapping a few pages and
     /// leaving the block in 4 KiB pieces for good.
     block_waits,
+    /// Whole-block work (a block fill, a block brought back) the fault
+    /// handler handed to a worker rather than doing it inline.
+    blocks_handed_over,
     /// Block fills collapsed into a transparent huge page (`MADV_COLLAPSE`).
     blocks_collapsed,
     /// Whole block fills the kernel would not collapse (no free huge page).

@@ -291,6 +291,26 @@ pub fn madvise_dontneed(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, libc::MADV_DONTNEED)
 }
 
+/// Gives the host frames of the whole pages inside `buf` (VMM memory, not
+/// guest RAM) back; they read as zeroes until written again.
+pub fn release_buffer_frames(buf: &mut [u8]) -> io::Result<()> {
+    let start = (buf.as_ptr() as usize).next_multiple_of(PAGE_SIZE);
+    let end = (buf.as_ptr() as usize + buf.len()) / PAGE_SIZE * PAGE_SIZE;
+    if end <= start {
+        return Ok(());
+    }
+    // SAFETY: `[start, end)` lies inside `buf`, borrowed mutably here, so
+    // nothing else reads or writes it meanwhile; MADV_DONTNEED on private
+    // anonymous memory only makes those bytes read as zero afterwards, as if
+    // the kernel had written zeroes into the buffer.
+    let ret =
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Asks for transparent huge pages on a range (advice: may be ignored).
 pub fn madvise_hugepage(addr: usize, len: usize) -> io::Result<()> {
     madvise(addr, len, libc::MADV_HUGEPAGE)

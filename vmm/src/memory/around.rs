@@ -286,17 +286,15 @@ pub fn resolve_around<'a>(
         // Whole-block work runs on a worker too: 2 MiB of copying (and
         // reading) here would hold up every fault behind this one, a
         // device's resume path among them.
-        if room_wait || block || fits_in {
+        if room_wait {
             sh.budget.untake(source);
-            bump(
-                if room_wait {
-                    &sh.counters.block_waits
-                } else {
-                    &sh.counters.blocks_handed_over
-                },
-                1,
-            );
+            bump(&sh.counters.block_waits, 1);
             return Ok(Step::Defer);
+        }
+        if block || fits_in {
+            sh.budget.untake(source);
+            bump(&sh.counters.blocks_handed_over, 1);
+            return Ok(Step::HandOver);
         }
     }
     // No zap of reclaim's may start between the block's copy and its
@@ -595,6 +593,31 @@ fn plan_contents(pages: &[PageRef<'_>], buf: &mut [u8], reads: &mut Vec<(u32, us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_room_in_a_staging_goes_back_to_the_host_and_the_window_stays() {
+        let mut st = Staging::new(true);
+        st.buf().fill(0xa5);
+        st.release_block_room();
+        let buf = st.buf();
+        let window = FAULT_AROUND_PAGES * PAGE_SIZE;
+        assert!(buf[..window].iter().all(|&b| b == 0xa5), "window kept");
+        // Whole pages of the block room read as zero and hold no frame
+        // (a partial page at either end of the allocation is kept).
+        let start = (buf.as_ptr() as usize + window).next_multiple_of(PAGE_SIZE);
+        let end = (buf.as_ptr() as usize + buf.len()) / PAGE_SIZE * PAGE_SIZE;
+        assert!(end - start >= (BLOCK_PAGES - 1) * PAGE_SIZE);
+        // (Looked at before the read below, which maps the zero page.)
+        let resident = super::super::uffd::mincore(start, end - start).unwrap();
+        assert!(resident.iter().all(|&r| !r), "frames still held");
+        let off = start - buf.as_ptr() as usize;
+        assert!(buf[off..off + (end - start)].iter().all(|&b| b == 0));
+        // A staging without block room has nothing to give back.
+        let mut small = Staging::new(false);
+        small.buf().fill(1);
+        small.release_block_room();
+        assert!(small.buf().iter().all(|&b| b == 1));
+    }
 
     #[test]
     fn a_write_stream_is_adjacent_fresh_write_faults() {

@@ -68,6 +68,9 @@ pub enum Step {
     Retry,
     /// Needs to wait: hand to the worker.
     Defer,
+    /// Too much work for the handler (a whole block): hand to the worker,
+    /// which serves it without waiting for anything but its CPU.
+    HandOver,
 }
 
 /// Faults waiting for a worker. Two queues, each with its own worker: a
@@ -75,7 +78,9 @@ pub enum Step {
 /// that only wait for a frame, and the other way round.
 #[derive(Debug, Default)]
 pub struct Deferred {
-    queue: Mutex<VecDeque<Fault>>,
+    /// Each fault, and whether it was handed over rather than deferred to
+    /// wait ([`Step::HandOver`]).
+    queue: Mutex<VecDeque<(Fault, bool)>>,
     ready: Condvar,
 }
 
@@ -153,15 +158,15 @@ impl FaultWaits {
 }
 
 impl Deferred {
-    fn push(&self, f: Fault) {
+    fn push(&self, f: Fault, handed_over: bool) {
         self.queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back(f);
+            .push_back((f, handed_over));
         self.ready.notify_one();
     }
 
-    fn pop(&self, sh: &Shared) -> Option<Fault> {
+    fn pop(&self, sh: &Shared) -> Option<(Fault, bool)> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if sh.stop.load(Ordering::SeqCst) {
@@ -352,17 +357,18 @@ fn dispatch(
             bump(&sh.counters.fault_retries, 1);
             retry.push((f, seen));
         }
-        Step::Defer => {
-            bump(&sh.counters.faults_deferred, 1);
+        step @ (Step::Defer | Step::HandOver) => {
+            let handed_over = matches!(step, Step::HandOver);
+            bump(&sh.counters.faults_deferred, u64::from(!handed_over));
             sh.fault_waits.queued(&f);
             let swapped = sh
                 .pages
                 .index_of_host(f.addr)
                 .is_some_and(|i| sh.pages.lock(i).kind == PageKind::Swapped);
             if swapped {
-                sh.deferred_swap.push(f);
+                sh.deferred_swap.push(f, handed_over);
             } else {
-                sh.deferred.push(f);
+                sh.deferred.push(f, handed_over);
             }
         }
     }
@@ -620,13 +626,15 @@ fn on_remove(sh: &Shared, start: usize, end: usize) {
 /// handler hands it the swapped faults), given back after each fault.
 pub fn run_worker(sh: &Shared, queue: &Deferred, blocks: bool) -> Result<(), PagerError> {
     let mut staging = Staging::new(blocks);
-    while let Some(f) = queue.pop(sh) {
+    while let Some((f, handed_over)) = queue.pop(sh) {
         let start = Instant::now();
         let resolved = resolve_waiting(sh, f, staging.buf());
         staging.release_block_room();
         sh.fault_waits.done(f.tid, f.addr);
         resolved?;
-        record_wait(&sh.counters, start.elapsed().as_nanos() as u64);
+        if !handed_over {
+            record_wait(&sh.counters, start.elapsed().as_nanos() as u64);
+        }
         wake(sh, f.addr)?;
     }
     Ok(())
@@ -650,7 +658,8 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
                     std::thread::sleep(WORKER_RETRY);
                     continue;
                 }
-                Step::Defer => {} // no NOIO source after all: wait below
+                // No NOIO source after all (or a whole block): wait below.
+                Step::Defer | Step::HandOver => {}
             }
         }
         let (kind, slot) = {
@@ -704,7 +713,7 @@ fn resolve_waiting(sh: &Shared, f: Fault, around_buf: &mut [u8]) -> Result<(), P
                     std::thread::sleep(WORKER_RETRY);
                 }
                 // Quiesced meanwhile (the frame went back): wait again.
-                Step::Defer => {}
+                Step::Defer | Step::HandOver => {}
             }
             continue;
         }

@@ -166,7 +166,9 @@ impl Deferred {
         self.ready.notify_one();
     }
 
-    fn pop(&self, sh: &Shared) -> Option<(Fault, bool)> {
+    /// The next fault; calls `idle` each time the queue stayed empty for
+    /// [`IDLE_POLL`] (without the queue's lock).
+    fn pop(&self, sh: &Shared, mut idle: impl FnMut()) -> Option<(Fault, bool)> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if sh.stop.load(Ordering::SeqCst) {
@@ -175,11 +177,16 @@ impl Deferred {
             if let Some(f) = q.pop_front() {
                 return Some(f);
             }
-            q = self
+            let (guard, waited) = self
                 .ready
                 .wait_timeout(q, IDLE_POLL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+                .unwrap_or_else(|e| e.into_inner());
+            q = guard;
+            if waited.timed_out() && q.is_empty() {
+                drop(q);
+                idle();
+                q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            }
         }
     }
 
@@ -623,13 +630,12 @@ fn on_remove(sh: &Shared, start: usize, end: usize) {
 
 /// A worker: resolves the deferred faults of `queue`, waiting as long as it
 /// takes. With `blocks` it has room to bring blocks back whole (the
-/// handler hands it the swapped faults), given back after each fault.
+/// handler hands it the swapped faults), given back once it is idle.
 pub fn run_worker(sh: &Shared, queue: &Deferred, blocks: bool) -> Result<(), PagerError> {
     let mut staging = Staging::new(blocks);
-    while let Some((f, handed_over)) = queue.pop(sh) {
+    while let Some((f, handed_over)) = queue.pop(sh, || staging.release_block_room()) {
         let start = Instant::now();
         let resolved = resolve_waiting(sh, f, staging.buf());
-        staging.release_block_room();
         sh.fault_waits.done(f.tid, f.addr);
         resolved?;
         if !handed_over {

@@ -205,7 +205,10 @@ zram_max_kib() {
 # sample CGROUP: once a second, the peaks of the set's resident memory (the
 # cgroup's memory.current less its shmem: the tmpfs pages of our swap files)
 # and of its swap store (those shmem pages, or zram's mem_used_total), and of
-# their sum, into SCRATCH.peaks ("resident store total", KiB).
+# their sum, into SCRATCH.peaks ("resident store total", KiB); and what the
+# resident peak was made of (the cgroup's memory.stat then: anonymous memory,
+# huge pages among it, kernel memory, page tables, KVM's secondary page
+# tables) into SCRATCH.peakstat, as key=KiB words.
 sample() {
     scg=$1; res=0; sto=0; tot=0
     while :; do
@@ -215,7 +218,11 @@ sample() {
         set -- $(cat /sys/block/zram0/mm_stat 2>/dev/null)
         st=$((${shm:-0} + ${3:-0} / 1024))
         rs=$((cur - ${shm:-0}))
-        [ $rs -gt $res ] && res=$rs
+        if [ $rs -gt $res ]; then
+            res=$rs
+            awk '$1 ~ /^(anon|anon_thp|file|kernel|pagetables|sec_pagetables|slab|percpu)$/ {
+                printf "peak_%s_kib=%d ", $1, $2 / 1024 }' $scg/memory.stat > SCRATCH.peakstat
+        fi
         [ $st -gt $sto ] && sto=$st
         [ $((rs + st)) -gt $tot ] && tot=$((rs + st))
         echo "$res $sto $tot" > SCRATCH.peaks.new && mv SCRATCH.peaks.new SCRATCH.peaks
@@ -224,7 +231,7 @@ sample() {
 }
 # start_set CGROUP: the sampler of a set, before its guests start.
 start_set() {
-    rm -f SCRATCH.peaks
+    rm -f SCRATCH.peaks SCRATCH.peakstat
     sample "$1" </dev/null >/dev/null 2>&1 &
     sampler=$!
 }
@@ -288,7 +295,8 @@ finish_set() {
 cgroup_peak_kib=$(($(cat $cg/memory.peak) / 1024)) zram_max_kib=$(zram_max_kib) \
 oom_kill=$(awk '$1 == "oom_kill" {print $2}' $cg/memory.events) \
 l1_pswpin=$(($(vm pswpin) - in0)) l1_pswpout=$(($(vm pswpout) - out0)) \
-l1_avail_kib_before=$av0 l1_avail_kib_after=$(avail_kib)"
+l1_avail_kib_before=$av0 l1_avail_kib_after=$(avail_kib) \
+$(cat SCRATCH.peakstat 2>/dev/null)"
     k=1
     while [ $k -le $n ]; do
         tr -d '\r' < SCRATCH$k.log |

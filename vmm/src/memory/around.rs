@@ -294,15 +294,18 @@ pub fn resolve_around<'a>(
         let room_wait = !block
             && !fits_in
             && (whole_fresh || (out_whole && sh.budget.room_comes_for(BLOCK_PAGES)));
-        // Whole-block work runs on a worker too: 2 MiB of copying (and
-        // reading) here would hold up every fault behind this one, a
-        // device's resume path among them.
         if room_wait {
             sh.budget.untake(source);
             bump(&sh.counters.block_waits, 1);
             return Ok(Step::Defer);
         }
-        if block || fits_in {
+        // A block coming back (a 2 MiB read, copy, collapse and compare)
+        // runs on the swap-in worker, which has room for it; so does a
+        // block fill while a device's resume or reset path runs or just
+        // ran: its guest side's faults must not queue behind 2 MiB of
+        // copying. Otherwise a fill (no I/O) stays here: handing every
+        // first touch over made a guest with memory plentiful slower.
+        if fits_in || (block && sh.workingset.device_path_window_open()) {
             sh.budget.untake(source);
             bump(&sh.counters.blocks_handed_over, 1);
             return Ok(Step::HandOver);

@@ -86,6 +86,11 @@ impl WorkingSet {
         }
     }
 
+    /// Whether a device's resume or reset path runs or just ran.
+    pub fn device_path_window_open(&self) -> bool {
+        (self.pm_window)()
+    }
+
     /// The hand went once around: a new budget of PM marks.
     pub fn revolution(&self) {
         self.pm_marks.store(0, Ordering::Relaxed);

@@ -57,16 +57,21 @@ pub const BLOCK_SWAP_IN_BUF: usize = (BLOCK_PAGES + FAULT_AROUND_PAGES) * PAGE_S
 
 /// A fault-serving thread's staging: a fault-around window, and for the
 /// thread that brings blocks back whole room for one. That room costs host
-/// memory only while blocks come back: its owner gives it back once idle
-/// (a VMM's own memory counts against the host's budget too: three 4 MiB
-/// stagings, always resident, ran eight VMMs over theirs; giving it back
-/// after every fault cost 512 page faults per block brought back, 1.5 s of
-/// a benchmark phase).
+/// memory only while blocks come back: its owner gives it back once no
+/// block came back for [`BLOCK_ROOM_KEPT`] (a VMM's own memory counts
+/// against the host's budget too: three 4 MiB stagings, always resident,
+/// ran eight VMMs over theirs; giving it back after every fault cost 512
+/// page faults per block brought back, over a second of a benchmark phase).
 pub struct Staging {
     buf: Vec<u8>,
-    /// Whether the block room may hold frames.
+    /// Whether the block room may hold frames, and since when it was not
+    /// handed out.
     room_touched: bool,
+    last_use: std::time::Instant,
 }
+
+/// How long a staging keeps its block room after its last use.
+pub const BLOCK_ROOM_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Staging {
     /// A window's worth, or with `blocks` room to bring a block back whole.
@@ -79,20 +84,26 @@ impl Staging {
         Self {
             buf: vec![0; len],
             room_touched: false,
+            last_use: std::time::Instant::now(),
         }
     }
 
     pub fn buf(&mut self) -> &mut [u8] {
-        self.room_touched = self.buf.len() > FAULT_AROUND_PAGES * PAGE_SIZE;
+        if self.buf.len() > FAULT_AROUND_PAGES * PAGE_SIZE {
+            self.room_touched = true;
+            self.last_use = std::time::Instant::now();
+        }
         &mut self.buf
     }
 
-    /// Gives the frames past the first window back to the host (a no-op
-    /// without block room, or when it was not handed out since).
-    pub fn release_block_room(&mut self) {
-        if !std::mem::take(&mut self.room_touched) {
+    /// Gives the frames past the first window back to the host once the
+    /// staging was not handed out for `kept` (a no-op without block room,
+    /// or when they were given back since).
+    pub fn release_block_room(&mut self, kept: std::time::Duration) {
+        if !self.room_touched || self.last_use.elapsed() < kept {
             return;
         }
+        self.room_touched = false;
         if let Some(room) = self.buf.get_mut(FAULT_AROUND_PAGES * PAGE_SIZE..) {
             if let Err(e) = super::uffd::release_buffer_frames(room) {
                 log::debug!("pager: staging not released: {e}");
@@ -612,9 +623,11 @@ mod tests {
     fn block_room_in_a_staging_goes_back_to_the_host_and_the_window_stays() {
         let mut st = Staging::new(true);
         st.buf().fill(0xa5);
-        st.release_block_room();
-        let buf = st.buf();
+        st.release_block_room(BLOCK_ROOM_KEPT);
         let window = FAULT_AROUND_PAGES * PAGE_SIZE;
+        assert_eq!(st.buf[window], 0xa5, "given back while in use");
+        st.release_block_room(std::time::Duration::ZERO);
+        let buf = st.buf();
         assert!(buf[..window].iter().all(|&b| b == 0xa5), "window kept");
         // Whole pages of the block room read as zero and hold no frame
         // (a partial page at either end of the allocation is kept).
@@ -629,7 +642,7 @@ mod tests {
         // A staging without block room has nothing to give back.
         let mut small = Staging::new(false);
         small.buf().fill(1);
-        small.release_block_room();
+        small.release_block_room(std::time::Duration::ZERO);
         assert!(small.buf().iter().all(|&b| b == 1));
     }
 

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::around::{
     block_went_out_whole, resolve_around, worth_waiting_for_block, Arrival, Staging, BLOCK_PAGES,
-    BLOCK_SWAP_IN_BUF,
+    BLOCK_ROOM_KEPT, BLOCK_SWAP_IN_BUF,
 };
 use super::budget::Source;
 use super::pager::Shared;
@@ -630,10 +630,12 @@ fn on_remove(sh: &Shared, start: usize, end: usize) {
 
 /// A worker: resolves the deferred faults of `queue`, waiting as long as it
 /// takes. With `blocks` it has room to bring blocks back whole (the
-/// handler hands it the swapped faults), given back once it is idle.
+/// handler hands it the swapped faults), given back once none came back
+/// for a while.
 pub fn run_worker(sh: &Shared, queue: &Deferred, blocks: bool) -> Result<(), PagerError> {
     let mut staging = Staging::new(blocks);
-    while let Some((f, handed_over)) = queue.pop(sh, || staging.release_block_room()) {
+    while let Some((f, handed_over)) = queue.pop(sh, || staging.release_block_room(BLOCK_ROOM_KEPT))
+    {
         let start = Instant::now();
         let resolved = resolve_waiting(sh, f, staging.buf());
         sh.fault_waits.done(f.tid, f.addr);

@@ -561,11 +561,15 @@ fn protect_back(
     }
     // Read back without faulting (a page zapped from outside meanwhile
     // would fault on this very thread; then all stay dirty), a piece at a
-    // time into `readback`.
-    let piece = readback.len() / PAGE_SIZE * PAGE_SIZE;
-    if piece == 0 {
+    // time into `readback`. Either way the pages are protected now: a
+    // write must find them so.
+    let all_dirty = |pages: &mut [PageRef<'_>]| {
         pages.iter_mut().take(m).for_each(|q| q.wp = true);
         bump(&sh.counters.blocks_back_dirty, 1);
+    };
+    let piece = readback.len() / PAGE_SIZE * PAGE_SIZE;
+    if piece == 0 {
+        all_dirty(pages);
         return Ok(());
     }
     let mut same = vec![false; m];
@@ -573,9 +577,7 @@ fn protect_back(
         let at = first * PAGE_SIZE..(m * PAGE_SIZE).min(first * PAGE_SIZE + piece);
         let now = &mut readback[..at.len()];
         if sh.reader.read(host_lo + at.start, now).is_err() {
-            // Protected all the same: a write must find its page so.
-            pages.iter_mut().take(m).for_each(|q| q.wp = true);
-            bump(&sh.counters.blocks_back_dirty, 1);
+            all_dirty(pages);
             return Ok(());
         }
         for (k, (now, then)) in now

@@ -52,6 +52,21 @@ pub fn retain_only(variants: &mut Vec<Variant>, only: &[String]) -> anyhow::Resu
     Ok(())
 }
 
+/// Guest modules a virtio-balloon needs.
+pub const BALLOON_MODULES: &[&str] = &["virtio_pci", "virtio_balloon"];
+
+/// Adds a virtio-balloon that never inflates but reports free guest pages
+/// (the host discards them) to `argv`, ours or QEMU's: freed guest memory
+/// then costs neither VMM a write to swap nor a read back.
+pub fn add_free_page_reporting(argv: &mut Vec<String>, qemu: bool) {
+    let (flag, value) = if qemu {
+        ("-device", "virtio-balloon-pci,free-page-reporting=on")
+    } else {
+        ("--balloon", "size=0,free_page_reporting=on")
+    };
+    argv.extend([flag.to_string(), value.to_string()]);
+}
+
 /// Our VMM's argv inside L1: `run` booting `kernel` (an L1 path).
 pub fn ours_argv(run: &GuestRun, cmdline: &str, kernel: &str) -> Vec<String> {
     let mut argv = vec![VMM_PATH.to_string()];

@@ -32,7 +32,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::{kv, median, number_after, ours_argv, qemu_argv};
+use crate::bench::{add_free_page_reporting, kv, median, number_after, ours_argv, qemu_argv};
 use crate::harness::{GuestRun, HarnessError, WATCHDOG_PARAM};
 use crate::l1::{sh_quote, L2_KERNEL};
 
@@ -142,8 +142,7 @@ impl Config {
     }
 }
 
-/// Guest modules the balloon needs.
-pub const BALLOON_MODULES: &[&str] = &["virtio_pci", "virtio_balloon"];
+pub use crate::bench::BALLOON_MODULES;
 
 /// The argv template of `kind` inside L1, for `n` guests ([`GUEST_SLOT`]
 /// stands for the guest's index).
@@ -161,22 +160,15 @@ pub fn argv(cfg: &Config, run: &GuestRun, kind: Kind, n: u32) -> Result<Vec<Stri
             cfg.ours_limit_mib(n)
         ));
     }
-    if kind.is_qemu() {
-        let mut a = qemu_argv(&run, &cmdline, "pc", L2_KERNEL);
-        if cfg.balloon {
-            a.extend([
-                "-device".into(),
-                "virtio-balloon-pci,free-page-reporting=on".into(),
-            ]);
-        }
-        Ok(a)
+    let mut a = if kind.is_qemu() {
+        qemu_argv(&run, &cmdline, "pc", L2_KERNEL)
     } else {
-        let mut a = ours_argv(&run, &cmdline, L2_KERNEL);
-        if cfg.balloon {
-            a.extend(["--balloon".into(), "size=0,free_page_reporting=on".into()]);
-        }
-        Ok(a)
+        ours_argv(&run, &cmdline, L2_KERNEL)
+    };
+    if cfg.balloon {
+        add_free_page_reporting(&mut a, kind.is_qemu());
     }
+    Ok(a)
 }
 
 /// An argv template as sh words, the guest slot expanded from `$k`.

@@ -13,7 +13,9 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::{kv, median, ours_argv, ours_vs, qemu_argv, Variant, CPU_SH};
+use crate::bench::{
+    add_free_page_reporting, kv, median, ours_argv, ours_vs, qemu_argv, Variant, CPU_SH,
+};
 use crate::harness::GuestRun;
 use crate::l1::{sh_quote, L2_KERNEL};
 
@@ -58,10 +60,22 @@ pub const UNLIMITED: &str = "ours-nolimit";
 pub const FULL_LIMIT: &str = "ours-limit100";
 /// Ours with the limit and `huge_pages=off`: what huge pages change.
 pub const SMALL_PAGES: &str = "ours-4k";
+/// Ours and QEMU as `ours` and `qemu`, each with a virtio-balloon that
+/// reports free guest pages: memory the guest frees is discarded instead
+/// of written to swap and read back when the guest reuses it.
+pub const OURS_REPORTING: &str = "ours-fpr";
+pub const QEMU_REPORTING: &str = "qemu-fpr";
+
+/// Whether a variant is QEMU's (it runs in a cgroup with the limit).
+pub fn is_qemu(variant: &str) -> bool {
+    variant.starts_with("qemu")
+}
 
 /// Ours with the pager (limit `limit_mib`), QEMU `-M pc` (its limit is the
-/// cgroup's, set by [`script`]), ours without a limit and ours with a limit
-/// of all guest RAM. `run.memory_opts` is ignored.
+/// cgroup's, set by [`script`]), ours without a limit, ours with a limit
+/// of all guest RAM, ours in 4 KiB pages, and ours and QEMU with free page
+/// reporting. `run.memory_opts` is ignored; `run` needs
+/// [`crate::bench::BALLOON_MODULES`] for the last two.
 pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
     let mut paged = run.clone();
     paged.memory_opts = Some(format!("limit={limit_mib}M,swap={SWAP_FILE}"));
@@ -88,6 +102,11 @@ pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
         name: SMALL_PAGES,
         argv: ours_argv(&small, cmdline, L2_KERNEL),
     });
+    for (name, peer) in [(OURS_REPORTING, 0), (QEMU_REPORTING, 1)] {
+        let mut argv = v[peer].argv.clone();
+        add_free_page_reporting(&mut argv, is_qemu(name));
+        v.push(Variant { name, argv });
+    }
     v
 }
 
@@ -125,8 +144,9 @@ pub fn script(
              in0=$(vm pswpin); out0=$(vm pswpout); t0=$(up)",
             name = v.name
         );
-        if v.name == "qemu" {
-            let cg = format!("{CGROUP_ROOT}/bench$r");
+        if is_qemu(v.name) {
+            // One cgroup per QEMU variant and round: `memory.peak` per run.
+            let cg = format!("{CGROUP_ROOT}/{}$r", v.name);
             let _ = writeln!(
                 s,
                 "    mkdir {cg} && echo {limit_mib}M > {cg}/memory.max || exit 95\n    \
@@ -307,9 +327,10 @@ fn row_value(r: &PagerRun, i: usize) -> Option<f64> {
     }
 }
 
-/// The markdown table: per phase, median seconds and MiB/s of each VMM and
-/// ours / QEMU throughput (= QEMU time / our time; the goal is >= 0.8).
-pub fn render_table(runs: &[PagerRun], touch_mib: u32) -> String {
+/// The markdown table: per phase, median seconds and MiB/s of variant
+/// `ours` and of QEMU's `qemu`, and ours / QEMU throughput (= QEMU time /
+/// our time).
+pub fn render_table(runs: &[PagerRun], touch_mib: u32, ours: &str, qemu: &str) -> String {
     let mut t = String::from(
         "| phase | ours s (runs) | ours MiB/s | QEMU + cgroup s (runs) | QEMU MiB/s | ours / QEMU throughput |\n\
          |---|---|---|---|---|---|\n",
@@ -319,8 +340,8 @@ pub fn render_table(runs: &[PagerRun], touch_mib: u32) -> String {
     let phases = PHASES.len();
     for (i, name) in rows.iter().enumerate() {
         let f = |r: &PagerRun| row_value(r, i);
-        let (o, on) = med(runs, "ours", f);
-        let (q, qn) = med(runs, "qemu", f);
+        let (o, on) = med(runs, ours, f);
+        let (q, qn) = med(runs, qemu, f);
         // Throughput only for the phases that move `touch_mib`.
         let rate = |s: Option<f64>| match s {
             Some(s) if i < phases && s > 0.0 => format!("{:.1}", f64::from(touch_mib) / s),
@@ -487,7 +508,7 @@ PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpi
         assert!(runs[0].ok && runs[1].ok);
         assert!(!runs[2].ok, "timed out run counted");
         assert_eq!(runs[2].phases, vec![None, None, None]);
-        let t = render_table(&runs, 100);
+        let t = render_table(&runs, 100, "ours", "qemu");
         assert!(
             t.contains("| write | 10.0 (1) | 10.0 | 20.0 (1) | 5.0 | 2.00x |"),
             "{t}"
@@ -562,9 +583,21 @@ PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpi
         let s = script(2, 600, 256, 512, &v);
         assert!(s.contains("echo 512M > /sys/block/zram0/disksize"), "{s}");
         assert!(
-            s.contains("echo 256M > /sys/fs/cgroup/bench$r/memory.max"),
+            s.contains("echo 256M > /sys/fs/cgroup/qemu$r/memory.max"),
             "{s}"
         );
+        assert!(
+            s.contains("echo 256M > /sys/fs/cgroup/qemu-fpr$r/memory.max"),
+            "{s}"
+        );
+        let fpr = |name: &str| v.iter().find(|x| x.name == name).unwrap().argv.clone();
+        let ours_fpr = fpr(OURS_REPORTING);
+        assert!(ours_fpr.contains(&format!("size=512M,limit=256M,swap={SWAP_FILE}")));
+        assert!(ours_fpr.ends_with(&["--balloon".into(), "size=0,free_page_reporting=on".into()]));
+        assert!(fpr(QEMU_REPORTING).ends_with(&[
+            "-device".into(),
+            "virtio-balloon-pci,free-page-reporting=on".into()
+        ]));
         assert!(s.contains("timeout 600 sh -c"), "{s}");
         assert!(s.contains("(sleep 600; kill $t 2>/dev/null) &"), "{s}");
         assert!(s.contains("PAGER-BENCH-CPU variant=ours rep=$r"), "{s}");

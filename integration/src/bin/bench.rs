@@ -492,8 +492,15 @@ fn pager(
     if runs.is_empty() {
         bail!("no PAGER-BENCH-END lines; console:\n{console}");
     }
-    let table = pager_bench::render_table(&runs, touch);
+    let table = pager_bench::render_table(&runs, touch, "ours", "qemu");
     println!("{table}");
+    let fpr_table = pager_bench::render_table(
+        &runs,
+        touch,
+        pager_bench::OURS_REPORTING,
+        pager_bench::QEMU_REPORTING,
+    );
+    println!("{fpr_table}");
     let limit_table = pager_bench::render_limit_table(&runs);
     println!("{limit_table}");
     let mm_table = pager_bench::render_mm_table(&runs);
@@ -546,6 +553,12 @@ fn pager(
              of one L1 (QEMU TCG, one vCPU, `kvm_amd` nested, 2 GiB). Medians of {reps} \
              round(s) run round-robin in that L1. Ratio: ours / QEMU throughput (= QEMU time / \
              our time; the goal is >= 0.8).\n\n{table}\n\
+             The same pair, each VMM with a virtio-balloon that never inflates but reports \
+             free guest pages (ours `--balloon size=0,free_page_reporting=on`, QEMU \
+             `-device virtio-balloon-pci,free-page-reporting=on`), so memory the guest frees \
+             (2 MiB and larger free blocks, reported after a short delay) is discarded by the \
+             host instead of written to swap and read back when the guest reuses it:\n\n\
+             {fpr_table}\n\
              What the limit costs: the same guest and workload with our VMM and no limit \
              (`--memory size={memory}M`, guest RAM in transparent huge pages), and with a limit of \
              all guest RAM (`limit={memory}M`: the pager serves every first touch in 4 KiB host \
@@ -577,11 +590,13 @@ fn run_pager(reps: u32, memory: u32, touch: u32, limit: u32, only: &[String]) ->
         .cpus(2)
         .memory_mib(memory)
         .param("touch_mib", touch)
-        .timeout(Duration::from_secs(per_run * u64::from(5 * reps) + 300));
+        .modules(bench::BALLOON_MODULES);
     run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
     let cmdline = run.l2_cmdline()?;
     let mut variants = pager_bench::variants(&run, &cmdline, limit);
     bench::retain_only(&mut variants, only)?;
+    let runs = variants.len() as u64 * u64::from(reps);
+    run = run.timeout(Duration::from_secs(per_run * runs + 300));
     let script = pager_bench::script(reps, per_run, limit, memory, &variants);
     let payload = L1Payload::VmmScript {
         binary: host::vmm_binary(true)?,

@@ -95,10 +95,19 @@ while [ "$n" -le "$cycles" ]; do
     n=$((n + 1))
 done
 sg=$(ls "/sys/block/$d/device/scsi_generic" 2>/dev/null)
+# With tracing, a reset slower than pmb_trace_ms prints its kernel log and
+# the scheduler's switches and wake-ups ("PM-TRACE n=rN ..."): which task
+# waited for the CPU, and when, inside the reset.
+if [ "$trace_ms" -gt 0 ]; then
+    for e in sched/sched_switch sched/sched_wakeup; do
+        echo 1 > "$T/events/$e/enable" || fail "no $e trace event"
+    done
+fi
 n=1
 while [ "$n" -le "$resets" ]; do
     [ -c "/dev/$sg" ] || fail "no sg device for $d ($sg)"
     dd if="/dev/$d" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null
+    [ "$trace_ms" -gt 0 ] && echo > $T/trace
     echo "PMB-RESET-START n=$n" > /dev/kmsg
     sg_reset -b "/dev/$sg" || fail "sg_reset -b failed in reset $n"
     echo "PMB-RESET-END n=$n" > /dev/kmsg
@@ -108,6 +117,10 @@ while [ "$n" -le "$resets" ]; do
         f[2] == "PMB-RESET-START" && f[3] == "n=" n { t0 = f[1] }
         f[2] == "PMB-RESET-END" && f[3] == "n=" n { printf "%d", (f[1] - t0) * 1000000 }')
     echo "PM-RESET n=$n us=$us"
+    if [ "$trace_ms" -gt 0 ] && [ "${us:-0}" -gt $((trace_ms * 1000)) ]; then
+        dmesg | sed -n "/PMB-RESET-START n=$n\$/,/PMB-RESET-END n=$n\$/p" | sed "s/^/PM-TRACE n=r$n /"
+        grep -v '^#' $T/trace | sed "s/^ */PM-TRACE n=r$n /"
+    fi
     n=$((n + 1))
 done
 [ -n "$pid" ] && kill "$pid"

@@ -45,6 +45,8 @@ pub const MM_COUNTERS: &[(&str, &str)] = &[
     ("kvm_pages_2m", "2 MiB NPT mappings (gauge)"),
     ("thp_fault_alloc", "huge pages L1 faulted in"),
     ("thp_split_pmd", "huge page mappings L1 split"),
+    ("thp_collapse_alloc", "huge pages L1 collapsed into"),
+    ("compact_stall", "direct compactions in L1"),
 ];
 /// The phases of `pager-touch`, as (name, line that starts it, line that ends it).
 pub const PHASES: &[(&str, &str, &str)] = &[
@@ -532,7 +534,7 @@ PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpi
     #[test]
     fn phase_counters_are_the_change_between_stamps() {
         let mm = |e: u64, pf: u64| {
-            format!("{MARK_MM} kvm_exits={e} kvm_pf_fixed={pf} kvm_pages_2m=3 thp_fault_alloc=1 thp_split_pmd=0")
+            format!("{MARK_MM} kvm_exits={e} kvm_pf_fixed={pf} kvm_pages_2m=3 thp_fault_alloc=1 thp_split_pmd=0 thp_collapse_alloc=2 compact_stall={pf}")
         };
         let console = format!(
             "PAGER-BENCH-RUN variant=ours rep=0\n\
@@ -552,15 +554,15 @@ PAGER-BENCH-END variant=ours-nolimit rep=0 rc=0 start=110.00 end=130.00 l1_pswpi
         assert_eq!(
             runs[0].phase_mm,
             vec![
-                Some(vec![1000, 500, 0, 0, 0]),
-                Some(vec![100, 10, 0, 0, 0]),
+                Some(vec![1000, 500, 0, 0, 0, 0, 500]),
+                Some(vec![100, 10, 0, 0, 0, 0, 10]),
                 None
             ]
         );
         let t = render_mm_table(&runs);
         assert_eq!(runs[0].phase_cpu, vec![Some((0.5, 1.5)), None, None]);
         assert!(
-            t.contains("| ours | write | 1000 | 500 | 0 | 0 | 0 | 0.50 | 1.50 |"),
+            t.contains("| ours | write | 1000 | 500 | 0 | 0 | 0 | 0 | 500 | 0.50 | 1.50 |"),
             "{t}"
         );
         assert!(!t.contains("checksum 2"), "{t}");

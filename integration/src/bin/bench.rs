@@ -110,7 +110,8 @@ enum What {
         #[arg(long, default_value_t = 60)]
         idle: u32,
         /// Print the kernel's runtime-PM trace of every cycle slower than
-        /// this many ms on stderr (0: none).
+        /// this many ms, and the kernel log and scheduler events of every
+        /// reset slower than that, on stderr (0: none).
         #[arg(long, default_value_t = 0)]
         trace_ms: u32,
         /// Run only these variants (comma-separated: ours, ours-d0,

@@ -27,7 +27,7 @@ use crate::l1::{L2_INITRD, L2_KERNEL, QEMU_FIRMWARE_PATH, QEMU_PATH, VMM_PATH};
 pub const CPU_SH: &str = r#"thread_cpu() { awk '{ n = substr($0, index($0, "(") + 1); n = substr(n, 1, index(n, ")") - 1); gsub(/ /, "_", n); sub(/^.*\) /, ""); u[n] += $12; s[n] += $13; g[n] += $41 } END { for (n in u) printf "%s=%.2f/%.2f/%.2f ", n, u[n] / 100, s[n] / 100, g[n] / 100 }'; }
 l1_cpu() { head -1 /proc/stat | awk -v a="$1" '{ split(a, o, " "); printf "user=%.2f system=%.2f idle=%.2f guest=%.2f", ($2 - o[2]) / 100, ($4 - o[4]) / 100, ($5 - o[5]) / 100, ($10 - o[10]) / 100 }'; }
 mount -t debugfs none /sys/kernel/debug 2>/dev/null
-l1_mm() { { grep -E '^(thp_fault_alloc|thp_fault_fallback|thp_split_pmd|thp_collapse_alloc|compact_stall|compact_success|pgfault) ' /proc/vmstat; for k in exits pf_taken pf_fixed halt_exits mmio_exits io_exits pages_4k pages_2m; do [ -r /sys/kernel/debug/kvm/$k ] && echo "kvm_$k $(cat /sys/kernel/debug/kvm/$k)"; done; } | tr ' ' '=' | tr '\n' ' '; }
+l1_mm() { { grep -E '^(thp_fault_alloc|thp_fault_fallback|thp_split_pmd|thp_collapse_alloc|compact_stall|pgfault) ' /proc/vmstat; for k in exits pf_taken pf_fixed halt_exits mmio_exits io_exits pages_4k pages_2m; do [ -r /sys/kernel/debug/kvm/$k ] && echo "kvm_$k $(cat /sys/kernel/debug/kvm/$k)"; done; } | tr ' ' '=' | tr '\n' ' '; }
 "#;
 
 /// One variant of the same work: a name and its argv inside L1.

@@ -142,8 +142,6 @@ impl Config {
     }
 }
 
-pub use crate::bench::BALLOON_MODULES;
-
 /// The argv template of `kind` inside L1, for `n` guests ([`GUEST_SLOT`]
 /// stands for the guest's index).
 pub fn argv(cfg: &Config, run: &GuestRun, kind: Kind, n: u32) -> Result<Vec<String>, HarnessError> {

@@ -83,6 +83,10 @@ pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
     paged.memory_opts = Some(format!("limit={limit_mib}M,swap={SWAP_FILE}"));
     let ours = ours_argv(&paged, cmdline, L2_KERNEL);
     let qemu = qemu_argv(run, cmdline, "pc", L2_KERNEL);
+    let reporting = [
+        (OURS_REPORTING, ours.clone()),
+        (QEMU_REPORTING, qemu.clone()),
+    ];
     let mut plain = run.clone();
     plain.memory_opts = None;
     let mut full = run.clone();
@@ -104,8 +108,7 @@ pub fn variants(run: &GuestRun, cmdline: &str, limit_mib: u32) -> Vec<Variant> {
         name: SMALL_PAGES,
         argv: ours_argv(&small, cmdline, L2_KERNEL),
     });
-    for (name, peer) in [(OURS_REPORTING, 0), (QEMU_REPORTING, 1)] {
-        let mut argv = v[peer].argv.clone();
+    for (name, mut argv) in reporting {
         add_free_page_reporting(&mut argv, is_qemu(name));
         v.push(Variant { name, argv });
     }

@@ -903,7 +903,7 @@ fn run_density(cfg: &integration::density_bench::Config) -> Result<String> {
         .param("seconds", cfg.seconds)
         .timeout(Duration::from_secs(cfg.total_timeout_s()));
     if cfg.balloon {
-        run = run.modules(db::BALLOON_MODULES);
+        run = run.modules(bench::BALLOON_MODULES);
     }
     run.l1_files = usb_bench::qemu_l1_files(&host::qemu_binary()?)?;
     let script = db::script(cfg, &run)?;

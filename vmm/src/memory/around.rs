@@ -57,16 +57,16 @@ pub const BLOCK_SWAP_IN_BUF: usize = (BLOCK_PAGES + FAULT_AROUND_PAGES) * PAGE_S
 
 /// A fault-serving thread's staging: a fault-around window, and for the
 /// thread that brings blocks back whole room for one. That room costs host
-/// memory only while blocks come back: its owner gives it back once no
-/// block came back for [`BLOCK_ROOM_KEPT`] (a VMM's own memory counts
+/// memory only while blocks come back: its owner gives it back once it
+/// was not handed out for [`BLOCK_ROOM_KEPT`] (a VMM's own memory counts
 /// against the host's budget too: three 4 MiB stagings, always resident,
 /// ran eight VMMs over theirs; giving it back after every fault cost 512
 /// page faults per block brought back, over a second of a benchmark phase).
 pub struct Staging {
     buf: Vec<u8>,
-    /// Whether the block room may hold frames, and since when it was not
-    /// handed out.
+    /// Whether the block room may hold frames.
     room_touched: bool,
+    /// When the staging was last handed out with its block room.
     last_use: std::time::Instant,
 }
 

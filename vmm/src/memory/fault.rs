@@ -630,8 +630,8 @@ fn on_remove(sh: &Shared, start: usize, end: usize) {
 
 /// A worker: resolves the deferred faults of `queue`, waiting as long as it
 /// takes. With `blocks` it has room to bring blocks back whole (the
-/// handler hands it the swapped faults), given back once none came back
-/// for a while.
+/// handler hands it the swapped faults), given back once it served no
+/// fault for a while.
 pub fn run_worker(sh: &Shared, queue: &Deferred, blocks: bool) -> Result<(), PagerError> {
     let mut staging = Staging::new(blocks);
     while let Some((f, handed_over)) = queue.pop(sh, || staging.release_block_room(BLOCK_ROOM_KEPT))
